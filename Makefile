@@ -1,0 +1,63 @@
+# Two commands set up and check everything on a fresh machine:
+#   make demo   - virtual environment, install, the self-contained demonstration
+#   make test   - virtual environment (created or updated), the whole test suite
+# plus: make bench (speed and memory), make lint (ruff + mypy).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PEERS := tests/peers
+NODE_STAMP := $(PEERS)/node_modules/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv demo test bench lint system-deps node-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# tshark (cross-check of the decoder, benchmark reference) and tcpdump (independent
+# capture writer in the real-traffic tests), from Debian's packages when missing.
+system-deps:
+	@if ! command -v tshark >/dev/null || ! command -v tcpdump >/dev/null; then \
+		if command -v apt-get >/dev/null; then \
+			echo "installing tshark and tcpdump from Debian's packages"; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			$(SUDO) apt-get install -y -q tshark tcpdump >/dev/null 2>&1 || \
+			{ $(SUDO) apt-get update -q >/dev/null && \
+			  $(SUDO) apt-get install -y -q tshark tcpdump >/dev/null; } || \
+			echo "warning: could not install tshark/tcpdump; the tests that need them skip"; \
+		else \
+			echo "warning: no apt-get; tests that need tshark/tcpdump skip"; \
+		fi; \
+	fi
+
+# @grpc/grpc-js, the independent second gRPC implementation the tests talk to.
+$(NODE_STAMP): $(PEERS)/package.json $(PEERS)/package-lock.json
+	cd $(PEERS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
+node-deps:
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory $(NODE_STAMP); \
+	else echo "warning: no npm; the grpc-js tests skip"; fi
+
+demo: $(STAMP)
+	$(VENV)/bin/tracer demo
+
+test: $(STAMP) system-deps node-deps
+	$(PY) -m pytest -q
+
+bench: $(STAMP) system-deps
+	$(PY) benchmarks/run.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check tracer store cli tests benchmarks
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) $(PEERS)/node_modules .pytest_cache .mypy_cache

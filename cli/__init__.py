@@ -1,0 +1,1 @@
+"""The `tracer` command line: a thin click layer over the tracer core and the store."""

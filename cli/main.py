@@ -1,0 +1,265 @@
+"""`tracer`: find the process that leaks gRPC connections."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from cli.output import FORMATS, fmt_age, fmt_ts, render
+from store.queries import DEFAULT_PREFACE_TIMEOUT, connections as list_connections, report as build_report
+from store.schema import StoreError, open_database
+from tracer import __version__
+
+DEFAULT_DB = "tracer.db"
+
+EXIT_DAMAGED = 3
+EXIT_INTERRUPTED = 130
+
+
+def _db_option(f: Any) -> Any:
+    return click.option(
+        "--db", "db_path", default=DEFAULT_DB, show_default=True, metavar="FILE",
+        envvar="TRACER_DB", help="SQLite database (created 0600). Env: TRACER_DB.",
+    )(f)
+
+
+def _format_option(f: Any) -> Any:
+    return click.option(
+        "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+        help="Output format.",
+    )(f)
+
+
+def _open_existing(db_path: str) -> Any:
+    if not os.path.exists(db_path):
+        raise click.ClickException(
+            f"no database at {db_path}: run `tracer capture --read FILE --port PORT "
+            f"--db {db_path}` first (or pass --db)"
+        )
+    try:
+        return open_database(db_path)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tracer")
+def main() -> None:
+    """Find the process that leaks gRPC connections.
+
+    tracer rebuilds every TCP connection to a gRPC port (SYN, handshake, FIN/RST) and its
+    HTTP/2 control frames (preface, SETTINGS, HEADERS method, PING, GOAWAY) into SQLite,
+    and reports which client opens connections without closing them.
+
+    \b
+      tracer capture --read dump.pcapng --port 9090   # analyse a capture file
+      tracer report                                   # who leaks, with evidence
+      tracer connections --open                       # every connection still open
+    """
+    os.umask(0o077)
+
+
+@main.command()
+@click.option("--read", "reads", multiple=True, metavar="FILE",
+              help="pcap or pcapng file (gzip-compressed too) to analyse; repeat for several "
+                   "files read as one stream (e.g. rotated files, in order); - reads standard "
+                   "input (tcpdump -w - | tracer capture --read - --port 9090).")
+@click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535), required=True,
+              help="The gRPC server port. Repeat for several. The side on this port is the "
+                   "server; connections picked up mid-stream are oriented by it.")
+@_db_option
+@click.option("--grpc-status/--no-grpc-status", default=True, show_default=True,
+              help="Decode the server's header blocks too, for the grpc-status of every RPC. "
+                   "Without it only the client's requests (methods) are decoded.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str, grpc_status: bool,
+            quiet: bool) -> None:
+    """Rebuild the gRPC connections of a capture into the database.
+
+    Reads the files as a stream (a file is never loaded whole), shows a progress bar on a
+    terminal and prints a summary. Reading the same file into the same database again
+    replaces the earlier import instead of duplicating it.
+
+    Exit status: 0 on success, 3 when a file is damaged or not a capture (everything
+    decoded before the damage is kept), 130 when interrupted (what was read is kept).
+    """
+    from cli.runner import read_files
+
+    if not reads:
+        raise click.UsageError(
+            "live capture is not part of this version yet: give a capture file with "
+            "--read FILE (record one with: tcpdump -i any -w dump.pcap tcp port PORT)"
+        )
+    show_progress = not quiet and sys.stderr.isatty()
+    bar: Any = None
+    last_total: list[int] = [0]
+
+    def progress(done: int, total: int | None) -> None:
+        nonlocal bar
+        if not show_progress or not total:
+            return
+        if bar is None or last_total[0] != total:
+            if bar is not None:
+                bar.render_finish()
+            bar = click.progressbar(length=total, label="reading", file=sys.stderr,
+                                    show_pos=True, show_percent=True)
+            last_total[0] = total
+            bar.pos = 0
+        bar.update(done - bar.pos)
+
+    try:
+        result = read_files(list(reads), frozenset(ports), db_path,
+                            decode_server_headers=grpc_status, progress=progress)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    if bar is not None:
+        bar.render_finish()
+    if not quiet:
+        rate = result.packets / result.elapsed_s if result.elapsed_s > 0 else 0.0
+        skipped = sum(result.skipped.values())
+        click.echo(
+            f"read {len(reads)} file{'s' if len(reads) != 1 else ''}: {result.packets:,} packets "
+            f"({result.segments:,} TCP segments on port {','.join(map(str, ports))}, "
+            f"{skipped:,} other) in {result.elapsed_s:.2f}s ({rate:,.0f} packets/s)",
+            err=True,
+        )
+        click.echo(
+            f"{result.connections:,} connections, {result.open_at_end:,} open at the end, "
+            f"{result.anomalies:,} anomalies -> {db_path} (capture {result.capture_id})"
+            + (f"; replaced earlier import of the same file(s): capture "
+               f"{', '.join(map(str, result.superseded))}" if result.superseded else ""),
+            err=True,
+        )
+    for err in result.errors:
+        click.echo(f"error: {err}", err=True)
+    if result.status == "interrupted":
+        click.echo("interrupted: what was read so far is stored", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if result.errors:
+        if result.packets:
+            click.echo("everything read before the damage is stored", err=True)
+        sys.exit(EXIT_DAMAGED)
+
+
+@main.command()
+@_db_option
+@_format_option
+@click.option("--preface-timeout", type=float, default=DEFAULT_PREFACE_TIMEOUT,
+              show_default=True, metavar="SECONDS",
+              help="A client preface with no server SETTINGS within this long counts as a "
+                   "preface timeout (the clients saw 'failed to receive server preface').")
+def report(db_path: str, fmt: str, preface_timeout: float) -> None:
+    """Who leaks connections, how fast, since when, with which RPC.
+
+    One entry per client: connections opened, closed (and how), still open, the oldest
+    open one's age, RPCs per connection, methods, health checks (connect and close
+    without HTTP/2), a verdict (leak, suspect, ok) and a one-line reason.
+    `--format json` prints the object documented in DESIGN.md.
+    """
+    db = _open_existing(db_path)
+    data = build_report(db, preface_timeout=preface_timeout)
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2))
+        return
+    headers = ["CLIENT", "OPENED", "CLOSED", "OPEN", "HEALTH", "OLDEST OPEN", "GROWTH/MIN",
+               "RPC/CONN", "TOP METHOD", "VERDICT", "REASON"]
+    rows = []
+    for c in data["clients"]:
+        top = next(iter(c["methods"].items()), None)
+        rows.append([
+            c["client"], c["opened"], c["closed"], c["open"], c["health_checks"],
+            fmt_age(c["oldest_open_s"]), c["open_growth_per_min"], c["rpcs_per_connection"],
+            f"{top[0]} ({top[1]})" if top else None, c["verdict"], c["reason"],
+        ])
+    if fmt != "table":
+        click.echo(render(fmt, rows, headers))
+        return
+    cap = data["capture"]
+    span = (cap["last_ts"] - cap["first_ts"]) if cap["first_ts"] is not None else None
+    click.echo(
+        f"capture: {len(cap['sources'])} source(s), port {cap['port']}, "
+        f"{fmt_ts(cap['first_ts'])} .. {fmt_ts(cap['last_ts'])} ({fmt_age(span)}), "
+        f"{cap['packets']:,} packets, drops {cap['drops'] if cap['drops'] is not None else 'unknown'}"
+        f", anomalies {cap['anomalies']:,}"
+    )
+    for d in cap["damaged"]:
+        click.echo(f"  damaged input: {d}")
+    click.echo("")
+    click.echo(render("table", rows, headers) if rows else "no connections recorded")
+    s = data["server"]
+    lat = s["preface_latency_ms"]
+    click.echo("")
+    click.echo(
+        f"server: preface latency p50 {lat['p50'] if lat['p50'] is not None else '-'} ms, "
+        f"p99 {lat['p99'] if lat['p99'] is not None else '-'} ms ({lat['samples']} connections); "
+        f"preface timeouts (> {s['preface_timeout_s']:g}s) {s['preface_timeouts']}; "
+        f"GOAWAY from server {s['goaways']['server']}, from clients {s['goaways']['client']}; "
+        f"RST from server {s['resets']['server']}, from clients {s['resets']['client']}; "
+        f"refused {s['refused']}"
+    )
+
+
+@main.command()
+@_db_option
+@_format_option
+@click.option("--open", "open_only", is_flag=True, help="Only connections still open.")
+@click.option("--client", metavar="IP", help="Only connections from this client address.")
+@click.option("--state", metavar="STATE",
+              help="Only this Zeek conn_state (S0 S1 SF REJ S2 S3 RSTO RSTR RSTOS0 RSTRH SH "
+                   "SHR OTH).")
+@click.option("--limit", type=click.IntRange(1), metavar="N", help="At most N rows.")
+def connections(db_path: str, fmt: str, open_only: bool, client: str | None,
+                state: str | None, limit: int | None) -> None:
+    """One row per connection, Zeek-style, with its HTTP/2 columns.
+
+    uid, 4-tuple, start time, duration, conn_state, history, bytes and packets each way,
+    missed_bytes; then the preface and server SETTINGS times, streams, first method,
+    GOAWAY sender/last-stream-id/error, how it closed, and TLS SNI/ALPN. `--format json`
+    gives every stored column.
+    """
+    db = _open_existing(db_path)
+    rows = list_connections(db, open_only=open_only, client=client, state=state, limit=limit)
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    headers = ["uid", "ts", "orig", "resp", "duration", "state", "history", "orig_bytes",
+               "resp_bytes", "orig_pkts", "resp_pkts", "missed", "preface", "srv_settings",
+               "streams", "first_method", "goaway", "closed_by", "tls"]
+    out = []
+    for r in rows:
+        goaway = None
+        if r["goaway_sender"]:
+            goaway = (f"{'server' if r['goaway_sender'] == 'resp' else 'client'} "
+                      f"last={r['goaway_last_stream_id']} {r['goaway_error_name']}")
+        tls = None
+        if r["tls_sni"] or r["tls_alpn"]:
+            tls = f"sni={r['tls_sni'] or '-'} alpn={r['tls_alpn'] or '-'}"
+        preface = None if r["preface_ts"] is None else round(r["preface_ts"] - r["ts"], 6)
+        settings = None if r["server_settings_ts"] is None else round(
+            r["server_settings_ts"] - r["ts"], 6)
+        out.append([
+            r["uid"], fmt_ts(r["ts"]) if fmt == "table" else r["ts"],
+            f"{_host(r['orig_h'])}:{r['orig_p']}", f"{_host(r['resp_h'])}:{r['resp_p']}",
+            r["duration"], r["conn_state"], r["history"], r["orig_bytes"], r["resp_bytes"],
+            r["orig_pkts"], r["resp_pkts"], r["missed_bytes"],
+            f"+{preface}s" if preface is not None and fmt == "table" else preface,
+            f"+{settings}s" if settings is not None and fmt == "table" else settings,
+            r["streams"], r["first_method"], goaway,
+            r["close_kind"] or ("open" if r["is_open"] else None), tls,
+        ])
+    if not out and fmt == "table":
+        click.echo("no connections match")
+        return
+    click.echo(render(fmt, out, headers))
+
+
+def _host(h: str) -> str:
+    return f"[{h}]" if ":" in h else h
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Read-side queries: the leak report, server health, connection listings. Pure SQL, no printing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import sqlite_utils
+
+from tracer.events import error_name
+
+DEFAULT_PREFACE_TIMEOUT = 20.0  # grpc-go's default dial timeout
+
+# A connection that connected and closed without ever speaking HTTP/2 (no preface, no
+# stream) is a TCP health check. TLS hides the preface, so TLS connections never count.
+_HEALTH_CHECK = (
+    "(close_kind IS NOT NULL AND preface_ts IS NULL AND streams = 0 AND mid_stream = 0"
+    " AND established_ts IS NOT NULL AND COALESCE(protocol, '') != 'tls')"
+)
+
+# How a closed connection ended, one kind each: a GOAWAY before the TCP close wins, then
+# a RST, then whoever sent the first FIN.
+_CLOSED_BY = """
+    CASE
+        WHEN close_kind IS NULL THEN NULL
+        WHEN goaway_ts IS NOT NULL AND goaway_ts <= COALESCE(close_ts, goaway_ts) THEN 'goaway'
+        WHEN close_kind IN ('client_rst', 'server_rst') THEN 'rst'
+        WHEN close_kind = 'reused' THEN 'port_reused'
+        ELSE close_kind
+    END
+"""
+
+
+def _rows(db: sqlite_utils.Database, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+    cur = db.execute(sql, params)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def capture_summary(db: sqlite_utils.Database) -> dict[str, Any]:
+    caps = _rows(db, "SELECT * FROM captures ORDER BY id")
+    sources = [r["path"] for r in _rows(
+        db, "SELECT path FROM capture_sources ORDER BY capture_id, n"
+    )]
+    ports: list[int] = []
+    for c in caps:
+        for p in (c["ports"] or "").split(","):
+            if p and int(p) not in ports:
+                ports.append(int(p))
+    live = [c["interface"] for c in caps if c["kind"] == "live"]
+    drops = [c["drops"] for c in caps if c["drops"] is not None]
+    firsts = [c["first_ts"] for c in caps if c["first_ts"] is not None]
+    lasts = [c["last_ts"] for c in caps if c["last_ts"] is not None]
+    return {
+        "sources": sources + [f"live:{i}" for i in live],
+        "port": ports[0] if len(ports) == 1 else (ports or None),
+        "first_ts": min(firsts) if firsts else None,
+        "last_ts": max(lasts) if lasts else None,
+        "packets": sum(c["packets"] for c in caps),
+        "drops": sum(drops) if drops else None,
+        "captures": len(caps),
+        "damaged": [c["error"] for c in caps if c["status"] == "damaged"],
+        "anomalies": sum(c["anomalies"] for c in caps),
+    }
+
+
+def _verdict(c: dict[str, Any], span_s: float) -> tuple[str, str]:
+    """leak / suspect / ok, and a reason a person can act on."""
+    opened, closed, still_open = c["opened"], c["closed"], c["open"]
+    rpc = c["rpcs_per_connection"]
+    method = next(iter(c["methods"]), None)
+    minutes = span_s / 60.0
+    span = _duration(span_s)
+    if still_open >= 3 and closed * 2 < opened and (rpc is None or rpc <= 5):
+        rate = f" ({c['open_growth_per_min']:.1f}/min)" if minutes >= 1 else ""
+        each = "1 RPC each" if rpc is not None and round(rpc, 1) == 1.0 else (
+            f"{rpc:.1f} RPCs each" if rpc is not None else "no RPCs"
+        )
+        via = f"; method {method}" if method else ""
+        return "leak", (
+            f"opened {opened}, closed {closed} in {span}{rate}; {each}, then idle{via}; "
+            f"{still_open} still open, oldest {_duration(c['oldest_open_s'] or 0)}"
+        )
+    if still_open >= 2:
+        return "suspect", (
+            f"{still_open} connections open at the end, {closed} closed, in {span}: "
+            "more than one connection held open; watch whether it keeps growing"
+        )
+    if still_open == 1:
+        return "ok", f"1 long-lived connection ({rpc_text(c)}); {closed} closed"
+    if opened == 0:
+        return "ok", f"{c['health_checks']} health checks only (connect, no HTTP/2, close)"
+    return "ok", f"all {opened} connections closed"
+
+
+def rpc_text(c: dict[str, Any]) -> str:
+    total = c["rpcs"]
+    return f"{total} RPC" + ("" if total == 1 else "s")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def client_report(db: sqlite_utils.Database, *, end_ts: float | None = None,
+                  start_ts: float | None = None) -> list[dict[str, Any]]:
+    """One entry per client (by IP), as DESIGN.md's report contract."""
+    summary = capture_summary(db)
+    end = end_ts if end_ts is not None else (summary["last_ts"] or 0.0)
+    start = start_ts if start_ts is not None else (summary["first_ts"] or end)
+    span = max(end - start, 0.0)
+    rows = _rows(
+        db,
+        f"""
+        WITH c AS (
+            SELECT *, {_HEALTH_CHECK} AS hc, {_CLOSED_BY} AS closed_by
+            FROM connections
+        )
+        SELECT orig_h AS client,
+               SUM(NOT hc) AS opened,
+               SUM(NOT hc AND close_kind IS NOT NULL) AS closed,
+               SUM(is_open) AS open,
+               SUM(hc) AS health_checks,
+               SUM(closed_by = 'client_fin' AND NOT hc) AS by_client_fin,
+               SUM(closed_by = 'server_fin' AND NOT hc) AS by_server_fin,
+               SUM(closed_by = 'rst' AND NOT hc) AS by_rst,
+               SUM(closed_by = 'goaway' AND NOT hc) AS by_goaway,
+               SUM(closed_by = 'port_reused' AND NOT hc) AS by_port_reused,
+               MIN(CASE WHEN is_open THEN COALESCE(syn_ts, ts) END) AS oldest_open_ts,
+               SUM(is_open AND mid_stream = 0) AS opened_and_left_open,
+               SUM(CASE WHEN NOT hc THEN streams ELSE 0 END) AS rpcs,
+               MAX(CASE WHEN is_open THEN COALESCE(last_activity_ts, ts) END) AS last_open_activity
+        FROM c
+        GROUP BY orig_h
+        """,
+    )
+    methods: dict[str, dict[str, int]] = {}
+    for r in _rows(
+        db,
+        """
+        SELECT c.orig_h AS client, m.method AS method, SUM(m.count) AS n
+        FROM conn_methods m JOIN connections c ON c.uid = m.uid
+        GROUP BY c.orig_h, m.method
+        ORDER BY n DESC, m.method
+        """,
+    ):
+        methods.setdefault(r["client"], {})[r["method"]] = r["n"]
+    out = []
+    for r in rows:
+        opened = r["opened"] or 0
+        c: dict[str, Any] = {
+            "client": r["client"],
+            "pid": None,
+            "process": None,
+            "container": None,
+            "opened": opened,
+            "closed": r["closed"] or 0,
+            "open": r["open"] or 0,
+            "closed_by": {
+                "client_fin": r["by_client_fin"] or 0,
+                "server_fin": r["by_server_fin"] or 0,
+                "rst": r["by_rst"] or 0,
+                "goaway": r["by_goaway"] or 0,
+                "port_reused": r["by_port_reused"] or 0,
+            },
+            "health_checks": r["health_checks"] or 0,
+            "oldest_open_s": round(end - r["oldest_open_ts"], 3)
+            if r["oldest_open_ts"] is not None else None,
+            "open_growth_per_min": round((r["opened_and_left_open"] or 0) / (span / 60.0), 2)
+            if span > 0 else None,
+            "rpcs": r["rpcs"] or 0,
+            "rpcs_per_connection": round((r["rpcs"] or 0) / opened, 2) if opened else None,
+            "methods": methods.get(r["client"], {}),
+        }
+        c["verdict"], c["reason"] = _verdict(c, span)
+        out.append(c)
+    order = {"leak": 0, "suspect": 1, "ok": 2}
+    out.sort(key=lambda c: (order[c["verdict"]], -c["open"], -c["opened"], c["client"]))
+    return out
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    idx = min(len(values) - 1, max(0, int(round(q * (len(values) - 1)))))
+    return values[idx]
+
+
+def server_health(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT_PREFACE_TIMEOUT,
+                  end_ts: float | None = None) -> dict[str, Any]:
+    end = end_ts if end_ts is not None else (capture_summary(db)["last_ts"] or 0.0)
+    latencies = [
+        max(0.0, r[0]) * 1000.0 for r in db.execute(
+            "SELECT server_settings_ts - preface_ts FROM connections"
+            " WHERE preface_ts IS NOT NULL AND server_settings_ts IS NOT NULL"
+        )
+    ]
+    timeouts = db.execute(
+        "SELECT COUNT(*) FROM connections WHERE preface_ts IS NOT NULL AND ("
+        " (server_settings_ts IS NOT NULL AND server_settings_ts - preface_ts > ?)"
+        " OR (server_settings_ts IS NULL AND COALESCE(close_ts, ?) - preface_ts > ?))",
+        [preface_timeout, end, preface_timeout],
+    ).fetchone()[0]
+    goaways = {"server": 0, "client": 0}
+    by_code: dict[str, int] = {}
+    for direction, code, n in db.execute(
+        "SELECT dir, code, COUNT(*) FROM events WHERE name = 'goaway' GROUP BY dir, code"
+    ):
+        goaways["server" if direction == "resp" else "client"] += n
+        key = f"{'server' if direction == 'resp' else 'client'}:{error_name(code)}"
+        by_code[key] = by_code.get(key, 0) + n
+    refused = db.execute(
+        "SELECT COUNT(*) FROM connections WHERE conn_state IN ('REJ', 'RSTOS0')"
+    ).fetchone()[0]
+    resets = dict(db.execute(
+        "SELECT close_kind, COUNT(*) FROM connections"
+        " WHERE close_kind IN ('client_rst', 'server_rst') GROUP BY close_kind"
+    ).fetchall())
+    p50 = _percentile(latencies, 0.5)
+    p99 = _percentile(latencies, 0.99)
+    return {
+        "preface_timeouts": timeouts,
+        "preface_timeout_s": preface_timeout,
+        "preface_latency_ms": {
+            "p50": round(p50, 3) if p50 is not None else None,
+            "p99": round(p99, 3) if p99 is not None else None,
+            "samples": len(latencies),
+        },
+        "goaways": goaways,
+        "goaways_by_code": by_code,
+        "resets": {"client": resets.get("client_rst", 0), "server": resets.get("server_rst", 0)},
+        "refused": refused,
+    }
+
+
+def report(db: sqlite_utils.Database, *,
+           preface_timeout: float = DEFAULT_PREFACE_TIMEOUT) -> dict[str, Any]:
+    """The whole report, as DESIGN.md's JSON contract."""
+    summary = capture_summary(db)
+    return {
+        "capture": summary,
+        "clients": client_report(db),
+        "server": server_health(db, preface_timeout=preface_timeout),
+    }
+
+
+CONNECTION_COLUMNS = (
+    "uid", "ts", "orig_h", "orig_p", "resp_h", "resp_p", "duration", "conn_state", "history",
+    "orig_bytes", "resp_bytes", "orig_pkts", "resp_pkts", "missed_bytes", "is_open",
+    "close_kind", "protocol", "preface_ts", "server_settings_ts", "streams", "first_method",
+    "goaway_sender", "goaway_last_stream_id", "goaway_error", "tls_sni", "tls_alpn",
+)
+
+
+def connections(db: sqlite_utils.Database, *, open_only: bool = False,
+                client: str | None = None, state: str | None = None,
+                limit: int | None = None) -> list[dict[str, Any]]:
+    where = []
+    params: list[Any] = []
+    if open_only:
+        where.append("is_open = 1")
+    if client:
+        where.append("orig_h = ?")
+        params.append(client)
+    if state:
+        where.append("conn_state = ?")
+        params.append(state)
+    sql = "SELECT * FROM connections"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY ts, uid"
+    if limit:
+        sql += f" LIMIT {int(limit)}"
+    rows = _rows(db, sql, params)
+    for r in rows:
+        r["goaway_error_name"] = error_name(r["goaway_error"]) if r["goaway_error"] is not None \
+            else None
+    return rows
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False)

@@ -1,0 +1,170 @@
+"""The SQLite schema, created and upgraded by named migrations (sqlite-utils Migrations)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+from tracer.record import RECORD_FIELDS
+
+migrations = Migrations("tracer")
+
+# Column types of the connections table; anything not listed is INTEGER.
+_REAL = {
+    "ts", "syn_ts", "synack_ts", "established_ts", "close_ts", "end_ts", "duration",
+    "last_activity_ts", "preface_ts", "client_settings_ts", "server_settings_ts", "goaway_ts",
+}
+_TEXT = {
+    "uid", "orig_h", "resp_h", "conn_state", "history", "close_kind", "end_reason", "protocol",
+    "client_settings", "server_settings", "first_method", "authority", "user_agent",
+    "goaway_sender", "goaway_debug", "tls_sni", "tls_alpn",
+}
+
+
+def _column_type(name: str) -> str:
+    if name in _REAL:
+        return "REAL"
+    if name in _TEXT:
+        return "TEXT"
+    return "INTEGER"
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE captures (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,            -- file | live
+            started_at TEXT NOT NULL,      -- wall clock when the run started (UTC, ISO 8601)
+            finished_at TEXT,
+            status TEXT NOT NULL,          -- running | complete | damaged | interrupted
+            error TEXT,
+            ports TEXT NOT NULL,           -- comma-separated server ports
+            interface TEXT,
+            first_ts REAL,
+            last_ts REAL,
+            packets INTEGER NOT NULL DEFAULT 0,
+            segments INTEGER NOT NULL DEFAULT 0,
+            connections INTEGER NOT NULL DEFAULT 0,
+            open_at_end INTEGER NOT NULL DEFAULT 0,
+            anomalies INTEGER NOT NULL DEFAULT 0,
+            drops INTEGER,                 -- packets the kernel or the capturing tool dropped
+            elapsed_s REAL,
+            tool_version TEXT
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE capture_sources (
+            capture_id INTEGER NOT NULL REFERENCES captures(id),
+            n INTEGER NOT NULL,
+            path TEXT NOT NULL,
+            format TEXT,
+            compressed INTEGER NOT NULL DEFAULT 0,
+            size INTEGER,
+            sha256 TEXT,
+            packets INTEGER NOT NULL DEFAULT 0,
+            linktypes TEXT,
+            PRIMARY KEY (capture_id, n)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE capture_stats (
+            capture_id INTEGER NOT NULL REFERENCES captures(id),
+            name TEXT NOT NULL,
+            value INTEGER NOT NULL,
+            PRIMARY KEY (capture_id, name)
+        )
+        """
+    )
+    cols = ",\n".join(
+        f"{name} {_column_type(name)}" + (" PRIMARY KEY" if name == "uid" else "")
+        for name in RECORD_FIELDS
+    )
+    db.execute(
+        f"CREATE TABLE connections (\n{cols},\ncapture_id INTEGER NOT NULL REFERENCES captures(id))"
+    )
+    db.execute(
+        """
+        CREATE TABLE conn_methods (
+            uid TEXT NOT NULL,
+            method TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            PRIMARY KEY (uid, method)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE events (
+            uid TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            capture_id INTEGER NOT NULL,
+            ts REAL NOT NULL,
+            name TEXT NOT NULL,
+            dir TEXT,
+            stream_id INTEGER,
+            code INTEGER,
+            value INTEGER,
+            detail TEXT,
+            PRIMARY KEY (uid, n)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE anomalies (
+            id INTEGER PRIMARY KEY,
+            capture_id INTEGER NOT NULL,
+            ts REAL,
+            uid TEXT,
+            reason TEXT NOT NULL,
+            detail TEXT
+        )
+        """
+    )
+    for sql in (
+        "CREATE INDEX connections_orig_h ON connections(orig_h)",
+        "CREATE INDEX connections_capture ON connections(capture_id)",
+        "CREATE INDEX connections_ts ON connections(ts)",
+        "CREATE INDEX connections_open ON connections(is_open)",
+        "CREATE INDEX events_capture ON events(capture_id)",
+        "CREATE INDEX events_name_ts ON events(name, ts)",
+        "CREATE INDEX anomalies_capture ON anomalies(capture_id, reason)",
+    ):
+        db.execute(sql)
+
+
+def open_database(path: str) -> sqlite_utils.Database:
+    """Open (creating 0600 if needed) and migrate the database at ``path``."""
+    if path != ":memory:":
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open database {path}: {exc.strerror}") from None
+        os.close(fd)
+    try:
+        conn = sqlite3.connect(path, check_same_thread=False)
+        db = sqlite_utils.Database(conn)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+        migrations.apply(db)
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path} is not a usable tracer database: {exc}") from None
+    if path != ":memory:":
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.chmod(path + suffix, 0o600)
+    return db
+
+
+class StoreError(Exception):
+    """The database cannot be opened or written; the message says why."""

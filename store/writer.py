@@ -1,0 +1,155 @@
+"""Batched writes of one capture run: the capture row, connections, events, anomalies."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any, Iterable
+
+import sqlite_utils
+
+from tracer.events import AnomalyFound, ConnectionEvent
+from tracer.record import RECORD_FIELDS
+
+# Anomaly rows kept per reason per capture; the counts in capture_stats stay exact.
+MAX_ANOMALY_ROWS_PER_REASON = 1000
+
+_CONN_COLUMNS = RECORD_FIELDS + ("capture_id",)
+_CONN_SQL = (
+    f"INSERT OR REPLACE INTO connections ({', '.join(_CONN_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _CONN_COLUMNS)})"
+)
+_EVENT_SQL = (
+    "INSERT OR REPLACE INTO events (uid, n, capture_id, ts, name, dir, stream_id, code, value,"
+    " detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_METHOD_SQL = "INSERT OR REPLACE INTO conn_methods (uid, method, count) VALUES (?, ?, ?)"
+_ANOMALY_SQL = (
+    "INSERT INTO anomalies (capture_id, ts, uid, reason, detail) VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class CaptureWriter:
+    """Writes one capture run into an open database."""
+
+    def __init__(self, db: sqlite_utils.Database, *, kind: str, ports: Iterable[int],
+                 interface: str | None = None, tool_version: str = "") -> None:
+        self.db = db
+        self.anomaly_counts: dict[str, int] = {}
+        cur = db.execute(
+            "INSERT INTO captures (kind, started_at, status, ports, interface, tool_version)"
+            " VALUES (?, ?, 'running', ?, ?, ?)",
+            [kind, utc_now(), ",".join(str(p) for p in sorted(ports)), interface, tool_version],
+        )
+        self.capture_id: int = cur.lastrowid  # type: ignore[assignment]
+        db.conn.commit()
+        self.connections = 0
+        self.open_at_end = 0
+        self.events = 0
+
+    def write(
+        self,
+        records: list[dict[str, Any]],
+        events: list[ConnectionEvent],
+        anomalies: list[AnomalyFound],
+    ) -> None:
+        """One transaction for one batch."""
+        cid = self.capture_id
+        conn = self.db.conn
+        with conn:
+            if records:
+                conn.executemany(
+                    _CONN_SQL, [tuple(r[k] for k in RECORD_FIELDS) + (cid,) for r in records]
+                )
+                conn.executemany(
+                    _METHOD_SQL,
+                    [(r["uid"], m, c) for r in records for m, c in r["methods"].items()],
+                )
+                self.connections += len(records)
+                self.open_at_end += sum(1 for r in records if r["is_open"])
+            if events:
+                conn.executemany(
+                    _EVENT_SQL,
+                    [(e.uid, e.n, cid, e.ts, e.name, e.dir) + e.columns() for e in events],
+                )
+                self.events += len(events)
+            if anomalies:
+                rows = []
+                counts = self.anomaly_counts
+                for a in anomalies:
+                    seen = counts.get(a.reason, 0)
+                    counts[a.reason] = seen + 1
+                    if seen < MAX_ANOMALY_ROWS_PER_REASON:
+                        rows.append((cid, a.ts, a.uid, a.reason, a.detail))
+                conn.executemany(_ANOMALY_SQL, rows)
+
+    def add_source(self, n: int, path: str, *, fmt: str, compressed: bool, size: int | None,
+                   sha256: str | None, packets: int, linktypes: list[int]) -> None:
+        with self.db.conn:
+            self.db.conn.execute(
+                "INSERT OR REPLACE INTO capture_sources (capture_id, n, path, format, compressed,"
+                " size, sha256, packets, linktypes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [self.capture_id, n, path, fmt, int(compressed), size, sha256, packets,
+                 json.dumps(linktypes)],
+            )
+
+    def finish(self, *, status: str, error: str | None, first_ts: float | None,
+               last_ts: float | None, packets: int, segments: int, drops: int | None,
+               elapsed_s: float, stats: dict[str, int]) -> None:
+        cid = self.capture_id
+        conn = self.db.conn
+        with conn:
+            conn.execute(
+                "UPDATE captures SET finished_at=?, status=?, error=?, first_ts=?, last_ts=?,"
+                " packets=?, segments=?, connections=?, open_at_end=?, anomalies=?, drops=?,"
+                " elapsed_s=? WHERE id=?",
+                [utc_now(), status, error, first_ts, last_ts, packets, segments,
+                 self.connections, self.open_at_end, sum(self.anomaly_counts.values()), drops,
+                 elapsed_s, cid],
+            )
+            merged = dict(stats)
+            for reason, count in self.anomaly_counts.items():
+                merged[f"anomaly.{reason}"] = count
+            conn.executemany(
+                "INSERT OR REPLACE INTO capture_stats (capture_id, name, value) VALUES (?, ?, ?)",
+                [(cid, k, v) for k, v in sorted(merged.items())],
+            )
+
+    def supersede_same_sources(self) -> list[int]:
+        """Drop earlier captures made of exactly the same files (same sha256s, same order).
+
+        Connection and event keys are deterministic, so re-reading a file rewrote the same
+        rows; what remains of the earlier run is its capture row and whatever it had that
+        this run did not produce."""
+        cid = self.capture_id
+        conn = self.db.conn
+        mine = [r[0] for r in conn.execute(
+            "SELECT sha256 FROM capture_sources WHERE capture_id=? ORDER BY n", [cid]
+        )]
+        if not mine or None in mine:
+            return []
+        old_ids = []
+        for (other,) in conn.execute(
+            "SELECT id FROM captures WHERE id != ? AND kind = 'file'", [cid]
+        ).fetchall():
+            theirs = [r[0] for r in conn.execute(
+                "SELECT sha256 FROM capture_sources WHERE capture_id=? ORDER BY n", [other]
+            )]
+            if theirs == mine:
+                old_ids.append(other)
+        with conn:
+            for old in old_ids:
+                conn.execute(
+                    "DELETE FROM conn_methods WHERE uid IN"
+                    " (SELECT uid FROM connections WHERE capture_id=?)", [old]
+                )
+                for table in ("connections", "events", "anomalies"):
+                    conn.execute(f"DELETE FROM {table} WHERE capture_id=?", [old])
+                for table in ("capture_sources", "capture_stats"):
+                    conn.execute(f"DELETE FROM {table} WHERE capture_id=?", [old])
+                conn.execute("DELETE FROM captures WHERE id=?", [old])
+        return old_ids

@@ -1,0 +1,869 @@
+"""HTTP/2 observer: both byte streams of one connection in; preface, SETTINGS, HEADERS (method,
+grpc-status), PING, RST_STREAM, GOAWAY, TLS hello and HTTP/1 upgrade events out, plus the
+connection's protocol summary.
+
+Each direction walks frames across segment boundaries. DATA, WINDOW_UPDATE, PRIORITY and
+unknown frames are counted and skipped without copying; control frames and header blocks
+are buffered up to ``MAX_BUFFERED`` bytes. Header blocks go through one HPACK context per
+direction (see hpack_memo). Only allow-listed header values are kept.
+
+A direction that starts mid-stream or loses bytes to a gap regains frame sync at the next
+segment that starts with a plausible chain of frame headers (or the client preface). A gap
+that falls inside a frame's payload costs nothing but that frame.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from tracer.events import (
+    ORIG,
+    RESP,
+    AnomalyFound,
+    FramingLost,
+    FramingRegained,
+    GoawaySent,
+    Http1RequestSeen,
+    Http1ResponseSeen,
+    PingAcknowledged,
+    PingSent,
+    PrefaceReceived,
+    RequestStarted,
+    SettingsAcknowledged,
+    SettingsReceived,
+    StreamReset,
+    TlsClientHelloSeen,
+    TlsServerHelloSeen,
+    TrailersReceived,
+)
+from tracer.http2.frames import (
+    CONTINUATION,
+    DATA,
+    DEFAULT_MAX_FRAME_SIZE,
+    FLAG_ACK,
+    FLAG_END_HEADERS,
+    FLAG_END_STREAM,
+    FLAG_PADDED,
+    FLAG_PRIORITY,
+    FRAME_HEADER,
+    FRAME_NAMES,
+    GOAWAY,
+    HEADERS,
+    MAX_FRAME_SIZE_LIMIT,
+    PING,
+    PREFACE,
+    PUSH_PROMISE,
+    RST_STREAM,
+    SETTINGS,
+    SETTINGS_MAX_FRAME_SIZE,
+    plausible_chain,
+)
+from tracer.http2.hpack_memo import Fields, HpackDirection, HpackError, HpackMemo
+from tracer.http2.tls import (
+    HANDSHAKE_CLIENT_HELLO,
+    NeedMoreData,
+    NotTls,
+    looks_like_tls,
+    parse_hello,
+)
+
+if TYPE_CHECKING:
+    from tracer.tcp.flow import Connection
+
+MAX_BUFFERED = 1 << 16  # largest control frame or header block kept for decoding
+MAX_HTTP1_HEAD = 1 << 14
+MAX_TLS_HELLO = 1 << 16
+MAX_METHODS = 32  # distinct methods remembered per connection; the rest are "(other)"
+MAX_TEXT = 256
+GOAWAY_DEBUG_BYTES = 64
+
+UNKNOWN_PRE_EXISTING = "unknown (pre-existing)"
+UNKNOWN_GAP = "unknown (gap)"
+UNKNOWN_HPACK = "unknown (hpack error)"
+OTHER_METHODS = "(other)"
+
+# Parser modes.
+DETECT = 0  # start of a stream: look at the first bytes
+FRAMES = 1  # in frame sync
+RESYNC = 2  # frame boundaries unknown: wait for a segment that starts on one
+HTTP1 = 3  # inside an HTTP/1.x head or body
+TLS = 4  # collecting a TLS hello
+IGNORE = 5  # nothing more to learn from this direction
+
+_HTTP1_REQUEST = re.compile(rb"[A-Z]{3,10} ")
+
+
+def printable(raw: bytes, limit: int = MAX_TEXT) -> str:
+    """Text for storage: UTF-8 where it decodes, control characters escaped, bounded."""
+    text = raw[:limit].decode("utf-8", "replace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+class Http2Context:
+    """What all connections of one run share: options, the HPACK memo, the anomaly outbox."""
+
+    def __init__(self, anomalies: list[AnomalyFound], *, decode_server_headers: bool = True):
+        self.anomalies = anomalies
+        self.decode_server_headers = decode_server_headers
+        self.memo = HpackMemo()
+
+    def observer(self, conn: "Connection") -> "Http2Observer":
+        return Http2Observer(self, conn)
+
+
+class Http2Observer:
+    """Both directions of one connection and what they said."""
+
+    __slots__ = (
+        "ctx",
+        "conn",
+        "orig",
+        "resp",
+        "protocol",
+        "preface_ts",
+        "client_settings_ts",
+        "server_settings_ts",
+        "client_settings",
+        "server_settings",
+        "streams",
+        "first_method",
+        "methods",
+        "authority",
+        "user_agent",
+        "pings_orig",
+        "pings_resp",
+        "goaways",
+        "goaway_sender",
+        "goaway_ts",
+        "goaway_last_stream_id",
+        "goaway_error",
+        "goaway_debug",
+        "rst_streams",
+        "trailers",
+        "grpc_errors",
+        "data_frames",
+        "window_updates",
+        "tls_sni",
+        "tls_alpn",
+        "upgraded",
+        "connect_pending",
+    )
+
+    def __init__(self, ctx: Http2Context, conn: "Connection") -> None:
+        self.ctx = ctx
+        self.conn = conn
+        self.protocol: str | None = None  # h2c, tls, http1, unknown
+        self.preface_ts: float | None = None
+        self.client_settings_ts: float | None = None
+        self.server_settings_ts: float | None = None
+        self.client_settings: tuple[tuple[int, int], ...] | None = None
+        self.server_settings: tuple[tuple[int, int], ...] | None = None
+        self.streams = 0
+        self.first_method: str | None = None
+        self.methods: dict[str, int] | None = None
+        self.authority: str | None = None
+        self.user_agent: str | None = None
+        self.pings_orig = 0
+        self.pings_resp = 0
+        self.goaways = 0
+        self.goaway_sender: str | None = None
+        self.goaway_ts: float | None = None
+        self.goaway_last_stream_id: int | None = None
+        self.goaway_error: int | None = None
+        self.goaway_debug: str | None = None
+        self.rst_streams = 0
+        self.trailers = 0
+        self.grpc_errors = 0
+        self.data_frames = 0
+        self.window_updates = 0
+        self.tls_sni: str | None = None
+        self.tls_alpn: str | None = None
+        self.upgraded = False
+        self.connect_pending = False
+        self.orig = Direction(self, True)
+        self.resp = Direction(self, False)
+
+    def finish(self, ts: float) -> None:
+        for d in (self.orig, self.resp):
+            d.pending = b""
+            d.hblock = None
+
+    def anomaly(self, ts: float, reason: str, detail: str = "") -> None:
+        self.ctx.anomalies.append(AnomalyFound(ts, self.conn.uid, reason, detail))
+
+    def add_method(self, method: str) -> None:
+        if self.first_method is None:
+            self.first_method = method
+        methods = self.methods
+        if methods is None:
+            self.methods = {method: 1}
+        elif method in methods:
+            methods[method] += 1
+        elif len(methods) < MAX_METHODS:
+            methods[method] = 1
+        else:
+            methods[OTHER_METHODS] = methods.get(OTHER_METHODS, 0) + 1
+
+    def saw_frames(self) -> None:
+        if self.protocol != "h2c":
+            self.protocol = "h2c"
+
+
+class Direction:
+    """One direction's parser: mode, partial frame, skip count, header block, HPACK context."""
+
+    __slots__ = (
+        "obs",
+        "is_client",
+        "dir",
+        "mode",
+        "pending",
+        "skip",
+        "skip_type",
+        "max_frame",
+        "hpack",
+        "unknown_label",
+        "decode_headers",
+        "hblock",
+        "hstream",
+        "hflags",
+        "htype",
+        "last_sid",
+        "body_left",
+        "settings_seen",
+        "size_warned",
+    )
+
+    def __init__(self, obs: Http2Observer, is_client: bool) -> None:
+        self.obs = obs
+        self.is_client = is_client
+        self.dir = ORIG if is_client else RESP
+        self.mode = DETECT
+        self.pending = b""
+        self.skip = 0
+        self.skip_type = DATA
+        # Largest frame this side may send: the peer's SETTINGS_MAX_FRAME_SIZE.
+        self.max_frame = DEFAULT_MAX_FRAME_SIZE
+        self.hpack: HpackDirection | None = None
+        self.unknown_label: str | None = None  # None while the HPACK table is known
+        self.decode_headers = is_client or obs.ctx.decode_server_headers
+        self.hblock: bytes | None = None  # header block collected across CONTINUATION
+        self.hstream = 0
+        self.hflags = 0
+        self.htype = HEADERS
+        self.last_sid = 0
+        self.body_left = 0
+        self.settings_seen = False
+        self.size_warned = False
+
+    # -- PayloadSink ------------------------------------------------------------------
+
+    def data(self, ts: float, data: bytes) -> None:
+        mode = self.mode
+        if mode == FRAMES:
+            self._frames(ts, data)
+        elif mode == IGNORE:
+            return
+        elif mode == DETECT:
+            self._detect(ts, data)
+        elif mode == RESYNC:
+            self._resync(ts, data)
+        elif mode == HTTP1:
+            self._http1(ts, data)
+        elif mode == TLS:
+            self._tls(ts, data)
+
+    def lost_start(self, ts: float) -> None:
+        self.mode = RESYNC
+        self.unknown_label = UNKNOWN_PRE_EXISTING
+
+    def gap(self, ts: float, missed: int) -> None:
+        mode = self.mode
+        if mode == FRAMES:
+            if self.skip >= missed:
+                self.skip -= missed
+                return
+            pending = self.pending
+            if len(pending) >= 9:
+                lt, _flags, sid = FRAME_HEADER.unpack_from(pending, 0)
+                remaining = 9 + (lt >> 8) - len(pending)
+                if missed <= remaining:
+                    # Only this frame's payload is lost; framing holds.
+                    self.pending = b""
+                    self.skip = remaining - missed
+                    ftype = lt & 0xFF
+                    if ftype in (HEADERS, CONTINUATION, PUSH_PROMISE):
+                        if ftype == HEADERS and self.is_client:
+                            self._count_request(ts, sid & 0x7FFFFFFF, UNKNOWN_GAP)
+                        self._drop_block(ts, UNKNOWN_GAP)
+                    return
+            self._lose_sync(ts)
+        elif mode == HTTP1:
+            if self.body_left >= missed and not self.pending:
+                self.body_left -= missed
+            else:
+                self.mode = IGNORE
+        elif mode in (DETECT, TLS):
+            self.pending = b""
+            self._lose_sync(ts)
+
+    def finish(self, ts: float) -> None:
+        self.pending = b""
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _lose_table(self, label: str) -> None:
+        if self.hpack is not None:
+            self.hpack.reset()
+        self.unknown_label = label
+
+    def _drop_block(self, ts: float, label: str) -> None:
+        """A header block (or the rest of one) is lost: the request still counts, the HPACK
+        table is unknown from here."""
+        if self.hblock is not None and self.htype == HEADERS and self.is_client:
+            self._count_request(ts, self.hstream, label)
+        self.hblock = None
+        self._lose_table(label)
+
+    def _lose_sync(self, ts: float) -> None:
+        self.mode = RESYNC
+        self.pending = b""
+        self.skip = 0
+        self._drop_block(ts, UNKNOWN_GAP)
+        self.obs.conn.emit_frequent(FramingLost, ts, self.dir)
+
+    def _decode(self, ts: float, block: bytes) -> Fields | None:
+        hp = self.hpack
+        if hp is None:
+            hp = self.hpack = HpackDirection(self.obs.ctx.memo)
+        try:
+            return hp.decode(block)
+        except HpackError as exc:
+            if self.unknown_label is None:
+                self.obs.anomaly(ts, "hpack_error", f"{self.dir} header block: {exc}")
+                self.unknown_label = UNKNOWN_HPACK
+            return None
+
+    def _count_request(self, ts: float, sid: int, method: str) -> bool:
+        """Count client HEADERS that open a new stream; False for trailers on an old one."""
+        if sid <= self.last_sid or not sid & 1:
+            return False
+        self.last_sid = sid
+        obs = self.obs
+        obs.streams += 1
+        obs.add_method(method)
+        obs.conn.emit_frequent(RequestStarted, ts, self.dir, sid, method)
+        return True
+
+    # -- start of stream --------------------------------------------------------------
+
+    def _detect(self, ts: float, data: bytes) -> None:
+        buf = self.pending + data if self.pending else data
+        self.pending = b""
+        if self.is_client:
+            if buf.startswith(PREFACE):
+                self._preface(ts)
+                self.mode = FRAMES
+                if len(buf) > len(PREFACE):
+                    self._frames(ts, buf[len(PREFACE):])
+                return
+            if PREFACE.startswith(buf) or (len(buf) < 12 and buf.isalpha() and buf.isupper()):
+                self.pending = buf  # a preface or an HTTP method still arriving
+                return
+            if _HTTP1_REQUEST.match(buf):
+                self.mode = HTTP1
+                self._http1(ts, buf)
+                return
+        else:
+            if buf.startswith(b"HTTP/"):
+                self.mode = HTTP1
+                self._http1(ts, buf)
+                return
+            if len(buf) < 9 and not looks_like_tls(buf):
+                self.pending = buf  # a frame header or a status line still arriving
+                return
+            if not looks_like_tls(buf):
+                lt, _flags, sid = FRAME_HEADER.unpack_from(buf, 0)
+                if (lt & 0xFF == SETTINGS and not sid) or plausible_chain(buf, self.max_frame):
+                    self.mode = FRAMES
+                    self.obs.saw_frames()
+                    self._frames(ts, buf)
+                    return
+        if looks_like_tls(buf):
+            self.mode = TLS
+            self._tls(ts, buf)
+            return
+        if self.obs.protocol is None:
+            self.obs.protocol = "unknown"
+        self.mode = IGNORE
+
+    def _preface(self, ts: float) -> None:
+        obs = self.obs
+        if obs.preface_ts is None:
+            obs.preface_ts = ts
+        obs.saw_frames()
+        # A preface is the start of the HTTP/2 stream: the HPACK table is known from here.
+        self.unknown_label = None
+        if self.hpack is not None:
+            self.hpack.reset()
+        obs.conn.emit(PrefaceReceived, ts, self.dir)
+
+    def _resync(self, ts: float, data: bytes) -> None:
+        if self.is_client and data.startswith(PREFACE):
+            self._preface(ts)
+            self.mode = FRAMES
+            if len(data) > len(PREFACE):
+                self._frames(ts, data[len(PREFACE):])
+            return
+        if plausible_chain(data, self.max_frame):
+            self.mode = FRAMES
+            self.obs.saw_frames()
+            self.obs.conn.emit_frequent(FramingRegained, ts, self.dir)
+            self._frames(ts, data)
+
+    # -- frames -----------------------------------------------------------------------
+
+    def _frames(self, ts: float, data: bytes) -> None:
+        skip = self.skip
+        if skip:
+            n = len(data)
+            if skip >= n:
+                self.skip = skip - n
+                if self.skip_type == DATA:
+                    self.obs.conn.last_activity = ts
+                return
+            data = data[skip:]
+            self.skip = 0
+        if self.pending:
+            data = self.pending + data
+            self.pending = b""
+        n = len(data)
+        pos = 0
+        unpack = FRAME_HEADER.unpack_from
+        active = False
+        obs = self.obs
+        while n - pos >= 9:
+            lt, flags, sid = unpack(data, pos)
+            length = lt >> 8
+            ftype = lt & 0xFF
+            end = pos + 9 + length
+            if length > self.max_frame and not self.size_warned:
+                self._oversized(ts, ftype, length)
+            if self.hblock is not None and ftype != CONTINUATION:
+                self._continuation_broken(ts, ftype)
+            if ftype == DATA:
+                obs.data_frames += 1
+                active = True
+            elif ftype > CONTINUATION or ftype == 0x2 or ftype == 0x8:
+                # PRIORITY, WINDOW_UPDATE and extension frames: counted, not read.
+                if ftype == 0x8:
+                    obs.window_updates += 1
+                active = True
+            elif ftype in (HEADERS, CONTINUATION, PUSH_PROMISE) and not self.decode_headers:
+                active = True
+                if ftype == HEADERS:
+                    self._headers_not_decoded(ts, flags, sid & 0x7FFFFFFF)
+            elif length > MAX_BUFFERED:
+                self._too_big(ts, ftype, flags, sid & 0x7FFFFFFF, length)
+                active = True
+            elif end > n:
+                self.pending = data[pos:]
+                pos = n
+                break
+            else:
+                if ftype != PING:
+                    active = True
+                self._frame(ts, ftype, flags, sid & 0x7FFFFFFF, data, pos + 9, end)
+                pos = end
+                continue
+            # A frame that is skipped, not read.
+            if end > n:
+                self.skip = end - n
+                self.skip_type = ftype
+                pos = n
+                break
+            pos = end
+        if pos < n:
+            self.pending = data[pos:]
+        if active:
+            obs.conn.last_activity = ts
+
+    def _frame(
+        self, ts: float, ftype: int, flags: int, sid: int, data: bytes, start: int, end: int
+    ) -> None:
+        if ftype == HEADERS or ftype == PUSH_PROMISE:
+            self._headers(ts, ftype, flags, sid, data, start, end)
+        elif ftype == CONTINUATION:
+            self._continuation(ts, flags, sid, data[start:end])
+        elif ftype == PING:
+            self._ping(ts, flags, data, start, end)
+        elif ftype == SETTINGS:
+            self._settings(ts, flags, data, start, end)
+        elif ftype == GOAWAY:
+            self._goaway(ts, data, start, end)
+        elif ftype == RST_STREAM:
+            self._rst_stream(ts, sid, data, start, end)
+
+    def _oversized(self, ts: float, ftype: int, length: int) -> None:
+        self.size_warned = True
+        self.obs.anomaly(
+            ts, "frame_exceeds_max_frame_size",
+            f"{self.dir} {FRAME_NAMES.get(ftype, ftype)} frame of {length} bytes, "
+            f"peer allows {self.max_frame}",
+        )
+
+    def _too_big(self, ts: float, ftype: int, flags: int, sid: int, length: int) -> None:
+        self.obs.anomaly(
+            ts, "frame_too_large_to_inspect",
+            f"{self.dir} {FRAME_NAMES.get(ftype, ftype)} frame of {length} bytes skipped",
+        )
+        if ftype in (HEADERS, CONTINUATION, PUSH_PROMISE):
+            if ftype == HEADERS and self.is_client:
+                self._count_request(ts, sid, UNKNOWN_HPACK)
+            self._drop_block(ts, UNKNOWN_HPACK)
+
+    def _continuation_broken(self, ts: float, ftype: int) -> None:
+        self.obs.anomaly(
+            ts, "continuation_expected",
+            f"{self.dir} {FRAME_NAMES.get(ftype, ftype)} frame inside a header block "
+            f"on stream {self.hstream}",
+        )
+        self._drop_block(ts, UNKNOWN_HPACK)
+
+    def _headers(
+        self, ts: float, ftype: int, flags: int, sid: int, data: bytes, start: int, end: int
+    ) -> None:
+        p = start
+        e = end
+        if flags & FLAG_PADDED:
+            if e - p < 1 or data[p] > e - p - 1:
+                self.obs.anomaly(ts, "bad_padding", f"{self.dir} {FRAME_NAMES[ftype]} padding")
+                self._lose_table(UNKNOWN_HPACK)
+                return
+            e -= data[p]
+            p += 1
+        if ftype == PUSH_PROMISE:
+            p += 4
+        elif flags & FLAG_PRIORITY:
+            p += 5
+        if p > e:
+            self.obs.anomaly(ts, "bad_headers_frame", f"{self.dir} {FRAME_NAMES[ftype]} too short")
+            self._lose_table(UNKNOWN_HPACK)
+            return
+        fragment = data[p:e]
+        if not flags & FLAG_END_HEADERS:
+            self.hblock = fragment
+            self.hstream = sid
+            self.hflags = flags
+            self.htype = ftype
+            return
+        self._header_block(ts, ftype, flags, sid, fragment)
+
+    def _continuation(self, ts: float, flags: int, sid: int, fragment: bytes) -> None:
+        if self.hblock is None or sid != self.hstream:
+            self.obs.anomaly(
+                ts, "unexpected_continuation", f"{self.dir} CONTINUATION on stream {sid}"
+            )
+            self._lose_table(UNKNOWN_HPACK)
+            self.hblock = None
+            return
+        block = self.hblock + fragment
+        if len(block) > MAX_BUFFERED:
+            self.obs.anomaly(
+                ts, "frame_too_large_to_inspect",
+                f"{self.dir} header block of over {MAX_BUFFERED} bytes skipped",
+            )
+            self._drop_block(ts, UNKNOWN_HPACK)
+            return
+        if flags & FLAG_END_HEADERS:
+            self.hblock = None
+            self._header_block(ts, self.htype, self.hflags, sid, block)
+        else:
+            self.hblock = block
+
+    def _header_block(self, ts: float, ftype: int, flags: int, sid: int, block: bytes) -> None:
+        fields = self._decode(ts, block)
+        if ftype == PUSH_PROMISE:
+            return
+        obs = self.obs
+        if self.is_client:
+            if fields is None:
+                self._count_request(ts, sid, self.unknown_label or UNKNOWN_HPACK)
+                return
+            path = authority = agent = None
+            for name, value in fields:
+                if name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+                elif name == b"user-agent":
+                    agent = value
+            if self._count_request(
+                ts, sid, printable(path) if path is not None else "(no :path)"
+            ):
+                if authority is not None and obs.authority is None:
+                    obs.authority = printable(authority)
+                if agent is not None and obs.user_agent is None:
+                    obs.user_agent = printable(agent)
+            return
+        if not flags & FLAG_END_STREAM:
+            return
+        status: int | None = None
+        message: str | None = None
+        if fields is not None:
+            for name, value in fields:
+                if name == b"grpc-status":
+                    try:
+                        status = int(value)
+                    except ValueError:
+                        obs.anomaly(ts, "bad_grpc_status", printable(value, 32))
+                elif name == b"grpc-message":
+                    message = printable(value)
+        self._trailers(ts, sid, status, message)
+
+    def _headers_not_decoded(self, ts: float, flags: int, sid: int) -> None:
+        if flags & FLAG_END_STREAM and not self.is_client:
+            self._trailers(ts, sid, None, None)
+
+    def _trailers(self, ts: float, sid: int, status: int | None, message: str | None) -> None:
+        obs = self.obs
+        obs.trailers += 1
+        if status:
+            obs.grpc_errors += 1
+        obs.conn.emit_frequent(TrailersReceived, ts, self.dir, sid, status, message)
+
+    def _settings(self, ts: float, flags: int, data: bytes, start: int, end: int) -> None:
+        obs = self.obs
+        if flags & FLAG_ACK:
+            obs.conn.emit_frequent(SettingsAcknowledged, ts, self.dir)
+            return
+        length = end - start
+        if length % 6:
+            obs.anomaly(ts, "bad_settings_length", f"{self.dir} SETTINGS of {length} bytes")
+        values = tuple(
+            (data[i] << 8 | data[i + 1], int.from_bytes(data[i + 2:i + 6], "big"))
+            for i in range(start, end - 5, 6)
+        )
+        peer = obs.resp if self.is_client else obs.orig
+        for key, value in values:
+            if key == SETTINGS_MAX_FRAME_SIZE and 16384 <= value <= MAX_FRAME_SIZE_LIMIT:
+                peer.max_frame = value
+        if self.is_client:
+            if obs.client_settings is None:
+                obs.client_settings = values
+                obs.client_settings_ts = ts
+        elif obs.server_settings is None:
+            obs.server_settings = values
+            obs.server_settings_ts = ts
+        if not self.settings_seen:
+            self.settings_seen = True
+            obs.conn.emit(SettingsReceived, ts, self.dir, values)
+        else:
+            obs.conn.emit_frequent(SettingsReceived, ts, self.dir, values)
+
+    def _ping(self, ts: float, flags: int, data: bytes, start: int, end: int) -> None:
+        obs = self.obs
+        if end - start != 8:
+            obs.anomaly(ts, "bad_ping_length", f"{self.dir} PING of {end - start} bytes")
+        opaque = int.from_bytes(data[start:end], "big")
+        if flags & FLAG_ACK:
+            obs.conn.emit_frequent(PingAcknowledged, ts, self.dir, opaque)
+            return
+        if self.is_client:
+            obs.pings_orig += 1
+        else:
+            obs.pings_resp += 1
+        obs.conn.emit_frequent(PingSent, ts, self.dir, opaque)
+
+    def _goaway(self, ts: float, data: bytes, start: int, end: int) -> None:
+        obs = self.obs
+        if end - start < 8:
+            obs.anomaly(ts, "bad_goaway_length", f"{self.dir} GOAWAY of {end - start} bytes")
+            return
+        last = int.from_bytes(data[start:start + 4], "big") & 0x7FFFFFFF
+        code = int.from_bytes(data[start + 4:start + 8], "big")
+        debug = printable(data[start + 8:min(end, start + 8 + GOAWAY_DEBUG_BYTES)])
+        obs.goaways += 1
+        if obs.goaway_sender is None:
+            obs.goaway_sender = self.dir
+            obs.goaway_ts = ts
+        if obs.goaway_sender == self.dir:
+            obs.goaway_last_stream_id = last
+            obs.goaway_error = code
+            obs.goaway_debug = debug or None
+        obs.conn.emit(GoawaySent, ts, self.dir, last, code, debug)
+
+    def _rst_stream(self, ts: float, sid: int, data: bytes, start: int, end: int) -> None:
+        obs = self.obs
+        if end - start != 4:
+            obs.anomaly(ts, "bad_rst_stream_length", f"{self.dir} RST_STREAM of {end - start}")
+            return
+        obs.rst_streams += 1
+        code = int.from_bytes(data[start:end], "big")
+        obs.conn.emit_frequent(StreamReset, ts, self.dir, sid, code)
+
+    # -- HTTP/1.x (h2c upgrade, CONNECT tunnels, plain HTTP/1 on the port) --------------
+
+    def _http1(self, ts: float, data: bytes) -> None:
+        buf = self.pending + data if self.pending else data
+        self.pending = b""
+        while buf:
+            if self.body_left:
+                take = min(self.body_left, len(buf))
+                self.body_left -= take
+                buf = buf[take:]
+                if self.body_left:
+                    return
+                self.mode = DETECT
+                if buf:
+                    self.data(ts, buf)
+                return
+            idx = buf.find(b"\r\n\r\n")
+            if idx < 0:
+                if len(buf) > MAX_HTTP1_HEAD:
+                    self.obs.anomaly(
+                        ts, "http1_head_too_long", f"{self.dir} head over {MAX_HTTP1_HEAD} bytes"
+                    )
+                    self.mode = IGNORE
+                else:
+                    self.pending = buf
+                return
+            head, buf = buf[:idx], buf[idx + 4:]
+            if self.is_client:
+                self._http1_request(ts, head)
+            else:
+                self._http1_response(ts, head)
+            if self.mode == IGNORE:
+                return
+            if not self.body_left:
+                self.mode = DETECT
+                if buf:
+                    self.data(ts, buf)
+                return
+
+    def _http1_headers(self, head: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
+        lines = head.split(b"\r\n")
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        return lines[0].split(b" ", 2), headers
+
+    def _body(self, ts: float, headers: dict[bytes, bytes]) -> None:
+        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            self.mode = IGNORE
+            return
+        try:
+            self.body_left = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            self.obs.anomaly(ts, "bad_content_length", f"{self.dir} HTTP/1 head")
+            self.mode = IGNORE
+
+    def _http1_request(self, ts: float, head: bytes) -> None:
+        obs = self.obs
+        start, headers = self._http1_headers(head)
+        method = printable(start[0], 16)
+        target = printable(start[1]) if len(start) > 1 else ""
+        upgrade = headers.get(b"upgrade", b"").lower()
+        h2c = b"h2c" in upgrade
+        obs.conn.emit(Http1RequestSeen, ts, self.dir, method, target, printable(upgrade, 32))
+        if obs.protocol is None:
+            obs.protocol = "http1"
+        if b"host" in headers and obs.authority is None:
+            obs.authority = printable(headers[b"host"])
+        if b"user-agent" in headers and obs.user_agent is None:
+            obs.user_agent = printable(headers[b"user-agent"])
+        if method == "CONNECT":
+            obs.connect_pending = True
+        elif h2c:
+            # RFC 7540 3.2: the upgraded request is stream 1.
+            obs.upgraded = True
+            self._count_request(ts, 1, target)
+        self._body(ts, headers)
+
+    def _http1_response(self, ts: float, head: bytes) -> None:
+        obs = self.obs
+        start, headers = self._http1_headers(head)
+        try:
+            status = int(start[1]) if len(start) > 1 else 0
+        except ValueError:
+            status = 0
+        obs.conn.emit(Http1ResponseSeen, ts, self.dir, status)
+        if status == 101 or 100 <= status < 200:
+            return  # 101: HTTP/2 frames follow (server preface first)
+        if obs.connect_pending and 200 <= status < 300:
+            obs.connect_pending = False
+            return  # a tunnel: whatever follows starts a new stream
+        if status in (204, 304):
+            return
+        self._body(ts, headers)
+
+    # -- TLS --------------------------------------------------------------------------
+
+    def _tls(self, ts: float, data: bytes) -> None:
+        buf = self.pending + data if self.pending else data
+        self.pending = b""
+        obs = self.obs
+        obs.protocol = "tls"
+        try:
+            hello = parse_hello(buf)
+        except NeedMoreData:
+            if len(buf) > MAX_TLS_HELLO:
+                obs.anomaly(ts, "tls_hello_too_long", f"{self.dir} over {MAX_TLS_HELLO} bytes")
+                self.mode = IGNORE
+            else:
+                self.pending = buf
+            return
+        except NotTls as exc:
+            obs.anomaly(ts, "bad_tls_hello", f"{self.dir}: {exc}")
+            self.mode = IGNORE
+            return
+        self.mode = IGNORE
+        alpn = ",".join(hello.alpn)
+        if hello.kind == HANDSHAKE_CLIENT_HELLO:
+            obs.tls_sni = hello.sni or None
+            if obs.tls_alpn is None:
+                obs.tls_alpn = alpn or None
+            obs.conn.emit(TlsClientHelloSeen, ts, self.dir, hello.sni, alpn)
+        else:
+            if alpn:
+                obs.tls_alpn = alpn  # the server's choice beats the client's offer
+            obs.conn.emit(TlsServerHelloSeen, ts, self.dir, alpn)
+
+
+def summary(obs: Http2Observer | None) -> dict[str, Any]:
+    """The observer's contribution to the connection record."""
+    if obs is None:
+        return {}
+    return {
+        "protocol": obs.protocol,
+        "preface_ts": obs.preface_ts,
+        "client_settings_ts": obs.client_settings_ts,
+        "server_settings_ts": obs.server_settings_ts,
+        "client_settings": obs.client_settings,
+        "server_settings": obs.server_settings,
+        "streams": obs.streams,
+        "first_method": obs.first_method,
+        "methods": obs.methods,
+        "authority": obs.authority,
+        "user_agent": obs.user_agent,
+        "pings_orig": obs.pings_orig,
+        "pings_resp": obs.pings_resp,
+        "goaways": obs.goaways,
+        "goaway_sender": obs.goaway_sender,
+        "goaway_ts": obs.goaway_ts,
+        "goaway_last_stream_id": obs.goaway_last_stream_id,
+        "goaway_error": obs.goaway_error,
+        "goaway_debug": obs.goaway_debug,
+        "rst_streams": obs.rst_streams,
+        "trailers": obs.trailers,
+        "grpc_errors": obs.grpc_errors,
+        "data_frames": obs.data_frames,
+        "window_updates": obs.window_updates,
+        "tls_sni": obs.tls_sni,
+        "tls_alpn": obs.tls_alpn,
+        "h2c_upgrade": obs.upgraded,
+    }

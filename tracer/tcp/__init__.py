@@ -1,0 +1,1 @@
+"""TCP connection tracking: endpoint states, history letters, the bounded flow table."""

@@ -1,0 +1,766 @@
+"""The TCP flow table: every connection's life (Zeek-style state and history) and its in-order
+payload per direction, handed to a payload observer.
+
+Sans-IO: segments and packet timestamps in; lifecycle events, anomalies and finished
+connections out (``events``, ``anomalies``, ``finished``, drained by the caller). Time only
+moves through the timestamps given to ``segment`` and ``tick``.
+
+Bounded: the table holds at most ``max_connections`` (the least recently active are
+evicted, with an anomaly), each direction's reorder buffer holds at most
+``reorder_segments`` segments and ``reorder_bytes`` bytes (past that the hole is declared
+a gap: ``missed_bytes`` and history ``g``), and each connection emits at most
+``max_events`` frequent events (counted beyond that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+from collections import deque
+from typing import Any, Callable, Protocol
+
+from tracer.decode import ACK, FIN, RST, SYN, SegmentTuple, key_addresses, reverse_key
+from tracer.events import (
+    ORIG,
+    RESP,
+    AnomalyFound,
+    ConnectionEvent,
+    ContentGapSkipped,
+    FinSent,
+    HandshakeCompleted,
+    PickedUpMidStream,
+    PortReused,
+    ResetSent,
+    SynAckSent,
+    SynSent,
+)
+from tracer.tcp.state import (
+    CLOSED,
+    ESTABLISHED,
+    H_ACK,
+    H_DATA,
+    H_FIN,
+    H_GAP,
+    H_INCONSISTENT,
+    H_MULTIFLAG,
+    H_RETRANSMIT,
+    H_RST,
+    H_SYN,
+    H_SYNACK,
+    H_ZERO_WINDOW,
+    INACTIVE,
+    LOG_MARKS,
+    PARTIAL,
+    RESET,
+    SYN_ACK_SENT,
+    SYN_SENT,
+    conn_state,
+)
+
+MASK = 0xFFFFFFFF
+HALF = 0x80000000
+
+# Bits of Endpoint.seen for the letters recorded once per direction.
+_SEEN_A = 1
+_SEEN_D = 2
+_SEEN_I = 4
+_SEEN_Q = 8
+
+
+class PayloadSink(Protocol):
+    """Consumer of one direction's byte stream, in order."""
+
+    def data(self, ts: float, payload: bytes) -> None: ...
+
+    def gap(self, ts: float, missed: int) -> None: ...
+
+    def lost_start(self, ts: float) -> None:
+        """The first bytes delivered are not the start of the stream (mid-stream pick-up)."""
+
+    def finish(self, ts: float) -> None: ...
+
+
+class ConnectionObserver(Protocol):
+    orig: PayloadSink
+    resp: PayloadSink
+
+    def finish(self, ts: float) -> None: ...
+
+
+ObserverFactory = Callable[["Connection"], "ConnectionObserver | None"]
+
+
+class Endpoint:
+    """One side of a connection: its TCP state, sequence tracking and counters."""
+
+    __slots__ = (
+        "dir",
+        "upper",
+        "state",
+        "isn",
+        "next",
+        "last_ack",
+        "pkts",
+        "size",
+        "seen",
+        "syn_seq",
+        "synack_seq",
+        "fin_seq",
+        "rst_seq",
+        "gaps",
+        "retransmits",
+        "zero_windows",
+        "keepalives",
+        "ooo",
+        "ooo_bytes",
+        "sink",
+    )
+
+    def __init__(self, direction: str) -> None:
+        self.dir = direction
+        self.upper = direction == ORIG
+        self.state = INACTIVE
+        self.isn: int | None = None
+        self.next: int | None = None  # next expected sequence number
+        self.last_ack: int | None = None  # last acknowledgment number this side sent
+        self.pkts = 0
+        self.size = 0  # payload bytes in sequence space, gaps included (Zeek's size)
+        self.seen = 0
+        self.syn_seq: int | None = None
+        self.synack_seq: int | None = None
+        self.fin_seq: int | None = None
+        self.rst_seq: int | None = None
+        self.gaps = 0
+        self.retransmits = 0
+        self.zero_windows = 0
+        self.keepalives = 0
+        self.ooo: list[tuple[int, bytes, int, float]] | None = None
+        self.ooo_bytes = 0
+        self.sink: PayloadSink | None = None
+
+
+class Connection:
+    """One TCP connection: addresses, timing, lifecycle, history, and its observer."""
+
+    __slots__ = (
+        "uid",
+        "orig_key",
+        "orig",
+        "resp",
+        "ts",
+        "last_ts",
+        "syn_ts",
+        "synack_ts",
+        "established_ts",
+        "close_ts",
+        "close_kind",
+        "history",
+        "mid_stream",
+        "syn_retries",
+        "missed_bytes",
+        "observer",
+        "closing",
+        "done",
+        "end_reason",
+        "n",
+        "events_left",
+        "essentials_left",
+        "events_dropped",
+        "out",
+        "last_activity",
+    )
+
+    def __init__(self, uid: str, orig_key: bytes, ts: float, out: list[Any], budget: int) -> None:
+        self.uid = uid
+        self.orig_key = orig_key
+        self.orig = Endpoint(ORIG)
+        self.resp = Endpoint(RESP)
+        self.ts = ts
+        self.last_ts = ts
+        self.syn_ts: float | None = None
+        self.synack_ts: float | None = None
+        self.established_ts: float | None = None
+        self.close_ts: float | None = None
+        self.close_kind: str | None = None  # client_fin server_fin client_rst server_rst reused
+        self.history = ""
+        self.mid_stream = False
+        self.syn_retries = 0
+        self.missed_bytes = 0
+        self.observer: ConnectionObserver | None = None
+        self.closing: float | None = None  # when both sides finished (FIN/FIN or RST)
+        self.done = False
+        self.end_reason = ""  # why the table let go of it: closed, open_at_end, evicted, ...
+        self.n = 0
+        self.events_left = budget
+        self.essentials_left = budget
+        self.events_dropped = 0
+        self.out = out
+        self.last_activity: float | None = None  # last payload other than keepalive PINGs
+
+    # -- addresses -------------------------------------------------------------------
+
+    @property
+    def ip_version(self) -> int:
+        return 4 if len(self.orig_key) == 12 else 6
+
+    def addresses(self) -> tuple[str, int, str, int]:
+        """(orig_h, orig_p, resp_h, resp_p) as text and numbers."""
+        src, dst = key_addresses(self.orig_key)
+        family = socket.AF_INET if len(src) == 4 else socket.AF_INET6
+        sport, dport = struct.unpack(">HH", self.orig_key[-4:])
+        return socket.inet_ntop(family, src), sport, socket.inet_ntop(family, dst), dport
+
+    @property
+    def conn_state(self) -> str:
+        return conn_state(
+            self.orig.state, self.resp.state, self.orig.size, self.resp.size, self.history
+        )
+
+    @property
+    def is_open(self) -> bool:
+        """No FIN or RST seen from either side (and not ended by port reuse)."""
+        return self.close_kind is None
+
+    # -- events ------------------------------------------------------------------------
+
+    def emit(self, cls: type[ConnectionEvent], ts: float, direction: str, *args: Any) -> None:
+        """Emit a lifecycle or rare control event (its own budget, so floods of frequent
+        events never hide a FIN or a GOAWAY)."""
+        if self.essentials_left <= 0:
+            self.events_dropped += 1
+            return
+        self.essentials_left -= 1
+        self.n += 1
+        self.out.append(cls(ts, self.uid, self.n, direction, *args))
+
+    def emit_frequent(
+        self, cls: type[ConnectionEvent], ts: float, direction: str, *args: Any
+    ) -> None:
+        """Emit a per-RPC or per-PING event, within the connection's event budget."""
+        if self.events_left <= 0:
+            self.events_dropped += 1
+            return
+        self.events_left -= 1
+        self.n += 1
+        self.out.append(cls(ts, self.uid, self.n, direction, *args))
+
+
+def connection_uid(orig_key: bytes, ts: float) -> str:
+    """Deterministic id: the same capture read twice gives the same uids."""
+    digest = hashlib.blake2b(orig_key + struct.pack(">d", ts), digest_size=10).digest()
+    return "C" + digest.hex()
+
+
+def _letter(conn: Connection, ep: Endpoint, letter: str) -> None:
+    conn.history += letter if ep.upper else letter.lower()
+
+
+def _log_letter(conn: Connection, ep: Endpoint, letter: str, count: int) -> None:
+    if count in LOG_MARKS:
+        _letter(conn, ep, letter)
+
+
+class FlowTable:
+    """All TCP connections on the watched ports, keyed by both directions' 4-tuples."""
+
+    def __init__(
+        self,
+        server_ports: frozenset[int],
+        observer_factory: ObserverFactory | None = None,
+        *,
+        max_connections: int = 200_000,
+        close_linger: float = 5.0,
+        attempt_timeout: float = 120.0,
+        half_closed_timeout: float = 300.0,
+        finished_memory: float = 120.0,
+        reorder_segments: int = 64,
+        reorder_bytes: int = 1 << 20,
+        max_events: int = 128,
+    ) -> None:
+        self.server_ports = server_ports
+        self.observer_factory = observer_factory
+        self.max_connections = max_connections
+        self.close_linger = close_linger
+        self.attempt_timeout = attempt_timeout
+        self.half_closed_timeout = half_closed_timeout
+        self.finished_memory = finished_memory
+        self.reorder_segments = reorder_segments
+        self.reorder_bytes = reorder_bytes
+        self.max_events = max_events
+        self._flows: dict[bytes, tuple[Connection, Endpoint, Endpoint]] = {}
+        self._closing: deque[Connection] = deque()
+        self._finished_keys: dict[bytes, float] = {}
+        self._finished_order: deque[tuple[float, bytes]] = deque()
+        self._next_sweep: float | None = None
+        # Outboxes, drained by the caller.
+        self.events: list[Any] = []
+        self.finished: list[Connection] = []
+        self.anomalies: list[AnomalyFound] = []
+        # Counters.
+        self.connections_seen = 0
+        self.late_packets = 0
+        self.truncated_segments = 0
+        self.evicted = 0
+        self.last_ts = 0.0
+
+    # -- public API ------------------------------------------------------------------
+
+    @property
+    def open_count(self) -> int:
+        return len(self._flows) // 2
+
+    def connections(self) -> list[Connection]:
+        """Connections currently in the table (each once)."""
+        return [conn for conn, ep, _peer in self._flows.values() if ep is conn.orig]
+
+    def anomaly(self, ts: float, uid: str | None, reason: str, detail: str = "") -> None:
+        self.anomalies.append(AnomalyFound(ts, uid, reason, detail))
+
+    def segment(self, ts: float, seg: SegmentTuple) -> None:
+        """Account one decoded TCP segment."""
+        key, sport, dport, seq, ack, flags, win, payload, wire = seg
+        entry = self._flows.get(key)
+        if entry is None:
+            entry = self._open(ts, seg)
+            if entry is None:
+                return
+        elif flags & SYN:
+            entry = self._syn_on_existing(ts, entry, seg)
+        conn, ep, peer = entry
+        ep.pkts += 1
+        conn.last_ts = ts
+        if flags & ACK:
+            ep.last_ack = ack
+        if ep.state < PARTIAL and not flags & SYN:
+            self._advance_handshake(ts, conn, ep, peer, flags)
+        if wire:
+            if seq == ep.next:
+                ep.next = (seq + wire) & MASK
+                ep.size += wire
+                sink = ep.sink
+                if sink is not None:
+                    if len(payload) == wire:
+                        sink.data(ts, payload)
+                    else:
+                        self._truncated(ts, conn, ep, payload, wire)
+                elif len(payload) != wire:
+                    self._truncated(ts, conn, ep, payload, wire)
+                if ep.ooo:
+                    self._drain(ts, conn, ep)
+            else:
+                self._unordered(ts, conn, ep, peer, seq, payload, wire)
+            if not ep.seen & _SEEN_D:
+                ep.seen |= _SEEN_D
+                _letter(conn, ep, H_DATA)
+        elif flags & 0x17 == ACK:
+            if seq != ep.next:
+                self._bare_unordered(ts, conn, ep, seq)
+            if not ep.seen & _SEEN_A:
+                ep.seen |= _SEEN_A
+                _letter(conn, ep, H_ACK)
+        if flags & 0x07:
+            self._control(ts, conn, ep, peer, seq, ack, flags, wire)
+        if win == 0 and not flags & 0x06:
+            ep.zero_windows += 1
+            _log_letter(conn, ep, H_ZERO_WINDOW, ep.zero_windows)
+
+    def tick(self, ts: float) -> None:
+        """Let packet time move on: finish closed connections, expire stale attempts."""
+        if ts > self.last_ts:
+            self.last_ts = ts
+        closing = self._closing
+        linger = self.close_linger
+        while closing and closing[0].closing is not None and closing[0].closing + linger <= ts:
+            conn = closing.popleft()
+            if not conn.done:
+                self._finish(ts, conn, "closed")
+        while closing and (closing[0].done or closing[0].closing is None):
+            closing.popleft()
+        order = self._finished_order
+        keys = self._finished_keys
+        memory = self.finished_memory
+        while order and (order[0][0] + memory <= ts or len(order) > self.max_connections):
+            t, key = order.popleft()
+            if keys.get(key) == t:
+                del keys[key]
+        if self._next_sweep is None:
+            self._next_sweep = ts + 60.0
+        elif ts >= self._next_sweep:
+            self._next_sweep = ts + 60.0
+            self._sweep(ts)
+
+    def close(self, ts: float | None = None) -> None:
+        """End of input: finish every connection still in the table."""
+        end = self.last_ts if ts is None else ts
+        self.tick(end)
+        for conn in self.connections():
+            if conn.done:
+                continue
+            if conn.closing is not None:
+                self._finish(end, conn, "closed")
+            else:
+                self._finish(end, conn, "open_at_end" if conn.is_open else "closing_at_end")
+
+    # -- connection creation -------------------------------------------------------------
+
+    def _open(self, ts: float, seg: SegmentTuple) -> tuple[Connection, Endpoint, Endpoint] | None:
+        key, sport, dport, seq, ack, flags, _win, _payload, _wire = seg
+        if not flags & SYN and key in self._finished_keys:
+            # A straggler of a connection already finished (retransmitted FIN, last ACK).
+            self.late_packets += 1
+            return None
+        if len(self._flows) >= 2 * self.max_connections:
+            self._evict(ts)
+        rkey = reverse_key(key)
+        if flags & SYN:
+            sender_is_orig = not flags & ACK
+        elif dport in self.server_ports:
+            sender_is_orig = True
+        elif sport in self.server_ports:
+            sender_is_orig = False
+        else:
+            sender_is_orig = True
+        okey, other = (key, rkey) if sender_is_orig else (rkey, key)
+        conn = Connection(connection_uid(okey, ts), okey, ts, self.events, self.max_events)
+        self.connections_seen += 1
+        orig, resp = conn.orig, conn.resp
+        self._flows[okey] = (conn, orig, resp)
+        self._flows[other] = (conn, resp, orig)
+        self._finished_keys.pop(okey, None)
+        self._finished_keys.pop(other, None)
+        if self.observer_factory is not None:
+            observer = self.observer_factory(conn)
+            if observer is not None:
+                conn.observer = observer
+                orig.sink = observer.orig
+                resp.sink = observer.resp
+        if not flags & SYN:
+            conn.mid_stream = True
+            conn.emit(PickedUpMidStream, ts, ORIG if sender_is_orig else RESP)
+            for ep in (orig, resp):
+                if ep.sink is not None:
+                    ep.sink.lost_start(ts)
+        elif flags & ACK:
+            # SYN-ACK first: the client's SYN was missed, but its next sequence number is known.
+            conn.mid_stream = True
+            orig.isn = (ack - 1) & MASK
+            orig.next = ack
+        return self._flows[key]
+
+    def _syn_on_existing(
+        self, ts: float, entry: tuple[Connection, Endpoint, Endpoint], seg: SegmentTuple
+    ) -> tuple[Connection, Endpoint, Endpoint]:
+        conn, ep, _peer = entry
+        seq, flags = seg[3], seg[5]
+        if flags & ACK or ep is not conn.orig:
+            return entry  # SYN-ACK, or a simultaneous open: handled by _control
+        if not conn.done and (ep.syn_seq == seq or (ep.syn_seq is None and ep.isn == seq)):
+            return entry  # retransmitted SYN (or the SYN of a connection picked up at its SYN-ACK)
+        # A new SYN with another ISN on this 4-tuple: the old connection is over.
+        if conn.close_kind is None:
+            conn.close_kind = "reused"
+            conn.emit(PortReused, ts, ORIG)
+        self._finish(ts, conn, "port_reused")
+        created = self._open(ts, seg)
+        assert created is not None
+        return created
+
+    # -- state machine ---------------------------------------------------------------------
+
+    def _advance_handshake(
+        self, ts: float, conn: Connection, ep: Endpoint, peer: Endpoint, flags: int
+    ) -> None:
+        """A non-SYN packet from a side that has not reached PARTIAL or ESTABLISHED yet."""
+        if ep.state == INACTIVE:
+            if flags & ACK and ep is conn.orig and peer.state == SYN_ACK_SENT:
+                # Capture started between SYN and SYN-ACK: this ACK completes the handshake.
+                ep.state = SYN_SENT
+            else:
+                ep.state = PARTIAL
+                return
+        if not flags & ACK:
+            return
+        ep.state = ESTABLISHED
+        if ep is conn.orig and peer.state == SYN_ACK_SENT:
+            peer.state = ESTABLISHED
+        if conn.established_ts is None and conn.orig.state == ESTABLISHED and (
+            conn.resp.state == ESTABLISHED
+        ):
+            conn.established_ts = ts
+            conn.emit(HandshakeCompleted, ts, ep.dir)
+
+    def _control(
+        self,
+        ts: float,
+        conn: Connection,
+        ep: Endpoint,
+        peer: Endpoint,
+        seq: int,
+        ack: int,
+        flags: int,
+        wire: int,
+    ) -> None:
+        if flags & SYN:
+            if flags & (FIN | RST):
+                if not ep.seen & _SEEN_Q:
+                    ep.seen |= _SEEN_Q
+                    _letter(conn, ep, H_MULTIFLAG)
+            if flags & ACK:
+                self._syn_ack(ts, conn, ep, peer, seq, ack)
+            else:
+                self._syn(ts, conn, ep, seq)
+            return
+        if flags & FIN and flags & RST and not ep.seen & _SEEN_I:
+            ep.seen |= _SEEN_I
+            _letter(conn, ep, H_INCONSISTENT)
+        if flags & FIN:
+            fin_at = (seq + wire) & MASK
+            if ep.fin_seq != fin_at:
+                first = ep.fin_seq is None
+                ep.fin_seq = fin_at
+                _letter(conn, ep, H_FIN)
+                if first:
+                    conn.emit(FinSent, ts, ep.dir)
+            if ep.next == fin_at:
+                ep.next = (fin_at + 1) & MASK
+            if ep.state != RESET:
+                ep.state = CLOSED
+            if conn.close_kind is None:
+                conn.close_kind = "client_fin" if ep is conn.orig else "server_fin"
+                conn.close_ts = ts
+            if peer.state in (CLOSED, RESET) and conn.closing is None:
+                self._begin_closing(ts, conn)
+        if flags & RST:
+            if ep.rst_seq != seq:
+                first = ep.rst_seq is None
+                ep.rst_seq = seq
+                _letter(conn, ep, H_RST)
+                if first:
+                    conn.emit(ResetSent, ts, ep.dir)
+            ep.state = RESET
+            if conn.close_kind is None:
+                conn.close_kind = "client_rst" if ep is conn.orig else "server_rst"
+                conn.close_ts = ts
+            if conn.closing is None:
+                self._begin_closing(ts, conn)
+
+    def _syn(self, ts: float, conn: Connection, ep: Endpoint, seq: int) -> None:
+        if ep.syn_seq == seq:
+            conn.syn_retries += 1
+            return
+        fresh = ep.syn_seq is None
+        ep.syn_seq = seq
+        _letter(conn, ep, H_SYN)
+        ep.isn = seq
+        ep.next = (seq + 1) & MASK
+        if ep.state in (INACTIVE, PARTIAL):
+            ep.state = SYN_SENT
+        if ep is conn.orig and conn.syn_ts is None:
+            conn.syn_ts = ts
+        if fresh:
+            conn.emit(SynSent, ts, ep.dir)
+
+    def _syn_ack(
+        self, ts: float, conn: Connection, ep: Endpoint, peer: Endpoint, seq: int, ack: int
+    ) -> None:
+        if ep.synack_seq == seq:
+            return  # retransmitted SYN-ACK
+        fresh = ep.synack_seq is None
+        ep.synack_seq = seq
+        _letter(conn, ep, H_SYNACK)
+        ep.isn = seq
+        ep.next = (seq + 1) & MASK
+        if ep.state in (INACTIVE, PARTIAL, SYN_SENT):
+            ep.state = SYN_ACK_SENT
+        if ep is conn.resp and conn.synack_ts is None:
+            conn.synack_ts = ts
+        if peer.isn is not None and ack != (peer.isn + 1) & MASK:
+            self.anomaly(
+                ts, conn.uid, "syn_ack_mismatch",
+                f"SYN-ACK acknowledges {ack}, the SYN was {peer.isn}",
+            )
+        if fresh:
+            conn.emit(SynAckSent, ts, ep.dir)
+
+    def _begin_closing(self, ts: float, conn: Connection) -> None:
+        conn.closing = ts
+        self._closing.append(conn)
+
+    # -- payload ---------------------------------------------------------------------------
+
+    def _deliver(
+        self, ts: float, conn: Connection, ep: Endpoint, payload: bytes, wire: int
+    ) -> None:
+        assert ep.next is not None
+        ep.next = (ep.next + wire) & MASK
+        ep.size += wire
+        if len(payload) == wire:
+            if ep.sink is not None:
+                ep.sink.data(ts, payload)
+        else:
+            self._truncated(ts, conn, ep, payload, wire)
+        if ep.ooo:
+            self._drain(ts, conn, ep)
+
+    def _truncated(
+        self, ts: float, conn: Connection, ep: Endpoint, payload: bytes, wire: int
+    ) -> None:
+        """The capture's snap length cut this segment: the rest is missing content."""
+        self.truncated_segments += 1
+        if payload and ep.sink is not None:
+            ep.sink.data(ts, payload)
+        self._count_gap(ts, conn, ep, wire - len(payload))
+
+    def _count_gap(self, ts: float, conn: Connection, ep: Endpoint, missed: int) -> None:
+        conn.missed_bytes += missed
+        ep.gaps += 1
+        _log_letter(conn, ep, H_GAP, ep.gaps)
+        if ep.gaps == 1:
+            conn.emit_frequent(ContentGapSkipped, ts, ep.dir, missed)
+        if ep.sink is not None:
+            ep.sink.gap(ts, missed)
+
+    def _unordered(
+        self,
+        ts: float,
+        conn: Connection,
+        ep: Endpoint,
+        peer: Endpoint,
+        seq: int,
+        payload: bytes,
+        wire: int,
+    ) -> None:
+        nxt = ep.next
+        if nxt is None:
+            # First bytes of a direction picked up mid-stream.
+            ep.next = seq
+            self._deliver(ts, conn, ep, payload, wire)
+            return
+        rel = (seq - nxt) & MASK
+        if rel >= HALF:
+            behind = (nxt - seq) & MASK
+            if behind >= wire:
+                if wire <= 1 and behind == 1:
+                    ep.keepalives += 1
+                else:
+                    ep.retransmits += 1
+                    _log_letter(conn, ep, H_RETRANSMIT, ep.retransmits)
+                return
+            # Overlaps what we have: keep only the new tail.
+            ep.retransmits += 1
+            _log_letter(conn, ep, H_RETRANSMIT, ep.retransmits)
+            self._deliver(ts, conn, ep, payload[behind:], wire - behind)
+            return
+        ack = peer.last_ack
+        if ack is not None and 0 < ((ack - nxt) & MASK) < HALF:
+            # The peer acknowledged bytes the capture never had: they are lost to us.
+            self._count_gap(ts, conn, ep, rel)
+            ep.next = seq
+            self._deliver(ts, conn, ep, payload, wire)
+            return
+        if ep.ooo is None:
+            ep.ooo = []
+        ep.ooo.append((seq, payload, wire, ts))
+        ep.ooo_bytes += len(payload)
+        if len(ep.ooo) > self.reorder_segments or ep.ooo_bytes > self.reorder_bytes:
+            self._skip_hole(ts, conn, ep)
+
+    def _bare_unordered(self, ts: float, conn: Connection, ep: Endpoint, seq: int) -> None:
+        """A segment without payload whose sequence number is not the expected one."""
+        nxt = ep.next
+        if nxt is None:
+            ep.next = seq
+        elif (nxt - seq) & MASK == 1:
+            ep.keepalives += 1
+
+    def _drain(self, ts: float, conn: Connection, ep: Endpoint) -> None:
+        """Deliver buffered segments that the stream has now reached."""
+        while ep.ooo:
+            nxt = ep.next
+            assert nxt is not None
+            for i, (seq, payload, wire, _t) in enumerate(ep.ooo):
+                rel = (seq - nxt) & MASK
+                if rel == 0 or rel >= HALF:
+                    break
+            else:
+                return
+            del ep.ooo[i]
+            ep.ooo_bytes -= len(payload)
+            if rel == 0:
+                self._deliver(ts, conn, ep, payload, wire)
+                continue
+            behind = (nxt - seq) & MASK
+            if behind < wire:
+                self._deliver(ts, conn, ep, payload[behind:], wire - behind)
+
+    def _skip_hole(self, ts: float, conn: Connection, ep: Endpoint) -> None:
+        """Give up waiting for the missing bytes before the earliest buffered segment."""
+        if not ep.ooo or ep.next is None:
+            return
+        nxt = ep.next
+        earliest = min(ep.ooo, key=lambda item: (item[0] - nxt) & MASK)
+        hole = (earliest[0] - nxt) & MASK
+        if 0 < hole < HALF:
+            self._count_gap(ts, conn, ep, hole)
+            ep.next = earliest[0]
+            ep.size += hole
+        self._drain(ts, conn, ep)
+
+    # -- ending ------------------------------------------------------------------------------
+
+    def _finish(self, ts: float, conn: Connection, reason: str) -> None:
+        if conn.done:
+            return
+        for ep in (conn.orig, conn.resp):
+            while ep.ooo:
+                before = len(ep.ooo)
+                self._skip_hole(ts, conn, ep)
+                if len(ep.ooo) >= before:
+                    # Nothing deliverable (all behind): drop what is left.
+                    ep.ooo = None
+                    ep.ooo_bytes = 0
+        conn.done = True
+        conn.end_reason = reason
+        if conn.observer is not None:
+            conn.observer.finish(ts)
+        okey = conn.orig_key
+        rkey = reverse_key(okey)
+        for key in (okey, rkey):
+            entry = self._flows.get(key)
+            if entry is not None and entry[0] is conn:
+                del self._flows[key]
+                self._finished_keys[key] = ts
+                self._finished_order.append((ts, key))
+        # Free the per-direction parsers now: the record is built from the summary.
+        conn.orig.sink = None
+        conn.resp.sink = None
+        self.finished.append(conn)
+
+    def _sweep(self, ts: float) -> None:
+        """Expire connection attempts that never got going and half-closed leftovers.
+
+        Established connections are never expired by idleness: an idle connection that
+        stays open is exactly what this tool hunts. Only the table cap removes them."""
+        for conn in self.connections():
+            if conn.done or conn.closing is not None:
+                continue
+            idle = ts - conn.last_ts
+            if conn.established_ts is None and not conn.mid_stream:
+                if idle >= self.attempt_timeout:
+                    self._finish(ts, conn, "attempt_expired")
+            elif conn.close_kind is not None and idle >= self.half_closed_timeout:
+                self._finish(ts, conn, "half_closed_expired")
+
+    def _evict(self, ts: float) -> None:
+        """The table is full: let go of the least recently active 1%."""
+        conns = sorted(self.connections(), key=lambda c: c.last_ts)
+        victims = conns[: max(1, len(conns) // 100)]
+        for conn in victims:
+            self._finish(ts, conn, "evicted")
+        self.evicted += len(victims)
+        self.anomaly(
+            ts, None, "table_full",
+            f"{self.max_connections} connections tracked; evicted the {len(victims)} "
+            "least recently active (their rows say end_reason=evicted)",
+        )
