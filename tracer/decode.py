@@ -232,6 +232,29 @@ def make_decoder(linktype: int, ports: frozenset[int]) -> Decoder | None:
         return SKIP_NOT_IP
 
     def ethernet(frame: bytes) -> DecodeResult:
+        # Fast path for the common frame: IPv4 without options or fragmentation, a TCP
+        # header in full, consistent lengths. Anything else takes the general path below,
+        # which makes the same decisions with more checks.
+        if (
+            len(frame) >= 54
+            and frame[12] == 8
+            and frame[13] == 0
+            and frame[14] == 0x45
+            and frame[23] == 6
+            and not frame[20] & 0x3F
+            and not frame[21]
+        ):
+            sport, dport, seq, ack, offx, flags, win = unpack_tcp(frame, 34)
+            if sport not in ports and dport not in ports:
+                return SKIP_OTHER_PORT
+            end = 14 + (frame[16] << 8 | frame[17])
+            p = 34 + ((offx >> 4) << 2)
+            if offx >= 0x50 and end >= p:
+                if offx & 1:
+                    flags |= NS
+                if p == end:
+                    return (frame[26:38], sport, dport, seq, ack, flags, win, b"", 0)
+                return (frame[26:38], sport, dport, seq, ack, flags, win, frame[p:end], end - p)
         if len(frame) < 14:
             raise Malformed("truncated_link_header", f"{len(frame)}-byte Ethernet frame")
         etype = frame[12] << 8 | frame[13]

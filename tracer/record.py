@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tracer.events import settings_text
-from tracer.http2.observer import Http2Observer, summary
+from tracer.http2.observer import Http2Observer
 from tracer.tcp.flow import Connection
 
 # Column order of the connections table (store/schema.py creates it from this list).
@@ -69,6 +69,20 @@ RECORD_FIELDS = (
 )
 
 
+_settings_text_cache: dict[tuple[tuple[int, int], ...], str] = {}
+
+
+def _settings(values: tuple[tuple[int, int], ...] | None) -> str | None:
+    if values is None:
+        return None
+    text = _settings_text_cache.get(values)
+    if text is None:
+        if len(_settings_text_cache) > 4096:
+            _settings_text_cache.clear()
+        text = _settings_text_cache[values] = settings_text(values)
+    return text
+
+
 def build_record(conn: Connection) -> dict[str, Any]:
     """Everything the store keeps about one connection; ``methods`` maps method to count."""
     orig_h, orig_p, resp_h, resp_p = conn.addresses()
@@ -105,18 +119,46 @@ def build_record(conn: Connection) -> dict[str, Any]:
         "last_activity_ts": conn.last_activity,
         "events_dropped": conn.events_dropped,
     }
-    observer = conn.observer
-    h2 = summary(observer if isinstance(observer, Http2Observer) else None)
-    for key in RECORD_FIELDS:
-        if key not in rec:
-            rec[key] = h2.get(key)
-    for key in ("client_settings", "server_settings"):
-        if rec[key] is not None:
-            rec[key] = settings_text(rec[key])
-    rec["h2c_upgrade"] = int(bool(rec["h2c_upgrade"]))
-    for key in ("streams", "pings_orig", "pings_resp", "goaways", "rst_streams", "trailers",
-                "grpc_errors", "data_frames", "window_updates"):
-        if rec[key] is None:
-            rec[key] = 0
-    rec["methods"] = dict(h2.get("methods") or {})
+    h2 = conn.observer
+    if isinstance(h2, Http2Observer):
+        rec.update(
+            protocol=h2.protocol,
+            preface_ts=h2.preface_ts,
+            client_settings_ts=h2.client_settings_ts,
+            server_settings_ts=h2.server_settings_ts,
+            client_settings=_settings(h2.client_settings),
+            server_settings=_settings(h2.server_settings),
+            streams=h2.streams,
+            first_method=h2.first_method,
+            authority=h2.authority,
+            user_agent=h2.user_agent,
+            pings_orig=h2.pings_orig,
+            pings_resp=h2.pings_resp,
+            goaways=h2.goaways,
+            goaway_sender=h2.goaway_sender,
+            goaway_ts=h2.goaway_ts,
+            goaway_last_stream_id=h2.goaway_last_stream_id,
+            goaway_error=h2.goaway_error,
+            goaway_debug=h2.goaway_debug,
+            rst_streams=h2.rst_streams,
+            trailers=h2.trailers,
+            grpc_errors=h2.grpc_errors,
+            data_frames=h2.data_frames,
+            window_updates=h2.window_updates,
+            tls_sni=h2.tls_sni,
+            tls_alpn=h2.tls_alpn,
+            h2c_upgrade=int(h2.upgraded),
+            methods=dict(h2.methods) if h2.methods else {},
+        )
+    else:
+        rec.update(_NO_HTTP2)
+        rec["methods"] = {}
     return rec
+
+
+_NO_HTTP2: dict[str, Any] = {
+    key: 0 if key in ("streams", "pings_orig", "pings_resp", "goaways", "rst_streams",
+                      "trailers", "grpc_errors", "data_frames", "window_updates",
+                      "h2c_upgrade") else None
+    for key in RECORD_FIELDS[RECORD_FIELDS.index("protocol"):]
+}

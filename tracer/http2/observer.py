@@ -53,10 +53,12 @@ from tracer.http2.frames import (
     MAX_FRAME_SIZE_LIMIT,
     PING,
     PREFACE,
+    PRIORITY,
     PUSH_PROMISE,
     RST_STREAM,
     SETTINGS,
     SETTINGS_MAX_FRAME_SIZE,
+    WINDOW_UPDATE,
     plausible_chain,
 )
 from tracer.http2.hpack_memo import Fields, HpackDirection, HpackError, HpackMemo
@@ -92,6 +94,10 @@ TLS = 4  # collecting a TLS hello
 IGNORE = 5  # nothing more to learn from this direction
 
 _HTTP1_REQUEST = re.compile(rb"[A-Z]{3,10} ")
+# Frame types counted and skipped without reading their payload: PRIORITY, WINDOW_UPDATE
+# and every extension type.
+_COUNTED_ONLY = frozenset([PRIORITY, WINDOW_UPDATE, *range(CONTINUATION + 1, 256)])
+_HEADER_BLOCK_TYPES = frozenset([HEADERS, CONTINUATION, PUSH_PROMISE])
 
 
 def printable(raw: bytes, limit: int = MAX_TEXT) -> str:
@@ -220,6 +226,7 @@ class Direction:
         "is_client",
         "dir",
         "mode",
+        "data",
         "pending",
         "skip",
         "skip_type",
@@ -241,7 +248,7 @@ class Direction:
         self.obs = obs
         self.is_client = is_client
         self.dir = ORIG if is_client else RESP
-        self.mode = DETECT
+        self._set_mode(DETECT)
         self.pending = b""
         self.skip = 0
         self.skip_type = DATA
@@ -260,24 +267,29 @@ class Direction:
         self.size_warned = False
 
     # -- PayloadSink ------------------------------------------------------------------
+    # ``data`` (the PayloadSink entry point) is an attribute bound to the handler of the
+    # current mode, so the flow table's call lands in the right parser directly.
 
-    def data(self, ts: float, data: bytes) -> None:
-        mode = self.mode
+    def _set_mode(self, mode: int) -> None:
+        self.mode = mode
         if mode == FRAMES:
-            self._frames(ts, data)
-        elif mode == IGNORE:
-            return
+            self.data = self._frames
         elif mode == DETECT:
-            self._detect(ts, data)
+            self.data = self._detect
         elif mode == RESYNC:
-            self._resync(ts, data)
+            self.data = self._resync
         elif mode == HTTP1:
-            self._http1(ts, data)
+            self.data = self._http1
         elif mode == TLS:
-            self._tls(ts, data)
+            self.data = self._tls
+        else:
+            self.data = self._ignore
+
+    def _ignore(self, ts: float, data: bytes) -> None:
+        return
 
     def lost_start(self, ts: float) -> None:
-        self.mode = RESYNC
+        self._set_mode(RESYNC)
         self.unknown_label = UNKNOWN_PRE_EXISTING
 
     def gap(self, ts: float, missed: int) -> None:
@@ -305,7 +317,7 @@ class Direction:
             if self.body_left >= missed and not self.pending:
                 self.body_left -= missed
             else:
-                self.mode = IGNORE
+                self._set_mode(IGNORE)
         elif mode in (DETECT, TLS):
             self.pending = b""
             self._lose_sync(ts)
@@ -329,7 +341,7 @@ class Direction:
         self._lose_table(label)
 
     def _lose_sync(self, ts: float) -> None:
-        self.mode = RESYNC
+        self._set_mode(RESYNC)
         self.pending = b""
         self.skip = 0
         self._drop_block(ts, UNKNOWN_GAP)
@@ -366,7 +378,7 @@ class Direction:
         if self.is_client:
             if buf.startswith(PREFACE):
                 self._preface(ts)
-                self.mode = FRAMES
+                self._set_mode(FRAMES)
                 if len(buf) > len(PREFACE):
                     self._frames(ts, buf[len(PREFACE):])
                 return
@@ -374,12 +386,12 @@ class Direction:
                 self.pending = buf  # a preface or an HTTP method still arriving
                 return
             if _HTTP1_REQUEST.match(buf):
-                self.mode = HTTP1
+                self._set_mode(HTTP1)
                 self._http1(ts, buf)
                 return
         else:
             if buf.startswith(b"HTTP/"):
-                self.mode = HTTP1
+                self._set_mode(HTTP1)
                 self._http1(ts, buf)
                 return
             if len(buf) < 9 and not looks_like_tls(buf):
@@ -388,17 +400,17 @@ class Direction:
             if not looks_like_tls(buf):
                 lt, _flags, sid = FRAME_HEADER.unpack_from(buf, 0)
                 if (lt & 0xFF == SETTINGS and not sid) or plausible_chain(buf, self.max_frame):
-                    self.mode = FRAMES
+                    self._set_mode(FRAMES)
                     self.obs.saw_frames()
                     self._frames(ts, buf)
                     return
         if looks_like_tls(buf):
-            self.mode = TLS
+            self._set_mode(TLS)
             self._tls(ts, buf)
             return
         if self.obs.protocol is None:
             self.obs.protocol = "unknown"
-        self.mode = IGNORE
+        self._set_mode(IGNORE)
 
     def _preface(self, ts: float) -> None:
         obs = self.obs
@@ -414,12 +426,12 @@ class Direction:
     def _resync(self, ts: float, data: bytes) -> None:
         if self.is_client and data.startswith(PREFACE):
             self._preface(ts)
-            self.mode = FRAMES
+            self._set_mode(FRAMES)
             if len(data) > len(PREFACE):
                 self._frames(ts, data[len(PREFACE):])
             return
         if plausible_chain(data, self.max_frame):
-            self.mode = FRAMES
+            self._set_mode(FRAMES)
             self.obs.saw_frames()
             self.obs.conn.emit_frequent(FramingRegained, ts, self.dir)
             self._frames(ts, data)
@@ -445,24 +457,26 @@ class Direction:
         unpack = FRAME_HEADER.unpack_from
         active = False
         obs = self.obs
+        max_frame = self.max_frame
+        decode_headers = self.decode_headers
         while n - pos >= 9:
             lt, flags, sid = unpack(data, pos)
             length = lt >> 8
             ftype = lt & 0xFF
             end = pos + 9 + length
-            if length > self.max_frame and not self.size_warned:
-                self._oversized(ts, ftype, length)
-            if self.hblock is not None and ftype != CONTINUATION:
-                self._continuation_broken(ts, ftype)
+            if length > max_frame or self.hblock is not None:
+                if length > max_frame and not self.size_warned:
+                    self._oversized(ts, ftype, length)
+                if self.hblock is not None and ftype != CONTINUATION:
+                    self._continuation_broken(ts, ftype)
             if ftype == DATA:
                 obs.data_frames += 1
                 active = True
-            elif ftype > CONTINUATION or ftype == 0x2 or ftype == 0x8:
-                # PRIORITY, WINDOW_UPDATE and extension frames: counted, not read.
-                if ftype == 0x8:
+            elif ftype in _COUNTED_ONLY:
+                if ftype == WINDOW_UPDATE:
                     obs.window_updates += 1
                 active = True
-            elif ftype in (HEADERS, CONTINUATION, PUSH_PROMISE) and not self.decode_headers:
+            elif ftype in _HEADER_BLOCK_TYPES and not decode_headers:
                 active = True
                 if ftype == HEADERS:
                     self._headers_not_decoded(ts, flags, sid & 0x7FFFFFFF)
@@ -470,16 +484,31 @@ class Direction:
                 self._too_big(ts, ftype, flags, sid & 0x7FFFFFFF, length)
                 active = True
             elif end > n:
-                self.pending = data[pos:]
-                pos = n
-                break
+                break  # a frame we read, still arriving: kept in pending below
             else:
-                if ftype != PING:
+                if ftype == HEADERS:
+                    self._headers(ts, ftype, flags, sid & 0x7FFFFFFF, data, pos + 9, end)
                     active = True
-                self._frame(ts, ftype, flags, sid & 0x7FFFFFFF, data, pos + 9, end)
+                elif ftype == PING:
+                    self._ping(ts, flags, data, pos + 9, end)
+                elif ftype == SETTINGS:
+                    self._settings(ts, flags, data, pos + 9, end)
+                    active = True
+                elif ftype == CONTINUATION:
+                    self._continuation(ts, flags, sid & 0x7FFFFFFF, data[pos + 9:end])
+                    active = True
+                elif ftype == GOAWAY:
+                    self._goaway(ts, data, pos + 9, end)
+                    active = True
+                elif ftype == RST_STREAM:
+                    self._rst_stream(ts, sid & 0x7FFFFFFF, data, pos + 9, end)
+                    active = True
+                else:  # PUSH_PROMISE
+                    self._headers(ts, ftype, flags, sid & 0x7FFFFFFF, data, pos + 9, end)
+                    active = True
                 pos = end
                 continue
-            # A frame that is skipped, not read.
+            # A frame that is counted and skipped, not read.
             if end > n:
                 self.skip = end - n
                 self.skip_type = ftype
@@ -490,22 +519,6 @@ class Direction:
             self.pending = data[pos:]
         if active:
             obs.conn.last_activity = ts
-
-    def _frame(
-        self, ts: float, ftype: int, flags: int, sid: int, data: bytes, start: int, end: int
-    ) -> None:
-        if ftype == HEADERS or ftype == PUSH_PROMISE:
-            self._headers(ts, ftype, flags, sid, data, start, end)
-        elif ftype == CONTINUATION:
-            self._continuation(ts, flags, sid, data[start:end])
-        elif ftype == PING:
-            self._ping(ts, flags, data, start, end)
-        elif ftype == SETTINGS:
-            self._settings(ts, flags, data, start, end)
-        elif ftype == GOAWAY:
-            self._goaway(ts, data, start, end)
-        elif ftype == RST_STREAM:
-            self._rst_stream(ts, sid, data, start, end)
 
     def _oversized(self, ts: float, ftype: int, length: int) -> None:
         self.size_warned = True
@@ -717,7 +730,7 @@ class Direction:
                 buf = buf[take:]
                 if self.body_left:
                     return
-                self.mode = DETECT
+                self._set_mode(DETECT)
                 if buf:
                     self.data(ts, buf)
                 return
@@ -727,7 +740,7 @@ class Direction:
                     self.obs.anomaly(
                         ts, "http1_head_too_long", f"{self.dir} head over {MAX_HTTP1_HEAD} bytes"
                     )
-                    self.mode = IGNORE
+                    self._set_mode(IGNORE)
                 else:
                     self.pending = buf
                 return
@@ -739,7 +752,7 @@ class Direction:
             if self.mode == IGNORE:
                 return
             if not self.body_left:
-                self.mode = DETECT
+                self._set_mode(DETECT)
                 if buf:
                     self.data(ts, buf)
                 return
@@ -754,13 +767,13 @@ class Direction:
 
     def _body(self, ts: float, headers: dict[bytes, bytes]) -> None:
         if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-            self.mode = IGNORE
+            self._set_mode(IGNORE)
             return
         try:
             self.body_left = int(headers.get(b"content-length", b"0"))
         except ValueError:
             self.obs.anomaly(ts, "bad_content_length", f"{self.dir} HTTP/1 head")
-            self.mode = IGNORE
+            self._set_mode(IGNORE)
 
     def _http1_request(self, ts: float, head: bytes) -> None:
         obs = self.obs
@@ -813,15 +826,15 @@ class Direction:
         except NeedMoreData:
             if len(buf) > MAX_TLS_HELLO:
                 obs.anomaly(ts, "tls_hello_too_long", f"{self.dir} over {MAX_TLS_HELLO} bytes")
-                self.mode = IGNORE
+                self._set_mode(IGNORE)
             else:
                 self.pending = buf
             return
         except NotTls as exc:
             obs.anomaly(ts, "bad_tls_hello", f"{self.dir}: {exc}")
-            self.mode = IGNORE
+            self._set_mode(IGNORE)
             return
-        self.mode = IGNORE
+        self._set_mode(IGNORE)
         alpn = ",".join(hello.alpn)
         if hello.kind == HANDSHAKE_CLIENT_HELLO:
             obs.tls_sni = hello.sni or None
@@ -832,38 +845,3 @@ class Direction:
             if alpn:
                 obs.tls_alpn = alpn  # the server's choice beats the client's offer
             obs.conn.emit(TlsServerHelloSeen, ts, self.dir, alpn)
-
-
-def summary(obs: Http2Observer | None) -> dict[str, Any]:
-    """The observer's contribution to the connection record."""
-    if obs is None:
-        return {}
-    return {
-        "protocol": obs.protocol,
-        "preface_ts": obs.preface_ts,
-        "client_settings_ts": obs.client_settings_ts,
-        "server_settings_ts": obs.server_settings_ts,
-        "client_settings": obs.client_settings,
-        "server_settings": obs.server_settings,
-        "streams": obs.streams,
-        "first_method": obs.first_method,
-        "methods": obs.methods,
-        "authority": obs.authority,
-        "user_agent": obs.user_agent,
-        "pings_orig": obs.pings_orig,
-        "pings_resp": obs.pings_resp,
-        "goaways": obs.goaways,
-        "goaway_sender": obs.goaway_sender,
-        "goaway_ts": obs.goaway_ts,
-        "goaway_last_stream_id": obs.goaway_last_stream_id,
-        "goaway_error": obs.goaway_error,
-        "goaway_debug": obs.goaway_debug,
-        "rst_streams": obs.rst_streams,
-        "trailers": obs.trailers,
-        "grpc_errors": obs.grpc_errors,
-        "data_frames": obs.data_frames,
-        "window_updates": obs.window_updates,
-        "tls_sni": obs.tls_sni,
-        "tls_alpn": obs.tls_alpn,
-        "h2c_upgrade": obs.upgraded,
-    }

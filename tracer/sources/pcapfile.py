@@ -211,38 +211,45 @@ class CaptureReader:
         self.info.interfaces.append(Interface(linktype, snaplen, divisor))
         self._pos = 24
         unpack = struct.Struct(endian + "IIII").unpack_from
-        info = self.info
-        while True:
-            buf = self._buf
-            pos = self._pos
-            if len(buf) - pos < 16:
-                if not self._fill(16):
-                    if len(self._buf) - self._pos:
-                        raise CaptureFileError(
-                            self.name, "truncated record header (file cut short)", self._offset()
-                        )
-                    return
+        count = 0
+        try:
+            while True:
+                # Hand out every complete record in the buffer, then refill.
                 buf = self._buf
                 pos = self._pos
-            sec, frac, incl, _orig = unpack(buf, pos)
-            if incl > MAX_RECORD:
-                raise CaptureFileError(
-                    self.name, f"corrupt record header (captured length {incl})", self._offset()
-                )
-            end = pos + 16 + incl
-            if end > len(buf):
+                size = len(buf)
+                while pos + 16 <= size:
+                    sec, frac, incl, _orig = unpack(buf, pos)
+                    end = pos + 16 + incl
+                    if end > size or incl > MAX_RECORD:
+                        break
+                    count += 1
+                    yield sec + frac / divisor, linktype, buf[pos + 16:end]
+                    pos = end
+                self._pos = pos
+                if size - pos < 16:
+                    if not self._fill(16):
+                        if len(self._buf) - self._pos:
+                            raise CaptureFileError(
+                                self.name, "truncated record header (file cut short)",
+                                self._offset(),
+                            )
+                        return
+                    continue
+                incl = unpack(buf, pos)[2]
+                if incl > MAX_RECORD:
+                    raise CaptureFileError(
+                        self.name, f"corrupt record header (captured length {incl})",
+                        self._offset(),
+                    )
                 if not self._fill(16 + incl):
                     raise CaptureFileError(
                         self.name,
                         f"truncated record ({incl} bytes announced, file cut short)",
                         self._offset(),
                     )
-                buf = self._buf
-                pos = self._pos
-                end = pos + 16 + incl
-            self._pos = end
-            info.packets += 1
-            yield sec + frac / divisor, linktype, buf[pos + 16:end]
+        finally:
+            self.info.packets += count
 
     # -- pcapng --------------------------------------------------------------------------
 
@@ -251,7 +258,32 @@ class CaptureReader:
         interfaces: list[Interface] = []
         info = self.info
         u32 = struct.Struct("<I").unpack_from
+        epb = struct.Struct("<IIIIII").unpack_from
         while True:
+            # Fast path: runs of well-formed enhanced packet blocks already in the buffer.
+            # Anything unusual (another block type, a short buffer, a bad length) falls
+            # through to the general per-block code below, which explains the problem.
+            buf = self._buf
+            pos = self._pos
+            size = len(buf)
+            while pos + 28 <= size:
+                btype, blen, iface_id, hi, lo, caplen = epb(buf, pos)
+                if (
+                    btype != BT_EPB
+                    or blen > size - pos
+                    or blen % 4
+                    or 28 + caplen > blen - 4
+                    or iface_id >= len(interfaces)
+                    or u32(buf, pos + blen - 4)[0] != blen
+                ):
+                    break
+                iface = interfaces[iface_id]
+                units = hi << 32 | lo
+                ts = units * iface.scale if iface.scale else units / iface.divisor
+                info.packets += 1
+                yield ts + iface.offset, iface.linktype, buf[pos + 28:pos + 28 + caplen]
+                pos += blen
+            self._pos = pos
             if not self._fill(12):
                 if len(self._buf) - self._pos:
                     raise CaptureFileError(
@@ -272,6 +304,7 @@ class CaptureReader:
                         self.name, "corrupt section header (bad byte-order magic)", self._offset()
                     )
                 u32 = struct.Struct(endian + "I").unpack_from
+                epb = struct.Struct(endian + "IIIIII").unpack_from
                 interfaces = []
             btype = u32(buf, pos)[0]
             blen = u32(buf, pos + 4)[0]
