@@ -8,15 +8,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PEERS := tests/peers
+# The stamp depends on the sources mypyc compiles, so an edit triggers a rebuild.
+SOURCES := pyproject.toml setup.py $(shell find tracer -name '*.py')
 NODE_STAMP := $(PEERS)/node_modules/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo test bench lint system-deps node-deps clean
+.PHONY: venv pure demo test bench lint system-deps node-deps clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/tracer --version
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -59,5 +62,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check tracer store cli tests benchmarks
 	$(VENV)/bin/mypy
 
-clean:
-	rm -rf $(VENV) $(PEERS)/node_modules .pytest_cache .mypy_cache
+# Drop the compiled modules: the sources run interpreted (for quick edit-and-test loops).
+pure:
+	find tracer -name '*.so' -delete
+	rm -f *__mypyc*.so $(STAMP)
+
+clean: pure
+	rm -rf $(VENV) $(PEERS)/node_modules .pytest_cache .mypy_cache build

@@ -6,7 +6,8 @@ import csv
 import datetime
 import io
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 FORMATS = ("table", "json", "csv", "markdown")
 

@@ -187,7 +187,7 @@ def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     values = sorted(values)
-    idx = min(len(values) - 1, max(0, int(round(q * (len(values) - 1)))))
+    idx = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
     return values[idx]
 
 

@@ -16,6 +16,7 @@ migrations = Migrations("tracer")
 _REAL = {
     "ts", "syn_ts", "synack_ts", "established_ts", "close_ts", "end_ts", "duration",
     "last_activity_ts", "preface_ts", "client_settings_ts", "server_settings_ts", "goaway_ts",
+    "client_settings_ack_ts", "server_settings_ack_ts",
 }
 _TEXT = {
     "uid", "orig_h", "resp_h", "conn_state", "history", "close_kind", "end_reason", "protocol",
@@ -101,21 +102,51 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         ) WITHOUT ROWID
         """
     )
+    # Append-only: the timeline of each connection's control frames and lifecycle. The
+    # once-per-connection moments (SYN, SYN-ACK, handshake, preface, each side's first
+    # SETTINGS and its ACK) live in the connection row's *_ts columns instead; the
+    # timeline view puts both together.
     db.execute(
         """
         CREATE TABLE events (
-            uid TEXT NOT NULL,
-            n INTEGER NOT NULL,
+            id INTEGER PRIMARY KEY,
             capture_id INTEGER NOT NULL,
+            uid TEXT NOT NULL,
+            n INTEGER NOT NULL,            -- ordinal of the event within its connection
             ts REAL NOT NULL,
             name TEXT NOT NULL,
-            dir TEXT,
+            dir TEXT,                      -- orig (client side) | resp (server side)
             stream_id INTEGER,
             code INTEGER,
             value INTEGER,
-            detail TEXT,
-            PRIMARY KEY (uid, n)
-        ) WITHOUT ROWID
+            detail TEXT
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE VIEW timeline AS
+            SELECT uid, ts, name, dir, stream_id, code, value, detail FROM events
+            UNION ALL SELECT uid, syn_ts, 'syn', 'orig', NULL, NULL, NULL, NULL
+                FROM connections WHERE syn_ts IS NOT NULL
+            UNION ALL SELECT uid, synack_ts, 'syn_ack', 'resp', NULL, NULL, NULL, NULL
+                FROM connections WHERE synack_ts IS NOT NULL
+            UNION ALL SELECT uid, established_ts, 'established', 'orig', NULL, NULL, NULL, NULL
+                FROM connections WHERE established_ts IS NOT NULL
+            UNION ALL SELECT uid, preface_ts, 'preface', 'orig', NULL, NULL, NULL, NULL
+                FROM connections WHERE preface_ts IS NOT NULL
+            UNION ALL SELECT uid, client_settings_ts, 'settings', 'orig', 0, NULL, NULL,
+                    client_settings
+                FROM connections WHERE client_settings_ts IS NOT NULL
+            UNION ALL SELECT uid, server_settings_ts, 'settings', 'resp', 0, NULL, NULL,
+                    server_settings
+                FROM connections WHERE server_settings_ts IS NOT NULL
+            UNION ALL SELECT uid, client_settings_ack_ts, 'settings_ack', 'orig', 0, NULL, NULL,
+                    NULL
+                FROM connections WHERE client_settings_ack_ts IS NOT NULL
+            UNION ALL SELECT uid, server_settings_ack_ts, 'settings_ack', 'resp', 0, NULL, NULL,
+                    NULL
+                FROM connections WHERE server_settings_ack_ts IS NOT NULL
         """
     )
     db.execute(
@@ -135,8 +166,7 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         "CREATE INDEX connections_capture ON connections(capture_id)",
         "CREATE INDEX connections_ts ON connections(ts)",
         "CREATE INDEX connections_open ON connections(is_open)",
-        "CREATE INDEX events_capture ON events(capture_id)",
-        "CREATE INDEX events_name_ts ON events(name, ts)",
+        "CREATE INDEX events_uid ON events(uid)",
         "CREATE INDEX anomalies_capture ON anomalies(capture_id, reason)",
     ):
         db.execute(sql)

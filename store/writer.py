@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import sqlite_utils
 
@@ -20,9 +21,21 @@ _CONN_SQL = (
     f"VALUES ({', '.join('?' for _ in _CONN_COLUMNS)})"
 )
 _EVENT_SQL = (
-    "INSERT OR REPLACE INTO events (uid, n, capture_id, ts, name, dir, stream_id, code, value,"
-    " detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO events (uid, n, capture_id, ts, name, dir, stream_id, code, value, detail)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# Once-per-connection events whose time is a column of the connection row (see the
+# timeline view in store/schema.py): not stored twice. So are each side's first SETTINGS
+# and first SETTINGS ACK (the events say so with first=True).
+FOLDED_EVENTS = frozenset(("syn", "syn_ack", "established", "preface"))
+_FOLDED_FIRSTS = frozenset(("settings", "settings_ack"))
+
+
+def stored(event: ConnectionEvent) -> bool:
+    name = event.name
+    if name in FOLDED_EVENTS:
+        return False
+    return not (name in _FOLDED_FIRSTS and getattr(event, "first", False))
 _METHOD_SQL = "INSERT OR REPLACE INTO conn_methods (uid, method, count) VALUES (?, ?, ?)"
 _ANOMALY_SQL = (
     "INSERT INTO anomalies (capture_id, ts, uid, reason, detail) VALUES (?, ?, ?, ?, ?)"
@@ -36,20 +49,27 @@ def utc_now() -> str:
 class CaptureWriter:
     """Writes one capture run into an open database."""
 
-    def __init__(self, db: sqlite_utils.Database, *, kind: str, ports: Iterable[int],
-                 interface: str | None = None, tool_version: str = "") -> None:
+    def __init__(self, db: sqlite_utils.Database, capture_id: int) -> None:
+        """Write into an existing capture (see ``start``); several writers, in several
+        processes, may write into the same capture."""
         self.db = db
+        self.capture_id = capture_id
         self.anomaly_counts: dict[str, int] = {}
+        self.connections = 0
+        self.open_at_end = 0
+        self.events = 0
+
+    @classmethod
+    def start(cls, db: sqlite_utils.Database, *, kind: str, ports: Iterable[int],
+              interface: str | None = None, tool_version: str = "") -> CaptureWriter:
+        """Create the capture row of a new run."""
         cur = db.execute(
             "INSERT INTO captures (kind, started_at, status, ports, interface, tool_version)"
             " VALUES (?, ?, 'running', ?, ?, ?)",
             [kind, utc_now(), ",".join(str(p) for p in sorted(ports)), interface, tool_version],
         )
-        self.capture_id: int = cur.lastrowid  # type: ignore[assignment]
         db.conn.commit()
-        self.connections = 0
-        self.open_at_end = 0
-        self.events = 0
+        return cls(db, cur.lastrowid)  # type: ignore[arg-type]
 
     def write(
         self,
@@ -74,7 +94,8 @@ class CaptureWriter:
             if events:
                 conn.executemany(
                     _EVENT_SQL,
-                    [(e.uid, e.n, cid, e.ts, e.name, e.dir) + e.columns() for e in events],
+                    [(e.uid, e.n, cid, e.ts, e.name, e.dir) + e.columns()
+                     for e in events if stored(e)],
                 )
                 self.events += len(events)
             if anomalies:
@@ -98,8 +119,10 @@ class CaptureWriter:
             )
 
     def finish(self, *, status: str, error: str | None, first_ts: float | None,
-               last_ts: float | None, packets: int, segments: int, drops: int | None,
+               last_ts: float | None, packets: int, segments: int, connections: int,
+               open_at_end: int, anomaly_counts: dict[str, int], drops: int | None,
                elapsed_s: float, stats: dict[str, int]) -> None:
+        """Close the capture with the totals of every writer that wrote into it."""
         cid = self.capture_id
         conn = self.db.conn
         with conn:
@@ -108,11 +131,11 @@ class CaptureWriter:
                 " packets=?, segments=?, connections=?, open_at_end=?, anomalies=?, drops=?,"
                 " elapsed_s=? WHERE id=?",
                 [utc_now(), status, error, first_ts, last_ts, packets, segments,
-                 self.connections, self.open_at_end, sum(self.anomaly_counts.values()), drops,
+                 connections, open_at_end, sum(anomaly_counts.values()), drops,
                  elapsed_s, cid],
             )
             merged = dict(stats)
-            for reason, count in self.anomaly_counts.items():
+            for reason, count in anomaly_counts.items():
                 merged[f"anomaly.{reason}"] = count
             conn.executemany(
                 "INSERT OR REPLACE INTO capture_stats (capture_id, name, value) VALUES (?, ?, ?)",

@@ -17,7 +17,8 @@ A decoder returns one of:
 from __future__ import annotations
 
 import struct
-from typing import Callable, NamedTuple, Union
+from collections.abc import Callable
+from typing import NamedTuple
 
 # Link types (https://www.tcpdump.org/linktypes.html)
 LINKTYPE_NULL = 0
@@ -62,6 +63,7 @@ SKIP_OTHER_PORT = 3
 SKIP_LOOPBACK_OUTGOING = 4
 SKIP_FRAGMENT = 5
 SKIP_UNSUPPORTED_LINKTYPE = 6
+SKIP_OTHER_SHARD = 7  # a segment of ours that another worker process handles
 SKIP_NAMES = {
     SKIP_NOT_IP: "not IP",
     SKIP_NOT_TCP: "not TCP",
@@ -69,6 +71,7 @@ SKIP_NAMES = {
     SKIP_LOOPBACK_OUTGOING: "loopback outgoing copies",
     SKIP_FRAGMENT: "non-first IP fragments",
     SKIP_UNSUPPORTED_LINKTYPE: "unsupported link types",
+    SKIP_OTHER_SHARD: "handled by another worker",
 }
 
 ETHERTYPE_IPV4 = 0x0800
@@ -98,7 +101,7 @@ class Malformed(Exception):
 
 
 SegmentTuple = tuple[bytes, int, int, int, int, int, int, bytes, int]
-DecodeResult = Union[SegmentTuple, int]
+DecodeResult = SegmentTuple | int
 Decoder = Callable[[bytes], DecodeResult]
 
 
@@ -130,9 +133,16 @@ def reverse_key(key: bytes) -> bytes:
     return key[16:32] + key[0:16] + key[34:36] + key[32:34]
 
 
-def make_decoder(linktype: int, ports: frozenset[int]) -> Decoder | None:
-    """The decoder for one link type, or None when the fast path does not know it."""
+def make_decoder(
+    linktype: int, ports: frozenset[int], shard: tuple[int, int] = (0, 1)
+) -> Decoder | None:
+    """The decoder for one link type, or None when the fast path does not know it.
+
+    ``shard`` = (index, count) splits the connections among ``count`` workers by the sum
+    of the two ports (the same from both directions): segments of the other workers'
+    connections come back as SKIP_OTHER_SHARD, before anything is copied."""
     unpack_tcp = struct.Struct(">HHIIBBH").unpack_from
+    shard_index, shard_count = shard
 
     def tcp(frame: bytes, ip: int, t: int, end: int, n: int, addr_end: int) -> DecodeResult:
         if n < t + 20:
@@ -140,6 +150,8 @@ def make_decoder(linktype: int, ports: frozenset[int]) -> Decoder | None:
         sport, dport, seq, ack, offx, flags, win = unpack_tcp(frame, t)
         if sport not in ports and dport not in ports:
             return SKIP_OTHER_PORT
+        if shard_count > 1 and (sport + dport) % shard_count != shard_index:
+            return SKIP_OTHER_SHARD
         doff = (offx >> 4) << 2
         if doff < 20:
             raise Malformed("bad_tcp_data_offset", f"data offset {doff}")
@@ -204,9 +216,14 @@ def make_decoder(linktype: int, ports: frozenset[int]) -> Decoder | None:
             elif nh == _IPV6_FRAGMENT:
                 if n < t + 8:
                     raise Malformed("truncated_ip_header", "IPv6 fragment header cut off")
-                if (frame[t + 2] << 8 | frame[t + 3]) & 0xFFF8:
+                offset_flags = frame[t + 2] << 8 | frame[t + 3]
+                if offset_flags & 0xFFF8:
                     return SKIP_FRAGMENT
-                raise Malformed("ip_fragment", "first fragment of a fragmented TCP segment")
+                if offset_flags & 1:
+                    raise Malformed("ip_fragment", "first fragment of a fragmented TCP segment")
+                # An atomic fragment (offset 0, no more fragments; RFC 6946) is whole.
+                nh = frame[t]
+                t += 8
             else:
                 return SKIP_NOT_TCP
             hops += 1
@@ -247,6 +264,8 @@ def make_decoder(linktype: int, ports: frozenset[int]) -> Decoder | None:
             sport, dport, seq, ack, offx, flags, win = unpack_tcp(frame, 34)
             if sport not in ports and dport not in ports:
                 return SKIP_OTHER_PORT
+            if shard_count > 1 and (sport + dport) % shard_count != shard_index:
+                return SKIP_OTHER_SHARD
             end = 14 + (frame[16] << 8 | frame[17])
             p = 34 + ((offx >> 4) << 2)
             if offx >= 0x50 and end >= p:
@@ -263,7 +282,9 @@ def make_decoder(linktype: int, ports: frozenset[int]) -> Decoder | None:
         off = 14
         tags = 0
         while etype in _VLAN_TYPES:
-            if len(frame) < off + 4 or tags == _MAX_VLAN_TAGS:
+            if tags == _MAX_VLAN_TAGS:
+                raise Malformed("too_many_vlan_tags", f"more than {_MAX_VLAN_TAGS} 802.1Q tags")
+            if len(frame) < off + 4:
                 raise Malformed("truncated_link_header", "802.1Q tag cut off")
             etype = frame[off + 2] << 8 | frame[off + 3]
             off += 4
@@ -331,8 +352,8 @@ def make_decoder(linktype: int, ports: frozenset[int]) -> Decoder | None:
     return table.get(linktype)
 
 
-def make_ip_decoder(ports: frozenset[int]) -> Decoder:
+def make_ip_decoder(ports: frozenset[int], shard: tuple[int, int] = (0, 1)) -> Decoder:
     """Decoder for a bare IPv4 or IPv6 packet (used after another layer found the IP header)."""
-    decoder = make_decoder(LINKTYPE_RAW, ports)
+    decoder = make_decoder(LINKTYPE_RAW, ports, shard)
     assert decoder is not None
     return decoder

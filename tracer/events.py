@@ -10,13 +10,13 @@ same rows) and ``dir``: ``"orig"`` for the client side (the one that sent the SY
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import ClassVar
 
 ORIG = "orig"
 RESP = "resp"
 
-Detail = Union[str, None]
-Code = Union[int, None]
+Detail = str | None
+Code = int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +37,9 @@ class ConnectionEvent:
 
 @dataclass(frozen=True, slots=True)
 class SynSent(ConnectionEvent):
-    name: ClassVar[str] = "syn"
-    retries: int = 0
+    """The first SYN of a side (retries are counted in the connection's syn_retries)."""
 
-    def columns(self) -> tuple[Code, Code, Code, Detail]:
-        return (None, None, self.retries, None)
+    name: ClassVar[str] = "syn"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +97,7 @@ class PrefaceReceived(ConnectionEvent):
 class SettingsReceived(ConnectionEvent):
     name: ClassVar[str] = "settings"
     settings: tuple[tuple[int, int], ...] = ()
+    first: bool = False  # the first SETTINGS from this side (the HTTP/2 preface's)
 
     def columns(self) -> tuple[Code, Code, Code, Detail]:
         return (0, None, None, settings_text(self.settings))
@@ -107,6 +106,7 @@ class SettingsReceived(ConnectionEvent):
 @dataclass(frozen=True, slots=True)
 class SettingsAcknowledged(ConnectionEvent):
     name: ClassVar[str] = "settings_ack"
+    first: bool = False
 
 
 @dataclass(frozen=True, slots=True)

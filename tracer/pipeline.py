@@ -7,8 +7,9 @@ outboxes into a store as often as it likes. Everything here is pure and bounded.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from tracer.decode import (
     SKIP_UNSUPPORTED_LINKTYPE,
@@ -23,7 +24,7 @@ from tracer.record import build_record
 from tracer.tcp.flow import FlowTable
 
 Packet = tuple[float, int, bytes]
-FallbackFactory = Callable[[int, frozenset[int]], "Decoder | None"]
+FallbackFactory = Callable[[int, frozenset[int], tuple[int, int]], "Decoder | None"]
 
 TICK_INTERVAL = 1.0  # packet-time seconds between flow-table ticks
 
@@ -59,9 +60,14 @@ class Analyzer:
         *,
         decode_server_headers: bool = True,
         fallback: FallbackFactory | None = None,
+        shard: tuple[int, int] = (0, 1),
         **table_options: Any,
     ) -> None:
+        """``shard`` = (index, count): analyse only the connections this worker owns (see
+        tracer.decode.make_decoder). Worker 0 also owns everything that belongs to no
+        connection: malformed frames are reported by it alone."""
         self.ports = frozenset(ports)
+        self.shard = shard
         self.table = FlowTable(self.ports, None, **table_options)
         self.h2 = Http2Context(self.table.anomalies, decode_server_headers=decode_server_headers)
         self.table.observer_factory = self.h2.observer
@@ -73,9 +79,9 @@ class Analyzer:
     def decoder(self, linktype: int) -> Decoder:
         dec = self._decoders.get(linktype)
         if dec is None:
-            dec = make_decoder(linktype, self.ports)
+            dec = make_decoder(linktype, self.ports, self.shard)
             if dec is None and self.fallback is not None:
-                dec = self.fallback(linktype, self.ports)
+                dec = self.fallback(linktype, self.ports, self.shard)
             if dec is None:
                 dec = _unsupported
             self._decoders[linktype] = dec
@@ -104,12 +110,12 @@ class Analyzer:
                 except Malformed as exc:
                     self._malformed(ts, exc)
                     result = 0
-                if result.__class__ is int:
+                if isinstance(result, int):
                     if result:
-                        skipped[result] = skipped.get(result, 0) + 1  # type: ignore[index]
+                        skipped[result] = skipped.get(result, 0) + 1
                 else:
                     segments += 1
-                    segment(ts, result)  # type: ignore[arg-type]
+                    segment(ts, result)
                 if next_tick is None:
                     stats.first_ts = ts
                     next_tick = ts
@@ -129,6 +135,8 @@ class Analyzer:
         return n
 
     def _malformed(self, ts: float, exc: Malformed) -> None:
+        if self.shard[0]:
+            return  # worker 0 reports it
         m = self.stats.malformed
         m[exc.reason] = m.get(exc.reason, 0) + 1
         self.table.anomalies.append(AnomalyFound(ts, None, exc.reason, exc.detail))

@@ -81,9 +81,7 @@ def plausible_header(ftype: int, flags: int, stream_id: int, length: int, max_fr
         return False
     if length < minimum:
         return False
-    if ftype == SETTINGS and (length % 6 or (flags & FLAG_ACK and length)):
-        return False
-    return True
+    return not (ftype == SETTINGS and (length % 6 or (flags & FLAG_ACK and length)))
 
 
 def plausible_chain(data: bytes, max_frame: int = DEFAULT_MAX_FRAME_SIZE) -> bool:

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from hpack.huffman_table import decode_huffman
 from hpack.exceptions import HPACKError
+from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
 # Header values that may be kept (DESIGN.md safety rules). Everything else is decoded only
@@ -61,7 +61,7 @@ class DynamicTable:
     Same semantics as hpack's HeaderTable, but it can be built from a snapshot in one step
     (a memo miss after a hit continues from a shared state)."""
 
-    __slots__ = ("entries", "size", "maxsize")
+    __slots__ = ("entries", "maxsize", "size")
 
     def __init__(self, maxsize: int = 4096, entries: Entries = (), size: int = 0) -> None:
         self.entries: deque[tuple[bytes, bytes]] = deque(entries)
@@ -94,7 +94,7 @@ class TableState:
 
     ``depth`` counts the table-changing blocks since the empty table."""
 
-    __slots__ = ("sid", "maxsize", "entries", "size", "depth")
+    __slots__ = ("depth", "entries", "maxsize", "sid", "size")
 
     def __init__(self, sid: int, maxsize: int, entries: Entries, size: int, depth: int) -> None:
         self.sid = sid
@@ -207,7 +207,7 @@ def _string(block: bytes, pos: int) -> tuple[bytes, int]:
     return (_huffman(raw) if huffman and raw else raw), end
 
 
-def _entry(index: int, dynamic: "deque[tuple[bytes, bytes]]") -> tuple[bytes, bytes]:
+def _entry(index: int, dynamic: deque[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
     if 0 < index <= STATIC_LEN:
         return STATIC[index - 1]
     index -= STATIC_LEN + 1
@@ -295,7 +295,7 @@ class HpackDirection:
     ``table`` is the only copy and ``pure`` remembers the blocks that did not change it
     (a pooled connection repeating the same indexed request), until the table changes."""
 
-    __slots__ = ("memo", "state", "table", "table_state", "pure")
+    __slots__ = ("memo", "pure", "state", "table", "table_state")
 
     def __init__(self, memo: HpackMemo) -> None:
         self.memo = memo

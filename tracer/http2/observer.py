@@ -15,7 +15,7 @@ that falls inside a frame's payload costs nothing but that frame.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tracer.events import (
     ORIG,
@@ -77,6 +77,7 @@ MAX_BUFFERED = 1 << 16  # largest control frame or header block kept for decodin
 MAX_HTTP1_HEAD = 1 << 14
 MAX_TLS_HELLO = 1 << 16
 MAX_METHODS = 32  # distinct methods remembered per connection; the rest are "(other)"
+MAX_REQUEST_TEXTS = 4096
 MAX_TEXT = 256
 GOAWAY_DEBUG_BYTES = 64
 
@@ -115,8 +116,26 @@ class Http2Context:
         self.anomalies = anomalies
         self.decode_server_headers = decode_server_headers
         self.memo = HpackMemo()
+        # Decoded request fields -> (method, authority, user-agent) as stored text. The
+        # memo hands out the same field tuples again and again.
+        self.requests: dict[Fields, tuple[str, str | None, str | None]] = {}
 
-    def observer(self, conn: "Connection") -> "Http2Observer":
+    def request_text(self, fields: Fields) -> tuple[str, str | None, str | None]:
+        path = authority = agent = None
+        for name, value in fields:
+            if name == b":path":
+                path = printable(value)
+            elif name == b":authority":
+                authority = printable(value)
+            elif name == b"user-agent":
+                agent = printable(value)
+        text = (path if path is not None else "(no :path)", authority, agent)
+        if len(self.requests) >= MAX_REQUEST_TEXTS:
+            self.requests.clear()
+        self.requests[fields] = text
+        return text
+
+    def observer(self, conn: Connection) -> Http2Observer:
         return Http2Observer(self, conn)
 
 
@@ -124,41 +143,43 @@ class Http2Observer:
     """Both directions of one connection and what they said."""
 
     __slots__ = (
-        "ctx",
-        "conn",
-        "orig",
-        "resp",
-        "protocol",
-        "preface_ts",
-        "client_settings_ts",
-        "server_settings_ts",
-        "client_settings",
-        "server_settings",
-        "streams",
-        "first_method",
-        "methods",
         "authority",
-        "user_agent",
-        "pings_orig",
-        "pings_resp",
-        "goaways",
+        "client_settings",
+        "client_settings_ack_ts",
+        "client_settings_ts",
+        "conn",
+        "connect_pending",
+        "ctx",
+        "data_frames",
+        "first_method",
+        "goaway_debug",
+        "goaway_error",
+        "goaway_last_stream_id",
         "goaway_sender",
         "goaway_ts",
-        "goaway_last_stream_id",
-        "goaway_error",
-        "goaway_debug",
-        "rst_streams",
-        "trailers",
+        "goaways",
         "grpc_errors",
-        "data_frames",
-        "window_updates",
-        "tls_sni",
+        "methods",
+        "orig",
+        "pings_orig",
+        "pings_resp",
+        "preface_ts",
+        "protocol",
+        "resp",
+        "rst_streams",
+        "server_settings",
+        "server_settings_ack_ts",
+        "server_settings_ts",
+        "streams",
         "tls_alpn",
+        "tls_sni",
+        "trailers",
         "upgraded",
-        "connect_pending",
+        "user_agent",
+        "window_updates",
     )
 
-    def __init__(self, ctx: Http2Context, conn: "Connection") -> None:
+    def __init__(self, ctx: Http2Context, conn: Connection) -> None:
         self.ctx = ctx
         self.conn = conn
         self.protocol: str | None = None  # h2c, tls, http1, unknown
@@ -167,6 +188,8 @@ class Http2Observer:
         self.server_settings_ts: float | None = None
         self.client_settings: tuple[tuple[int, int], ...] | None = None
         self.server_settings: tuple[tuple[int, int], ...] | None = None
+        self.client_settings_ack_ts: float | None = None  # the client acknowledging the server's
+        self.server_settings_ack_ts: float | None = None
         self.streams = 0
         self.first_method: str | None = None
         self.methods: dict[str, int] | None = None
@@ -222,26 +245,27 @@ class Direction:
     """One direction's parser: mode, partial frame, skip count, header block, HPACK context."""
 
     __slots__ = (
-        "obs",
-        "is_client",
-        "dir",
-        "mode",
-        "data",
-        "pending",
-        "skip",
-        "skip_type",
-        "max_frame",
-        "hpack",
-        "unknown_label",
-        "decode_headers",
-        "hblock",
-        "hstream",
-        "hflags",
-        "htype",
-        "last_sid",
         "body_left",
+        "data",
+        "decode_headers",
+        "dir",
+        "hblock",
+        "hflags",
+        "hpack",
+        "hstream",
+        "htype",
+        "is_client",
+        "last_sid",
+        "max_frame",
+        "mode",
+        "obs",
+        "pending",
+        "settings_acked",
         "settings_seen",
         "size_warned",
+        "skip",
+        "skip_type",
+        "unknown_label",
     )
 
     def __init__(self, obs: Http2Observer, is_client: bool) -> None:
@@ -264,6 +288,7 @@ class Direction:
         self.last_sid = 0
         self.body_left = 0
         self.settings_seen = False
+        self.settings_acked = False
         self.size_warned = False
 
     # -- PayloadSink ------------------------------------------------------------------
@@ -429,6 +454,14 @@ class Direction:
             self._set_mode(FRAMES)
             if len(data) > len(PREFACE):
                 self._frames(ts, data[len(PREFACE):])
+            return
+        if (self.is_client and _HTTP1_REQUEST.match(data)) or (
+            not self.is_client and data.startswith(b"HTTP/1.")
+        ):
+            # An HTTP/1 head at a segment start (an h2c upgrade or a CONNECT picked up
+            # mid-stream): it starts a stream of its own.
+            self._set_mode(HTTP1)
+            self._http1(ts, data)
             return
         if plausible_chain(data, self.max_frame):
             self._set_mode(FRAMES)
@@ -606,21 +639,15 @@ class Direction:
             if fields is None:
                 self._count_request(ts, sid, self.unknown_label or UNKNOWN_HPACK)
                 return
-            path = authority = agent = None
-            for name, value in fields:
-                if name == b":path":
-                    path = value
-                elif name == b":authority":
-                    authority = value
-                elif name == b"user-agent":
-                    agent = value
-            if self._count_request(
-                ts, sid, printable(path) if path is not None else "(no :path)"
-            ):
-                if authority is not None and obs.authority is None:
-                    obs.authority = printable(authority)
-                if agent is not None and obs.user_agent is None:
-                    obs.user_agent = printable(agent)
+            request = obs.ctx.requests.get(fields)
+            if request is None:
+                request = obs.ctx.request_text(fields)
+            method, authority, agent = request
+            if self._count_request(ts, sid, method):
+                if obs.authority is None:
+                    obs.authority = authority
+                if obs.user_agent is None:
+                    obs.user_agent = agent
             return
         if not flags & FLAG_END_STREAM:
             return
@@ -635,27 +662,33 @@ class Direction:
                         obs.anomaly(ts, "bad_grpc_status", printable(value, 32))
                 elif name == b"grpc-message":
                     message = printable(value)
-        self._trailers(ts, sid, status, message)
-
-    def _headers_not_decoded(self, ts: float, flags: int, sid: int) -> None:
-        if flags & FLAG_END_STREAM and not self.is_client:
-            self._trailers(ts, sid, None, None)
-
-    def _trailers(self, ts: float, sid: int, status: int | None, message: str | None) -> None:
-        obs = self.obs
         obs.trailers += 1
         if status:
             obs.grpc_errors += 1
         obs.conn.emit_frequent(TrailersReceived, ts, self.dir, sid, status, message)
 
+    def _headers_not_decoded(self, ts: float, flags: int, sid: int) -> None:
+        # Trailers are counted; without decoding there is no status, and no event.
+        if flags & FLAG_END_STREAM and not self.is_client:
+            self.obs.trailers += 1
+
     def _settings(self, ts: float, flags: int, data: bytes, start: int, end: int) -> None:
         obs = self.obs
         if flags & FLAG_ACK:
-            obs.conn.emit_frequent(SettingsAcknowledged, ts, self.dir)
+            if self.settings_acked:
+                obs.conn.emit_frequent(SettingsAcknowledged, ts, self.dir)
+                return
+            self.settings_acked = True
+            if self.is_client:
+                obs.client_settings_ack_ts = ts
+            else:
+                obs.server_settings_ack_ts = ts
+            obs.conn.emit(SettingsAcknowledged, ts, self.dir, True)
             return
         length = end - start
         if length % 6:
             obs.anomaly(ts, "bad_settings_length", f"{self.dir} SETTINGS of {length} bytes")
+            return
         values = tuple(
             (data[i] << 8 | data[i + 1], int.from_bytes(data[i + 2:i + 6], "big"))
             for i in range(start, end - 5, 6)
@@ -673,7 +706,7 @@ class Direction:
             obs.server_settings_ts = ts
         if not self.settings_seen:
             self.settings_seen = True
-            obs.conn.emit(SettingsReceived, ts, self.dir, values)
+            obs.conn.emit(SettingsReceived, ts, self.dir, values, True)
         else:
             obs.conn.emit_frequent(SettingsReceived, ts, self.dir, values)
 
@@ -681,6 +714,7 @@ class Direction:
         obs = self.obs
         if end - start != 8:
             obs.anomaly(ts, "bad_ping_length", f"{self.dir} PING of {end - start} bytes")
+            return
         opaque = int.from_bytes(data[start:end], "big")
         if flags & FLAG_ACK:
             obs.conn.emit_frequent(PingAcknowledged, ts, self.dir, opaque)

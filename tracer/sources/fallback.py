@@ -10,23 +10,25 @@ from __future__ import annotations
 from tracer.decode import SKIP_NOT_IP, Decoder, DecodeResult, Malformed, make_ip_decoder
 
 
-def scapy_decoder(linktype: int, ports: frozenset[int]) -> Decoder | None:
+def scapy_decoder(
+    linktype: int, ports: frozenset[int], shard: tuple[int, int] = (0, 1)
+) -> Decoder | None:
     """A decoder for ``linktype`` through scapy's dissectors, or None if scapy lacks one."""
-    from scapy.config import conf
     import scapy.layers.all  # noqa: F401  (registers the link-type dissectors)
+    from scapy.config import conf
     from scapy.layers.inet import IP
     from scapy.layers.inet6 import IPv6
 
     layer_class = conf.l2types.num2layer.get(linktype)
     if layer_class is None:
         return None
-    ip_decoder = make_ip_decoder(ports)
+    ip_decoder = make_ip_decoder(ports, shard)
     name = layer_class.__name__
 
     def decode(frame: bytes) -> DecodeResult:
         try:
             pkt = layer_class(frame)
-        except Exception as exc:  # scapy raises anything on hostile input; report it
+        except Exception as exc:  # noqa: BLE001 - scapy raises anything on hostile input
             raise Malformed("undecodable_link_layer", f"{name}: {exc}") from None
         ip = pkt.getlayer(IP) or pkt.getlayer(IPv6)
         if ip is None:

@@ -17,8 +17,9 @@ import os
 import struct
 import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, BinaryIO, Iterator
+from typing import BinaryIO, Protocol
 
 CHUNK = 1 << 20
 # Largest record we accept. Loopback with GSO/GRO yields frames of about 64 KiB; anything
@@ -48,6 +49,10 @@ BT_ISB = 5
 BT_EPB = 6
 BT_SHB = 0x0A0D0D0A
 BYTE_ORDER_MAGIC = 0x1A2B3C4D
+
+
+class _Readable(Protocol):
+    def read1(self, n: int = -1, /) -> bytes: ...
 
 
 class CaptureFileError(Exception):
@@ -98,19 +103,19 @@ class CaptureReader:
         self.info = ReaderInfo()
         self._hashing = _HashingReader(stream)
         self._raw = stream
-        self._stream: IO[bytes] = self._hashing  # type: ignore[assignment]
+        self._stream: _Readable = self._hashing
         self._buf = b""
         self._pos = 0
         self._base = 0  # offset of _buf[0] in the (decompressed) stream
         self._eof = False
 
     @classmethod
-    def open(cls, path: str) -> "CaptureReader":
+    def open(cls, path: str) -> CaptureReader:
         """Open a path, or ``-`` for standard input."""
         if path == "-":
             return cls(sys.stdin.buffer, "<stdin>")
         try:
-            f = open(path, "rb")
+            f = open(path, "rb")  # noqa: SIM115 - the reader owns it until close()
         except OSError as exc:
             raise CaptureFileError(path, f"cannot open: {exc.strerror}") from None
         return cls(f, path, os.fstat(f.fileno()).st_size)
@@ -119,7 +124,7 @@ class CaptureReader:
         if self._raw is not sys.stdin.buffer:
             self._raw.close()
 
-    def __enter__(self) -> "CaptureReader":
+    def __enter__(self) -> CaptureReader:  # noqa: PYI034 - Self needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -145,7 +150,9 @@ class CaptureReader:
         self._pos = 0
         while have < need and not self._eof:
             try:
-                chunk = self._stream.read(max(CHUNK, need - have))
+                # read1: what is there now (up to a chunk), so a pipe hands over each
+                # packet as it arrives and a cut gzip stream gives up what it decoded.
+                chunk = self._stream.read1(max(CHUNK, need - have))
             except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
                 self._eof = True
                 self._buf = b"".join(parts)
@@ -173,8 +180,9 @@ class CaptureReader:
         if head[:2] == GZIP_MAGIC and not self.info.compressed:
             self.info.compressed = True
             # The magic was already consumed from the raw stream: start over through gzip.
-            self._stream = _Prepend(self._buf, self._hashing)  # type: ignore[assignment]
-            self._stream = gzip.GzipFile(fileobj=self._stream, mode="rb")  # type: ignore[arg-type]
+            self._stream = gzip.GzipFile(  # type: ignore[call-overload]
+                fileobj=_Prepend(self._buf, self._hashing), mode="rb"
+            )
             self._buf = b""
             self._pos = 0
             self._eof = False
@@ -211,45 +219,42 @@ class CaptureReader:
         self.info.interfaces.append(Interface(linktype, snaplen, divisor))
         self._pos = 24
         unpack = struct.Struct(endian + "IIII").unpack_from
-        count = 0
-        try:
-            while True:
-                # Hand out every complete record in the buffer, then refill.
-                buf = self._buf
-                pos = self._pos
-                size = len(buf)
-                while pos + 16 <= size:
-                    sec, frac, incl, _orig = unpack(buf, pos)
-                    end = pos + 16 + incl
-                    if end > size or incl > MAX_RECORD:
-                        break
-                    count += 1
-                    yield sec + frac / divisor, linktype, buf[pos + 16:end]
-                    pos = end
-                self._pos = pos
-                if size - pos < 16:
-                    if not self._fill(16):
-                        if len(self._buf) - self._pos:
-                            raise CaptureFileError(
-                                self.name, "truncated record header (file cut short)",
-                                self._offset(),
-                            )
-                        return
-                    continue
-                incl = unpack(buf, pos)[2]
-                if incl > MAX_RECORD:
-                    raise CaptureFileError(
-                        self.name, f"corrupt record header (captured length {incl})",
-                        self._offset(),
-                    )
-                if not self._fill(16 + incl):
-                    raise CaptureFileError(
-                        self.name,
-                        f"truncated record ({incl} bytes announced, file cut short)",
-                        self._offset(),
-                    )
-        finally:
-            self.info.packets += count
+        info = self.info
+        while True:
+            # Hand out every complete record in the buffer, then refill.
+            buf = self._buf
+            pos = self._pos
+            size = len(buf)
+            while pos + 16 <= size:
+                sec, frac, incl, _orig = unpack(buf, pos)
+                end = pos + 16 + incl
+                if end > size or incl > MAX_RECORD:
+                    break
+                info.packets += 1
+                yield sec + frac / divisor, linktype, buf[pos + 16:end]
+                pos = end
+            self._pos = pos
+            if size - pos < 16:
+                if not self._fill(16):
+                    if len(self._buf) - self._pos:
+                        raise CaptureFileError(
+                            self.name, "truncated record header (file cut short)",
+                            self._offset(),
+                        )
+                    return
+                continue
+            incl = unpack(buf, pos)[2]
+            if incl > MAX_RECORD:
+                raise CaptureFileError(
+                    self.name, f"corrupt record header (captured length {incl})",
+                    self._offset(),
+                )
+            if not self._fill(16 + incl):
+                raise CaptureFileError(
+                    self.name,
+                    f"truncated record ({incl} bytes announced, file cut short)",
+                    self._offset(),
+                )
 
     # -- pcapng --------------------------------------------------------------------------
 
@@ -429,11 +434,14 @@ class _HashingReader:
         self.count = 0
         self.digest = hashlib.sha256()
 
-    def read(self, n: int = -1) -> bytes:
-        data = self._raw.read(n)
+    def read1(self, n: int = -1) -> bytes:
+        read1 = getattr(self._raw, "read1", None)
+        data = read1(n) if read1 is not None else self._raw.read(n)
         self.count += len(data)
         self.digest.update(data)
         return data
+
+    read = read1  # GzipFile reads its file object with read()
 
     def readable(self) -> bool:
         return True
@@ -442,18 +450,20 @@ class _HashingReader:
 class _Prepend:
     """A read-only stream that first returns bytes already read, then the rest of a stream."""
 
-    def __init__(self, head: bytes, rest: "_HashingReader") -> None:
+    def __init__(self, head: bytes, rest: _HashingReader) -> None:
         self._head = head
         self._rest = rest
 
     def read(self, n: int = -1) -> bytes:
         if self._head:
             if n < 0:
-                out, self._head = self._head + self._rest.read(), b""
+                out, self._head = self._head + self._rest.read1(), b""
                 return out
             out, self._head = self._head[:n], self._head[n:]
             return out
-        return self._rest.read(n)
+        return self._rest.read1(n)
+
+    read1 = read
 
     def readable(self) -> bool:
         return True

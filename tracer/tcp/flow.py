@@ -18,7 +18,8 @@ import hashlib
 import socket
 import struct
 from collections import deque
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from tracer.decode import ACK, FIN, RST, SYN, SegmentTuple, key_addresses, reverse_key
 from tracer.events import (
@@ -82,8 +83,13 @@ class PayloadSink(Protocol):
 
 
 class ConnectionObserver(Protocol):
-    orig: PayloadSink
-    resp: PayloadSink
+    """Consumer of both directions of one connection."""
+
+    @property
+    def orig(self) -> PayloadSink: ...
+
+    @property
+    def resp(self) -> PayloadSink: ...
 
     def finish(self, ts: float) -> None: ...
 
@@ -96,25 +102,25 @@ class Endpoint:
 
     __slots__ = (
         "dir",
-        "upper",
-        "state",
-        "isn",
-        "next",
-        "last_ack",
-        "pkts",
-        "size",
-        "seen",
-        "syn_seq",
-        "synack_seq",
         "fin_seq",
-        "rst_seq",
         "gaps",
-        "retransmits",
-        "zero_windows",
+        "isn",
         "keepalives",
+        "last_ack",
+        "next",
         "ooo",
         "ooo_bytes",
+        "pkts",
+        "retransmits",
+        "rst_seq",
+        "seen",
         "sink",
+        "size",
+        "state",
+        "syn_seq",
+        "synack_seq",
+        "upper",
+        "zero_windows",
     )
 
     def __init__(self, direction: str) -> None:
@@ -144,31 +150,31 @@ class Connection:
     """One TCP connection: addresses, timing, lifecycle, history, and its observer."""
 
     __slots__ = (
-        "uid",
-        "orig_key",
-        "orig",
-        "resp",
-        "ts",
-        "last_ts",
-        "syn_ts",
-        "synack_ts",
-        "established_ts",
-        "close_ts",
         "close_kind",
-        "history",
-        "mid_stream",
-        "syn_retries",
-        "missed_bytes",
-        "observer",
+        "close_ts",
         "closing",
         "done",
         "end_reason",
-        "n",
-        "events_left",
         "essentials_left",
+        "established_ts",
         "events_dropped",
-        "out",
+        "events_left",
+        "history",
         "last_activity",
+        "last_ts",
+        "mid_stream",
+        "missed_bytes",
+        "n",
+        "observer",
+        "orig",
+        "orig_key",
+        "out",
+        "resp",
+        "syn_retries",
+        "syn_ts",
+        "synack_ts",
+        "ts",
+        "uid",
     )
 
     def __init__(self, uid: str, orig_key: bytes, ts: float, out: list[Any], budget: int) -> None:
@@ -319,7 +325,7 @@ class FlowTable:
 
     def segment(self, ts: float, seg: SegmentTuple) -> None:
         """Account one decoded TCP segment."""
-        key, sport, dport, seq, ack, flags, win, payload, wire = seg
+        key, _sport, _dport, seq, ack, flags, win, payload, wire = seg
         entry = self._flows.get(key)
         if entry is None:
             entry = self._open(ts, seg)
@@ -367,8 +373,7 @@ class FlowTable:
 
     def tick(self, ts: float) -> None:
         """Let packet time move on: finish closed connections, expire stale attempts."""
-        if ts > self.last_ts:
-            self.last_ts = ts
+        self.last_ts = max(self.last_ts, ts)
         closing = self._closing
         linger = self.close_linger
         while closing and closing[0].closing is not None and closing[0].closing + linger <= ts:
@@ -405,7 +410,7 @@ class FlowTable:
     # -- connection creation -------------------------------------------------------------
 
     def _open(self, ts: float, seg: SegmentTuple) -> tuple[Connection, Endpoint, Endpoint] | None:
-        key, sport, dport, seq, ack, flags, _win, _payload, _wire = seg
+        key, sport, dport, _seq, ack, flags, _win, _payload, _wire = seg
         if not flags & SYN and key in self._finished_keys:
             # A straggler of a connection already finished (retransmitted FIN, last ACK).
             self.late_packets += 1
@@ -442,8 +447,9 @@ class FlowTable:
                 if ep.sink is not None:
                     ep.sink.lost_start(ts)
         elif flags & ACK:
-            # SYN-ACK first: the client's SYN was missed, but its next sequence number is known.
-            conn.mid_stream = True
+            # SYN-ACK first: the client's SYN was missed (syn_ts stays unknown), but the
+            # connection opened within the capture and the client's next sequence number
+            # is known, so both streams are followed from their start.
             orig.isn = (ack - 1) & MASK
             orig.next = ack
         return self._flows[key]
@@ -458,10 +464,13 @@ class FlowTable:
         if not conn.done and (ep.syn_seq == seq or (ep.syn_seq is None and ep.isn == seq)):
             return entry  # retransmitted SYN (or the SYN of a connection picked up at its SYN-ACK)
         # A new SYN with another ISN on this 4-tuple: the old connection is over.
-        if conn.close_kind is None:
-            conn.close_kind = "reused"
-            conn.emit(PortReused, ts, ORIG)
-        self._finish(ts, conn, "port_reused")
+        if conn.closing is not None:
+            self._finish(ts, conn, "closed")  # it had closed; this is TIME_WAIT reuse
+        else:
+            if conn.close_kind is None:
+                conn.close_kind = "reused"
+                conn.emit(PortReused, ts, ORIG)
+            self._finish(ts, conn, "port_reused")
         created = self._open(ts, seg)
         assert created is not None
         return created
@@ -502,10 +511,9 @@ class FlowTable:
         wire: int,
     ) -> None:
         if flags & SYN:
-            if flags & (FIN | RST):
-                if not ep.seen & _SEEN_Q:
-                    ep.seen |= _SEEN_Q
-                    _letter(conn, ep, H_MULTIFLAG)
+            if flags & (FIN | RST) and not ep.seen & _SEEN_Q:
+                ep.seen |= _SEEN_Q
+                _letter(conn, ep, H_MULTIFLAG)
             if flags & ACK:
                 self._syn_ack(ts, conn, ep, peer, seq, ack)
             else:
@@ -568,7 +576,10 @@ class FlowTable:
             return  # retransmitted SYN-ACK
         fresh = ep.synack_seq is None
         ep.synack_seq = seq
-        _letter(conn, ep, H_SYNACK)
+        # As in Zeek, SYN and SYN-ACK share one history slot per side: the SYN-ACK of a
+        # simultaneous open repeats the side's own SYN and adds no letter.
+        if ep.syn_seq != seq:
+            _letter(conn, ep, H_SYNACK)
         ep.isn = seq
         ep.next = (seq + 1) & MASK
         if ep.state in (INACTIVE, PARTIAL, SYN_SENT):
@@ -582,6 +593,12 @@ class FlowTable:
             )
         if fresh:
             conn.emit(SynAckSent, ts, ep.dir)
+        if peer.state == SYN_ACK_SENT and ep.state == SYN_ACK_SENT:
+            # Simultaneous open: both SYNs are now acknowledged.
+            ep.state = peer.state = ESTABLISHED
+            if conn.established_ts is None:
+                conn.established_ts = ts
+                conn.emit(HandshakeCompleted, ts, ep.dir)
 
     def _begin_closing(self, ts: float, conn: Connection) -> None:
         conn.closing = ts
@@ -656,6 +673,7 @@ class FlowTable:
         if ack is not None and 0 < ((ack - nxt) & MASK) < HALF:
             # The peer acknowledged bytes the capture never had: they are lost to us.
             self._count_gap(ts, conn, ep, rel)
+            ep.size += rel
             ep.next = seq
             self._deliver(ts, conn, ep, payload, wire)
             return
@@ -720,6 +738,13 @@ class FlowTable:
                     # Nothing deliverable (all behind): drop what is left.
                     ep.ooo = None
                     ep.ooo_bytes = 0
+            if ep.fin_seq is not None and ep.next is not None:
+                hole = (ep.fin_seq - ep.next) & MASK
+                if 0 < hole < HALF:
+                    # Bytes before the FIN that the capture never had.
+                    self._count_gap(ts, conn, ep, hole)
+                    ep.size += hole
+                    ep.next = (ep.fin_seq + 1) & MASK
         conn.done = True
         conn.end_reason = reason
         if conn.observer is not None:

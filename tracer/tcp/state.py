@@ -49,7 +49,7 @@ CONN_STATES = {
 
 def _rst_after_bare_syn(history: str) -> bool:
     """History matches Zeek's ``^?S[^HAFGIQ]*R.*``: a SYN, then a RST, nothing in between."""
-    h = history[1:] if history.startswith("^") else history
+    h = history.removeprefix("^")
     if not h.startswith("S"):
         return False
     for ch in h[1:]:
