@@ -221,6 +221,15 @@ def decode_block(table: DynamicTable, block: bytes) -> tuple[Fields, bool]:
     block changed the table.
 
     Raises HpackError where hpack.Decoder would raise (the table is then unusable)."""
+    try:
+        return _decode_block(table, block)
+    except IndexError:
+        # A representation runs past the end of the block (the cheap checks are left to
+        # the bytes indexing itself).
+        raise HpackError("truncated header block") from None
+
+
+def _decode_block(table: DynamicTable, block: bytes) -> tuple[Fields, bool]:
     dynamic = table.entries
     allowed = ALLOWED_HEADERS
     out: list[tuple[bytes, bytes]] = []
