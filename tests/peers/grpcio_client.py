@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Test peer: a grpcio Greeter client that leaks, pools or closes its connections.
+
+Usage: grpcio_client.py {leak,pool,close} --target HOST:PORT --count N [--interval S]
+
+- leak:  N channels opened one after another, one RPC each, never closed.
+- pool:  one channel, N RPCs every --interval seconds, never closed.
+- close: N times: open a channel, one RPC, close it.
+
+Prints ``DONE`` when its work is done, then stays alive (holding whatever it left open)
+until SIGTERM/SIGINT or --max-lifetime seconds, so a test decides when the process ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+import grpc
+
+METHOD = "/helloworld.Greeter/SayHello"
+# grpcio shares one TCP connection among all channels to the same target through its
+# global subchannel pool; a local pool gives every channel its own connection (DESIGN.md).
+# The proxy is disabled so that an http_proxy in the environment cannot reroute the RPCs.
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.enable_http_proxy", 0)]
+RPC_TIMEOUT_S = 5.0
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def hello_request(name: str) -> bytes:
+    """A serialized HelloRequest{name}: field 1, length-delimited."""
+    raw = name.encode()
+    return b"\x0a" + _varint(len(raw)) + raw
+
+
+def say_hello(channel: grpc.Channel, name: str) -> None:
+    call = channel.unary_unary(METHOD)  # no (de)serializers: raw bytes both ways
+    reply = call(hello_request(name), timeout=RPC_TIMEOUT_S)
+    if b"Hello " + name.encode() not in reply:
+        raise RuntimeError(f"unexpected reply {reply!r}")
+
+
+def new_channel(target: str) -> grpc.Channel:
+    return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("leak", "pool", "close"))
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--interval", type=float, default=0.2)
+    parser.add_argument("--max-lifetime", type=float, default=120.0)
+    args = parser.parse_args()
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    kept: list[grpc.Channel] = []  # referenced until exit so nothing is garbage-collected
+    if args.mode == "leak":
+        for i in range(args.count):
+            channel = new_channel(args.target)
+            kept.append(channel)
+            say_hello(channel, f"leak-{i}")
+    elif args.mode == "pool":
+        channel = new_channel(args.target)
+        kept.append(channel)
+        for i in range(args.count):
+            if i:
+                time.sleep(args.interval)
+            say_hello(channel, f"pool-{i}")
+    else:
+        for i in range(args.count):
+            with new_channel(args.target) as channel:  # __exit__ closes the channel
+                say_hello(channel, f"close-{i}")
+    print("DONE", flush=True)
+    stop.wait(args.max_lifetime)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

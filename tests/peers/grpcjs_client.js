@@ -1,0 +1,100 @@
+#!/usr/bin/env node
+// Test peer: a @grpc/grpc-js Greeter client that leaks, pools or closes its connections.
+//
+// Usage: node grpcjs_client.js {leak,pool,close} --target HOST:PORT --count N
+//                              [--interval S] [--max-lifetime S]
+//
+// - leak:  N clients created one after another, one RPC each, never closed.
+// - pool:  one client, N RPCs every --interval seconds, never closed.
+// - close: N times: create a client, one RPC, client.close().
+//
+// Prints DONE when its work is done, then stays alive (holding whatever it left open)
+// until SIGTERM/SIGINT or --max-lifetime seconds, so a test decides when it ends.
+'use strict';
+
+const path = require('path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const RPC_TIMEOUT_MS = 5000;
+// grpc-js shares one connection among clients to the same target through its global
+// subchannel pool; a local pool gives every client its own connection. The proxy is
+// disabled so that an http_proxy in the environment cannot reroute the RPCs.
+const CHANNEL_OPTIONS = {
+  'grpc.use_local_subchannel_pool': 1,
+  'grpc.enable_http_proxy': 0,
+};
+
+function parseArgs(argv) {
+  const args = { mode: argv[0], interval: 0.2, maxLifetime: 120 };
+  for (let i = 1; i < argv.length; i += 2) {
+    const value = argv[i + 1];
+    switch (argv[i]) {
+      case '--target': args.target = value; break;
+      case '--count': args.count = Number(value); break;
+      case '--interval': args.interval = Number(value); break;
+      case '--max-lifetime': args.maxLifetime = Number(value); break;
+      default: throw new Error(`unknown argument ${argv[i]}`);
+    }
+  }
+  if (!['leak', 'pool', 'close'].includes(args.mode) || !args.target
+      || !Number.isInteger(args.count)) {
+    throw new Error('usage: grpcjs_client.js {leak,pool,close} --target HOST:PORT --count N');
+  }
+  return args;
+}
+
+const definition = protoLoader.loadSync(path.join(__dirname, 'greeter.proto'));
+const { Greeter } = grpc.loadPackageDefinition(definition).helloworld;
+
+function newClient(target) {
+  return new Greeter(target, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+}
+
+function sayHello(client, name) {
+  return new Promise((resolve, reject) => {
+    client.sayHello({ name }, { deadline: Date.now() + RPC_TIMEOUT_MS }, (err, reply) => {
+      if (err) reject(err);
+      else if (reply.message !== `Hello ${name}`) reject(new Error(`unexpected reply ${reply.message}`));
+      else resolve();
+    });
+  });
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function main() {
+  const args = parseArgs(process.argv.slice(2));
+  process.on('SIGTERM', () => process.exit(0));
+  process.on('SIGINT', () => process.exit(0));
+  const kept = []; // referenced until exit so nothing is garbage-collected
+  if (args.mode === 'leak') {
+    for (let i = 0; i < args.count; i++) {
+      const client = newClient(args.target);
+      kept.push(client);
+      await sayHello(client, `leak-${i}`);
+    }
+  } else if (args.mode === 'pool') {
+    const client = newClient(args.target);
+    kept.push(client);
+    for (let i = 0; i < args.count; i++) {
+      if (i) await sleep(args.interval * 1000);
+      await sayHello(client, `pool-${i}`);
+    }
+  } else {
+    for (let i = 0; i < args.count; i++) {
+      const client = newClient(args.target);
+      await sayHello(client, `close-${i}`);
+      client.close();
+    }
+  }
+  console.log('DONE');
+  globalThis.keptClients = kept;
+  // The timer also keeps the event loop, and so the process, alive after DONE.
+  setTimeout(() => process.exit(0), args.maxLifetime * 1000);
+}
+
+main().catch((err) => {
+  console.error(err && err.stack ? err.stack : err);
+  process.exit(1);
+});
