@@ -188,7 +188,7 @@ def report(db_path: str, fmt: str, preface_timeout: float) -> None:
     cap = data["capture"]
     span = (cap["last_ts"] - cap["first_ts"]) if cap["first_ts"] is not None else None
     click.echo(
-        f"capture: {len(cap['sources'])} source(s), port {cap['port']}, "
+        f"capture: {len(cap['sources'])} source(s), port {','.join(map(str, cap['ports'])) or '-'}, "
         f"{fmt_ts(cap['first_ts'])} .. {fmt_ts(cap['last_ts'])} ({fmt_age(span)}), "
         f"{cap['packets']:,} packets, drops {cap['drops'] if cap['drops'] is not None else 'unknown'}"
         f", anomalies {cap['anomalies']:,}"

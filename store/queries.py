@@ -53,7 +53,8 @@ def capture_summary(db: sqlite_utils.Database) -> dict[str, Any]:
     lasts = [c["last_ts"] for c in caps if c["last_ts"] is not None]
     return {
         "sources": sources + [f"live:{i}" for i in live],
-        "port": ports[0] if len(ports) == 1 else (ports or None),
+        "port": ports[0] if ports else None,
+        "ports": ports,
         "first_ts": min(firsts) if firsts else None,
         "last_ts": max(lasts) if lasts else None,
         "packets": sum(c["packets"] for c in caps),

@@ -20,6 +20,7 @@ _REAL = {
 }
 _TEXT = {
     "uid", "orig_h", "resp_h", "conn_state", "history", "close_kind", "end_reason", "protocol",
+    "orig_state", "resp_state",
     "client_settings", "server_settings", "first_method", "authority", "user_agent",
     "goaway_sender", "goaway_debug", "tls_sni", "tls_alpn",
 }
@@ -163,6 +164,7 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
     for sql in (
         "CREATE INDEX connections_orig_h ON connections(orig_h)",
+        "CREATE INDEX connections_tuple ON connections(orig_p, orig_h, resp_p, resp_h)",
         "CREATE INDEX connections_capture ON connections(capture_id)",
         "CREATE INDEX connections_ts ON connections(ts)",
         "CREATE INDEX connections_open ON connections(is_open)",

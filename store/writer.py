@@ -10,7 +10,7 @@ from typing import Any
 import sqlite_utils
 
 from tracer.events import AnomalyFound, ConnectionEvent
-from tracer.record import RECORD_FIELDS
+from tracer.record import RECORD_FIELDS, continued_record
 
 # Anomaly rows kept per reason per capture; the counts in capture_stats stay exact.
 MAX_ANOMALY_ROWS_PER_REASON = 1000
@@ -37,6 +37,14 @@ def stored(event: ConnectionEvent) -> bool:
         return False
     return not (name in _FOLDED_FIRSTS and getattr(event, "first", False))
 _METHOD_SQL = "INSERT OR REPLACE INTO conn_methods (uid, method, count) VALUES (?, ?, ?)"
+_ADD_METHOD_SQL = (
+    "INSERT INTO conn_methods (uid, method, count) VALUES (?, ?, ?)"
+    " ON CONFLICT (uid, method) DO UPDATE SET count = count + excluded.count"
+)
+_CONTINUE_SQL = (
+    "SELECT * FROM connections WHERE orig_p = ? AND orig_h = ? AND resp_p = ? AND resp_h = ?"
+    " AND is_open = 1 AND end_ts <= ? ORDER BY end_ts DESC LIMIT 1"
+)
 _ANOMALY_SQL = (
     "INSERT INTO anomalies (capture_id, ts, uid, reason, detail) VALUES (?, ?, ?, ?, ?)"
 )
@@ -58,6 +66,7 @@ class CaptureWriter:
         self.connections = 0
         self.open_at_end = 0
         self.events = 0
+        self.continued = 0  # connections folded into a row of an earlier capture
 
     @classmethod
     def start(cls, db: sqlite_utils.Database, *, kind: str, ports: Iterable[int],
@@ -81,16 +90,6 @@ class CaptureWriter:
         cid = self.capture_id
         conn = self.db.conn
         with conn:
-            if records:
-                conn.executemany(
-                    _CONN_SQL, [tuple(r[k] for k in RECORD_FIELDS) + (cid,) for r in records]
-                )
-                conn.executemany(
-                    _METHOD_SQL,
-                    [(r["uid"], m, c) for r in records for m, c in r["methods"].items()],
-                )
-                self.connections += len(records)
-                self.open_at_end += sum(1 for r in records if r["is_open"])
             if events:
                 conn.executemany(
                     _EVENT_SQL,
@@ -107,6 +106,47 @@ class CaptureWriter:
                     if seen < MAX_ANOMALY_ROWS_PER_REASON:
                         rows.append((cid, a.ts, a.uid, a.reason, a.detail))
                 conn.executemany(_ANOMALY_SQL, rows)
+            if records:
+                # After events and anomalies: a continued connection moves its rows to the old uid.
+                records = [r for r in records if not (r["mid_stream"] and self._continue(r))]
+                conn.executemany(
+                    _CONN_SQL, [tuple(r[k] for k in RECORD_FIELDS) + (cid,) for r in records]
+                )
+                conn.executemany(
+                    _METHOD_SQL,
+                    [(r["uid"], m, c) for r in records for m, c in r["methods"].items()],
+                )
+                self.connections += len(records)
+                self.open_at_end += sum(1 for r in records if r["is_open"])
+
+    def _continue(self, rec: dict[str, Any]) -> bool:
+        """Fold a connection picked up mid-stream into the earlier row of the same TCP
+        connection (a previous capture's, left open at its end), if there is one.
+
+        The same 4-tuple, an earlier end, still open, and each side's sequence numbers
+        moving forward from where the old row stopped (within 2^30) make it the same
+        connection: rotated capture files read one run at a time, or an agent restarted.
+        The bytes in between were not captured: they count as missed."""
+        conn = self.db.conn
+        cur = conn.execute(_CONTINUE_SQL, [rec["orig_p"], rec["orig_h"], rec["resp_p"],
+                                           rec["resp_h"], rec["ts"]])
+        row = cur.fetchone()
+        if row is None:
+            return False
+        old = dict(zip([d[0] for d in cur.description], row))
+        merged = continued_record(old, rec)
+        if merged is None:
+            return False
+        uid = old["uid"]
+        conn.execute(
+            f"UPDATE connections SET {', '.join(f'{k} = ?' for k in merged)} WHERE uid = ?",
+            [*merged.values(), uid],
+        )
+        conn.executemany(_ADD_METHOD_SQL, [(uid, m, c) for m, c in rec["methods"].items()])
+        for table in ("events", "anomalies"):
+            conn.execute(f"UPDATE {table} SET uid = ? WHERE uid = ?", [uid, rec["uid"]])
+        self.continued += 1
+        return True
 
     def add_source(self, n: int, path: str, *, fmt: str, compressed: bool, size: int | None,
                    sha256: str | None, packets: int, linktypes: list[int]) -> None:

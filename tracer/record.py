@@ -7,6 +7,7 @@ from typing import Any
 from tracer.events import settings_text
 from tracer.http2.observer import Http2Observer
 from tracer.tcp.flow import Connection
+from tracer.tcp.state import STATE_NAMES, conn_state
 
 # Column order of the connections table (store/schema.py creates it from this list).
 RECORD_FIELDS = (
@@ -25,6 +26,12 @@ RECORD_FIELDS = (
     "resp_p",
     "conn_state",
     "history",
+    "orig_state",
+    "resp_state",
+    "orig_seq_first",
+    "orig_seq_next",
+    "resp_seq_first",
+    "resp_seq_next",
     "orig_pkts",
     "orig_bytes",
     "resp_pkts",
@@ -105,6 +112,12 @@ def build_record(conn: Connection) -> dict[str, Any]:
         "resp_p": resp_p,
         "conn_state": conn.conn_state,
         "history": conn.history,
+        "orig_state": STATE_NAMES[o.state],
+        "resp_state": STATE_NAMES[r.state],
+        "orig_seq_first": o.first_seq,
+        "orig_seq_next": o.next,
+        "resp_seq_first": r.first_seq,
+        "resp_seq_next": r.next,
         "orig_pkts": o.pkts,
         "orig_bytes": o.size,
         "resp_pkts": r.pkts,
@@ -166,3 +179,70 @@ _NO_HTTP2: dict[str, Any] = {
                       "h2c_upgrade") else None
     for key in RECORD_FIELDS[RECORD_FIELDS.index("protocol"):]
 }
+
+
+# Counters of a continued connection that add up across the two rows.
+_SUMMED = (
+    "orig_pkts", "orig_bytes", "resp_pkts", "resp_bytes", "missed_bytes", "syn_retries",
+    "retransmits", "keepalives", "zero_windows", "events_dropped", "streams", "pings_orig",
+    "pings_resp", "goaways", "rst_streams", "trailers", "grpc_errors", "data_frames",
+    "window_updates",
+)
+# Facts of the connection's start: the earlier row knows them; the continuation only
+# fills what the earlier one lacked.
+_FIRST_KNOWN = (
+    "protocol", "preface_ts", "client_settings_ts", "server_settings_ts", "client_settings",
+    "server_settings", "client_settings_ack_ts", "server_settings_ack_ts", "first_method",
+    "authority", "user_agent", "tls_sni", "tls_alpn",
+)
+# How it ended: the continuation says.
+_LAST_KNOWN = ("close_ts", "close_kind", "end_reason", "is_open", "end_ts", "orig_seq_next",
+               "resp_seq_next")
+_GOAWAY = ("goaway_sender", "goaway_ts", "goaway_last_stream_id", "goaway_error",
+           "goaway_debug")
+_STATE_BY_NAME = {name: i for i, name in enumerate(STATE_NAMES)}
+_CONTINUITY_WINDOW = 1 << 30
+
+
+def continued_record(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | None:
+    """The columns of ``old`` (a stored connection left open at its capture's end) after
+    ``new`` (a connection picked up mid-stream on the same 4-tuple later) continues it, or
+    None when the sequence numbers say ``new`` is another connection."""
+    between: dict[str, int] = {}
+    for side in ("orig", "resp"):
+        last, first = old[f"{side}_seq_next"], new[f"{side}_seq_first"]
+        if last is not None and first is not None:
+            ahead = (first - last) & 0xFFFFFFFF
+            if ahead >= _CONTINUITY_WINDOW:
+                return None
+            between[side] = ahead
+    out: dict[str, Any] = {k: (old[k] or 0) + (new[k] or 0) for k in _SUMMED}
+    # Bytes sent between the two captures: in the sizes, and missed.
+    for side, ahead in between.items():
+        out[f"{side}_bytes"] += ahead
+        out["missed_bytes"] += ahead
+    for k in _FIRST_KNOWN:
+        out[k] = old[k] if old[k] is not None else new[k]
+    for k in _LAST_KNOWN:
+        out[k] = new[k]
+    if new["goaways"]:
+        for k in _GOAWAY:
+            out[k] = new[k]
+    out["duration"] = new["end_ts"] - old["ts"]
+    out["last_activity_ts"] = max(
+        (t for t in (old["last_activity_ts"], new["last_activity_ts"]) if t is not None),
+        default=None,
+    )
+    out["history"] = (old["history"] or "") + (new["history"] or "")
+    states = []
+    for side in ("orig", "resp"):
+        before, after = old[f"{side}_state"], new[f"{side}_state"]
+        # The continuation only saw the tail: it says PARTIAL where the earlier row knew
+        # better, and CLOSED or RESET when the connection ended.
+        merged = after if after in ("CLOSED", "RESET") or before in (None, "INACTIVE") else before
+        out[f"{side}_state"] = merged
+        states.append(_STATE_BY_NAME[merged])
+    out["conn_state"] = conn_state(
+        states[0], states[1], out["orig_bytes"], out["resp_bytes"], out["history"]
+    )
+    return out

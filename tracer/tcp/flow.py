@@ -103,6 +103,7 @@ class Endpoint:
     __slots__ = (
         "dir",
         "fin_seq",
+        "first_seq",
         "gaps",
         "isn",
         "keepalives",
@@ -129,6 +130,7 @@ class Endpoint:
         self.state = INACTIVE
         self.isn: int | None = None
         self.next: int | None = None  # next expected sequence number
+        self.first_seq: int | None = None  # sequence number of the first byte followed
         self.last_ack: int | None = None  # last acknowledgment number this side sent
         self.pkts = 0
         self.size = 0  # payload bytes in sequence space, gaps included (Zeek's size)
@@ -451,7 +453,7 @@ class FlowTable:
             # connection opened within the capture and the client's next sequence number
             # is known, so both streams are followed from their start.
             orig.isn = (ack - 1) & MASK
-            orig.next = ack
+            orig.next = orig.first_seq = ack
         return self._flows[key]
 
     def _syn_on_existing(
@@ -561,7 +563,7 @@ class FlowTable:
         ep.syn_seq = seq
         _letter(conn, ep, H_SYN)
         ep.isn = seq
-        ep.next = (seq + 1) & MASK
+        ep.next = ep.first_seq = (seq + 1) & MASK
         if ep.state in (INACTIVE, PARTIAL):
             ep.state = SYN_SENT
         if ep is conn.orig and conn.syn_ts is None:
@@ -581,7 +583,7 @@ class FlowTable:
         if ep.syn_seq != seq:
             _letter(conn, ep, H_SYNACK)
         ep.isn = seq
-        ep.next = (seq + 1) & MASK
+        ep.next = ep.first_seq = (seq + 1) & MASK
         if ep.state in (INACTIVE, PARTIAL, SYN_SENT):
             ep.state = SYN_ACK_SENT
         if ep is conn.resp and conn.synack_ts is None:
@@ -651,7 +653,7 @@ class FlowTable:
         nxt = ep.next
         if nxt is None:
             # First bytes of a direction picked up mid-stream.
-            ep.next = seq
+            ep.next = ep.first_seq = seq
             self._deliver(ts, conn, ep, payload, wire)
             return
         rel = (seq - nxt) & MASK
@@ -688,7 +690,7 @@ class FlowTable:
         """A segment without payload whose sequence number is not the expected one."""
         nxt = ep.next
         if nxt is None:
-            ep.next = seq
+            ep.next = ep.first_seq = seq
         elif (nxt - seq) & MASK == 1:
             ep.keepalives += 1
 
