@@ -65,14 +65,20 @@ def capture_summary(db: sqlite_utils.Database) -> dict[str, Any]:
     }
 
 
+# An open connection that carried at most this many RPCs looks like one dialled for a
+# call and left behind; a pool's connection carries many.
+FEW_RPCS = 2
+
+
 def _verdict(c: dict[str, Any], span_s: float) -> tuple[str, str]:
     """leak / suspect / ok, and a reason a person can act on."""
     opened, closed, still_open = c["opened"], c["closed"], c["open"]
+    left_behind = c["open_few_rpcs"]
     rpc = c["rpcs_per_connection"]
     method = next(iter(c["methods"]), None)
     minutes = span_s / 60.0
     span = _duration(span_s)
-    if still_open >= 3 and closed * 2 < opened and (rpc is None or rpc <= 5):
+    if left_behind >= 3 and closed * 2 < opened:
         rate = f" ({c['open_growth_per_min']:.1f}/min)" if minutes >= 1 else ""
         each = "1 RPC each" if rpc is not None and round(rpc, 1) == 1.0 else (
             f"{rpc:.1f} RPCs each" if rpc is not None else "no RPCs"
@@ -82,13 +88,15 @@ def _verdict(c: dict[str, Any], span_s: float) -> tuple[str, str]:
             f"opened {opened}, closed {closed} in {span}{rate}; {each}, then idle{via}; "
             f"{still_open} still open, oldest {_duration(c['oldest_open_s'] or 0)}"
         )
-    if still_open >= 2:
+    if left_behind >= 2:
         return "suspect", (
-            f"{still_open} connections open at the end, {closed} closed, in {span}: "
-            "more than one connection held open; watch whether it keeps growing"
+            f"{left_behind} connections with at most {FEW_RPCS} RPCs each still open, "
+            f"{closed} closed, in {span}: watch whether they keep growing"
         )
-    if still_open == 1:
-        return "ok", f"1 long-lived connection ({rpc_text(c)}); {closed} closed"
+    if still_open >= 1:
+        pools = "1 long-lived connection" if still_open == 1 else (
+            f"{still_open} long-lived connections")
+        return "ok", f"{pools} ({rpc_text(c)} in all); {closed} closed"
     if opened == 0:
         return "ok", f"{c['health_checks']} health checks only (connect, no HTTP/2, close)"
     return "ok", f"all {opened} connections closed"
@@ -125,6 +133,7 @@ def client_report(db: sqlite_utils.Database, *, end_ts: float | None = None,
                SUM(NOT hc) AS opened,
                SUM(NOT hc AND close_kind IS NOT NULL) AS closed,
                SUM(is_open) AS open,
+               SUM(is_open AND streams <= {FEW_RPCS}) AS open_few_rpcs,
                SUM(hc) AS health_checks,
                SUM(closed_by = 'client_fin' AND NOT hc) AS by_client_fin,
                SUM(closed_by = 'server_fin' AND NOT hc) AS by_server_fin,
@@ -161,6 +170,7 @@ def client_report(db: sqlite_utils.Database, *, end_ts: float | None = None,
             "opened": opened,
             "closed": r["closed"] or 0,
             "open": r["open"] or 0,
+            "open_few_rpcs": r["open_few_rpcs"] or 0,
             "closed_by": {
                 "client_fin": r["by_client_fin"] or 0,
                 "server_fin": r["by_server_fin"] or 0,
