@@ -19,6 +19,7 @@ from tracer import __version__, build_kind
 DEFAULT_DB = "tracer.db"
 
 EXIT_DAMAGED = 3
+EXIT_CAPTURE = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -65,41 +66,161 @@ def main() -> None:
     os.umask(0o077)
 
 
+def _duration(text: str | None) -> float | None:
+    """"90", "90s", "10m", "2h" -> seconds."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: use seconds or 30s, 10m, 2h") from None
+
+
 @main.command()
 @click.option("--read", "reads", multiple=True, metavar="FILE",
-              help="pcap or pcapng file (gzip-compressed too) to analyse; repeat for several "
-                   "files read as one stream (e.g. rotated files, in order); - reads standard "
-                   "input (tcpdump -w - | tracer capture --read - --port 9090).")
+              help="Analyse a pcap or pcapng file (gzip-compressed too) instead of capturing "
+                   "live; repeat for several files read as one stream (rotated files, in "
+                   "order); - reads standard input (tcpdump -w - | tracer capture --read - "
+                   "--port 9090).")
 @click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535), required=True,
               help="The gRPC server port. Repeat for several. The side on this port is the "
                    "server; connections picked up mid-stream are oriented by it.")
 @_db_option
+@click.option("--iface", "interfaces", multiple=True, metavar="NAME",
+              help="Live: interface to capture on (repeat for several); default any (all "
+                   "interfaces, loopback included).")
+@click.option("--duration", metavar="TIME", help="Live: stop after this long (30s, 10m, 2h).")
+@click.option("--count", type=click.IntRange(1), metavar="N", help="Live: stop after N packets.")
+@click.option("--write", "write_path", metavar="FILE",
+              help="Live: also keep the raw packets as pcapng (created 0600; Wireshark and "
+                   "`tracer capture --read` open it).")
+@click.option("--snaplen", type=click.IntRange(64, 262144), default=262144, show_default=True,
+              help="Live: bytes kept of each packet. HTTP/2 frames cut short count as missed "
+                   "bytes; frame headers at segment starts are still read.")
+@click.option("--filter", "user_filter", metavar="EXPR",
+              help="Live: an extra BPF filter (tcpdump syntax), ANDed with the port filter. "
+                   "Needs libpcap; without it tracer filters on --port by itself.")
+@click.option("--buffer-size", type=click.IntRange(4096), default=32 << 20, show_default=True,
+              metavar="BYTES", help="Live: kernel receive buffer; too small and the kernel "
+                                    "drops packets (counted and reported, never hidden).")
+@click.option("--no-attribution", is_flag=True,
+              help="Live: do not look up which process owns each connection.")
+@click.option("--user", metavar="NAME",
+              help="Live: drop root for this user once the packet sockets are open. "
+                   "Attribution then sees only that user's processes (the kernel hides the "
+                   "file descriptors of others), and the database is written as that user.")
 @click.option("--grpc-status/--no-grpc-status", default=False, show_default=True,
               help="Also decode the server's header blocks, for the grpc-status of every RPC "
                    "(a trailers event each). Off by default: it costs about a third more "
                    "time, and the client's requests (methods) are decoded either way.")
 @click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None, metavar="N",
-              help="Worker processes for reading files, each analysing a share of the "
-                   "connections. Default: one per CPU (up to 4) for files over 16 MB, else 1.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str, grpc_status: bool,
-            jobs: int | None, quiet: bool) -> None:
-    """Rebuild the gRPC connections of a capture into the database.
+              help="Files: worker processes, each analysing a share of the connections. "
+                   "Default: one per CPU (up to 4) for files over 16 MB, else 1.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, status line or summary.")
+def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
+            interfaces: tuple[str, ...], duration: str | None, count: int | None,
+            write_path: str | None, snaplen: int, user_filter: str | None, buffer_size: int,
+            no_attribution: bool, user: str | None, grpc_status: bool, jobs: int | None,
+            quiet: bool) -> None:
+    """Rebuild the gRPC connections on a port into the database: live, or from files.
 
-    Reads the files as a stream (a file is never loaded whole), shows a progress bar on a
-    terminal and prints a summary. Reading the same file into the same database again
-    replaces the earlier import instead of duplicating it.
+    \b
+    Live (needs root or CAP_NET_RAW):
+      tracer capture --port 9090                 # until Ctrl-C, with a status line
+      tracer capture --port 9090 --duration 10m --write dump.pcapng
+    From capture files:
+      tracer capture --read dump.pcapng --port 9090
 
-    Exit status: 0 on success, 3 when a file is damaged or not a capture (everything
-    decoded before the damage is kept), 130 when interrupted (what was read is kept).
+    Live, the connections already open when it starts are read from the kernel's socket
+    table and recorded at once; every client connection whose client end is a local
+    socket (the agent runs on the client host, or both are on one host, containers
+    included) is attributed to its process. SIGINT and SIGTERM stop it cleanly: open
+    connections are stored as open at the end and it exits 0. A second run into the same
+    database adds a new capture.
+
+    Files are read as a stream (never loaded whole), with a progress bar on a terminal.
+    Reading the same file into the same database again replaces the earlier import.
+
+    Exit status: 0 on success; 2 for bad usage; 3 when a file is damaged or not a capture
+    (everything decoded before the damage is kept); 4 when live capture cannot start;
+    130 when a file read is interrupted (what was read is kept).
     """
+    if reads:
+        live_only = {"--iface": interfaces, "--duration": duration, "--count": count,
+                     "--write": write_path, "--filter": user_filter, "--user": user}
+        given = [name for name, value in live_only.items() if value]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply to live capture, "
+                                   "not with --read")
+        _capture_files(reads, ports, db_path, grpc_status, jobs, quiet)
+        return
+    _capture_live(ports, db_path, list(interfaces) or ["any"], _duration(duration), count,
+                  write_path, snaplen, user_filter, buffer_size, not no_attribution, user,
+                  grpc_status, quiet)
+
+
+def _capture_live(ports: tuple[int, ...], db_path: str, interfaces: list[str],
+                  duration: float | None, count: int | None, write_path: str | None,
+                  snaplen: int, user_filter: str | None, buffer_size: int, attribution: bool,
+                  user: str | None, grpc_status: bool, quiet: bool) -> None:
+    from cli.live import CaptureError, LiveSettings, run_live
+
+    settings = LiveSettings(
+        ports=frozenset(ports), db_path=db_path, interfaces=interfaces, duration=duration,
+        count=count, write_path=write_path, snaplen=snaplen, buffer_bytes=buffer_size,
+        user_filter=user_filter, attribution=attribution, user=user,
+        decode_server_headers=grpc_status,
+    )
+    interactive = not quiet and sys.stderr.isatty()
+
+    def status(line: str) -> None:
+        if interactive:
+            click.echo("\r\033[K" + line, nl=False, err=True)
+        elif not quiet:
+            click.echo(line, err=True)
+
+    if not quiet:
+        click.echo(f"capturing TCP port {','.join(map(str, ports))} on {','.join(interfaces)} "
+                   f"into {db_path} (Ctrl-C to stop)", err=True)
+    try:
+        result = run_live(settings, status if not quiet else None)
+    except CaptureError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CAPTURE)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    if interactive:
+        click.echo("", err=True)
+    if result.error:
+        click.echo(f"error: {result.error}", err=True)
+    if not quiet:
+        rate = result.packets / result.elapsed_s if result.elapsed_s > 0 else 0.0
+        click.echo(
+            f"captured {result.packets:,} packets in {result.elapsed_s:.1f}s ({rate:,.0f}/s); "
+            f"kernel: {result.received:,} passed the filter, {result.dropped:,} dropped",
+            err=True,
+        )
+        click.echo(
+            f"{result.connections:,} connections ({result.seeded:,} already open at the "
+            f"start), {result.open_at_end:,} open at the end; attributed to a process: "
+            f"{result.attributed:,}, remote clients: {result.remote:,}, closed before they "
+            f"could be attributed: {result.unattributed_closed:,} -> {db_path} "
+            f"(capture {result.capture_id})"
+            + (f"; {result.written_packets:,} packets written to {write_path}"
+               if write_path else ""),
+            err=True,
+        )
+    if result.status == "error":
+        sys.exit(1)
+
+
+def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
+                   grpc_status: bool, jobs: int | None, quiet: bool) -> None:
     from cli.runner import read_files
 
-    if not reads:
-        raise click.UsageError(
-            "live capture is not part of this version yet: give a capture file with "
-            "--read FILE (record one with: tcpdump -i any -w dump.pcap tcp port PORT)"
-        )
     show_progress = not quiet and sys.stderr.isatty()
     bar: Any = None
     last_total: list[int] = [0]
@@ -167,18 +288,27 @@ def report(db_path: str, fmt: str, preface_timeout: float) -> None:
     without HTTP/2), a verdict (leak, suspect, ok) and a one-line reason.
     `--format json` prints the object documented in DESIGN.md.
     """
+    print_report(db_path, fmt, preface_timeout)
+
+
+def print_report(db_path: str, fmt: str = "table",
+                 preface_timeout: float = DEFAULT_PREFACE_TIMEOUT) -> None:
     db = _open_existing(db_path)
     data = build_report(db, preface_timeout=preface_timeout)
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
         return
-    headers = ["CLIENT", "OPENED", "CLOSED", "OPEN", "HEALTH", "OLDEST OPEN", "GROWTH/MIN",
-               "RPC/CONN", "TOP METHOD", "VERDICT", "REASON"]
+    headers = ["CLIENT", "PID", "PROCESS", "OPENED", "CLOSED", "OPEN", "HEALTH", "OLDEST OPEN",
+               "GROWTH/MIN", "RPC/CONN", "TOP METHOD", "VERDICT", "REASON"]
     rows = []
     for c in data["clients"]:
         top = next(iter(c["methods"].items()), None)
+        process = c["process"]
+        if fmt == "table" and process and len(process) > 40:
+            process = process[:39] + "…"
         rows.append([
-            c["client"], c["opened"], c["closed"], c["open"], c["health_checks"],
+            c["client"], c["pid"], process, c["opened"], c["closed"], c["open"],
+            c["health_checks"],
             fmt_age(c["oldest_open_s"]), c["open_growth_per_min"], c["rpcs_per_connection"],
             f"{top[0]} ({top[1]})" if top else None, c["verdict"], c["reason"],
         ])
@@ -208,6 +338,33 @@ def report(db_path: str, fmt: str, preface_timeout: float) -> None:
         f"RST from server {s['resets']['server']}, from clients {s['resets']['client']}; "
         f"refused {s['refused']}"
     )
+
+
+@main.command()
+@click.option("--duration", default="20s", show_default=True, metavar="TIME",
+              help="How long to capture the scenario.")
+@click.option("--db", "db_path", metavar="FILE",
+              help="Keep the demo's database here (default: a temporary one, removed).")
+@click.option("--record-shipped", metavar="FILE", hidden=True,
+              help="Maintainers: record the capture the demo falls back on (root, ip netns).")
+def demo(duration: str, db_path: str | None, record_shipped: str | None) -> None:
+    """Watch tracer find a leaking gRPC client, live, on this machine.
+
+    Starts a grpcio server and three client processes on loopback: one closes its
+    channels, one keeps one pooled channel, one opens a new channel for every call and
+    never closes it. Captures them live with process attribution, then prints the report,
+    which names the leaking process (pid and command line) and only it. Exits 0 when it
+    does. Without capture privileges it says so and analyses a recorded capture of the
+    same scenario that ships with tracer.
+    """
+    from cli import demo as demo_module
+
+    seconds = _duration(duration) or 20.0
+    if record_shipped:
+        sys.exit(demo_module.record_shipped(record_shipped, seconds, click.echo))
+    code = demo_module.run(seconds, db_path, click.echo,
+                           lambda path: print_report(path, "table"))
+    sys.exit(code)
 
 
 @main.command()

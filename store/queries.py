@@ -18,6 +18,12 @@ _HEALTH_CHECK = (
     " AND established_ts IS NOT NULL AND COALESCE(protocol, '') != 'tls')"
 )
 
+# Clients are processes where attributed (pid plus start time: pids are reused), else IPs.
+_CLIENT_KEY = (
+    "CASE WHEN pid IS NOT NULL THEN 'pid:' || pid || ':' || process_start"
+    " ELSE 'ip:' || orig_h END"
+)
+
 # How a closed connection ended, one kind each: a GOAWAY before the TCP close wins, then
 # a RST, then whoever sent the first FIN.
 _CLOSED_BY = """
@@ -80,12 +86,14 @@ def _verdict(c: dict[str, Any], span_s: float) -> tuple[str, str]:
     span = _duration(span_s)
     if left_behind >= 3 and closed * 2 < opened:
         rate = f" ({c['open_growth_per_min']:.1f}/min)" if minutes >= 1 else ""
+        seen = opened - c["pre_existing"]
+        before = (f"; {c['pre_existing']} more were open before the capture began"
+                  if c["pre_existing"] else "")
         each = "1 RPC each" if rpc is not None and round(rpc, 1) == 1.0 else (
-            f"{rpc:.1f} RPCs each" if rpc is not None else "no RPCs"
-        )
+            f"{rpc:.1f} RPCs each" if rpc else "no RPC seen")
         via = f"; method {method}" if method else ""
         return "leak", (
-            f"opened {opened}, closed {closed} in {span}{rate}; {each}, then idle{via}; "
+            f"opened {seen}, closed {closed} in {span}{rate}{before}; {each}, then idle{via}; "
             f"{still_open} still open, oldest {_duration(c['oldest_open_s'] or 0)}"
         )
     if left_behind >= 2:
@@ -117,7 +125,8 @@ def _duration(seconds: float) -> str:
 
 def client_report(db: sqlite_utils.Database, *, end_ts: float | None = None,
                   start_ts: float | None = None) -> list[dict[str, Any]]:
-    """One entry per client (by IP), as DESIGN.md's report contract."""
+    """One entry per client, as DESIGN.md's report contract: a process (pid and its start
+    time) where the connection was attributed, else the client IP."""
     summary = capture_summary(db)
     end = end_ts if end_ts is not None else (summary["last_ts"] or 0.0)
     start = start_ts if start_ts is not None else (summary["first_ts"] or end)
@@ -126,10 +135,11 @@ def client_report(db: sqlite_utils.Database, *, end_ts: float | None = None,
         db,
         f"""
         WITH c AS (
-            SELECT *, {_HEALTH_CHECK} AS hc, {_CLOSED_BY} AS closed_by
+            SELECT *, {_HEALTH_CHECK} AS hc, {_CLOSED_BY} AS closed_by, {_CLIENT_KEY} AS ckey
             FROM connections
         )
-        SELECT orig_h AS client,
+        SELECT ckey, MIN(orig_h) AS client, COUNT(DISTINCT orig_h) AS addresses,
+               MAX(pid) AS pid, MAX(process_start) AS process_start,
                SUM(NOT hc) AS opened,
                SUM(NOT hc AND close_kind IS NOT NULL) AS closed,
                SUM(is_open) AS open,
@@ -142,35 +152,42 @@ def client_report(db: sqlite_utils.Database, *, end_ts: float | None = None,
                SUM(closed_by = 'port_reused' AND NOT hc) AS by_port_reused,
                MIN(CASE WHEN is_open THEN COALESCE(syn_ts, ts) END) AS oldest_open_ts,
                SUM(is_open AND mid_stream = 0) AS opened_and_left_open,
+               SUM(mid_stream AND NOT hc) AS pre_existing,
                SUM(CASE WHEN NOT hc THEN streams ELSE 0 END) AS rpcs,
                MAX(CASE WHEN is_open THEN COALESCE(last_activity_ts, ts) END) AS last_open_activity
         FROM c
-        GROUP BY orig_h
+        GROUP BY ckey
         """,
     )
+    processes = {
+        (r["pid"], r["start_time"]): r
+        for r in _rows(db, "SELECT * FROM processes")
+    }
     methods: dict[str, dict[str, int]] = {}
     for r in _rows(
         db,
-        """
-        SELECT c.orig_h AS client, m.method AS method, SUM(m.count) AS n
-        FROM conn_methods m JOIN connections c ON c.uid = m.uid
-        GROUP BY c.orig_h, m.method
+        f"""
+        SELECT {_CLIENT_KEY} AS ckey, m.method AS method, SUM(m.count) AS n
+        FROM conn_methods m JOIN connections ON connections.uid = m.uid
+        GROUP BY ckey, m.method
         ORDER BY n DESC, m.method
         """,
     ):
-        methods.setdefault(r["client"], {})[r["method"]] = r["n"]
+        methods.setdefault(r["ckey"], {})[r["method"]] = r["n"]
     out = []
     for r in rows:
         opened = r["opened"] or 0
+        proc = processes.get((r["pid"], r["process_start"])) if r["pid"] is not None else None
         c: dict[str, Any] = {
             "client": r["client"],
-            "pid": None,
-            "process": None,
-            "container": None,
+            "pid": r["pid"],
+            "process": (proc["cmdline"] or proc["comm"]) if proc else None,
+            "container": proc["container"] if proc else None,
             "opened": opened,
             "closed": r["closed"] or 0,
             "open": r["open"] or 0,
             "open_few_rpcs": r["open_few_rpcs"] or 0,
+            "pre_existing": r["pre_existing"] or 0,
             "closed_by": {
                 "client_fin": r["by_client_fin"] or 0,
                 "server_fin": r["by_server_fin"] or 0,
@@ -185,12 +202,20 @@ def client_report(db: sqlite_utils.Database, *, end_ts: float | None = None,
             if span > 0 else None,
             "rpcs": r["rpcs"] or 0,
             "rpcs_per_connection": round((r["rpcs"] or 0) / opened, 2) if opened else None,
-            "methods": methods.get(r["client"], {}),
+            "methods": methods.get(r["ckey"], {}),
         }
+        if proc is not None:
+            c["process_start"] = proc["start_time"]
+            c["user"] = proc["user"]
+            c["exe"] = proc["exe"]
+            c["pod"] = proc["pod"]
+        if r["addresses"] > 1:
+            c["addresses"] = r["addresses"]
         c["verdict"], c["reason"] = _verdict(c, span)
         out.append(c)
     order = {"leak": 0, "suspect": 1, "ok": 2}
-    out.sort(key=lambda c: (order[c["verdict"]], -c["open"], -c["opened"], c["client"]))
+    out.sort(key=lambda c: (order[c["verdict"]], -c["open"], -c["opened"], c["client"],
+                            c["pid"] or 0))
     return out
 
 

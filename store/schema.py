@@ -174,6 +174,32 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
+@migrations()
+def m002_attribution(db: sqlite_utils.Database) -> None:
+    """Which process owns each connection's client end (live capture)."""
+    db.execute(
+        """
+        CREATE TABLE processes (
+            pid INTEGER NOT NULL,
+            start_time REAL NOT NULL,      -- with pid, names one process (pids are reused)
+            ppid INTEGER,
+            user TEXT,
+            comm TEXT,
+            cmdline TEXT,
+            exe TEXT,
+            container TEXT,
+            pod TEXT,
+            netns INTEGER,
+            PRIMARY KEY (pid, start_time)
+        )
+        """
+    )
+    for column, kind in (("pid", "INTEGER"), ("process_start", "REAL"),
+                         ("attribution", "TEXT"), ("attributed_ts", "REAL")):
+        db.execute(f"ALTER TABLE connections ADD COLUMN {column} {kind}")
+    db.execute("CREATE INDEX connections_process ON connections(pid, process_start)")
+
+
 def open_database(path: str) -> sqlite_utils.Database:
     """Open (creating 0600 if needed) and migrate the database at ``path``."""
     if path != ":memory:":

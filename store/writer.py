@@ -16,9 +16,13 @@ from tracer.record import RECORD_FIELDS, continued_record
 MAX_ANOMALY_ROWS_PER_REASON = 1000
 
 _CONN_COLUMNS = RECORD_FIELDS + ("capture_id",)
+# An upsert, not a replace: a live capture writes an open connection again as it changes,
+# and the attribution columns (written separately) must survive that.
 _CONN_SQL = (
-    f"INSERT OR REPLACE INTO connections ({', '.join(_CONN_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _CONN_COLUMNS)})"
+    f"INSERT INTO connections ({', '.join(_CONN_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _CONN_COLUMNS)}) "
+    f"ON CONFLICT (uid) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _CONN_COLUMNS if c != "uid")
 )
 _EVENT_SQL = (
     "INSERT INTO events (uid, n, capture_id, ts, name, dir, stream_id, code, value, detail)"
@@ -37,10 +41,6 @@ def stored(event: ConnectionEvent) -> bool:
         return False
     return not (name in _FOLDED_FIRSTS and getattr(event, "first", False))
 _METHOD_SQL = "INSERT OR REPLACE INTO conn_methods (uid, method, count) VALUES (?, ?, ?)"
-_ADD_METHOD_SQL = (
-    "INSERT INTO conn_methods (uid, method, count) VALUES (?, ?, ?)"
-    " ON CONFLICT (uid, method) DO UPDATE SET count = count + excluded.count"
-)
 _CONTINUE_SQL = (
     "SELECT * FROM connections WHERE orig_p = ? AND orig_h = ? AND resp_p = ? AND resp_h = ?"
     " AND is_open = 1 AND end_ts <= ? ORDER BY end_ts DESC LIMIT 1"
@@ -67,6 +67,8 @@ class CaptureWriter:
         self.open_at_end = 0
         self.events = 0
         self.continued = 0  # connections folded into a row of an earlier capture
+        # Continuations still being written: new uid -> (old row as it was, its methods).
+        self._continued: dict[str, tuple[dict[str, Any], dict[str, int]]] = {}
 
     @classmethod
     def start(cls, db: sqlite_utils.Database, *, kind: str, ports: Iterable[int],
@@ -126,26 +128,42 @@ class CaptureWriter:
         The same 4-tuple, an earlier end, still open, and each side's sequence numbers
         moving forward from where the old row stopped (within 2^30) make it the same
         connection: rotated capture files read one run at a time, or an agent restarted.
-        The bytes in between were not captured: they count as missed."""
+        The bytes in between were not captured: they count as missed. A live capture
+        writes an open connection again as it changes: each time the merge starts over
+        from the old row as it was."""
         conn = self.db.conn
-        cur = conn.execute(_CONTINUE_SQL, [rec["orig_p"], rec["orig_h"], rec["resp_p"],
-                                           rec["resp_h"], rec["ts"]])
-        row = cur.fetchone()
-        if row is None:
-            return False
-        old = dict(zip([d[0] for d in cur.description], row))
+        known = self._continued.get(rec["uid"])
+        if known is None:
+            cur = conn.execute(_CONTINUE_SQL, [rec["orig_p"], rec["orig_h"], rec["resp_p"],
+                                               rec["resp_h"], rec["ts"]])
+            row = cur.fetchone()
+            if row is None:
+                return False
+            old = dict(zip([d[0] for d in cur.description], row))
+            methods = dict(conn.execute(
+                "SELECT method, count FROM conn_methods WHERE uid = ?", [old["uid"]]
+            ).fetchall())
+            if continued_record(old, rec) is None:
+                return False
+            known = self._continued[rec["uid"]] = (old, methods)
+            self.continued += 1
+        old, methods = known
         merged = continued_record(old, rec)
-        if merged is None:
-            return False
+        assert merged is not None
         uid = old["uid"]
         conn.execute(
             f"UPDATE connections SET {', '.join(f'{k} = ?' for k in merged)} WHERE uid = ?",
             [*merged.values(), uid],
         )
-        conn.executemany(_ADD_METHOD_SQL, [(uid, m, c) for m, c in rec["methods"].items()])
+        total = dict(methods)
+        for m, c in rec["methods"].items():
+            total[m] = total.get(m, 0) + c
+        conn.execute("DELETE FROM conn_methods WHERE uid = ?", [uid])
+        conn.executemany(_METHOD_SQL, [(uid, m, c) for m, c in total.items()])
         for table in ("events", "anomalies"):
             conn.execute(f"UPDATE {table} SET uid = ? WHERE uid = ?", [uid, rec["uid"]])
-        self.continued += 1
+        if rec["end_reason"] not in (None, "open_at_end"):
+            del self._continued[rec["uid"]]
         return True
 
     def add_source(self, n: int, path: str, *, fmt: str, compressed: bool, size: int | None,

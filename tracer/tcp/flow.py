@@ -161,6 +161,8 @@ class Connection:
         "established_ts",
         "events_dropped",
         "events_left",
+        "flushed_ts",
+        "from_snapshot",
         "history",
         "last_activity",
         "last_ts",
@@ -193,6 +195,8 @@ class Connection:
         self.close_kind: str | None = None  # client_fin server_fin client_rst server_rst reused
         self.history = ""
         self.mid_stream = False
+        self.from_snapshot = False  # open in the kernel's socket table when capture began
+        self.flushed_ts: float | None = None  # last_ts when a live capture last stored it
         self.syn_retries = 0
         self.missed_bytes = 0
         self.observer: ConnectionObserver | None = None
@@ -305,6 +309,9 @@ class FlowTable:
         self.events: list[Any] = []
         self.finished: list[Connection] = []
         self.anomalies: list[AnomalyFound] = []
+        # Connections created since the caller last took them (a live capture hands new
+        # connections to attribution at once); None when nobody asks.
+        self.opened: list[Connection] | None = None
         # Counters.
         self.connections_seen = 0
         self.late_packets = 0
@@ -324,6 +331,39 @@ class FlowTable:
 
     def anomaly(self, ts: float, uid: str | None, reason: str, detail: str = "") -> None:
         self.anomalies.append(AnomalyFound(ts, uid, reason, detail))
+
+    def seed(self, ts: float, orig_key: bytes) -> Connection:
+        """A connection the kernel's socket table showed open when capture began: tracked
+        from now on as picked up mid-stream (OTH), its SYN time unknown."""
+        entry = self._flows.get(orig_key)
+        if entry is not None:
+            return entry[0]
+        rkey = reverse_key(orig_key)
+        conn = Connection(connection_uid(orig_key, ts), orig_key, ts, self.events,
+                          self.max_events)
+        conn.mid_stream = True
+        conn.from_snapshot = True
+        self.connections_seen += 1
+        if self.opened is not None:
+            self.opened.append(conn)
+        self._flows[orig_key] = (conn, conn.orig, conn.resp)
+        self._flows[rkey] = (conn, conn.resp, conn.orig)
+        self._attach_observer(conn, ts, mid_stream=True)
+        conn.emit(PickedUpMidStream, ts, ORIG)
+        return conn
+
+    def _attach_observer(self, conn: Connection, ts: float, *, mid_stream: bool) -> None:
+        if self.observer_factory is None:
+            return
+        observer = self.observer_factory(conn)
+        if observer is None:
+            return
+        conn.observer = observer
+        conn.orig.sink = observer.orig
+        conn.resp.sink = observer.resp
+        if mid_stream:
+            observer.orig.lost_start(ts)
+            observer.resp.lost_start(ts)
 
     def segment(self, ts: float, seg: SegmentTuple) -> None:
         """Account one decoded TCP segment."""
@@ -431,23 +471,17 @@ class FlowTable:
         okey, other = (key, rkey) if sender_is_orig else (rkey, key)
         conn = Connection(connection_uid(okey, ts), okey, ts, self.events, self.max_events)
         self.connections_seen += 1
+        if self.opened is not None:
+            self.opened.append(conn)
         orig, resp = conn.orig, conn.resp
         self._flows[okey] = (conn, orig, resp)
         self._flows[other] = (conn, resp, orig)
         self._finished_keys.pop(okey, None)
         self._finished_keys.pop(other, None)
-        if self.observer_factory is not None:
-            observer = self.observer_factory(conn)
-            if observer is not None:
-                conn.observer = observer
-                orig.sink = observer.orig
-                resp.sink = observer.resp
+        self._attach_observer(conn, ts, mid_stream=not flags & SYN)
         if not flags & SYN:
             conn.mid_stream = True
             conn.emit(PickedUpMidStream, ts, ORIG if sender_is_orig else RESP)
-            for ep in (orig, resp):
-                if ep.sink is not None:
-                    ep.sink.lost_start(ts)
         elif flags & ACK:
             # SYN-ACK first: the client's SYN was missed (syn_ts stays unknown), but the
             # connection opened within the capture and the client's next sequence number

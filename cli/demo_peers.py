@@ -1,0 +1,99 @@
+"""The demo's gRPC programs: a grpcio server and clients that close, pool or leak connections.
+
+    python -m cli.demo_peers server PORT [--bind ADDRESS]
+    python -m cli.demo_peers {close,pool,leak} HOST:PORT [--interval S] [--lifetime S]
+
+Generic handlers with raw bytes: no protoc, no generated code. Each client calls
+/demo.Inventory/Lookup every --interval seconds until SIGTERM or --lifetime:
+- close: a new channel for each call, closed after it (healthy);
+- pool:  one channel for every call (healthy: one long-lived connection);
+- leak:  a new channel for each call, never closed: one more idle connection per call,
+         the bug this tool finds.
+Each channel gets its own TCP connection (grpc.use_local_subchannel_pool, DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from types import FrameType
+from typing import Any
+
+import grpc
+
+SERVICE = "demo.Inventory"
+METHOD = f"/{SERVICE}/Lookup"
+OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.enable_http_proxy", 0)]
+
+
+def serve(port: int, bind: str) -> int:
+    def lookup(request: bytes, context: Any) -> bytes:
+        return b"item:" + request
+
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE, {"Lookup": grpc.unary_unary_rpc_method_handler(lookup)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"{bind}:{port}")
+    server.start()
+    print("READY", flush=True)
+    done = threading.Event()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    done.wait()
+    server.stop(grace=1).wait()
+    return 0
+
+
+def client(mode: str, target: str, interval: float, lifetime: float) -> int:
+    done = threading.Event()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    leaked = []
+    pooled = grpc.insecure_channel(target, options=OPTIONS) if mode == "pool" else None
+    deadline = time.monotonic() + lifetime
+    n = 0
+    while not done.is_set() and time.monotonic() < deadline:
+        channel = pooled or grpc.insecure_channel(target, options=OPTIONS)
+        call = channel.unary_unary(METHOD)
+        try:
+            call(f"sku-{n}".encode(), timeout=5)
+        except grpc.RpcError as exc:
+            print(f"call failed: {exc.code()}", file=sys.stderr, flush=True)
+        n += 1
+        if mode == "close":
+            channel.close()
+        elif mode == "leak":
+            leaked.append(channel)  # the bug: kept, never closed
+        done.wait(interval)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cli.demo_peers")
+    ap.add_argument("mode", choices=["server", "close", "pool", "leak"])
+    ap.add_argument("where", help="PORT for the server, HOST:PORT for clients")
+    ap.add_argument("--interval", type=float, default=0.5)
+    ap.add_argument("--lifetime", type=float, default=300.0)
+    ap.add_argument("--bind", default="127.0.0.1", help="server: address to listen on")
+    args = ap.parse_args(argv)
+    if args.mode == "server":
+        return serve(int(args.where), args.bind)
+    return client(args.mode, args.where, args.interval, args.lifetime)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,512 @@
+"""Live capture runs: packets from the kernel into the analyzer, records into the store, and
+each local client connection attributed to its process.
+
+Two processes:
+- this one reads the packet sockets, runs the analyzer and, every FLUSH_INTERVAL seconds,
+  sends what changed (new events, finished connections, and the open connections that
+  moved) to
+- the store worker, which owns the database (a commit per batch, so `kill -9` of either
+  loses at most about a second) and attributes connections to processes by reading the
+  kernel's socket tables, off the packet path.
+
+At start the kernel's socket table seeds the flow table with the connections already
+open on the port (a leak made yesterday shows in the first report), attributed like the
+others.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from store.schema import open_database
+from store.writer import CaptureWriter
+from tracer import __version__
+from tracer.attribution.join import client_sockets, open_connections
+from tracer.attribution.sockdiag import SockDiag
+from tracer.attribution.sockets import (
+    ESTABLISHED,
+    ProcessInfo,
+    SocketEntry,
+    other_namespaces,
+    process_info,
+    socket_owners,
+    socket_tables,
+)
+from tracer.pipeline import Analyzer, Drained
+from tracer.sources.live import CaptureError, LiveCapture, drop_privileges
+from tracer.sources.pcapwriter import PcapngWriter
+
+FLUSH_INTERVAL = 0.5  # seconds between two batches to the store worker
+NEW_CONNECTION_INTERVAL = 0.0  # new connections go to attribution as soon as they appear
+READ_TIMEOUT = 0.1
+BATCH = 4096
+ATTRIBUTION_INTERVAL = 0.5
+REMOTE_AFTER = 3.0  # seconds without a local socket before a client counts as remote
+FULL_SCAN_INTERVAL = 1.0  # other namespaces' tables (slow to read) at most this often
+QUICK_SCAN_INTERVAL = 0.0
+
+
+@dataclass
+class LiveSettings:
+    ports: frozenset[int]
+    db_path: str
+    interfaces: list[str] = field(default_factory=lambda: ["any"])
+    duration: float | None = None
+    count: int | None = None
+    write_path: str | None = None
+    snaplen: int = 262144
+    buffer_bytes: int = 32 << 20
+    user_filter: str | None = None
+    attribution: bool = True
+    user: str | None = None
+    decode_server_headers: bool = False
+
+
+@dataclass
+class LiveResult:
+    capture_id: int = 0
+    packets: int = 0
+    segments: int = 0
+    connections: int = 0
+    open_at_end: int = 0
+    seeded: int = 0
+    received: int = 0
+    dropped: int = 0
+    attributed: int = 0
+    unattributed_closed: int = 0
+    remote: int = 0
+    elapsed_s: float = 0.0
+    written_packets: int = 0
+    status: str = "complete"
+    error: str | None = None
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag; the loop finishes cleanly at its next turn."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = {
+            sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _until_idle(packets: Iterator[tuple[float, int, bytes] | None],
+                writer: PcapngWriter | None,
+                opened: list[Any] | None) -> Iterator[tuple[float, int, bytes]]:
+    """Packets until the source reports a quiet moment (None) or a new connection appears
+    (it goes to attribution at once), teed to --write."""
+    for item in packets:
+        if item is None:
+            return
+        if writer is not None:
+            writer.write(item[0], item[2])
+        yield item
+        if opened:
+            return
+
+
+def _changed_open(analyzer: Analyzer, since: float) -> list[dict[str, Any]]:
+    """Records of the open connections that changed since the last flush."""
+    from tracer.record import build_record
+
+    out = []
+    for conn in analyzer.table.connections():
+        if conn.done:
+            continue
+        if conn.flushed_ts is None or conn.last_ts > conn.flushed_ts:
+            conn.flushed_ts = conn.last_ts
+            out.append(build_record(conn))
+    return out
+
+
+def run_live(settings: LiveSettings,
+             status: Callable[[str], None] | None = None) -> LiveResult:
+    """Capture until the duration, the count or a signal; return the totals."""
+    result = LiveResult()
+    capture = LiveCapture(settings.interfaces, settings.ports, snaplen=settings.snaplen,
+                          buffer_bytes=settings.buffer_bytes, user_filter=settings.user_filter)
+    try:
+        if settings.user:
+            drop_privileges(settings.user)
+        return _run(settings, capture, result, status)
+    finally:
+        capture.close()
+
+
+def _run(settings: LiveSettings, capture: LiveCapture, result: LiveResult,
+         status: Callable[[str], None] | None) -> LiveResult:
+    ctx = multiprocessing.get_context("fork")
+    reader, sender = ctx.Pipe(duplex=False)
+    rows = ctx.Value("q", 0)
+    worker = ctx.Process(target=_store_worker, args=(reader, settings, rows), daemon=True)
+    worker.start()
+    reader.close()
+    hello = None
+    writer = PcapngWriter(settings.write_path, snaplen=settings.snaplen,
+                          comment=f"tracer {__version__} live capture") \
+        if settings.write_path else None
+    analyzer = Analyzer(settings.ports, decode_server_headers=settings.decode_server_headers)
+    if settings.attribution:
+        analyzer.table.opened = []
+    stop = _Stop()
+    started = time.monotonic()
+    started_wall = time.time()
+    try:
+        # Seed from the kernel's table after the sockets are open: a connection that
+        # opens in between is seen both ways and stays one connection.
+        now = time.time()
+        diag = SockDiag()
+        try:
+            table = socket_tables(settings.ports, own=diag.dump(settings.ports),
+                                  own_netns=diag.netns)
+        finally:
+            diag.close()
+        for oc in open_connections(table, settings.ports):
+            if oc.state == ESTABLISHED:
+                analyzer.table.seed(now, oc.key())
+                result.seeded += 1
+        packets = capture.packets(READ_TIMEOUT)
+        last_flush = last_status = last_new = time.monotonic()
+        flushed_at = 0.0
+        last_packets = 0
+        while not stop.requested:
+            limit = BATCH
+            if settings.count is not None:
+                limit = min(limit, settings.count - analyzer.stats.packets)
+                if limit <= 0:
+                    break
+            analyzer.feed(_until_idle(packets, writer, analyzer.table.opened), limit)
+            mono = time.monotonic()
+            if settings.duration is not None and mono - started >= settings.duration:
+                break
+            opened = analyzer.table.opened
+            if opened and mono - last_new >= NEW_CONNECTION_INTERVAL:
+                # New connections go to attribution at once: the socket of a short call
+                # is gone within milliseconds.
+                from tracer.record import build_record
+
+                sender.send(("opened", [build_record(c) for c in opened if not c.done]))
+                opened.clear()
+                last_new = mono
+            if mono - last_flush >= FLUSH_INTERVAL:
+                analyzer.table.tick(time.time())
+                drained = analyzer.drain()
+                records = drained.records + _changed_open(analyzer, flushed_at)
+                flushed_at = time.time()
+                received, dropped = capture.statistics()
+                sender.send(("batch", records, drained.events, drained.anomalies,
+                             _totals(analyzer, received, dropped, started_wall)))
+                last_flush = mono
+                if writer is not None:
+                    writer.flush()
+            if status is not None and mono - last_status >= 1.0:
+                rate = (analyzer.stats.packets - last_packets) / (mono - last_status)
+                last_packets = analyzer.stats.packets
+                last_status = mono
+                status(_status_line(analyzer, rate, capture.dropped, rows.value))
+        analyzer.finish()
+        final: Drained = analyzer.drain()
+        received, dropped = capture.statistics()
+        result.elapsed_s = time.monotonic() - started
+        totals = _totals(analyzer, received, dropped, started_wall)
+        sender.send(("batch", final.records, final.events, final.anomalies, totals))
+        sender.send(("finish", "complete", None, result.elapsed_s))
+        if worker.is_alive():
+            hello = _wait_summary(worker, settings)
+    finally:
+        stop.restore()
+        if writer is not None:
+            writer.close()
+            result.written_packets = writer.packets
+        sender.close()
+        worker.join(timeout=30)
+    stats = analyzer.stats
+    result.packets = stats.packets
+    result.segments = stats.segments
+    result.received, result.dropped = capture.received, capture.dropped
+    if hello is not None:
+        for key, value in hello.items():
+            setattr(result, key, value)
+    elif worker.exitcode not in (0, None):
+        result.status = "error"
+        result.error = f"the store worker exited with status {worker.exitcode}"
+    return result
+
+
+def _wait_summary(worker: Any, settings: LiveSettings) -> dict[str, Any] | None:
+    worker.join(timeout=60)
+    db = open_database(settings.db_path)
+    try:
+        row = db.execute(
+            "SELECT id, connections, open_at_end FROM captures ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        stats = dict(db.execute(
+            "SELECT name, value FROM capture_stats WHERE capture_id = ?", [row[0]]
+        ).fetchall())
+    finally:
+        db.close()
+    return {
+        "capture_id": row[0], "connections": row[1], "open_at_end": row[2],
+        "attributed": stats.get("attribution.local", 0),
+        "unattributed_closed": stats.get("attribution.closed_before_attribution", 0),
+        "remote": stats.get("attribution.remote", 0),
+    }
+
+
+def _totals(analyzer: Analyzer, received: int, dropped: int, started: float) -> dict[str, Any]:
+    """Capture totals so far. A live capture's window is its wall-clock run, not the span
+    from its first packet to its last: a quiet port is observed too."""
+    s = analyzer.stats
+    return {"packets": s.packets, "segments": s.segments, "first_ts": started,
+            "last_ts": max(time.time(), s.last_ts or 0.0), "received": received,
+            "drops": dropped}
+
+
+def _status_line(analyzer: Analyzer, rate: float, drops: int, rows: int) -> str:
+    conns = analyzer.table.connections()
+    clients = len({c.orig_key[: len(c.orig_key) // 2 - 2] for c in conns if c.is_open})
+    return (f"{analyzer.stats.packets:,} packets ({rate:,.0f}/s), "
+            f"{sum(1 for c in conns if c.is_open):,} open connections, {clients:,} clients, "
+            f"kernel drops {drops:,}, rows written {rows:,}")
+
+
+# -- the store worker ------------------------------------------------------------------
+
+
+class Attributor:
+    """Matches connections to the sockets of local processes, a scan at a time."""
+
+    def __init__(self, ports: frozenset[int]) -> None:
+        self.ports = ports
+        self.pending: dict[str, tuple[tuple[str, int], tuple[str, int], float]] = {}
+        self.settled: set[str] = set()  # attributed or judged remote, still open
+        self.processes: dict[int, ProcessInfo] = {}
+        self.counts: dict[str, int] = {}
+        self.local_addresses: set[str] = _host_addresses()
+        self.diag = SockDiag()
+        self.last_full = -1e9
+        self.recent_owners: dict[int, None] = {}  # pids that owned connections, newest last
+        # Verdicts reached before the connection's row was written: applied with it.
+        self.deferred: dict[str, tuple[str, ProcessInfo | None, float]] = {}
+
+    def observe(self, records: list[dict[str, Any]], now: float) -> list[tuple[str, str]]:
+        """Note new connections; return (uid, verdict) for those that closed before a scan
+        could find their socket (counted, never guessed)."""
+        ended = []
+        for r in records:
+            uid = r["uid"]
+            closed = r["end_reason"] not in (None, "open_at_end")
+            if closed:
+                if uid in self.settled:
+                    self.settled.discard(uid)
+                    continue
+                self.pending.pop(uid, None)
+                remote = r["orig_h"] not in self.local_addresses
+                ended.append((uid, "remote" if remote else "closed_before_attribution"))
+                continue
+            if uid in self.settled or uid in self.pending:
+                continue
+            self.pending[uid] = ((r["orig_h"], r["orig_p"]), (r["resp_h"], r["resp_p"]), now)
+        return ended
+
+    def scan(self, now: float) -> list[tuple[str, str, ProcessInfo | None]]:
+        """(uid, verdict, process) for every pending connection settled by this scan.
+
+        Each pending client end is looked up in this namespace's socket hash (sock_diag,
+        microseconds); the other namespaces' tables (/proc, milliseconds) are read at most
+        once a second, for what is still unresolved."""
+        if not self.pending:
+            return []
+        matched: dict[str, SocketEntry | None] = {}
+        for uid, (orig, resp, _t) in self.pending.items():
+            matched[uid] = self.diag.lookup(orig, resp)
+        unresolved = [uid for uid, e in matched.items() if e is None]
+        if unresolved and time.monotonic() - self.last_full >= FULL_SCAN_INTERVAL:
+            self.last_full = time.monotonic()
+            if other_namespaces(self.diag.netns):
+                sockets = client_sockets(socket_tables(self.ports, own=[],
+                                                       own_netns=self.diag.netns))
+                for uid in unresolved:
+                    orig, resp, _t = self.pending[uid]
+                    matched[uid] = sockets.get((orig, resp))
+        owners = socket_owners({e.inode for e in matched.values() if e is not None and e.inode},
+                               likely=list(self.recent_owners))
+        local_addresses = self.local_addresses
+        out: list[tuple[str, str, ProcessInfo | None]] = []
+        for uid, entry in matched.items():
+            orig, _resp, first_seen = self.pending[uid]
+            if entry is not None:
+                local_addresses.add(entry.local[0])
+                if entry.inode in owners:
+                    pid = owners[entry.inode]
+                    info = self._process(pid)
+                    if info is not None:
+                        out.append((uid, "local", info))
+                        self.recent_owners.pop(pid, None)
+                        self.recent_owners[pid] = None
+                        if len(self.recent_owners) > 64:
+                            del self.recent_owners[next(iter(self.recent_owners))]
+                        continue
+            if orig[0] not in local_addresses and now - first_seen >= REMOTE_AFTER:
+                out.append((uid, "remote", None))
+        for uid, _verdict, _info in out:
+            del self.pending[uid]
+            self.settled.add(uid)
+        return out
+
+    def _process(self, pid: int) -> ProcessInfo | None:
+        cached = self.processes.get(pid)
+        if cached is not None:
+            return cached
+        info = process_info(pid)
+        if info is not None:
+            if len(self.processes) > 10000:
+                self.processes.clear()
+            self.processes[pid] = info
+        return info
+
+
+def _host_addresses() -> set[str]:
+    import psutil
+
+    out = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family in (2, 10):  # AF_INET, AF_INET6
+                out.add(a.address.split("%")[0])
+    return out
+
+
+def _store_worker(conn: Any, settings: LiveSettings, rows: Any) -> None:
+    """Entry point of the store worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the capture process decides when to stop
+    db = open_database(settings.db_path)
+    iface = ",".join(settings.interfaces)
+    writer = CaptureWriter.start(db, kind="live", ports=settings.ports, interface=iface,
+                                 tool_version=__version__)
+    attributor = Attributor(settings.ports) if settings.attribution else None
+    totals: dict[str, Any] = {}
+    status, error, elapsed = "interrupted", None, 0.0
+    last_scan = 0.0
+    while True:
+        timeout = ATTRIBUTION_INTERVAL if attributor and attributor.pending else 1.0
+        try:
+            ready = conn.poll(timeout)
+            message = conn.recv() if ready else None
+        except (EOFError, OSError):
+            break  # the capture process is gone (kill -9): keep what we have
+        if message is not None and message[0] == "finish":
+            _, status, error, elapsed = message
+            if attributor is not None:  # a last look for the ones still open
+                _record_attribution(writer, attributor.scan(time.time()), attributor,
+                                    time.time())
+            break
+        now = time.time()
+        if message is not None and message[0] == "opened":
+            if attributor is not None:
+                attributor.observe(message[1], now)
+                if time.monotonic() - last_scan >= QUICK_SCAN_INTERVAL:
+                    last_scan = time.monotonic()
+                    _record_attribution(writer, attributor.scan(now), attributor, now)
+            continue
+        if message is not None:
+            _, records, events, anomalies, totals = message
+            writer.write(records, events, anomalies)
+            rows.value += len(records) + len(events)
+            if attributor is not None and attributor.deferred:
+                late = [(r["uid"], *attributor.deferred.pop(r["uid"]))
+                        for r in records if r["uid"] in attributor.deferred]
+                _apply_attribution(writer, late)
+            if attributor is not None:
+                ended = attributor.observe(records, now)
+                _record_attribution(writer, [(u, v, None) for u, v in ended], attributor, now)
+            _update_capture(writer, totals)
+        if attributor is not None and time.monotonic() - last_scan >= ATTRIBUTION_INTERVAL:
+            last_scan = time.monotonic()
+            _record_attribution(writer, attributor.scan(now), attributor, now)
+    stats = dict(attributor.counts) if attributor else {}
+    stats = {f"attribution.{k}": v for k, v in stats.items()}
+    connections, open_at_end = db.execute(
+        "SELECT COUNT(*), COALESCE(SUM(is_open), 0) FROM connections WHERE capture_id = ?",
+        [writer.capture_id],
+    ).fetchone()
+    writer.finish(
+        status=status, error=error, first_ts=totals.get("first_ts"),
+        last_ts=totals.get("last_ts"), packets=totals.get("packets", 0),
+        segments=totals.get("segments", 0), connections=connections, open_at_end=open_at_end,
+        anomaly_counts=writer.anomaly_counts, drops=totals.get("drops"),
+        elapsed_s=elapsed, stats={**stats, "kernel.received": totals.get("received", 0)},
+    )
+    db.close()
+
+
+def _update_capture(writer: CaptureWriter, totals: dict[str, Any]) -> None:
+    with writer.db.conn:
+        writer.db.conn.execute(
+            "UPDATE captures SET first_ts = ?, last_ts = ?, packets = ?, segments = ?,"
+            " drops = ? WHERE id = ?",
+            [totals.get("first_ts"), totals.get("last_ts"), totals.get("packets", 0),
+             totals.get("segments", 0), totals.get("drops"), writer.capture_id],
+        )
+
+
+def _record_attribution(writer: CaptureWriter,
+                        verdicts: list[tuple[str, str, ProcessInfo | None]],
+                        attributor: Attributor, now: float) -> None:
+    if not verdicts:
+        return
+    for _uid, verdict, _info in verdicts:
+        attributor.counts[verdict] = attributor.counts.get(verdict, 0) + 1
+    missing = _apply_attribution(writer, [(u, v, i, now) for u, v, i in verdicts])
+    for uid, verdict, info, ts in missing:
+        attributor.deferred[uid] = (verdict, info, ts)
+
+
+def _apply_attribution(
+    writer: CaptureWriter, verdicts: list[tuple[str, str, ProcessInfo | None, float]]
+) -> list[tuple[str, str, ProcessInfo | None, float]]:
+    """Write verdicts; return those whose connection has no row yet."""
+    missing = []
+    db = writer.db.conn
+    with db:
+        for uid, verdict, info, ts in verdicts:
+            if info is not None:
+                db.execute(
+                    "INSERT OR IGNORE INTO processes (pid, start_time, ppid, user, comm, cmdline,"
+                    " exe, container, pod) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [info.pid, info.start_time, info.ppid, info.user, info.comm, info.cmdline,
+                     info.exe, info.container, info.pod],
+                )
+            cur = db.execute(
+                "UPDATE connections SET pid = ?, process_start = ?, attribution = ?,"
+                " attributed_ts = ? WHERE uid = ?",
+                [info.pid if info else None, info.start_time if info else None, verdict, ts,
+                 uid],
+            )
+            if cur.rowcount == 0:
+                missing.append((uid, verdict, info, ts))
+    return missing
+
+
+def explain(exc: CaptureError) -> str:
+    return str(exc)
+
+
+__all__ = ["CaptureError", "LiveResult", "LiveSettings", "explain", "run_live"]
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `tracer capture --port PORT`")

@@ -1,0 +1,227 @@
+"""The kernel's socket tables and process details, read from /proc (the I/O side of attribution).
+
+Every network namespace has its own table (/proc/PID/net/tcp and tcp6 show the table of
+PID's namespace), so containers' clients are found too: one process per namespace is
+enough to read its table. Socket inodes are matched to processes through
+/proc/PID/fd/*. Addresses come back as the packets show them: an IPv4-mapped IPv6
+address (a dual-stack socket) is reported as plain IPv4.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+# /proc/net/tcp states (include/net/tcp_states.h).
+TCP_STATES = {
+    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+    6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
+}
+ESTABLISHED = 1
+LISTEN = 10
+
+
+@dataclass(frozen=True)
+class SocketEntry:
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    state: int
+    uid: int
+    inode: int
+    netns: int  # inode of the network namespace the table came from
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    start_time: float  # seconds since the epoch; with pid, names one process (pid reuse)
+    ppid: int | None
+    user: str | None
+    comm: str | None
+    cmdline: str | None
+    exe: str | None
+    container: str | None
+    pod: str | None
+
+
+def _addr4(hexaddr: str) -> str:
+    return socket.inet_ntop(socket.AF_INET, struct.pack("<I", int(hexaddr, 16)))
+
+
+def _addr6(hexaddr: str) -> str:
+    raw = b"".join(struct.pack("<I", int(hexaddr[i:i + 8], 16)) for i in range(0, 32, 8))
+    addr = ipaddress.IPv6Address(raw)
+    mapped = addr.ipv4_mapped
+    return str(mapped) if mapped is not None else str(addr)
+
+
+def parse_table(text: str, v6: bool, netns: int) -> list[SocketEntry]:
+    """Parse /proc/net/tcp or tcp6 content."""
+    out = []
+    conv = _addr6 if v6 else _addr4
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10:
+            continue
+        local, remote = fields[1], fields[2]
+        lh, lp = local.rsplit(":", 1)
+        rh, rp = remote.rsplit(":", 1)
+        out.append(SocketEntry(
+            (conv(lh), int(lp, 16)), (conv(rh), int(rp, 16)), int(fields[3], 16),
+            int(fields[7]), int(fields[9]), netns,
+        ))
+    return out
+
+
+def _netns(pid: str) -> int | None:
+    try:
+        link = os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return int(link[link.index("[") + 1:-1])
+
+
+def _pids() -> list[str]:
+    return [p for p in os.listdir("/proc") if p.isdigit()]
+
+
+class _Namespaces:
+    """One process per network namespace, to read that namespace's tables through. Walking
+    every process for this costs more than reading the tables: refreshed every few seconds
+    (a container started since is found at the next refresh)."""
+
+    REFRESH = 5.0
+
+    def __init__(self) -> None:
+        self.readers: dict[int, str] = {}
+        self.at = -1e9
+
+    def get(self) -> dict[int, str]:
+        now = time.monotonic()
+        if now - self.at >= self.REFRESH:
+            readers: dict[int, str] = {}
+            for pid in ["self", *_pids()]:
+                ns = _netns(pid)
+                if ns is not None and ns not in readers:
+                    readers[ns] = pid
+            self.readers, self.at = readers, now
+        return self.readers
+
+
+_namespaces = _Namespaces()
+
+
+def socket_tables(ports: frozenset[int], *, own: list[SocketEntry] | None = None,
+                  own_netns: int | None = None) -> list[SocketEntry]:
+    """TCP sockets of every network namespace with a local or remote port in ``ports``.
+
+    ``own`` is this namespace's table when the caller already has it (sock_diag): then only
+    the other namespaces are read from /proc."""
+    out: list[SocketEntry] = list(own or [])
+    for ns, pid in _namespaces.get().items():
+        if own is not None and ns == own_netns:
+            continue
+        for name, v6 in (("tcp", False), ("tcp6", True)):
+            try:
+                with open(f"/proc/{pid}/net/{name}") as f:
+                    text = f.read()
+            except OSError:
+                continue  # that process is gone: the next refresh finds another
+            out.extend(
+                e for e in parse_table(text, v6, ns)
+                if e.local[1] in ports or e.remote[1] in ports
+            )
+    return out
+
+
+def other_namespaces(own_netns: int) -> bool:
+    """Whether any process lives in another network namespace (containers)."""
+    return any(ns != own_netns for ns in _namespaces.get())
+
+
+def socket_owners(inodes: set[int], likely: list[int] | None = None) -> dict[int, int]:
+    """Which process holds each socket inode (the first found when several share it).
+
+    ``likely`` pids are searched first: a client that opened connections before usually
+    opens the next ones too, and its file descriptors are found without walking every
+    process's."""
+    owners: dict[int, int] = {}
+    if not inodes:
+        return owners
+    wanted = {f"socket:[{i}]": i for i in inodes}
+    order = [str(p) for p in (likely or [])]
+    for pid in [*order, *_pids()]:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone, or not ours to read (after --user)
+        base = f"/proc/{pid}/fd/"
+        for fd in fds:
+            try:
+                target = os.readlink(base + fd)
+            except OSError:
+                continue
+            inode = wanted.get(target)
+            if inode is not None and inode not in owners:
+                owners[inode] = int(pid)
+                if len(owners) == len(wanted):
+                    return owners
+    return owners
+
+
+def _container(pid: int) -> tuple[str | None, str | None]:
+    """Container id and Kubernetes pod uid from /proc/PID/cgroup, when there are any."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            text = f.read()
+    except OSError:
+        return None, None
+    container = pod = None
+    for line in text.splitlines():
+        path = line.split(":", 2)[-1]
+        for part in path.split("/"):
+            if part.startswith("pod") and ("-" in part or "_" in part) and pod is None:
+                # kubepods-burstable-pod<uid>.slice or pod<uid>
+                candidate = part[3:].split(".")[0].replace("_", "-")
+                if len(candidate) >= 32:
+                    pod = candidate
+            stem = part.rsplit(".", 1)[0]
+            for prefix in ("docker-", "cri-containerd-", "crio-", "libpod-"):
+                stem = stem.removeprefix(prefix)
+            if len(stem) == 64 and all(c in "0123456789abcdef" for c in stem):
+                container = stem
+    return container, pod
+
+
+def process_info(pid: int) -> ProcessInfo | None:
+    """Details of one process, or None if it is gone."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            start = p.create_time()
+            ppid = p.ppid()
+            name = p.name()
+            try:
+                user = p.username()
+            except (KeyError, psutil.Error):
+                user = None
+            try:
+                cmdline = " ".join(p.cmdline()) or None
+            except psutil.AccessDenied:
+                cmdline = None
+            try:
+                exe = p.exe() or None
+            except psutil.AccessDenied:
+                exe = None
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:
+        return ProcessInfo(pid, 0.0, None, None, None, None, None, None, None)
+    container, pod = _container(pid)
+    return ProcessInfo(pid, start, ppid, user, name, cmdline, exe, container, pod)
