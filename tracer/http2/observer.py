@@ -82,6 +82,7 @@ MAX_TEXT = 256
 GOAWAY_DEBUG_BYTES = 64
 
 UNKNOWN_PRE_EXISTING = "unknown (pre-existing)"
+NO_PATH = "(no :path)"
 UNKNOWN_GAP = "unknown (gap)"
 UNKNOWN_HPACK = "unknown (hpack error)"
 OTHER_METHODS = "(other)"
@@ -95,6 +96,11 @@ TLS = 4  # collecting a TLS hello
 IGNORE = 5  # nothing more to learn from this direction
 
 _HTTP1_REQUEST = re.compile(rb"[A-Z]{3,10} ")
+# While resyncing, a segment must show a whole request or status line to count as HTTP/1:
+# DATA payloads may well begin with a capital word and a space.
+_HTTP1_REQUEST_LINE = re.compile(
+    rb"(?:GET|HEAD|POST|PUT|DELETE|CONNECT|OPTIONS|TRACE|PATCH) \S+ HTTP/1\.[01]\r\n")
+_HTTP1_STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5]\d\d[ \r]")
 # Frame types counted and skipped without reading their payload: PRIORITY, WINDOW_UPDATE
 # and every extension type.
 _COUNTED_ONLY = frozenset([PRIORITY, WINDOW_UPDATE, *range(CONTINUATION + 1, 256)])
@@ -129,7 +135,7 @@ class Http2Context:
                 authority = printable(value)
             elif name == b"user-agent":
                 agent = printable(value)
-        text = (path if path is not None else "(no :path)", authority, agent)
+        text = (path if path is not None else NO_PATH, authority, agent)
         if len(self.requests) >= MAX_REQUEST_TEXTS:
             self.requests.clear()
         self.requests[fields] = text
@@ -407,8 +413,9 @@ class Direction:
                 if len(buf) > len(PREFACE):
                     self._frames(ts, buf[len(PREFACE):])
                 return
-            if PREFACE.startswith(buf) or (len(buf) < 12 and buf.isalpha() and buf.isupper()):
-                self.pending = buf  # a preface or an HTTP method still arriving
+            if (PREFACE.startswith(buf) or (len(buf) < 12 and buf.isalpha() and buf.isupper())
+                    or (len(buf) < 3 and buf[:1] == b"\x16")):
+                self.pending = buf  # a preface, an HTTP method or a TLS record still arriving
                 return
             if _HTTP1_REQUEST.match(buf):
                 self._set_mode(HTTP1)
@@ -455,11 +462,15 @@ class Direction:
             if len(data) > len(PREFACE):
                 self._frames(ts, data[len(PREFACE):])
             return
-        if (self.is_client and _HTTP1_REQUEST.match(data)) or (
-            not self.is_client and data.startswith(b"HTTP/1.")
+        if self.is_client and PREFACE.startswith(data):
+            self._set_mode(DETECT)  # a preface cut across segments
+            self.pending = data
+            return
+        if (self.is_client and _HTTP1_REQUEST_LINE.match(data)) or (
+            not self.is_client and _HTTP1_STATUS_LINE.match(data)
         ):
-            # An HTTP/1 head at a segment start (an h2c upgrade or a CONNECT picked up
-            # mid-stream): it starts a stream of its own.
+            # A whole HTTP/1 request or status line at a segment start (an h2c upgrade or
+            # a CONNECT picked up mid-stream): it starts a stream of its own.
             self._set_mode(HTTP1)
             self._http1(ts, data)
             return
@@ -643,6 +654,8 @@ class Direction:
             if request is None:
                 request = obs.ctx.request_text(fields)
             method, authority, agent = request
+            if flags & FLAG_END_STREAM and method == NO_PATH:
+                return  # client trailers on a stream opened earlier, not a request
             if self._count_request(ts, sid, method):
                 if obs.authority is None:
                     obs.authority = authority
@@ -697,18 +710,18 @@ class Direction:
         for key, value in values:
             if key == SETTINGS_MAX_FRAME_SIZE and 16384 <= value <= MAX_FRAME_SIZE_LIMIT:
                 peer.max_frame = value
+        if self.settings_seen or self.unknown_label == UNKNOWN_PRE_EXISTING:
+            obs.conn.emit_frequent(SettingsReceived, ts, self.dir, values)
+            return
+        # The preface's SETTINGS (a direction picked up mid-stream never saw it).
+        self.settings_seen = True
         if self.is_client:
-            if obs.client_settings is None:
-                obs.client_settings = values
-                obs.client_settings_ts = ts
-        elif obs.server_settings is None:
+            obs.client_settings = values
+            obs.client_settings_ts = ts
+        else:
             obs.server_settings = values
             obs.server_settings_ts = ts
-        if not self.settings_seen:
-            self.settings_seen = True
-            obs.conn.emit(SettingsReceived, ts, self.dir, values, True)
-        else:
-            obs.conn.emit_frequent(SettingsReceived, ts, self.dir, values)
+        obs.conn.emit(SettingsReceived, ts, self.dir, values, True)
 
     def _ping(self, ts: float, flags: int, data: bytes, start: int, end: int) -> None:
         obs = self.obs
@@ -762,11 +775,12 @@ class Direction:
                 take = min(self.body_left, len(buf))
                 self.body_left -= take
                 buf = buf[take:]
-                if self.body_left:
-                    return
+                continue
+            if not self._starts_http1(buf):
+                # Not another HTTP/1 message: whatever follows (an HTTP/2 preface after an
+                # upgrade, a server's SETTINGS) starts a stream of its own.
                 self._set_mode(DETECT)
-                if buf:
-                    self.data(ts, buf)
+                self._detect(ts, buf)
                 return
             idx = buf.find(b"\r\n\r\n")
             if idx < 0:
@@ -785,11 +799,27 @@ class Direction:
                 self._http1_response(ts, head)
             if self.mode == IGNORE:
                 return
-            if not self.body_left:
-                self._set_mode(DETECT)
+            if self.mode == DETECT:
+                # After a 101 or a CONNECT's 2xx: a new stream starts right here.
                 if buf:
-                    self.data(ts, buf)
+                    self._detect(ts, buf)
                 return
+
+    def _new_stream(self) -> None:
+        """What follows starts a stream of its own (after a 101, in a CONNECT tunnel): its
+        beginning is known, even on a connection picked up mid-stream."""
+        self._set_mode(DETECT)
+        self._lose_table(UNKNOWN_PRE_EXISTING)
+        self.unknown_label = None
+
+    def _starts_http1(self, buf: bytes) -> bool:
+        """Whether ``buf`` can be (the start of) the next HTTP/1 message of this side."""
+        if self.is_client:
+            if PREFACE.startswith(buf[:len(PREFACE)]):
+                return False
+            return bool(_HTTP1_REQUEST.match(buf)) or (
+                len(buf) < 11 and buf.isalpha() and buf.isupper())
+        return buf.startswith(b"HTTP/"[:len(buf)]) if len(buf) < 5 else buf.startswith(b"HTTP/")
 
     def _http1_headers(self, head: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
         lines = head.split(b"\r\n")
@@ -804,10 +834,14 @@ class Direction:
             self._set_mode(IGNORE)
             return
         try:
-            self.body_left = int(headers.get(b"content-length", b"0"))
+            length = int(headers.get(b"content-length", b"0"))
         except ValueError:
+            length = -1
+        if length < 0:
             self.obs.anomaly(ts, "bad_content_length", f"{self.dir} HTTP/1 head")
             self._set_mode(IGNORE)
+            return
+        self.body_left = length
 
     def _http1_request(self, ts: float, head: bytes) -> None:
         obs = self.obs
@@ -825,6 +859,7 @@ class Direction:
             obs.user_agent = printable(headers[b"user-agent"])
         if method == "CONNECT":
             obs.connect_pending = True
+            self._new_stream()  # the tunnel's first bytes follow
         elif h2c:
             # RFC 7540 3.2: the upgraded request is stream 1.
             obs.upgraded = True
@@ -839,11 +874,15 @@ class Direction:
         except ValueError:
             status = 0
         obs.conn.emit(Http1ResponseSeen, ts, self.dir, status)
-        if status == 101 or 100 <= status < 200:
-            return  # 101: HTTP/2 frames follow (server preface first)
+        if status == 101:
+            self._new_stream()  # HTTP/2 frames follow (server preface first)
+            return
+        if 100 <= status < 200:
+            return  # 100 Continue: the real response follows
         if obs.connect_pending and 200 <= status < 300:
             obs.connect_pending = False
-            return  # a tunnel: whatever follows starts a new stream
+            self._new_stream()  # a tunnel: whatever follows starts a new stream
+            return
         if status in (204, 304):
             return
         self._body(ts, headers)

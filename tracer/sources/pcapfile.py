@@ -330,6 +330,10 @@ class CaptureReader:
                     self.name, "corrupt block (trailing length does not match)", self._offset()
                 )
             if btype == BT_EPB or btype == BT_PB:
+                if blen < 32:
+                    raise CaptureFileError(
+                        self.name, f"corrupt packet block (block length {blen})", self._offset()
+                    )
                 if btype == BT_EPB:
                     iface_id, hi, lo, caplen = struct.unpack_from(endian + "IIII", buf, pos + 8)
                 else:
@@ -357,6 +361,11 @@ class CaptureReader:
                 yield ts + iface.offset, iface.linktype, buf[pos + 28:pos + 28 + caplen]
                 continue
             if btype == BT_SPB:
+                if blen < 16:
+                    raise CaptureFileError(
+                        self.name, f"corrupt simple packet block (block length {blen})",
+                        self._offset(),
+                    )
                 if not interfaces:
                     raise CaptureFileError(
                         self.name, "simple packet block before any interface", self._offset()

@@ -258,9 +258,11 @@ class Connection:
         self.out.append(cls(ts, self.uid, self.n, direction, *args))
 
 
-def connection_uid(orig_key: bytes, ts: float) -> str:
-    """Deterministic id: the same capture read twice gives the same uids."""
-    digest = hashlib.blake2b(orig_key + struct.pack(">d", ts), digest_size=10).digest()
+def connection_uid(orig_key: bytes, ts: float, seq: int = 0, ack: int = 0) -> str:
+    """Deterministic id: the same capture read twice gives the same uids. The first
+    packet's sequence numbers tell apart a port reused at the same timestamp."""
+    digest = hashlib.blake2b(orig_key + struct.pack(">dII", ts, seq, ack),
+                             digest_size=10).digest()
     return "C" + digest.hex()
 
 
@@ -377,10 +379,15 @@ class FlowTable:
             entry = self._syn_on_existing(ts, entry, seg)
         conn, ep, peer = entry
         ep.pkts += 1
-        conn.last_ts = ts
+        if ts > conn.last_ts:  # captures merged from several interfaces are not in order
+            conn.last_ts = ts
         if flags & ACK:
             ep.last_ack = ack
-        if ep.state < PARTIAL and not flags & SYN:
+        if flags & SYN:
+            # Before the payload: data on a SYN (TCP Fast Open) starts after it.
+            self._control(ts, conn, ep, peer, seq, ack, flags, wire)
+            seq = (seq + 1) & MASK
+        elif ep.state < PARTIAL:
             self._advance_handshake(ts, conn, ep, peer, flags)
         if wire:
             if seq == ep.next:
@@ -407,7 +414,7 @@ class FlowTable:
             if not ep.seen & _SEEN_A:
                 ep.seen |= _SEEN_A
                 _letter(conn, ep, H_ACK)
-        if flags & 0x07:
+        if flags & 0x05 and not flags & SYN:
             self._control(ts, conn, ep, peer, seq, ack, flags, wire)
         if win == 0 and not flags & 0x06:
             ep.zero_windows += 1
@@ -452,7 +459,7 @@ class FlowTable:
     # -- connection creation -------------------------------------------------------------
 
     def _open(self, ts: float, seg: SegmentTuple) -> tuple[Connection, Endpoint, Endpoint] | None:
-        key, sport, dport, _seq, ack, flags, _win, _payload, _wire = seg
+        key, sport, dport, seq, ack, flags, _win, _payload, _wire = seg
         if not flags & SYN and key in self._finished_keys:
             # A straggler of a connection already finished (retransmitted FIN, last ACK).
             self.late_packets += 1
@@ -469,7 +476,8 @@ class FlowTable:
         else:
             sender_is_orig = True
         okey, other = (key, rkey) if sender_is_orig else (rkey, key)
-        conn = Connection(connection_uid(okey, ts), okey, ts, self.events, self.max_events)
+        conn = Connection(connection_uid(okey, ts, seq, ack), okey, ts, self.events,
+                          self.max_events)
         self.connections_seen += 1
         if self.opened is not None:
             self.opened.append(conn)
@@ -622,11 +630,14 @@ class FlowTable:
             ep.state = SYN_ACK_SENT
         if ep is conn.resp and conn.synack_ts is None:
             conn.synack_ts = ts
-        if peer.isn is not None and ack != (peer.isn + 1) & MASK:
-            self.anomaly(
-                ts, conn.uid, "syn_ack_mismatch",
-                f"SYN-ACK acknowledges {ack}, the SYN was {peer.isn}",
-            )
+        if peer.isn is not None:
+            # It acknowledges the SYN, and with TCP Fast Open the data that came with it.
+            sent = (peer.next - peer.isn - 1) & MASK if peer.next is not None else 0
+            if ((ack - peer.isn - 1) & MASK) > sent:
+                self.anomaly(
+                    ts, conn.uid, "syn_ack_mismatch",
+                    f"SYN-ACK acknowledges {ack}, the SYN was {peer.isn}",
+                )
         if fresh:
             conn.emit(SynAckSent, ts, ep.dir)
         if peer.state == SYN_ACK_SENT and ep.state == SYN_ACK_SENT:
@@ -705,20 +716,21 @@ class FlowTable:
             _log_letter(conn, ep, H_RETRANSMIT, ep.retransmits)
             self._deliver(ts, conn, ep, payload[behind:], wire - behind)
             return
-        ack = peer.last_ack
-        if ack is not None and 0 < ((ack - nxt) & MASK) < HALF:
-            # The peer acknowledged bytes the capture never had: they are lost to us.
-            self._count_gap(ts, conn, ep, rel)
-            ep.size += rel
-            ep.next = seq
-            self._deliver(ts, conn, ep, payload, wire)
-            return
         if ep.ooo is None:
             ep.ooo = []
         ep.ooo.append((seq, payload, wire, ts))
         ep.ooo_bytes += len(payload)
-        if len(ep.ooo) > self.reorder_segments or ep.ooo_bytes > self.reorder_bytes:
+        ack = peer.last_ack
+        while ep.ooo:
+            nxt = ep.next
+            assert nxt is not None
+            if ack is not None and 0 < ((ack - nxt) & MASK) < HALF:
+                pass  # the peer has bytes the capture never had: they are lost to us
+            elif len(ep.ooo) <= self.reorder_segments and ep.ooo_bytes <= self.reorder_bytes:
+                break
             self._skip_hole(ts, conn, ep)
+            if ep.next == nxt:
+                break
 
     def _bare_unordered(self, ts: float, conn: Connection, ep: Endpoint, seq: int) -> None:
         """A segment without payload whose sequence number is not the expected one."""
