@@ -379,7 +379,8 @@ class FlowTable:
             entry = self._syn_on_existing(ts, entry, seg)
         conn, ep, peer = entry
         ep.pkts += 1
-        if ts > conn.last_ts:  # captures merged from several interfaces are not in order
+        if ts > conn.last_ts:  # noqa: PLR1730 - max() costs a call per packet; merged
+            # captures (several interfaces) are not in order
             conn.last_ts = ts
         if flags & ACK:
             ep.last_ack = ack
