@@ -22,7 +22,6 @@ COMPILED = [
     "tracer/tcp/flow.py",
     "tracer/tcp/state.py",
     "tracer/http2/frames.py",
-    "tracer/http2/hpack_memo.py",
     "tracer/http2/observer.py",
     "tracer/http2/tls.py",
     "tracer/sources/pcapfile.py",

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cli.runner import quiet_cycle_collector
 from store.schema import open_database
 from store.writer import CaptureWriter
 from tracer import __version__
@@ -159,6 +160,7 @@ def _run(settings: LiveSettings, capture: LiveCapture, result: LiveResult,
     writer = PcapngWriter(settings.write_path, snaplen=settings.snaplen,
                           comment=f"tracer {__version__} live capture") \
         if settings.write_path else None
+    quiet_cycle_collector()
     analyzer = Analyzer(settings.ports, decode_server_headers=settings.decode_server_headers)
     if settings.attribution:
         analyzer.table.opened = []

@@ -166,8 +166,6 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         "CREATE INDEX connections_orig_h ON connections(orig_h)",
         "CREATE INDEX connections_tuple ON connections(orig_p, orig_h, resp_p, resp_h)",
         "CREATE INDEX connections_capture ON connections(capture_id)",
-        "CREATE INDEX connections_ts ON connections(ts)",
-        "CREATE INDEX connections_open ON connections(is_open)",
         "CREATE INDEX events_uid ON events(uid)",
         "CREATE INDEX anomalies_capture ON anomalies(capture_id, reason)",
     ):

@@ -604,3 +604,35 @@ def test_ethernet_ipv4_agrees_with_the_general_ip_path() -> None:
                 _outcome(LINKTYPE_RAW, v) or v[0] >> 4 != 4, v.hex()
             checked += 1
     assert checked > 1000
+
+
+def test_shard_prefilter_agrees_with_the_decoder() -> None:
+    """The reader's prefilter drops only what the decoder would hand to another worker,
+    and the workers' shares cover every segment exactly once."""
+    from tracer.decode import SKIP_OTHER_SHARD, make_shard_prefilter
+
+    ports = frozenset({9090})
+    frames = [bytes(eth() / IP(src="10.0.0.2", dst="10.0.0.1") / TCP(sport=p, dport=9090))
+              for p in range(40000, 40064)]
+    frames += [bytes(eth() / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=9090, dport=p))
+               for p in range(40000, 40064)]
+    frames += [bytes(eth() / IP(src="10.0.0.2", dst="10.0.0.1") / TCP(sport=1, dport=2)),
+               bytes(eth() / Dot1Q(vlan=3) / IP() / TCP(sport=40001, dport=9090)),
+               b"\x00" * 20]
+    for count in (2, 3, 4):
+        owners = [0] * len(frames)
+        for index in range(count):
+            keep = make_shard_prefilter(ports, (index, count))
+            decoder = make_decoder(LINKTYPE_ETHERNET, ports, (index, count))
+            assert decoder is not None
+            for i, f in enumerate(frames):
+                try:
+                    result = decoder(f)
+                except Malformed:
+                    result = None
+                if not keep(LINKTYPE_ETHERNET, f, 0, len(f)):
+                    assert result == SKIP_OTHER_SHARD, i
+                if isinstance(result, tuple):
+                    owners[i] += 1
+        for i, f in enumerate(frames[:128]):
+            assert owners[i] == 1, i

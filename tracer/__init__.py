@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 # Modules that setup.py may compile with mypyc (kept in step with setup.py's list).
 COMPILED_MODULES = (
     "decode", "pipeline", "record", "tcp/flow", "tcp/state", "http2/frames",
-    "http2/hpack_memo", "http2/observer", "http2/tls", "sources/pcapfile",
+    "http2/observer", "http2/tls", "sources/pcapfile",
 )
 
 

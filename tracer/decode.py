@@ -352,6 +352,37 @@ def make_decoder(
     return table.get(linktype)
 
 
+Prefilter = Callable[[int, bytes, int, int], bool]
+
+
+def make_shard_prefilter(ports: frozenset[int], shard: tuple[int, int]) -> Prefilter:
+    """For a capture reader: False for a record that is certainly another worker's segment.
+
+    Looks at the record in the reader's own buffer (``buf[start:end]``) before any copy is
+    made: only the common frame (Ethernet, IPv4 without options or fragmentation, TCP) is
+    recognised; everything else is kept, and the decoder decides."""
+    index, count = shard
+    unpack_ports = struct.Struct(">HH").unpack_from
+
+    def keep(linktype: int, buf: bytes, start: int, end: int) -> bool:
+        if (
+            linktype != LINKTYPE_ETHERNET
+            or end - start < 54
+            or buf[start + 12] != 8
+            or buf[start + 13] != 0
+            or buf[start + 14] != 0x45
+            or buf[start + 23] != 6
+        ):
+            return True
+        sport, dport = unpack_ports(buf, start + 34)
+        if sport not in ports and dport not in ports:
+            return True  # not ours at all: the decoder counts it
+        mine: bool = (sport + dport) % count == index
+        return mine
+
+    return keep
+
+
 def make_ip_decoder(ports: frozenset[int], shard: tuple[int, int] = (0, 1)) -> Decoder:
     """Decoder for a bare IPv4 or IPv6 packet (used after another layer found the IP header)."""
     decoder = make_decoder(LINKTYPE_RAW, ports, shard)

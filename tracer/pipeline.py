@@ -149,11 +149,10 @@ class Analyzer:
         """Take what the core produced since the last drain."""
         table = self.table
         # The lists are shared with every connection and observer: empty them in place.
-        out = Drained(
-            table.events[:],
-            [build_record(c) for c in table.finished],
-            table.anomalies[:],
-        )
+        records = [build_record(c) for c in table.finished]
+        for conn in table.finished:
+            conn.release()
+        out = Drained(table.events[:], records, table.anomalies[:])
         table.events.clear()
         table.finished.clear()
         table.anomalies.clear()

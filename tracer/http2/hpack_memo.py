@@ -238,6 +238,10 @@ def _decode_block(table: DynamicTable, block: bytes) -> tuple[Fields, bool]:
     inflated = 0
     seen_field = False
     changed = False
+    # hpack's limit on the decoded header list: a block can only reach it when it is long
+    # against the table (each field inflates by at most the table size or twice the
+    # block's length): short blocks, nearly all of them, skip the accounting.
+    account = n * (32 + table.maxsize + 2 * n) > MAX_HEADER_LIST_SIZE
     while pos < n:
         b = block[pos]
         if b & 0x80:
@@ -270,6 +274,7 @@ def _decode_block(table: DynamicTable, block: bytes) -> tuple[Fields, bool]:
                 raise HpackError(f"table size {size} above {MAX_TABLE_SIZE}")
             table.resize(size)
             changed = True
+            account = n * (32 + table.maxsize + 2 * n) > MAX_HEADER_LIST_SIZE
             continue
         else:
             index, pos = _integer(block, pos, 0x0F)
@@ -289,7 +294,8 @@ def _decode_block(table: DynamicTable, block: bytes) -> tuple[Fields, bool]:
                 value = block[pos:pos + length]
                 pos += length
         seen_field = True
-        inflated += 32 + len(name) + len(value)
+        if account:
+            inflated += 32 + len(name) + len(value)
         if name in allowed:
             out.append((name, value))
     if inflated > MAX_HEADER_LIST_SIZE:

@@ -226,6 +226,14 @@ class Http2Observer:
             d.pending = b""
             d.hblock = None
 
+    def release(self) -> None:
+        """Point both directions at a shared placeholder observer: the cycles between this
+        observer and its directions are gone, and all of it is freed by reference counting
+        (the cycle collector can then run rarely)."""
+        placeholder = _placeholder()
+        self.orig.obs = placeholder
+        self.resp.obs = placeholder
+
     def anomaly(self, ts: float, reason: str, detail: str = "") -> None:
         self.ctx.anomalies.append(AnomalyFound(ts, self.conn.uid, reason, detail))
 
@@ -245,6 +253,18 @@ class Http2Observer:
     def saw_frames(self) -> None:
         if self.protocol != "h2c":
             self.protocol = "h2c"
+
+
+_PLACEHOLDER: list[Http2Observer] = []
+
+
+def _placeholder() -> Http2Observer:
+    if not _PLACEHOLDER:
+        from tracer.tcp.flow import Connection
+
+        conn = Connection("released", bytes(12), 0.0, [], 0)
+        _PLACEHOLDER.append(Http2Observer(Http2Context([]), conn))
+    return _PLACEHOLDER[0]
 
 
 class Direction:

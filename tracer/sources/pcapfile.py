@@ -19,7 +19,10 @@ import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import BinaryIO, Protocol
+
+from tracer.decode import Prefilter
 
 CHUNK = 1 << 20
 # Largest record we accept. Loopback with GSO/GRO yields frames of about 64 KiB; anything
@@ -49,6 +52,9 @@ BT_ISB = 5
 BT_EPB = 6
 BT_SHB = 0x0A0D0D0A
 BYTE_ORDER_MAGIC = 0x1A2B3C4D
+
+
+Record = tuple[float, int, bytes]
 
 
 class _Readable(Protocol):
@@ -82,7 +88,7 @@ class ReaderInfo:
     format: str = ""
     compressed: bool = False
     interfaces: list[Interface] = field(default_factory=list)
-    packets: int = 0
+    packets: int = 0  # records read so far (a buffer's worth ahead of the consumer)
 
     @property
     def drops(self) -> int | None:
@@ -97,11 +103,14 @@ class ReaderInfo:
 class CaptureReader:
     """Iterate ``(ts, linktype, frame)`` over one capture file or stream."""
 
-    def __init__(self, stream: BinaryIO, name: str, size: int | None = None) -> None:
+    def __init__(self, stream: BinaryIO, name: str, size: int | None = None, *,
+                 digest: bool = True, keep: Prefilter | None = None) -> None:
         self.name = name
         self.size = size  # bytes on disk, for progress; None for pipes
         self.info = ReaderInfo()
-        self._hashing = _HashingReader(stream)
+        self._hashing = _HashingReader(stream, digest)
+        # Records this says False to are counted but not handed out (another worker's).
+        self._keep = keep
         self._raw = stream
         self._stream: _Readable = self._hashing
         self._buf = b""
@@ -110,15 +119,17 @@ class CaptureReader:
         self._eof = False
 
     @classmethod
-    def open(cls, path: str) -> CaptureReader:
-        """Open a path, or ``-`` for standard input."""
+    def open(cls, path: str, *, digest: bool = True,
+             keep: Prefilter | None = None) -> CaptureReader:
+        """Open a path, or ``-`` for standard input. ``digest``: compute the file's sha256
+        while reading (what recognises a file read again)."""
         if path == "-":
-            return cls(sys.stdin.buffer, "<stdin>")
+            return cls(sys.stdin.buffer, "<stdin>", digest=digest, keep=keep)
         try:
             f = open(path, "rb")  # noqa: SIM115 - the reader owns it until close()
         except OSError as exc:
             raise CaptureFileError(path, f"cannot open: {exc.strerror}") from None
-        return cls(f, path, os.fstat(f.fileno()).st_size)
+        return cls(f, path, os.fstat(f.fileno()).st_size, digest=digest, keep=keep)
 
     def close(self) -> None:
         if self._raw is not sys.stdin.buffer:
@@ -188,12 +199,14 @@ class CaptureReader:
             self._eof = False
             self._fill(4)
             head = self._buf[:4]
+        # Records come in batches (a buffer's worth) flattened by itertools in C: no
+        # generator step per packet.
         if head in PCAP_MAGICS:
             self.info.format = "pcap"
-            return self._iter_pcap(*PCAP_MAGICS[head])
+            return chain.from_iterable(self._iter_pcap(*PCAP_MAGICS[head]))
         if head == PCAPNG_SHB:
             self.info.format = "pcapng"
-            return self._iter_pcapng()
+            return chain.from_iterable(self._iter_pcapng())
         if not head:
             raise CaptureFileError(self.name, "empty file: not a pcap or pcapng capture")
         for magic, what in _OTHER_FORMATS.items():
@@ -207,7 +220,7 @@ class CaptureReader:
 
     # -- pcap ----------------------------------------------------------------------------
 
-    def _iter_pcap(self, endian: str, divisor: int) -> Iterator[tuple[float, int, bytes]]:
+    def _iter_pcap(self, endian: str, divisor: int) -> Iterator[list[Record]]:
         if not self._fill(24):
             raise CaptureFileError(self.name, "truncated pcap file header", 0)
         major, _minor, _zone, _sigfigs, snaplen, network = struct.unpack_from(
@@ -221,19 +234,27 @@ class CaptureReader:
         unpack = struct.Struct(endian + "IIII").unpack_from
         info = self.info
         while True:
-            # Hand out every complete record in the buffer, then refill.
+            # Hand out every complete record in the buffer as one batch, then refill.
             buf = self._buf
             pos = self._pos
             size = len(buf)
+            batch: list[Record] = []
+            append = batch.append
+            keep = self._keep
+            count = 0
             while pos + 16 <= size:
                 sec, frac, incl, _orig = unpack(buf, pos)
                 end = pos + 16 + incl
                 if end > size or incl > MAX_RECORD:
                     break
-                info.packets += 1
-                yield sec + frac / divisor, linktype, buf[pos + 16:end]
+                count += 1
+                if keep is None or keep(linktype, buf, pos + 16, end):
+                    append((sec + frac / divisor, linktype, buf[pos + 16:end]))
                 pos = end
             self._pos = pos
+            info.packets += count
+            if batch:
+                yield batch
             if size - pos < 16:
                 if not self._fill(16):
                     if len(self._buf) - self._pos:
@@ -258,7 +279,7 @@ class CaptureReader:
 
     # -- pcapng --------------------------------------------------------------------------
 
-    def _iter_pcapng(self) -> Iterator[tuple[float, int, bytes]]:
+    def _iter_pcapng(self) -> Iterator[list[Record]]:
         endian = "<"
         interfaces: list[Interface] = []
         info = self.info
@@ -271,6 +292,9 @@ class CaptureReader:
             buf = self._buf
             pos = self._pos
             size = len(buf)
+            batch: list[Record] = []
+            keep = self._keep
+            count = 0
             while pos + 28 <= size:
                 btype, blen, iface_id, hi, lo, caplen = epb(buf, pos)
                 if (
@@ -283,12 +307,17 @@ class CaptureReader:
                 ):
                     break
                 iface = interfaces[iface_id]
-                units = hi << 32 | lo
-                ts = units * iface.scale if iface.scale else units / iface.divisor
-                info.packets += 1
-                yield ts + iface.offset, iface.linktype, buf[pos + 28:pos + 28 + caplen]
+                count += 1
+                if keep is None or keep(iface.linktype, buf, pos + 28, pos + 28 + caplen):
+                    units = hi << 32 | lo
+                    ts = units * iface.scale if iface.scale else units / iface.divisor
+                    batch.append(
+                        (ts + iface.offset, iface.linktype, buf[pos + 28:pos + 28 + caplen]))
                 pos += blen
             self._pos = pos
+            info.packets += count
+            if batch:
+                yield batch
             if not self._fill(12):
                 if len(self._buf) - self._pos:
                     raise CaptureFileError(
@@ -358,7 +387,7 @@ class CaptureReader:
                 ts = units * iface.scale if iface.scale else units / iface.divisor
                 self._pos = pos + blen
                 info.packets += 1
-                yield ts + iface.offset, iface.linktype, buf[pos + 28:pos + 28 + caplen]
+                yield [(ts + iface.offset, iface.linktype, buf[pos + 28:pos + 28 + caplen])]
                 continue
             if btype == BT_SPB:
                 if blen < 16:
@@ -378,7 +407,7 @@ class CaptureReader:
                 self._pos = pos + blen
                 info.packets += 1
                 # A simple packet block carries no timestamp.
-                yield 0.0, iface.linktype, buf[pos + 12:pos + 12 + caplen]
+                yield [(0.0, iface.linktype, buf[pos + 12:pos + 12 + caplen])]
                 continue
             if btype == BT_IDB:
                 if blen < 20:
@@ -436,21 +465,24 @@ class CaptureReader:
 
 
 class _HashingReader:
-    """Counts and hashes every byte read from the underlying file."""
+    """Counts (and, unless told not to, hashes) every byte read from the underlying file."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, digest: bool = True) -> None:
         self._raw = raw
         self.count = 0
         self.digest = hashlib.sha256()
+        self.hashing = digest
 
     def read1(self, n: int = -1) -> bytes:
-        read1 = getattr(self._raw, "read1", None)
-        data = read1(n) if read1 is not None else self._raw.read(n)
+        raw = self._raw
+        data = raw.read1(n) if hasattr(raw, "read1") else raw.read(n)
         self.count += len(data)
-        self.digest.update(data)
+        if self.hashing:
+            self.digest.update(data)
         return data
 
-    read = read1  # GzipFile reads its file object with read()
+    def read(self, n: int = -1) -> bytes:  # GzipFile reads its file object with read()
+        return self.read1(n)
 
     def readable(self) -> bool:
         return True
@@ -472,7 +504,8 @@ class _Prepend:
             return out
         return self._rest.read1(n)
 
-    read1 = read
+    def read1(self, n: int = -1) -> bytes:
+        return self.read(n)
 
     def readable(self) -> bool:
         return True

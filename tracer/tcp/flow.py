@@ -93,6 +93,9 @@ class ConnectionObserver(Protocol):
 
     def finish(self, ts: float) -> None: ...
 
+    def release(self) -> None:
+        """Drop internal references (the connection is written; nothing reads it again)."""
+
 
 ObserverFactory = Callable[["Connection"], "ConnectionObserver | None"]
 
@@ -233,6 +236,14 @@ class Connection:
     def is_open(self) -> bool:
         """No FIN or RST seen from either side (and not ended by port reuse)."""
         return self.close_kind is None
+
+    def release(self) -> None:
+        """Break the reference cycles with the observer once the record is written, so the
+        connection is freed at once instead of waiting for the cycle collector."""
+        observer = self.observer
+        self.observer = None
+        if observer is not None:
+            observer.release()
 
     # -- events ------------------------------------------------------------------------
 
