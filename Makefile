@@ -52,8 +52,17 @@ node-deps:
 demo: $(STAMP)
 	$(VENV)/bin/tracer demo
 
+# The whole suite against the installed (compiled) core, then the core's own tests once
+# more against the plain sources, interpreted: both builds must behave the same.
+PURE_TESTS := tests/test_build.py tests/test_decode.py tests/test_crafted.py tests/test_hpack.py \
+	tests/test_pcapfile.py tests/test_properties.py tests/test_shared_captures.py
+
 test: $(STAMP) system-deps node-deps
 	$(PY) -m pytest -q
+	rm -rf build/pure && mkdir -p build/pure && \
+	tar cf - --exclude='*.so' tracer store cli | tar xf - -C build/pure && \
+	cd build/pure && TRACER_EXPECT_BUILD=interpreted $(abspath $(PY)) -m pytest -q \
+		-p no:cacheprovider --rootdir=$(CURDIR) $(addprefix $(CURDIR)/,$(PURE_TESTS))
 
 bench: $(STAMP) system-deps
 	$(PY) benchmarks/run.py

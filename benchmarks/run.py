@@ -5,7 +5,7 @@ benchmarks/gen_capture.py, then runs the real command line on it:
 - `tracer capture --read FILE --port 9090` into a fresh SQLite database, with the default
   workers and with one worker: wall time of the whole command (start-up included),
   packets per second, and the peak resident memory of the whole process tree (workers
-  included, summed), sampled every 20 ms;
+  included, summed), sampled every 100 ms;
 - where tshark is installed, `tshark -r FILE -d tcp.port==9090,http2 -T fields ...` (the
   same HTTP/2 dissection, output discarded) on the same file in the same run, and the
   ratio.
@@ -83,7 +83,7 @@ class PeakRss:
                 self.peak = max(self.peak, total)
             except psutil.Error:
                 return
-            time.sleep(0.02)
+            time.sleep(0.1)
 
     def stop(self) -> int:
         self._stop.set()
