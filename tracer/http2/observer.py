@@ -125,6 +125,22 @@ class Http2Context:
         # Decoded request fields -> (method, authority, user-agent) as stored text. The
         # memo hands out the same field tuples again and again.
         self.requests: dict[Fields, tuple[str, str | None, str | None]] = {}
+        self.settings: dict[bytes, tuple[tuple[int, int], ...]] = {}
+
+    def settings_values(self, payload: bytes) -> tuple[tuple[int, int], ...]:
+        """The (identifier, value) pairs of a SETTINGS payload, shared between connections:
+        every client of one implementation sends the same ones, and an open connection
+        keeps them (a tuple of tuples of ints costs about 300 bytes each time)."""
+        values = self.settings.get(payload)
+        if values is None:
+            values = tuple(
+                (payload[i] << 8 | payload[i + 1], int.from_bytes(payload[i + 2:i + 6], "big"))
+                for i in range(0, len(payload) - 5, 6)
+            )
+            if len(self.settings) >= MAX_REQUEST_TEXTS:
+                self.settings.clear()
+            self.settings[payload] = values
+        return values
 
     def request_text(self, fields: Fields) -> tuple[str, str | None, str | None]:
         path = authority = agent = None
@@ -722,10 +738,7 @@ class Direction:
         if length % 6:
             obs.anomaly(ts, "bad_settings_length", f"{self.dir} SETTINGS of {length} bytes")
             return
-        values = tuple(
-            (data[i] << 8 | data[i + 1], int.from_bytes(data[i + 2:i + 6], "big"))
-            for i in range(start, end - 5, 6)
-        )
+        values = obs.ctx.settings_values(data[start:end])
         peer = obs.resp if self.is_client else obs.orig
         for key, value in values:
             if key == SETTINGS_MAX_FRAME_SIZE and 16384 <= value <= MAX_FRAME_SIZE_LIMIT:
