@@ -24,7 +24,7 @@ import heapq
 import random
 import struct
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from hpack import Encoder
 
@@ -254,7 +254,7 @@ def write_pcap(path: str, packets: Iterator[tuple[float, bytes]]) -> int:
         out = []
         for ts, data in packets:
             sec = int(ts)
-            usec = int(round((ts - sec) * 1e6))
+            usec = round((ts - sec) * 1e6)
             if usec == 1_000_000:
                 sec, usec = sec + 1, 0
             out.append(struct.pack("<IIII", sec, usec, len(data), len(data)))

@@ -102,7 +102,7 @@ def run_tracer(capture: Path, jobs: int | None) -> tuple[float, int, str]:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         rss = PeakRss(proc.pid)
-        out, err = proc.communicate()
+        _out, err = proc.communicate()
         elapsed = time.perf_counter() - started
         peak = rss.stop()
         if proc.returncode != 0:
