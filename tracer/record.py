@@ -167,7 +167,8 @@ def build_record(conn: Connection) -> dict[str, Any]:
             tls_sni=h2.tls_sni,
             tls_alpn=h2.tls_alpn,
             h2c_upgrade=int(h2.upgraded),
-            methods=dict(h2.methods) if h2.methods else {},
+            methods=dict(h2.methods) if h2.methods else (
+                {h2.first_method: h2.streams} if h2.first_method is not None else {}),
         )
     else:
         rec.update(_NO_HTTP2)

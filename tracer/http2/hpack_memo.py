@@ -312,9 +312,9 @@ class HpackDirection:
 
     __slots__ = ("memo", "pure", "state", "table", "table_state")
 
-    def __init__(self, memo: HpackMemo) -> None:
+    def __init__(self, memo: HpackMemo, state: TableState | None = None) -> None:
         self.memo = memo
-        self.state: TableState | None = memo.empty
+        self.state: TableState | None = state if state is not None else memo.empty
         self.table: DynamicTable | None = None  # live table; matches table_state if shared
         self.table_state: TableState | None = None
         self.pure: dict[bytes, Fields] | None = None

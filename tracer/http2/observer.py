@@ -15,7 +15,7 @@ that falls inside a frame's payload costs nothing but that frame.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tracer.events import (
     ORIG,
@@ -37,6 +37,7 @@ from tracer.events import (
     TlsServerHelloSeen,
     TrailersReceived,
 )
+from tracer.freeze import BIG, BYTE, COUNT, FLAG, FLOAT, REF, SEQ, Layout
 from tracer.http2.frames import (
     CONTINUATION,
     DATA,
@@ -61,7 +62,7 @@ from tracer.http2.frames import (
     WINDOW_UPDATE,
     plausible_chain,
 )
-from tracer.http2.hpack_memo import Fields, HpackDirection, HpackError, HpackMemo
+from tracer.http2.hpack_memo import Fields, HpackDirection, HpackError, HpackMemo, TableState
 from tracer.http2.tls import (
     HANDSHAKE_CLIENT_HELLO,
     NeedMoreData,
@@ -242,6 +243,32 @@ class Http2Observer:
             d.pending = b""
             d.hblock = None
 
+    def can_sleep(self) -> bool:
+        return all(not d.pending and not d.skip and d.hblock is None
+                   for d in (self.orig, self.resp))
+
+    def freeze(self) -> tuple[bytes, tuple[Any, ...]]:
+        blob, refs = _OBSERVER_LAYOUT.pack(self)
+        parts = [blob]
+        for d in (self.orig, self.resp):
+            b, r = _DIRECTION_LAYOUT.pack(d)
+            parts.append(b)
+            # A shared HPACK table state is all a sleeping direction needs to keep.
+            hp = d.hpack
+            refs += r + ((hp.state if hp is not None and hp.state is not None else hp),)
+        return b"".join(parts), refs
+
+    def thaw(self, blob: bytes, offset: int, refs: tuple[Any, ...], ref_offset: int) -> None:
+        offset, ref_offset = _OBSERVER_LAYOUT.unpack(self, blob, offset, refs, ref_offset)
+        for d in (self.orig, self.resp):
+            offset, ref_offset = _DIRECTION_LAYOUT.unpack(d, blob, offset, refs, ref_offset)
+            hp = refs[ref_offset]
+            ref_offset += 1
+            if isinstance(hp, TableState):
+                hp = HpackDirection(self.ctx.memo, hp)
+            d.hpack = hp
+            d._set_mode(d.mode)
+
     def release(self) -> None:
         """Point both directions at a shared placeholder observer: the cycles between this
         observer and its directions are gone, and all of it is freed by reference counting
@@ -254,11 +281,16 @@ class Http2Observer:
         self.ctx.anomalies.append(AnomalyFound(ts, self.conn.uid, reason, detail))
 
     def add_method(self, method: str) -> None:
+        """Count one request's method. While every request had the first method, no dict
+        is kept (``methods`` None: the streams count says how many)."""
         if self.first_method is None:
             self.first_method = method
+            return
         methods = self.methods
         if methods is None:
-            self.methods = {method: 1}
+            if method == self.first_method:
+                return
+            self.methods = {self.first_method: self.streams - 1, method: 1}
         elif method in methods:
             methods[method] += 1
         elif len(methods) < MAX_METHODS:
@@ -270,6 +302,25 @@ class Http2Observer:
         if self.protocol != "h2c":
             self.protocol = "h2c"
 
+
+_OBSERVER_LAYOUT = Layout([
+    ("preface_ts", FLOAT), ("client_settings_ts", FLOAT), ("server_settings_ts", FLOAT),
+    ("client_settings_ack_ts", FLOAT), ("server_settings_ack_ts", FLOAT), ("streams", COUNT),
+    ("pings_orig", COUNT), ("pings_resp", COUNT), ("goaways", COUNT), ("goaway_ts", FLOAT),
+    ("goaway_last_stream_id", SEQ), ("goaway_error", SEQ), ("rst_streams", COUNT),
+    ("trailers", COUNT), ("grpc_errors", COUNT), ("data_frames", BIG), ("window_updates", BIG),
+    ("upgraded", FLAG), ("connect_pending", FLAG),
+    ("protocol", REF), ("client_settings", REF), ("server_settings", REF),
+    ("first_method", REF), ("methods", REF), ("authority", REF), ("user_agent", REF),
+    ("goaway_sender", REF), ("goaway_debug", REF), ("tls_sni", REF), ("tls_alpn", REF),
+])
+# Not packed: pending (empty), skip (0) and hblock (None) are what can_sleep requires.
+_DIRECTION_LAYOUT = Layout([
+    ("mode", BYTE), ("skip_type", BYTE), ("max_frame", COUNT), ("hstream", COUNT),
+    ("hflags", BYTE), ("htype", BYTE), ("last_sid", COUNT), ("body_left", BIG),
+    ("settings_seen", FLAG), ("settings_acked", FLAG), ("size_warned", FLAG),
+    ("unknown_label", REF),
+])
 
 _PLACEHOLDER: list[Http2Observer] = []
 
