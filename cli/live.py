@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cli.runner import quiet_cycle_collector
+from store.queries import report
 from store.schema import open_database
 from store.writer import CaptureWriter
 from tracer import __version__
@@ -453,6 +454,7 @@ def _store_worker(conn: Any, settings: LiveSettings, rows: Any) -> None:
         anomaly_counts=writer.anomaly_counts, drops=totals.get("drops"),
         elapsed_s=elapsed, stats={**stats, "kernel.received": totals.get("received", 0)},
     )
+    report(db)  # computed once now, read many times (store.queries.report)
     db.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -10,7 +11,7 @@ from typing import Any
 import click
 
 from cli.output import FORMATS, fmt_age, fmt_ts, render
-from store.queries import DEFAULT_PREFACE_TIMEOUT
+from store.queries import DEFAULT_PREFACE_TIMEOUT, capture_summary
 from store.queries import connections as list_connections
 from store.queries import report as build_report
 from store.schema import StoreError, open_database
@@ -273,48 +274,94 @@ def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
         sys.exit(EXIT_DAMAGED)
 
 
+def _instant(text: str | None, db_path: str) -> float | None:
+    """--since/--until: ISO 8601 (naive = UTC), epoch seconds, or -DURATION before the end
+    of what the database holds (-10m: the last ten minutes)."""
+    if text is None:
+        return None
+    if text.startswith("-"):
+        seconds = _duration(text[1:])
+        db = _open_existing(db_path)
+        last = capture_summary(db)["last_ts"]
+        if last is None or seconds is None:
+            raise click.BadParameter(f"{text!r}: the database holds no capture yet")
+        return float(last - seconds)
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: use 2026-11-24T10:00:00Z, epoch seconds, or -10m") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
 @main.command()
 @_db_option
 @_format_option
+@click.option("--since", metavar="TIME",
+              help="Only connections that existed from this moment: 2026-11-24T10:00:00Z, "
+                   "epoch seconds, or -10m (ten minutes before the end of the data).")
+@click.option("--until", metavar="TIME",
+              help="Only up to this moment (same forms); open and ages are as of then.")
+@click.option("--client", metavar="IP|PID", help="Only this client address or process id.")
 @click.option("--preface-timeout", type=float, default=DEFAULT_PREFACE_TIMEOUT,
               show_default=True, metavar="SECONDS",
               help="A client preface with no server SETTINGS within this long counts as a "
                    "preface timeout (the clients saw 'failed to receive server preface').")
-def report(db_path: str, fmt: str, preface_timeout: float) -> None:
+@click.option("--fail-on-leak", is_flag=True,
+              help="Exit with status 1 when any client's verdict is leak (for CI and cron).")
+def report(db_path: str, fmt: str, since: str | None, until: str | None, client: str | None,
+           preface_timeout: float, fail_on_leak: bool) -> None:
     """Who leaks connections, how fast, since when, with which RPC.
 
-    One entry per client: connections opened, closed (and how), still open, the oldest
-    open one's age, RPCs per connection, methods, health checks (connect and close
-    without HTTP/2), a verdict (leak, suspect, ok) and a one-line reason.
+    One entry per client (a process where attributed, else an address): connections
+    opened, closed (and how), still open, the oldest open one's age, how idle the open
+    ones are, RPCs per connection, methods, health checks (connect and close without
+    HTTP/2), a verdict (leak, suspect, ok) and a one-line reason. Then the server's
+    health: preface latency, preface timeouts (with how many connections the server held
+    at those moments, and whose), GOAWAYs by sender and error, resets, refusals.
     `--format json` prints the object documented in DESIGN.md.
     """
-    print_report(db_path, fmt, preface_timeout)
+    data = print_report(db_path, fmt, preface_timeout, since=_instant(since, db_path),
+                        until=_instant(until, db_path), client=client)
+    if fail_on_leak and any(c["verdict"] == "leak" for c in data["clients"]):
+        sys.exit(1)
 
 
 def print_report(db_path: str, fmt: str = "table",
-                 preface_timeout: float = DEFAULT_PREFACE_TIMEOUT) -> None:
+                 preface_timeout: float = DEFAULT_PREFACE_TIMEOUT, *,
+                 since: float | None = None, until: float | None = None,
+                 client: str | None = None) -> dict[str, Any]:
     db = _open_existing(db_path)
-    data = build_report(db, preface_timeout=preface_timeout)
+    data = build_report(db, preface_timeout=preface_timeout, since=since, until=until,
+                        client=client)
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
-        return
+        return data
     headers = ["CLIENT", "PID", "PROCESS", "OPENED", "CLOSED", "OPEN", "HEALTH", "OLDEST OPEN",
-               "GROWTH/MIN", "RPC/CONN", "TOP METHOD", "VERDICT", "REASON"]
+               "IDLE", "GROWTH/MIN", "RPC/CONN", "TOP METHOD", "VERDICT", "REASON"]
     rows = []
     for c in data["clients"]:
         top = next(iter(c["methods"].items()), None)
         process = c["process"]
         if fmt == "table" and process and len(process) > 40:
             process = process[:39] + "…"
+        idle = c.get("idle_s")
         rows.append([
             c["client"], c["pid"], process, c["opened"], c["closed"], c["open"],
-            c["health_checks"],
-            fmt_age(c["oldest_open_s"]), c["open_growth_per_min"], c["rpcs_per_connection"],
+            c["health_checks"], fmt_age(c["oldest_open_s"]),
+            f"{fmt_age(idle['min'])}+" if idle else None,
+            c["open_growth_per_min"], c["rpcs_per_connection"],
             f"{top[0]} ({top[1]})" if top else None, c["verdict"], c["reason"],
         ])
     if fmt != "table":
         click.echo(render(fmt, rows, headers))
-        return
+        return data
     cap = data["capture"]
     span = (cap["last_ts"] - cap["first_ts"]) if cap["first_ts"] is not None else None
     click.echo(
@@ -323,6 +370,8 @@ def print_report(db_path: str, fmt: str = "table",
         f"{cap['packets']:,} packets, drops {cap['drops'] if cap['drops'] is not None else 'unknown'}"
         f", anomalies {cap['anomalies']:,}"
     )
+    if since is not None or until is not None:
+        click.echo(f"window: {fmt_ts(since)} .. {fmt_ts(until)}")
     for d in cap["damaged"]:
         click.echo(f"  damaged input: {d}")
     click.echo("")
@@ -338,6 +387,17 @@ def print_report(db_path: str, fmt: str = "table",
         f"RST from server {s['resets']['server']}, from clients {s['resets']['client']}; "
         f"refused {s['refused']}"
     )
+    for m in s["preface_timeout_moments"]:
+        who = ", ".join(f"{k}: {v}" for k, v in m["top_clients"].items())
+        click.echo(
+            f"  preface timeout at {fmt_ts(m['ts'])} for {m['client']}"
+            + (f" (pid {m['pid']})" if m["pid"] else "")
+            + f": the server held {m['server_open_connections']} open connections ({who})"
+        )
+    if s["goaways_by_code"]:
+        click.echo("  GOAWAY: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(s["goaways_by_code"].items())))
+    return data
 
 
 @main.command()
@@ -362,8 +422,10 @@ def demo(duration: str, db_path: str | None, record_shipped: str | None) -> None
     seconds = _duration(duration) or 20.0
     if record_shipped:
         sys.exit(demo_module.record_shipped(record_shipped, seconds, click.echo))
-    code = demo_module.run(seconds, db_path, click.echo,
-                           lambda path: print_report(path, "table"))
+    def show(path: str) -> None:
+        print_report(path, "table")
+
+    code = demo_module.run(seconds, db_path, click.echo, show)
     sys.exit(code)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from store.queries import report
 from store.schema import open_database
 from store.writer import CaptureWriter
 from tracer import __version__
@@ -275,5 +276,6 @@ def read_files(
     )
     if result.status == "complete":
         result.superseded = writer.supersede_same_sources()
+    report(db)  # computed once now, read many times (store.queries.report)
     db.close()
     return result

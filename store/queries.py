@@ -123,57 +123,81 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def client_report(db: sqlite_utils.Database, *, end_ts: float | None = None,
-                  start_ts: float | None = None) -> list[dict[str, Any]]:
+def _client_filter(client: str | None) -> tuple[str, list[Any]]:
+    """SQL condition for --client: an IP address, or a pid."""
+    if not client:
+        return "", []
+    if client.isdigit():
+        return " AND pid = ?", [int(client)]
+    return " AND orig_h = ?", [client]
+
+
+def client_report(db: sqlite_utils.Database, *, since: float | None = None,
+                  until: float | None = None, client: str | None = None) -> list[dict[str, Any]]:
     """One entry per client, as DESIGN.md's report contract: a process (pid and its start
-    time) where the connection was attributed, else the client IP."""
+    time) where the connection was attributed, else the client IP.
+
+    With a window, the connections that existed during [since, until] count; "open" and
+    ages are as of ``until``."""
     summary = capture_summary(db)
-    end = end_ts if end_ts is not None else (summary["last_ts"] or 0.0)
-    start = start_ts if start_ts is not None else (summary["first_ts"] or end)
+    end = until if until is not None else (summary["last_ts"] or 0.0)
+    start = since if since is not None else (summary["first_ts"] or end)
     span = max(end - start, 0.0)
+    where, params = _client_filter(client)
+    if until is not None:
+        where += " AND ts <= ?"
+        params.append(until)
+    if since is not None:
+        where += " AND (close_ts IS NULL OR close_ts >= ?)"  # existed in the window
+        params.append(since)
+    # Open as of the end of the window: no close seen, or a close after it.
+    open_expr = "is_open" if until is None else f"(close_ts IS NULL OR close_ts > {float(end)!r})"
     rows = _rows(
         db,
         f"""
         WITH c AS (
-            SELECT *, {_HEALTH_CHECK} AS hc, {_CLOSED_BY} AS closed_by, {_CLIENT_KEY} AS ckey
-            FROM connections
+            SELECT *, {_HEALTH_CHECK} AS hc, {_CLOSED_BY} AS closed_by, {open_expr} AS open_now
+            FROM connections WHERE 1{where}
         )
-        SELECT ckey, MIN(orig_h) AS client, COUNT(DISTINCT orig_h) AS addresses,
-               MAX(pid) AS pid, MAX(process_start) AS process_start,
+        SELECT pid, process_start, CASE WHEN pid IS NULL THEN orig_h END AS ip,
+               MIN(orig_h) AS client, COUNT(DISTINCT orig_h) AS addresses,
                SUM(NOT hc) AS opened,
-               SUM(NOT hc AND close_kind IS NOT NULL) AS closed,
-               SUM(is_open) AS open,
-               SUM(is_open AND streams <= {FEW_RPCS}) AS open_few_rpcs,
+               SUM(NOT hc AND NOT open_now) AS closed,
+               SUM(open_now) AS open,
+               SUM(open_now AND streams <= {FEW_RPCS}) AS open_few_rpcs,
                SUM(hc) AS health_checks,
-               SUM(closed_by = 'client_fin' AND NOT hc) AS by_client_fin,
-               SUM(closed_by = 'server_fin' AND NOT hc) AS by_server_fin,
-               SUM(closed_by = 'rst' AND NOT hc) AS by_rst,
-               SUM(closed_by = 'goaway' AND NOT hc) AS by_goaway,
-               SUM(closed_by = 'port_reused' AND NOT hc) AS by_port_reused,
-               MIN(CASE WHEN is_open THEN COALESCE(syn_ts, ts) END) AS oldest_open_ts,
-               SUM(is_open AND mid_stream = 0) AS opened_and_left_open,
+               SUM(closed_by = 'client_fin' AND NOT hc AND NOT open_now) AS by_client_fin,
+               SUM(closed_by = 'server_fin' AND NOT hc AND NOT open_now) AS by_server_fin,
+               SUM(closed_by = 'rst' AND NOT hc AND NOT open_now) AS by_rst,
+               SUM(closed_by = 'goaway' AND NOT hc AND NOT open_now) AS by_goaway,
+               SUM(closed_by = 'port_reused' AND NOT hc AND NOT open_now) AS by_port_reused,
+               MIN(CASE WHEN open_now THEN COALESCE(syn_ts, ts) END) AS oldest_open_ts,
+               SUM(open_now AND mid_stream = 0 AND ts >= {float(start)!r})
+                   AS opened_and_left_open,
                SUM(mid_stream AND NOT hc) AS pre_existing,
                SUM(CASE WHEN NOT hc THEN streams ELSE 0 END) AS rpcs,
-               MAX(CASE WHEN is_open THEN COALESCE(last_activity_ts, ts) END) AS last_open_activity
+               MAX(CASE WHEN open_now THEN COALESCE(last_activity_ts, ts) END) AS last_open_activity,
+               MIN(CASE WHEN open_now THEN COALESCE(last_activity_ts, ts) END) AS first_open_activity
         FROM c
-        GROUP BY ckey
+        GROUP BY pid, process_start, ip
         """,
+        params,
     )
-    processes = {
-        (r["pid"], r["start_time"]): r
-        for r in _rows(db, "SELECT * FROM processes")
-    }
-    methods: dict[str, dict[str, int]] = {}
+    methods: dict[tuple[Any, Any, Any], dict[str, int]] = {}
     for r in _rows(
         db,
         f"""
-        SELECT {_CLIENT_KEY} AS ckey, m.method AS method, SUM(m.count) AS n
+        SELECT pid, process_start, CASE WHEN pid IS NULL THEN orig_h END AS ip,
+               m.method AS method, SUM(m.count) AS n
         FROM conn_methods m JOIN connections ON connections.uid = m.uid
-        GROUP BY ckey, m.method
+        WHERE 1{where}
+        GROUP BY pid, process_start, ip, m.method
         ORDER BY n DESC, m.method
         """,
+        params,
     ):
-        methods.setdefault(r["ckey"], {})[r["method"]] = r["n"]
+        methods.setdefault((r["pid"], r["process_start"], r["ip"]), {})[r["method"]] = r["n"]
+    processes = {(r["pid"], r["start_time"]): r for r in _rows(db, "SELECT * FROM processes")}
     out = []
     for r in rows:
         opened = r["opened"] or 0
@@ -198,11 +222,16 @@ def client_report(db: sqlite_utils.Database, *, end_ts: float | None = None,
             "health_checks": r["health_checks"] or 0,
             "oldest_open_s": round(end - r["oldest_open_ts"], 3)
             if r["oldest_open_ts"] is not None else None,
+            # Idle: since the last frame other than PING, for the least and the most idle
+            # of the open connections.
+            "idle_s": {"min": round(end - r["last_open_activity"], 3),
+                       "max": round(end - r["first_open_activity"], 3)}
+            if r["last_open_activity"] is not None else None,
             "open_growth_per_min": round((r["opened_and_left_open"] or 0) / (span / 60.0), 2)
             if span > 0 else None,
             "rpcs": r["rpcs"] or 0,
             "rpcs_per_connection": round((r["rpcs"] or 0) / opened, 2) if opened else None,
-            "methods": methods.get(r["ckey"], {}),
+            "methods": methods.get((r["pid"], r["process_start"], r["ip"]), {}),
         }
         if proc is not None:
             c["process_start"] = proc["start_time"]
@@ -227,41 +256,79 @@ def _percentile(values: list[float], q: float) -> float | None:
     return values[idx]
 
 
+MAX_TIMEOUT_MOMENTS = 10
+
+
 def server_health(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT_PREFACE_TIMEOUT,
-                  end_ts: float | None = None) -> dict[str, Any]:
-    end = end_ts if end_ts is not None else (capture_summary(db)["last_ts"] or 0.0)
+                  since: float | None = None, until: float | None = None) -> dict[str, Any]:
+    """Preface latency and timeouts, GOAWAYs, resets, refusals, over the window."""
+    end = until if until is not None else (capture_summary(db)["last_ts"] or 0.0)
+    window, params = "", []
+    if until is not None:
+        window += " AND ts <= ?"
+        params.append(until)
+    if since is not None:
+        window += " AND (close_ts IS NULL OR close_ts >= ?)"
+        params.append(since)
     latencies = [
         max(0.0, r[0]) * 1000.0 for r in db.execute(
             "SELECT server_settings_ts - preface_ts FROM connections"
-            " WHERE preface_ts IS NOT NULL AND server_settings_ts IS NOT NULL"
+            f" WHERE preface_ts IS NOT NULL AND server_settings_ts IS NOT NULL{window}", params
         )
     ]
-    timeouts = db.execute(
-        "SELECT COUNT(*) FROM connections WHERE preface_ts IS NOT NULL AND ("
+    # Clients that sent the preface and got no server SETTINGS in time: what grpc-go
+    # reports as "failed to receive server preface within timeout".
+    timeout_rows = _rows(
+        db,
+        "SELECT uid, orig_h, pid, preface_ts FROM connections WHERE preface_ts IS NOT NULL AND ("
         " (server_settings_ts IS NOT NULL AND server_settings_ts - preface_ts > ?)"
-        " OR (server_settings_ts IS NULL AND COALESCE(close_ts, ?) - preface_ts > ?))",
-        [preface_timeout, end, preface_timeout],
-    ).fetchone()[0]
+        " OR (server_settings_ts IS NULL AND COALESCE(close_ts, ?) - preface_ts > ?))"
+        f"{window} ORDER BY preface_ts",
+        [preface_timeout, end, preface_timeout, *params],
+    )
+    moments = []
+    if timeout_rows:
+        picks = timeout_rows[:: max(1, len(timeout_rows) // MAX_TIMEOUT_MOMENTS)]
+        for row in picks[:MAX_TIMEOUT_MOMENTS]:
+            t = row["preface_ts"] + preface_timeout
+            held = _rows(
+                db,
+                "SELECT COALESCE('pid ' || pid, orig_h) AS who, COUNT(*) AS n FROM connections"
+                " WHERE ts <= ? AND (close_ts IS NULL OR close_ts > ?) GROUP BY who"
+                " ORDER BY n DESC",
+                [t, t],
+            )
+            moments.append({
+                "ts": round(t, 6), "client": row["orig_h"], "pid": row["pid"],
+                "server_open_connections": sum(h["n"] for h in held),
+                "top_clients": {h["who"]: h["n"] for h in held[:3]},
+            })
     goaways = {"server": 0, "client": 0}
     by_code: dict[str, int] = {}
     for direction, code, n in db.execute(
-        "SELECT dir, code, COUNT(*) FROM events WHERE name = 'goaway' GROUP BY dir, code"
+        "SELECT dir, code, COUNT(*) FROM events WHERE name = 'goaway'"
+        + (" AND ts <= ?" if until is not None else "")
+        + (" AND ts >= ?" if since is not None else "")
+        + " GROUP BY dir, code",
+        [x for x in (until, since) if x is not None],
     ):
-        goaways["server" if direction == "resp" else "client"] += n
-        key = f"{'server' if direction == 'resp' else 'client'}:{error_name(code)}"
+        side = "server" if direction == "resp" else "client"
+        goaways[side] += n
+        key = f"{side}:{error_name(code)}"
         by_code[key] = by_code.get(key, 0) + n
     refused = db.execute(
-        "SELECT COUNT(*) FROM connections WHERE conn_state IN ('REJ', 'RSTOS0')"
+        f"SELECT COUNT(*) FROM connections WHERE conn_state IN ('REJ', 'RSTOS0'){window}", params
     ).fetchone()[0]
     resets = dict(db.execute(
         "SELECT close_kind, COUNT(*) FROM connections"
-        " WHERE close_kind IN ('client_rst', 'server_rst') GROUP BY close_kind"
+        f" WHERE close_kind IN ('client_rst', 'server_rst'){window} GROUP BY close_kind", params
     ).fetchall())
     p50 = _percentile(latencies, 0.5)
     p99 = _percentile(latencies, 0.99)
     return {
-        "preface_timeouts": timeouts,
+        "preface_timeouts": len(timeout_rows),
         "preface_timeout_s": preface_timeout,
+        "preface_timeout_moments": moments,
         "preface_latency_ms": {
             "p50": round(p50, 3) if p50 is not None else None,
             "p99": round(p99, 3) if p99 is not None else None,
@@ -274,15 +341,46 @@ def server_health(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT
     }
 
 
-def report(db: sqlite_utils.Database, *,
-           preface_timeout: float = DEFAULT_PREFACE_TIMEOUT) -> dict[str, Any]:
-    """The whole report, as DESIGN.md's JSON contract."""
-    summary = capture_summary(db)
-    return {
-        "capture": summary,
-        "clients": client_report(db),
-        "server": server_health(db, preface_timeout=preface_timeout),
+def _fingerprint(db: sqlite_utils.Database) -> str:
+    """Changes whenever the data a report reads changes (runs, imports, attribution)."""
+    caps = db.execute(
+        "SELECT COUNT(*), MAX(id), MAX(finished_at), SUM(status = 'running') FROM captures"
+    ).fetchone()
+    rows = db.execute("SELECT MAX(rowid), COUNT(*) FROM connections").fetchone()
+    procs = db.execute("SELECT COUNT(*) FROM processes").fetchone()
+    return json.dumps([list(caps), list(rows), list(procs)])
+
+
+def report(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT_PREFACE_TIMEOUT,
+           since: float | None = None, until: float | None = None,
+           client: str | None = None, cache: bool = True) -> dict[str, Any]:
+    """The whole report, as DESIGN.md's JSON contract.
+
+    The full report (no window, no client filter) is kept in the database with a
+    fingerprint of the data it was computed from, and served from there until the data
+    changes: a million connections take seconds to aggregate, a stored report a few
+    milliseconds. A running live capture changes the data continuously and is always
+    computed afresh."""
+    plain = since is None and until is None and not client
+    fingerprint = ""
+    if cache and plain:
+        fingerprint = _fingerprint(db) + f"|{preface_timeout!r}"
+        running = db.execute("SELECT COUNT(*) FROM captures WHERE status = 'running'").fetchone()
+        db.execute("CREATE TABLE IF NOT EXISTS report_cache (fingerprint TEXT, report TEXT)")
+        row = db.execute("SELECT fingerprint, report FROM report_cache").fetchone()
+        if row is not None and row[0] == fingerprint and not running[0]:
+            cached: dict[str, Any] = json.loads(row[1])
+            return cached
+    data = {
+        "capture": capture_summary(db),
+        "clients": client_report(db, since=since, until=until, client=client),
+        "server": server_health(db, preface_timeout=preface_timeout, since=since, until=until),
     }
+    if fingerprint:
+        with db.conn:
+            db.execute("DELETE FROM report_cache")
+            db.execute("INSERT INTO report_cache VALUES (?, ?)", [fingerprint, json.dumps(data)])
+    return data
 
 
 CONNECTION_COLUMNS = (
