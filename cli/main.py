@@ -401,6 +401,69 @@ def print_report(db_path: str, fmt: str = "table",
 
 
 @main.command()
+@_db_option
+@click.option("--bucket", default="1m", show_default=True, metavar="TIME",
+              help="Width of a time bucket (10s, 1m, 1h).")
+@click.option("--client", metavar="IP|PID", help="Only this client address or process id.")
+@click.option("--since", metavar="TIME", help="From this moment (as for `tracer report`).")
+@click.option("--until", metavar="TIME", help="Up to this moment.")
+@click.option("--plot", "plot_path", metavar="FILE",
+              help="Draw it: FILE.png, FILE.svg or FILE.html (one line per client, preface "
+                   "timeouts and server GOAWAYs marked).")
+@click.option("--top", type=click.IntRange(1), default=8, show_default=True,
+              help="Clients shown as their own column; the rest are summed.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table",
+              show_default=True, help="Output format of the text table.")
+def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
+             until: str | None, plot_path: str | None, top: int, fmt: str) -> None:
+    """Open connections per client over time: the picture of a leak.
+
+    For each bucket, the connections each client holds open at its end (one line
+    climbing, the others flat), with the preface timeouts and GOAWAYs that happened in it.
+    A text table, or with --plot a picture.
+    """
+    from store.queries import timeline as build_timeline
+
+    width = _duration(bucket) or 60.0
+    if width <= 0:
+        raise click.BadParameter("the bucket must be longer than 0", param_hint="--bucket")
+    db = _open_existing(db_path)
+    data = build_timeline(db, bucket=width, client=client, since=_instant(since, db_path),
+                          until=_instant(until, db_path))
+    if not data["times"]:
+        click.echo("no capture in the database yet")
+        return
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2))
+    else:
+        names = list(data["clients"])
+        shown, rest = names[:top], names[top:]
+        headers = ["TIME (UTC)", *shown] + (["OTHERS"] if rest else []) + [
+            "PREFACE TIMEOUTS", "GOAWAY (server/client)"]
+        rows = []
+        m = data["markers"]
+        for i, t in enumerate(data["times"]):
+            row: list[Any] = [fmt_ts(t)[:-5] if fmt == "table" else t]
+            row += [data["clients"][n][i] for n in shown]
+            if rest:
+                row.append(sum(data["clients"][n][i] for n in rest))
+            row += [m["preface_timeouts"][i] or "",
+                    f"{m['goaways_server'][i]}/{m['goaways_client'][i]}"
+                    if m["goaways_server"][i] or m["goaways_client"][i] else ""]
+            rows.append(row)
+        click.echo(render(fmt, rows, headers))
+    if plot_path:
+        if not plot_path.endswith((".png", ".svg", ".html")):
+            raise click.BadParameter("use a .png, .svg or .html file", param_hint="--plot")
+        from cli.plot import plot_timeline
+
+        title = f"open connections per client, {bucket} buckets" + (
+            f", client {client}" if client else "")
+        plot_timeline(data, plot_path, title)
+        click.echo(f"plot written to {plot_path}", err=True)
+
+
+@main.command()
 @click.option("--duration", default="20s", show_default=True, metavar="TIME",
               help="How long to capture the scenario.")
 @click.option("--db", "db_path", metavar="FILE",

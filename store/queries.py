@@ -123,13 +123,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def _client_filter(client: str | None) -> tuple[str, list[Any]]:
-    """SQL condition for --client: an IP address, or a pid."""
+def _client_filter(client: str | None, table: str = "") -> tuple[str, list[Any]]:
+    """SQL condition for --client: an IP address, or a pid (columns of ``table``)."""
     if not client:
         return "", []
+    prefix = f"{table}." if table else ""
     if client.isdigit():
-        return " AND pid = ?", [int(client)]
-    return " AND orig_h = ?", [client]
+        return f" AND {prefix}pid = ?", [int(client)]
+    return f" AND {prefix}orig_h = ?", [client]
 
 
 def client_report(db: sqlite_utils.Database, *, since: float | None = None,
@@ -419,3 +420,65 @@ def connections(db: sqlite_utils.Database, *, open_only: bool = False,
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=False)
+
+
+def timeline(db: sqlite_utils.Database, *, bucket: float, client: str | None = None,
+             since: float | None = None, until: float | None = None,
+             preface_timeout: float = DEFAULT_PREFACE_TIMEOUT) -> dict[str, Any]:
+    """Open connections per client at the end of each bucket, with the preface timeouts and
+    GOAWAYs that happened in it. Two grouped scans and a running sum: fine for millions."""
+    summary = capture_summary(db)
+    first = since if since is not None else summary["first_ts"]
+    last = until if until is not None else summary["last_ts"]
+    if first is None or last is None:
+        return {"bucket_s": bucket, "start": None, "times": [], "clients": {}, "markers": {}}
+    n = max(1, int((last - first) // bucket) + 1)
+    where, params = _client_filter(client)
+    label = ("CASE WHEN pid IS NOT NULL THEN 'pid ' || pid ELSE orig_h END")
+
+    def index(column: str) -> str:
+        # bucket 0 holds everything before the start: open connections carried in
+        return f"MAX(0, MIN({n - 1}, CAST(({column} - {first!r}) / {bucket!r} AS INTEGER)))"
+
+    deltas: dict[str, list[int]] = {}
+    for who, i, change in db.execute(
+        f"SELECT {label}, {index('COALESCE(syn_ts, ts)')}, COUNT(*) FROM connections"
+        f" WHERE ts <= {last!r}{where} GROUP BY 1, 2", params
+    ):
+        deltas.setdefault(who, [0] * n)[i] += change
+    for who, i, change in db.execute(
+        f"SELECT {label}, {index('close_ts')}, COUNT(*) FROM connections"
+        f" WHERE close_ts IS NOT NULL AND close_ts <= {last!r}{where} GROUP BY 1, 2", params
+    ):
+        deltas.setdefault(who, [0] * n)[i] -= change
+    series: dict[str, list[int]] = {}
+    for who, d in deltas.items():
+        running, out = 0, []
+        for change in d:
+            running += change
+            out.append(running)
+        series[who] = out
+    markers: dict[str, list[int]] = {"preface_timeouts": [0] * n, "goaways_server": [0] * n,
+                                     "goaways_client": [0] * n}
+    for i, count in db.execute(
+        f"SELECT {index('preface_ts + ' + repr(preface_timeout))}, COUNT(*) FROM connections"
+        " WHERE preface_ts IS NOT NULL AND ("
+        " (server_settings_ts IS NOT NULL AND server_settings_ts - preface_ts > ?)"
+        " OR (server_settings_ts IS NULL AND COALESCE(close_ts, ?) - preface_ts > ?))"
+        f"{where} GROUP BY 1", [preface_timeout, last, preface_timeout, *params]
+    ):
+        markers["preface_timeouts"][i] += count
+    joined, _ = _client_filter(client, "c")
+    for direction, i, count in db.execute(
+        f"SELECT e.dir, {index('e.ts')}, COUNT(*) FROM events e"
+        f" JOIN connections c ON c.uid = e.uid WHERE e.name = 'goaway'"
+        f" AND e.ts <= {last!r}{joined} GROUP BY 1, 2", params
+    ):
+        markers["goaways_server" if direction == "resp" else "goaways_client"][i] += count
+    return {
+        "bucket_s": bucket,
+        "start": first,
+        "times": [first + (i + 1) * bucket for i in range(n)],
+        "clients": dict(sorted(series.items(), key=lambda kv: -max(kv[1], default=0))),
+        "markers": markers,
+    }

@@ -1,0 +1,60 @@
+"""Drawing the open-connections timeline (matplotlib, loaded only when a plot is asked for)."""
+
+from __future__ import annotations
+
+import datetime
+import html
+import io
+from typing import Any
+
+MAX_LINES = 8
+
+
+def plot_timeline(data: dict[str, Any], path: str, title: str) -> None:
+    """PNG or SVG by the file's extension; HTML is the SVG in a page."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    times: Any = [datetime.datetime.fromtimestamp(t, datetime.timezone.utc) for t in data["times"]]
+    clients = list(data["clients"].items())
+    shown, rest = clients[:MAX_LINES], clients[MAX_LINES:]
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    for who, values in shown:
+        ax.plot(times, values, drawstyle="steps-post",
+                linewidth=2 if values and max(values) > 2 else 1.2,
+                label=f"{who} (max {max(values, default=0)})")
+    if rest:
+        others = [sum(v[i] for _, v in rest) for i in range(len(times))]
+        ax.plot(times, others, color="grey", linestyle="--",
+                label=f"{len(rest)} other clients (sum)")
+    markers = data["markers"]
+    for i, t in enumerate(times):
+        if markers["preface_timeouts"][i]:
+            ax.axvline(t, color="red", alpha=0.35, linewidth=3)
+        if markers["goaways_server"][i]:
+            ax.axvline(t, color="orange", alpha=0.5, linestyle=":")
+    if any(markers["preface_timeouts"]):
+        ax.plot([], [], color="red", alpha=0.35, linewidth=3, label="preface timeouts")
+    if any(markers["goaways_server"]):
+        ax.plot([], [], color="orange", linestyle=":", label="server GOAWAY")
+    ax.set_title(title)
+    ax.set_ylabel("open connections")
+    ax.set_xlabel("time (UTC)")
+    ax.grid(True, alpha=0.3)
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))  # type: ignore[no-untyped-call]
+    fig.autofmt_xdate()
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    if path.endswith(".html"):
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg")
+        with open(path, "w") as f:
+            f.write(f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                    f"<body style='font-family:sans-serif'><h2>{html.escape(title)}</h2>"
+                    f"{buf.getvalue()}</body>\n")
+    else:
+        fig.savefig(path)
+    plt.close(fig)
