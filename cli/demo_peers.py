@@ -1,14 +1,16 @@
 """The demo's gRPC programs: a grpcio server and clients that close, pool or leak connections.
 
-    python -m cli.demo_peers server PORT [--bind ADDRESS]
+    python -m cli.demo_peers server PORT [--bind ADDRESS] [--option KEY=INT ...]
     python -m cli.demo_peers {close,pool,leak} HOST:PORT [--interval S] [--lifetime S]
+                             [--option KEY=INT ...]
 
 Generic handlers with raw bytes: no protoc, no generated code. Each client calls
 /demo.Inventory/Lookup every --interval seconds until SIGTERM or --lifetime:
 - close: a new channel for each call, closed after it (healthy);
 - pool:  one channel for every call (healthy: one long-lived connection);
 - leak:  a new channel for each call, never closed: one more idle connection per call,
-         the bug this tool finds.
+         the bug this tool finds;
+- check: a TCP health check: connect, send nothing, close (no gRPC at all).
 Each channel gets its own TCP connection (grpc.use_local_subchannel_pool, DESIGN.md).
 """
 
@@ -30,14 +32,14 @@ METHOD = f"/{SERVICE}/Lookup"
 OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.enable_http_proxy", 0)]
 
 
-def serve(port: int, bind: str) -> int:
+def serve(port: int, bind: str, options: list[tuple[str, int]]) -> int:
     def lookup(request: bytes, context: Any) -> bytes:
         return b"item:" + request
 
     handler = grpc.method_handlers_generic_handler(
         SERVICE, {"Lookup": grpc.unary_unary_rpc_method_handler(lookup)}
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"{bind}:{port}")
     server.start()
@@ -54,7 +56,8 @@ def serve(port: int, bind: str) -> int:
     return 0
 
 
-def client(mode: str, target: str, interval: float, lifetime: float) -> int:
+def client(mode: str, target: str, interval: float, lifetime: float,
+           options: list[tuple[str, int]]) -> int:
     done = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -63,11 +66,12 @@ def client(mode: str, target: str, interval: float, lifetime: float) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     leaked = []
-    pooled = grpc.insecure_channel(target, options=OPTIONS) if mode == "pool" else None
+    channel_options = OPTIONS + options
+    pooled = grpc.insecure_channel(target, options=channel_options) if mode == "pool" else None
     deadline = time.monotonic() + lifetime
     n = 0
     while not done.is_set() and time.monotonic() < deadline:
-        channel = pooled or grpc.insecure_channel(target, options=OPTIONS)
+        channel = pooled or grpc.insecure_channel(target, options=channel_options)
         call = channel.unary_unary(METHOD)
         try:
             call(f"sku-{n}".encode(), timeout=5)
@@ -82,17 +86,35 @@ def client(mode: str, target: str, interval: float, lifetime: float) -> int:
     return 0
 
 
+def health_check(target: str, interval: float, lifetime: float) -> int:
+    """A load balancer's TCP health check: connect, say nothing, close."""
+    import socket
+
+    host, port = target.rsplit(":", 1)
+    deadline = time.monotonic() + lifetime
+    while time.monotonic() < deadline:
+        with socket.create_connection((host, int(port)), timeout=5):
+            time.sleep(0.05)
+        time.sleep(interval)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cli.demo_peers")
-    ap.add_argument("mode", choices=["server", "close", "pool", "leak"])
+    ap.add_argument("mode", choices=["server", "close", "pool", "leak", "check"])
     ap.add_argument("where", help="PORT for the server, HOST:PORT for clients")
     ap.add_argument("--interval", type=float, default=0.5)
     ap.add_argument("--lifetime", type=float, default=300.0)
     ap.add_argument("--bind", default="127.0.0.1", help="server: address to listen on")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=INT",
+                    help="a grpc channel or server argument, e.g. grpc.max_connection_age_ms=1000")
     args = ap.parse_args(argv)
+    options = [(k, int(v)) for k, v in (o.split("=", 1) for o in args.option)]
     if args.mode == "server":
-        return serve(int(args.where), args.bind)
-    return client(args.mode, args.where, args.interval, args.lifetime)
+        return serve(int(args.where), args.bind, options)
+    if args.mode == "check":
+        return health_check(args.where, args.interval, args.lifetime)
+    return client(args.mode, args.where, args.interval, args.lifetime, options)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""Diagnosis scenarios with real processes: who must be flagged, and who must never be.
+
+Each scenario runs a grpcio server and clients (python -m cli.demo_peers) on loopback,
+captures them live with attribution, and reads the report as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.live]
+
+if os.geteuid() != 0:
+    pytest.skip("live capture needs root", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def peer(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "cli.demo_peers", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def tracer(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, check=False,
+                          capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tracer {args} failed: {proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def server_factory() -> Iterator[object]:
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*options: str) -> int:
+        port = free_port()
+        args = ["server", str(port)]
+        for o in options:
+            args += ["--option", o]
+        proc = peer(*args)
+        started.append(proc)
+        assert proc.stdout is not None
+        assert "READY" in proc.stdout.readline()
+        return port
+
+    yield start
+    for proc in started:
+        stop(proc)
+
+
+def capture(port: int, db: Path, seconds: float, clients: list[list[str]]) -> dict[int, str]:
+    """Run the agent for ``seconds`` while ``clients`` run; return pid -> mode."""
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "capture", "--port", str(port), "--iface", "lo",
+         "--db", str(db), "--duration", f"{seconds}s", "-q"], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    procs = [peer(*c) for c in clients]
+    try:
+        agent.wait(timeout=seconds + 30)
+    finally:
+        for p in procs:
+            stop(p)
+        stop(agent)
+    assert agent.returncode == 0, agent.stderr.read() if agent.stderr else ""
+    return {p.pid: c[0] for p, c in zip(procs, clients)}
+
+
+def test_recycled_and_pinging_connections_are_not_leaks(server_factory, tmp_path: Path) -> None:
+    """A server with max-connection-age (GOAWAY churn) and clients with keepalive PINGs:
+    connections come and go and ping all the time; nobody leaks and nobody is flagged."""
+    port = server_factory("grpc.max_connection_age_ms=1500",
+                          "grpc.max_connection_age_grace_ms=500",
+                          "grpc.keepalive_permit_without_calls=1",
+                          "grpc.http2.min_ping_interval_without_data_ms=500")
+    target = f"127.0.0.1:{port}"
+    keepalive = ["--option", "grpc.keepalive_time_ms=1000",
+                 "--option", "grpc.keepalive_permit_without_calls=1",
+                 "--option", "grpc.http2.max_pings_without_data=0"]
+    db = tmp_path / "recycle.db"
+    pids = capture(port, db, 9.0, [
+        ["pool", target, "--interval", "0.3", *keepalive],
+        ["pool", target, "--interval", "0.5"],
+        ["close", target, "--interval", "0.5"],
+    ])
+    data = json.loads(tracer("report", "--db", str(db), "--format", "json").stdout)
+    flagged = [c for c in data["clients"] if c["verdict"] != "ok"]
+    assert flagged == [], flagged
+    pooled = [c for c in data["clients"] if pids.get(c["pid"]) == "pool"]
+    assert len(pooled) == 2
+    # The server recycled the pooled clients' connections with GOAWAYs, and they carried on.
+    assert sum(c["closed_by"]["goaway"] for c in pooled) >= 2, pooled
+    assert data["server"]["goaways"]["server"] >= 2
+    assert all(c["open"] <= 1 for c in pooled)
+    con_pings = json.loads(tracer("connections", "--db", str(db), "--format", "json").stdout)
+    assert sum(r["pings_orig"] for r in con_pings) >= 3  # keepalives seen
+
+
+def test_leaker_among_pooled_closing_and_health_checks(server_factory, tmp_path: Path) -> None:
+    """Only the leaking process is a leak; the pool, the closer and TCP health checks
+    (connect, no HTTP/2, close) are not, and the health checks are counted as such."""
+    port = server_factory()
+    target = f"127.0.0.1:{port}"
+    db = tmp_path / "mix.db"
+    pids = capture(port, db, 7.0, [["leak", target, "--interval", "0.3"],
+                                   ["pool", target, "--interval", "0.3"],
+                                   ["close", target, "--interval", "0.3"],
+                                   ["check", target, "--interval", "0.5", "--lifetime", "2.6"]])
+    data = json.loads(tracer("report", "--db", str(db), "--format", "json").stdout)
+    leaks = [c for c in data["clients"] if c["verdict"] == "leak"]
+    assert [pids.get(c["pid"]) for c in leaks] == ["leak"], leaks
+    assert all(c["verdict"] == "ok" for c in data["clients"] if c not in leaks)
+    [checker] = [c for c in data["clients"] if pids.get(c["pid"]) == "check"]
+    assert checker["health_checks"] >= 4 and checker["opened"] == 0, checker
+    # --fail-on-leak makes it an exit status.
+    assert tracer("report", "--db", str(db), "--fail-on-leak", check=False).returncode == 1
