@@ -90,7 +90,7 @@ from tracer.decode import (
 )
 from tracer.events import EVENT_TYPES, ORIG, RESP, ConnectionEvent, RequestStarted
 from tracer.http2.hpack_memo import ALLOWED_HEADERS, HpackDirection, HpackError, HpackMemo
-from tracer.http2.observer import MAX_BUFFERED, Http2Observer
+from tracer.http2.observer import MAX_BUFFERED, UNKNOWN_PRE_EXISTING, Http2Observer
 from tracer.http2.tls import Hello, NeedMoreData, NotTls, parse_hello
 from tracer.pipeline import Analyzer
 from tracer.sources.pcapfile import CaptureFileError, CaptureReader
@@ -792,7 +792,15 @@ def test_mid_stream_pickup_regains_sync_and_reports_no_false_frames(
         assert got == want
         want_sids = [x.key[2] for x in conv.expected
                      if x.key[1] == d and x.offset >= at and x.key[0] in ("request", "trailers")]
-        got_sids = [e[2] for e in events if e[1] == d and e[0] in ("request", "trailers")]
+        # A client's HEADERS on a stream opened before the pick-up point, which cannot be
+        # decoded (its table entries were never seen) and carries END_STREAM, may be a
+        # body-less request or trailers: it may be reported as a request of unknown method
+        # "(pre-existing)", never with a method.
+        before = {x.key[2] for x in conv.expected
+                  if x.key[:2] == ("request", d) and x.offset < at}
+        got_sids = [e[2] for e in events if e[1] == d and e[0] in ("request", "trailers")
+                    and not (e[0] == "request" and e[3] == UNKNOWN_PRE_EXISTING
+                             and e[2] in before)]
         assert got_sids == want_sids
     # Soundness, whatever happened: nothing that was not sent.
     for e in events:

@@ -603,6 +603,10 @@ class Direction:
             if ftype == DATA:
                 obs.data_frames += 1
                 active = True
+                if sid > self.last_sid and self.is_client and sid & 1:
+                    # A stream opened before the capture or a gap: its next client
+                    # HEADERS are trailers, not a request.
+                    self.last_sid = sid & 0x7FFFFFFF
             elif ftype in _COUNTED_ONLY:
                 if ftype == WINDOW_UPDATE:
                     obs.window_updates += 1
