@@ -17,6 +17,7 @@ others.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import sys
 import time
@@ -143,10 +144,46 @@ def run_live(settings: LiveSettings,
                           buffer_bytes=settings.buffer_bytes, user_filter=settings.user_filter)
     try:
         if settings.user:
+            _prepare_for(settings.user, settings.db_path)
             drop_privileges(settings.user)
+            try:
+                return _run(settings, capture, result, status)
+            except ImportError as error:
+                raise CaptureError(
+                    f"running as {settings.user}, Python could not load {error.name}: that "
+                    f"user cannot read this Python installation. Install tracer where "
+                    f"{settings.user} can read it, or run without --user."
+                ) from error
         return _run(settings, capture, result, status)
     finally:
         capture.close()
+
+
+def _prepare_for(user: str, db_path: str) -> None:
+    """What must happen while still root, before becoming ``user``: load every module the
+    run will need (the interpreter's files may not be readable by ``user``) and create the
+    database, handing it to ``user``."""
+    import glob  # noqa: F401 - psutil uses it
+    import importlib.metadata
+    import multiprocessing.connection  # noqa: F401
+    import multiprocessing.popen_fork  # noqa: F401
+    import multiprocessing.sharedctypes  # noqa: F401
+    import multiprocessing.synchronize  # noqa: F401
+    import pwd
+
+    import psutil
+
+    from tracer.record import build_record  # noqa: F401 - imported where it is used
+
+    importlib.metadata.entry_points()
+    multiprocessing.get_context("fork").Value("q", 0)
+    psutil.Process().name()
+    SockDiag().close()
+    entry = pwd.getpwnam(user)
+    open_database(db_path).close()
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db_path + suffix):
+            os.chown(db_path + suffix, entry.pw_uid, entry.pw_gid)
 
 
 def _run(settings: LiveSettings, capture: LiveCapture, result: LiveResult,
@@ -154,7 +191,8 @@ def _run(settings: LiveSettings, capture: LiveCapture, result: LiveResult,
     ctx = multiprocessing.get_context("fork")
     reader, sender = ctx.Pipe(duplex=False)
     rows = ctx.Value("q", 0)
-    worker = ctx.Process(target=_store_worker, args=(reader, settings, rows), daemon=True)
+    worker = ctx.Process(target=_store_worker, args=(reader, sender, settings, rows),
+                         daemon=True)
     worker.start()
     reader.close()
     hello = None
@@ -394,9 +432,15 @@ def _host_addresses() -> set[str]:
     return out
 
 
-def _store_worker(conn: Any, settings: LiveSettings, rows: Any) -> None:
+def _store_worker(conn: Any, sender: Any, settings: LiveSettings, rows: Any) -> None:
     """Entry point of the store worker process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the capture process decides when to stop
+    # The capture process decides when to stop: a signal to the whole process group (^C in
+    # a terminal, systemd's KillMode=control-group) must not kill the writer first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Our copy of the pipe's write end must go: when the capture process dies (kill -9),
+    # the pipe then reports end of file and this process finishes the capture.
+    sender.close()
     db = open_database(settings.db_path)
     iface = ",".join(settings.interfaces)
     writer = CaptureWriter.start(db, kind="live", ports=settings.ports, interface=iface,

@@ -175,6 +175,14 @@ def attach(sock: socket.socket, program: list[Insn]) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
+def _drain(sock: socket.socket) -> None:
+    while True:
+        try:
+            sock.recv(1)
+        except BlockingIOError:
+            return
+
+
 def _interface_index(name: str) -> int:
     try:
         return socket.if_nametoindex(name)
@@ -222,16 +230,18 @@ class LiveCapture:
                 sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM,
                                      socket.htons(ETH_P_ALL))
                 self.sockets.append(sock)
-                # Filter before bind, so nothing unfiltered is ever queued.
                 attach(sock, program)
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer_bytes)
                 except PermissionError:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
                 if name != "any":
-                    sock.bind((name, ETH_P_ALL))
                     _interface_index(name)
+                    sock.bind((name, ETH_P_ALL))
                 sock.setblocking(False)
+                # The socket received from its creation until the filter and the bind:
+                # throw that away (as libpcap does), only filtered packets are read.
+                _drain(sock)
         except PermissionError as exc:
             self.close()
             raise permission_error(exc) from None
@@ -240,6 +250,8 @@ class LiveCapture:
             if exc.errno == errno.ENODEV:
                 raise CaptureError(f"no such interface among {self.interfaces}") from None
             raise CaptureError(f"cannot capture on {self.interfaces}: {exc}") from None
+        self.statistics()  # the kernel counted what came before the filter: start from 0
+        self.received = self.dropped = 0
         self._poll = select.poll()
         for sock in self.sockets:
             self._poll.register(sock.fileno(), select.POLLIN)
