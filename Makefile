@@ -64,8 +64,22 @@ test: $(STAMP) system-deps node-deps
 	cd build/pure && TRACER_EXPECT_BUILD=interpreted $(abspath $(PY)) -m pytest -q \
 		-p no:cacheprovider --rootdir=$(CURDIR) $(addprefix $(CURDIR)/,$(PURE_TESTS))
 
+# tcpreplay drives the live agent's benchmark (benchmarks/live.py, which needs root).
 bench: $(STAMP) system-deps
+	@if ! command -v tcpreplay >/dev/null; then \
+		if command -v apt-get >/dev/null; then \
+			echo "installing tcpreplay from Debian's packages"; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			$(SUDO) apt-get install -y -q tcpreplay >/dev/null 2>&1 || \
+			{ $(SUDO) apt-get update -q >/dev/null && \
+			  $(SUDO) apt-get install -y -q tcpreplay >/dev/null; } || \
+			echo "warning: could not install tcpreplay; the live agent's rate and memory skip"; \
+		else \
+			echo "warning: no apt-get; the live agent's rate and memory benchmarks skip"; \
+		fi; \
+	fi
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/live.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tracer store cli tests benchmarks

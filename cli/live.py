@@ -165,10 +165,10 @@ def _prepare_for(user: str, db_path: str) -> None:
     database, handing it to ``user``."""
     import glob  # noqa: F401 - psutil uses it
     import importlib.metadata
-    import multiprocessing.connection  # noqa: F401
-    import multiprocessing.popen_fork  # noqa: F401
-    import multiprocessing.sharedctypes  # noqa: F401
-    import multiprocessing.synchronize  # noqa: F401
+    import multiprocessing.connection
+    import multiprocessing.popen_fork
+    import multiprocessing.sharedctypes
+    import multiprocessing.synchronize
     import pwd
 
     import psutil
