@@ -198,6 +198,68 @@ def m002_attribution(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX connections_process ON connections(pid, process_start)")
 
 
+@migrations()
+def m003_logs(db: sqlite_utils.Database) -> None:
+    """Application logs lined up with the connections (tracer logs add): one row per log
+    source, one per line (parsed, or kept with the reason it could not be), and the
+    ``ip:port`` endpoints each line mentions, in the connections table's address form."""
+    db.execute(
+        """
+        CREATE TABLE log_sources (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            path TEXT,                     -- NULL for standard input and the journal
+            format TEXT NOT NULL,          -- json, klog, syslog, logfmt, plain; a+b when mixed
+            tz TEXT,                       -- the zone of times written without an offset
+            added_ts REAL NOT NULL,
+            sha256 TEXT,                   -- of the log's bytes (decompressed); NULL until read whole
+            lines INTEGER NOT NULL DEFAULT 0,
+            parsed INTEGER NOT NULL DEFAULT 0,
+            unparsed INTEGER NOT NULL DEFAULT 0,
+            first_ts REAL,
+            last_ts REAL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE log_lines (
+            id INTEGER PRIMARY KEY,
+            source_id INTEGER NOT NULL REFERENCES log_sources(id),
+            line_no INTEGER NOT NULL,
+            ts REAL,                       -- epoch seconds UTC; NULL when unparsed
+            level TEXT,
+            pid INTEGER,
+            process TEXT,
+            message TEXT NOT NULL,         -- the raw line when unparsed
+            reason TEXT                    -- NULL when parsed
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE log_addresses (
+            line_id INTEGER NOT NULL REFERENCES log_lines(id),
+            ip TEXT NOT NULL,
+            port INTEGER NOT NULL
+        )
+        """
+    )
+    for sql in (
+        "CREATE INDEX log_lines_ts ON log_lines(ts)",
+        "CREATE INDEX log_lines_pid ON log_lines(pid, ts)",
+        "CREATE INDEX log_addresses_ip ON log_addresses(ip, port)",
+        "CREATE INDEX log_addresses_line ON log_addresses(line_id)",
+    ):
+        db.execute(sql)
+
+
+@migrations()
+def m004_preface_index(db: sqlite_utils.Database) -> None:
+    """`tracer correlate` reads the preface latencies around each log line's moment."""
+    db.execute("CREATE INDEX connections_preface ON connections(preface_ts)")
+
+
 def open_database(path: str) -> sqlite_utils.Database:
     """Open (creating 0600 if needed) and migrate the database at ``path``."""
     if path != ":memory:":

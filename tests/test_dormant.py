@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.gen_capture import H2, Conversation  # noqa: E402
-
-from tracer.pipeline import Analyzer  # noqa: E402
+from benchmarks.gen_capture import H2, Conversation
+from tracer.pipeline import Analyzer
 
 PORT = 9090
 
