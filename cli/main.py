@@ -397,6 +397,14 @@ def print_report(db_path: str, fmt: str = "table",
     if s["goaways_by_code"]:
         click.echo("  GOAWAY: " + ", ".join(
             f"{k} {v}" for k, v in sorted(s["goaways_by_code"].items())))
+    if "log_evidence" in data:
+        click.echo("")
+        if data["log_evidence"]:
+            click.echo("log evidence (`tracer correlate` for each line and its connections):")
+            for e in data["log_evidence"]:
+                click.echo(f"  {e['text']}")
+        else:
+            click.echo("log evidence: no log line says a connection failed")
     return data
 
 
@@ -419,8 +427,9 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
     """Open connections per client over time: the picture of a leak.
 
     For each bucket, the connections each client holds open at its end (one line
-    climbing, the others flat), with the preface timeouts and GOAWAYs that happened in it.
-    A text table, or with --plot a picture.
+    climbing, the others flat), with the preface timeouts, the preface latency (client
+    preface to server SETTINGS, p50 and p99) and the GOAWAYs of the bucket. A text table,
+    or with --plot a picture (latency in a panel below).
     """
     from store.queries import timeline as build_timeline
 
@@ -439,7 +448,7 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
         names = list(data["clients"])
         shown, rest = names[:top], names[top:]
         headers = ["TIME (UTC)", *shown] + (["OTHERS"] if rest else []) + [
-            "PREFACE TIMEOUTS", "GOAWAY (server/client)"]
+            "PREFACE TIMEOUTS", "PREFACE p50/p99 ms", "GOAWAY (server/client)"]
         rows = []
         m = data["markers"]
         for i, t in enumerate(data["times"]):
@@ -447,7 +456,9 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
             row += [data["clients"][n][i] for n in shown]
             if rest:
                 row.append(sum(data["clients"][n][i] for n in rest))
+            p50, p99 = m["preface_p50_ms"][i], m["preface_p99_ms"][i]
             row += [m["preface_timeouts"][i] or "",
+                    f"{p50:.1f}/{p99:.1f}" if p50 is not None and p99 is not None else "",
                     f"{m['goaways_server'][i]}/{m['goaways_client'][i]}"
                     if m["goaways_server"][i] or m["goaways_client"][i] else ""]
             rows.append(row)
@@ -461,6 +472,105 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
             f", client {client}" if client else "")
         plot_timeline(data, plot_path, title)
         click.echo(f"plot written to {plot_path}", err=True)
+
+
+@main.command()
+@_db_option
+@_format_option
+@click.option("--pattern", metavar="REGEX",
+              help="Log lines to line up (Python regular expression; (?i) for any case). "
+                   "Default: what gRPC clients print when connections fail, e.g. 'failed "
+                   "to receive server preface', 'Deadline Exceeded', 'No connection "
+                   "established', 'connection refused'.")
+@click.option("--window", default="5s", show_default=True, metavar="TIME",
+              help="How far around each line to look for its connections.")
+@click.option("--since", metavar="TIME", help="Lines from this moment (as for `tracer report`).")
+@click.option("--until", metavar="TIME", help="Lines up to this moment.")
+@click.option("--source", metavar="NAME", help="Only lines of this log (see `tracer logs list`).")
+@click.option("--pid", type=int, help="Only lines of this process id.")
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True,
+              help="Lines shown (all matching lines are counted).")
+def correlate(db_path: str, fmt: str, pattern: str | None, window: str, since: str | None,
+              until: str | None, source: str | None, pid: int | None, limit: int) -> None:
+    """Log lines lined up with the connections around them.
+
+    For each log line that matches (`tracer logs add` first), the connections of the same
+    process (its pid, as attributed by a live capture) or of an address it mentions (the
+    client's own ip:port exactly; the server's ip:port within --window), each with its
+    state at that moment, and the server's state then: connections it held open and
+    whose, preface latency around the line, clients still waiting for its SETTINGS.
+    """
+    from store.correlate import DEFAULT_PATTERN, PatternError
+    from store.correlate import correlate as build_correlation
+
+    width = _duration(window)
+    if width is None or width < 0:
+        raise click.BadParameter("use 5s, 1m, ...", param_hint="--window")
+    db = _open_existing(db_path)
+    try:
+        data = build_correlation(db, pattern=pattern or DEFAULT_PATTERN, window=width,
+                                 since=_instant(since, db_path), until=_instant(until, db_path),
+                                 source=source, pid=pid, limit=limit)
+    except PatternError as exc:
+        raise click.BadParameter(str(exc), param_hint="--pattern") from None
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2))
+        return
+    if fmt != "table":
+        headers = ["TS", "SOURCE", "PID", "PROCESS", "MATCH", "SERVER OPEN", "WAITING PREFACE",
+                   "CONNECTIONS", "NEAREST", "AT LINE"]
+        rows = []
+        for line in data["lines"]:
+            near = line["connections"][0] if line["connections"] else None
+            rows.append([fmt_ts(line["ts"]), line["source"], line["pid"], line["process"],
+                         line["match"], line["server"]["open_connections"],
+                         line["server"]["waiting_for_server_preface"],
+                         line["connections_total"], near["uid"] if near else None,
+                         near["at_line"] if near else None])
+        click.echo(render(fmt, rows, headers))
+        return
+    _print_correlation(data)
+
+
+def _print_correlation(data: dict[str, Any]) -> None:
+    if data.get("note"):
+        click.echo(data["note"])
+        return
+    click.echo(
+        f"{data['matched']:,} matching log line(s)"
+        + (f", {data['matched_untimed']:,} more without a time (not lined up)"
+           if data["matched_untimed"] else "")
+        + (f"; the first {len(data['lines'])} shown" if len(data["lines"]) < data["matched"]
+           else "")
+    )
+    for line in data["lines"]:
+        who = f"pid {line['pid']}" if line["pid"] is not None else "no pid"
+        if line["process"]:
+            who += f" ({line['process']})"
+        click.echo("")
+        click.echo(f"{fmt_ts(line['ts'])}  {line['source']}  {who}  "
+                   f"{line['level'] or ''}: {line['message']}".replace("  :", "  "))
+        s = line["server"]
+        if not s["in_capture"]:
+            click.echo("  outside the captured time: no connection state to line up")
+            continue
+        top = ", ".join(f"{c['open']} {c['client']}" for c in s["top_clients"])
+        lat = s["preface_latency_ms"]
+        text = f"  server then: {s['open_connections']} open" + (f" ({top})" if top else "")
+        if lat["samples"]:
+            text += f"; preface latency p50 {lat['p50']} ms, p99 {lat['p99']} ms"
+        if s["waiting_for_server_preface"]:
+            text += (f"; {s['waiting_for_server_preface']} waiting for its preface, the "
+                     f"longest {s['longest_wait_s']:.1f}s")
+        click.echo(text)
+        if not line["connections"]:
+            click.echo("  no connection of this process or address around it")
+            continue
+        click.echo(f"  connections ({len(line['connections'])} of {line['connections_total']}):")
+        for c in line["connections"]:
+            click.echo(f"    {c['uid']}  {_host(c['orig_h'])}:{c['orig_p']} -> "
+                       f"{_host(c['resp_h'])}:{c['resp_p']}  pid {c['pid'] or '-'}  "
+                       f"{'+'.join(c['why'])}: {c['at_line']}")
 
 
 @main.command()
@@ -548,6 +658,11 @@ def connections(db_path: str, fmt: str, open_only: bool, client: str | None,
 
 def _host(h: str) -> str:
     return f"[{h}]" if ":" in h else h
+
+
+from cli.logs import logs
+
+main.add_command(logs)
 
 
 if __name__ == "__main__":

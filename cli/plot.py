@@ -21,7 +21,14 @@ def plot_timeline(data: dict[str, Any], path: str, title: str) -> None:
     times: Any = [datetime.datetime.fromtimestamp(t, datetime.timezone.utc) for t in data["times"]]
     clients = list(data["clients"].items())
     shown, rest = clients[:MAX_LINES], clients[MAX_LINES:]
-    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    markers = data["markers"]
+    p50 = markers.get("preface_p50_ms") or []
+    has_latency = any(v is not None for v in p50)
+    if has_latency:
+        fig, (ax, lat_ax) = plt.subplots(
+            2, 1, figsize=(11, 7), dpi=110, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    else:
+        fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
     for who, values in shown:
         ax.plot(times, values, drawstyle="steps-post",
                 linewidth=2 if values and max(values) > 2 else 1.2,
@@ -30,21 +37,33 @@ def plot_timeline(data: dict[str, Any], path: str, title: str) -> None:
         others = [sum(v[i] for _, v in rest) for i in range(len(times))]
         ax.plot(times, others, color="grey", linestyle="--",
                 label=f"{len(rest)} other clients (sum)")
-    markers = data["markers"]
+    # Markers cover the bucket they happened in (each value is at its bucket's end).
+    width = datetime.timedelta(seconds=data["bucket_s"])
     for i, t in enumerate(times):
         if markers["preface_timeouts"][i]:
-            ax.axvline(t, color="red", alpha=0.35, linewidth=3)
+            ax.axvspan(t - width, t, color="red", alpha=0.2, linewidth=0)
         if markers["goaways_server"][i]:
-            ax.axvline(t, color="orange", alpha=0.5, linestyle=":")
+            ax.axvline(t - width / 2, color="orange", alpha=0.7, linestyle=":")
     if any(markers["preface_timeouts"]):
-        ax.plot([], [], color="red", alpha=0.35, linewidth=3, label="preface timeouts")
+        ax.fill_between([], [], color="red", alpha=0.2, label="preface timeouts")
     if any(markers["goaways_server"]):
         ax.plot([], [], color="orange", linestyle=":", label="server GOAWAY")
     ax.set_title(title)
     ax.set_ylabel("open connections")
-    ax.set_xlabel("time (UTC)")
     ax.grid(True, alpha=0.3)
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))  # type: ignore[no-untyped-call]
+    bottom = ax
+    if has_latency:
+        p99 = markers["preface_p99_ms"]
+        lat_ax.plot(times, [v if v is not None else float("nan") for v in p50],
+                    drawstyle="steps-post", color="tab:blue", label="p50")
+        lat_ax.plot(times, [v if v is not None else float("nan") for v in p99],
+                    drawstyle="steps-post", color="tab:red", linestyle="--", label="p99")
+        lat_ax.set_ylabel("preface latency (ms)")
+        lat_ax.grid(True, alpha=0.3)
+        lat_ax.legend(loc="upper left", fontsize=8)
+        bottom = lat_ax
+    bottom.set_xlabel("time (UTC)")
+    bottom.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))  # type: ignore[no-untyped-call]
     fig.autofmt_xdate()
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()

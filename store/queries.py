@@ -37,6 +37,19 @@ _CLOSED_BY = """
 """
 
 
+def preface_timed_out(timeout: float, end: float) -> str:
+    """SQL: the client sent its preface and the server's SETTINGS did not come within
+    ``timeout`` of the client's dial (its SYN: grpc-go's dial timeout runs from there).
+    A connection still open at ``end`` (the end of the data) counts once it has waited
+    that long; one the client closed after exactly that long counts too."""
+    return (
+        f"(preface_ts IS NOT NULL AND ("
+        f"(server_settings_ts IS NOT NULL AND server_settings_ts - COALESCE(syn_ts, ts) > {timeout!r})"
+        f" OR (server_settings_ts IS NULL AND COALESCE(close_ts, {end!r}) - COALESCE(syn_ts, ts)"
+        f" >= {timeout!r})))"
+    )
+
+
 def _rows(db: sqlite_utils.Database, sql: str, params: Any = ()) -> list[dict[str, Any]]:
     cur = db.execute(sql, params)
     names = [d[0] for d in cur.description]
@@ -281,17 +294,15 @@ def server_health(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT
     # reports as "failed to receive server preface within timeout".
     timeout_rows = _rows(
         db,
-        "SELECT uid, orig_h, pid, preface_ts FROM connections WHERE preface_ts IS NOT NULL AND ("
-        " (server_settings_ts IS NOT NULL AND server_settings_ts - preface_ts > ?)"
-        " OR (server_settings_ts IS NULL AND COALESCE(close_ts, ?) - preface_ts > ?))"
-        f"{window} ORDER BY preface_ts",
-        [preface_timeout, end, preface_timeout, *params],
+        "SELECT uid, orig_h, pid, COALESCE(syn_ts, ts) AS dial_ts FROM connections"
+        f" WHERE {preface_timed_out(preface_timeout, end)}{window} ORDER BY dial_ts",
+        params,
     )
     moments = []
     if timeout_rows:
         picks = timeout_rows[:: max(1, len(timeout_rows) // MAX_TIMEOUT_MOMENTS)]
         for row in picks[:MAX_TIMEOUT_MOMENTS]:
-            t = row["preface_ts"] + preface_timeout
+            t = row["dial_ts"] + preface_timeout
             held = _rows(
                 db,
                 "SELECT COALESCE('pid ' || pid, orig_h) AS who, COUNT(*) AS n FROM connections"
@@ -349,7 +360,10 @@ def _fingerprint(db: sqlite_utils.Database) -> str:
     ).fetchone()
     rows = db.execute("SELECT MAX(rowid), COUNT(*) FROM connections").fetchone()
     procs = db.execute("SELECT COUNT(*) FROM processes").fetchone()
-    return json.dumps([list(caps), list(rows), list(procs)])
+    logs: list[Any] = []
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'log_lines'").fetchone():
+        logs = list(db.execute("SELECT MAX(id), COUNT(*) FROM log_lines").fetchone())
+    return json.dumps([list(caps), list(rows), list(procs), logs])
 
 
 def report(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT_PREFACE_TIMEOUT,
@@ -377,6 +391,11 @@ def report(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT_PREFAC
         "clients": client_report(db, since=since, until=until, client=client),
         "server": server_health(db, preface_timeout=preface_timeout, since=since, until=until),
     }
+    from store.correlate import has_logs, log_evidence
+
+    if has_logs(db):
+        data["log_evidence"] = log_evidence(db, since=since, until=until,
+                                            preface_timeout=preface_timeout)
     if fingerprint:
         with db.conn:
             db.execute("DELETE FROM report_cache")
@@ -458,16 +477,26 @@ def timeline(db: sqlite_utils.Database, *, bucket: float, client: str | None = N
             running += change
             out.append(running)
         series[who] = out
-    markers: dict[str, list[int]] = {"preface_timeouts": [0] * n, "goaways_server": [0] * n,
+    markers: dict[str, list[Any]] = {"preface_timeouts": [0] * n, "goaways_server": [0] * n,
                                      "goaways_client": [0] * n}
     for i, count in db.execute(
-        f"SELECT {index('preface_ts + ' + repr(preface_timeout))}, COUNT(*) FROM connections"
-        " WHERE preface_ts IS NOT NULL AND ("
-        " (server_settings_ts IS NOT NULL AND server_settings_ts - preface_ts > ?)"
-        " OR (server_settings_ts IS NULL AND COALESCE(close_ts, ?) - preface_ts > ?))"
-        f"{where} GROUP BY 1", [preface_timeout, last, preface_timeout, *params]
+        f"SELECT {index('COALESCE(syn_ts, ts) + ' + repr(preface_timeout))}, COUNT(*)"
+        f" FROM connections WHERE {preface_timed_out(preface_timeout, last)}{where}"
+        f" GROUP BY 1", params
     ):
         markers["preface_timeouts"][i] += count
+    # Preface latency (client preface to server SETTINGS) per bucket: p50 and p99.
+    latencies: list[list[float]] = [[] for _ in range(n)]
+    for i, latency in db.execute(
+        f"SELECT {index('preface_ts')}, server_settings_ts - preface_ts FROM connections"
+        f" WHERE preface_ts IS NOT NULL AND server_settings_ts IS NOT NULL"
+        f" AND preface_ts <= {last!r}{where}", params
+    ):
+        latencies[i].append(max(0.0, latency) * 1000.0)
+    p50s = [_percentile(v, 0.5) for v in latencies]
+    p99s = [_percentile(v, 0.99) for v in latencies]
+    markers["preface_p50_ms"] = [round(v, 3) if v is not None else None for v in p50s]
+    markers["preface_p99_ms"] = [round(v, 3) if v is not None else None for v in p99s]
     joined, _ = _client_filter(client, "c")
     for direction, i, count in db.execute(
         f"SELECT e.dir, {index('e.ts')}, COUNT(*) FROM events e"

@@ -141,3 +141,100 @@ def test_leaker_among_pooled_closing_and_health_checks(server_factory, tmp_path:
     assert checker["health_checks"] >= 4 and checker["opened"] == 0, checker
     # --fail-on-leak makes it an exit status.
     assert tracer("report", "--db", str(db), "--fail-on-leak", check=False).returncode == 1
+
+
+PEERS = REPO / "tests" / "peers"
+
+
+def test_stopped_server_preface_timeouts_lined_up_with_client_logs(server_factory,
+                                                                    tmp_path: Path) -> None:
+    """The server process is SIGSTOPped: the kernel still completes handshakes, clients send
+    their preface and get no SETTINGS. A grpcio client (1 s connection timeout) and a
+    @grpc/grpc-js client (1.5 s deadline) dial and log the failures in their library's own
+    words. The report finds the preface timeouts, and `tracer correlate` lines every log
+    line up with a connection of the same process that never got the server's preface."""
+    from shutil import which
+
+    if which("node") is None or not (PEERS / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        pytest.skip("node and tests/peers/node_modules (make node-deps) are needed")
+    port = server_factory()
+    target = f"127.0.0.1:{port}"
+    db = tmp_path / "stopped.db"
+    py_log, js_log = tmp_path / "dialer-py.log", tmp_path / "dialer-js.log"
+    server_pid = _listener_pid(port)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "capture", "--port", str(port), "--iface", "lo",
+         "--db", str(db), "--duration", "9s", "-q"], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    clients: list[subprocess.Popen[str]] = []
+    try:
+        time.sleep(1.0)
+        os.kill(server_pid, signal.SIGSTOP)
+        clients = [
+            subprocess.Popen([sys.executable, str(PEERS / "grpcio_client.py"), "dial",
+                              "--target", target, "--count", "3", "--interval", "0.3",
+                              "--connect-timeout", "1", "--log", str(py_log),
+                              "--max-lifetime", "0"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True),
+            subprocess.Popen(["node", str(PEERS / "grpcjs_client.js"), "dial",
+                              "--target", target, "--count", "3", "--interval", "0.3",
+                              "--deadline", "1.5", "--log", str(js_log),
+                              "--max-lifetime", "0"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True),
+        ]
+        for c in clients:
+            c.wait(timeout=30)
+        agent.wait(timeout=40)
+    finally:
+        os.kill(server_pid, signal.SIGCONT)
+        for c in clients:
+            stop(c)
+        stop(agent)
+    assert agent.returncode == 0, agent.stderr.read() if agent.stderr else ""
+    pids = {clients[0].pid: "grpcio", clients[1].pid: "grpc-js"}
+
+    data = json.loads(tracer("report", "--db", str(db), "--format", "json",
+                             "--preface-timeout", "0.8").stdout)
+    server = data["server"]
+    assert server["preface_timeouts"] >= 6, server
+    by_pid = {c["pid"]: c for c in data["clients"] if c["pid"] in pids}
+    assert set(by_pid) == set(pids), data["clients"]
+    assert all(c["verdict"] == "ok" for c in by_pid.values()), by_pid  # they closed theirs
+    moments = server["preface_timeout_moments"]
+    assert moments and {m["pid"] for m in moments} <= set(pids), moments
+
+    # The clients' own log lines, lined up with those connections.
+    added = tracer("logs", "add", str(py_log), str(js_log), "--db", str(db))
+    assert "6" in added.stdout + added.stderr, added
+    corr = json.loads(tracer("correlate", "--db", str(db), "--window", "3s",
+                             "--format", "json").stdout)
+    assert corr["matched"] == 6, corr
+    # Each client's failure, named by the words its library uses.
+    words = {"grpcio": "timed out before receiving SETTINGS frame",
+             "grpc-js": "deadline exceeded"}
+    for line in corr["lines"]:
+        kind = pids[line["pid"]]
+        assert line["match"].lower().replace("_", " ") == words[kind].lower(), line
+        own = [c for c in line["connections"] if "same pid" in c["why"]]
+        assert own, line
+        # The connection that failed: its preface sent, no server SETTINGS, closed by the
+        # client within a second or two before the line was written.
+        assert any("no server preface" in c["at_line"] and c["preface_ts"] is not None
+                   and c["server_settings_ts"] is None and c["pid"] == line["pid"]
+                   for c in own), own
+    evidence = json.loads(tracer("report", "--db", str(db), "--format", "json",
+                                 "--preface-timeout", "0.8").stdout)["log_evidence"]
+    assert {e["pid"] for e in evidence} == set(pids), evidence
+    assert all(e["lines"] == 3 and e["preface_timeouts_nearby"] >= 1 for e in evidence), evidence
+    table = tracer("report", "--db", str(db), "--preface-timeout", "0.8").stdout
+    assert "log evidence" in table and "3 '" in table, table
+
+
+def _listener_pid(port: int) -> int:
+    """The pid listening on 127.0.0.1:port (the fixture's server)."""
+    import psutil
+
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return int(conn.pid)
+    raise AssertionError(f"nobody listens on port {port}")

@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """Test peer: a grpcio Greeter client that leaks, pools or closes its connections.
 
-Usage: grpcio_client.py {leak,pool,close} --target HOST:PORT --count N [--interval S]
+Usage: grpcio_client.py {leak,pool,close,dial} --target HOST:PORT --count N [--interval S]
+                         [--connect-timeout S] [--log FILE]
 
 - leak:  N channels opened one after another, one RPC each, never closed.
 - pool:  one channel, N RPCs every --interval seconds, never closed.
 - close: N times: open a channel, one RPC, close it.
+- dial:  N times: open a channel whose connection attempt gives up after
+         --connect-timeout seconds, one RPC, close it; a failed RPC is logged to --log as
+         a JSON line (zap's layout: ts, level, pid, msg) in gRPC's own words, e.g.
+         "connection attempt timed out before receiving SETTINGS frame".
 
 Prints ``DONE`` when its work is done, then stays alive (holding whatever it left open)
 until SIGTERM/SIGINT or --max-lifetime seconds, so a test decides when the process ends.
@@ -14,6 +19,8 @@ until SIGTERM/SIGINT or --max-lifetime seconds, so a test decides when the proce
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import signal
 import sys
 import threading
@@ -59,13 +66,35 @@ def new_channel(target: str) -> grpc.Channel:
     return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
+def dial(target: str, count: int, interval: float, connect_timeout: float,
+         log: str | None) -> None:
+    """Dial with a short connection timeout; log each failure as a service would."""
+    # C-core's connection attempt deadline is the minimum reconnect backoff.
+    options = [*CHANNEL_OPTIONS, ("grpc.min_reconnect_backoff_ms", int(connect_timeout * 1000))]
+    for i in range(count):
+        if i:
+            time.sleep(interval)
+        with grpc.insecure_channel(target, options=options) as channel:
+            try:
+                say_hello(channel, f"dial-{i}")
+            except grpc.RpcError as err:
+                line = {"level": "error", "ts": time.time(), "pid": os.getpid(),
+                        "logger": "dialer", "target": target,
+                        "msg": f"SayHello failed: {err.code().name}: {err.details()}"}
+                if log:
+                    with open(log, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(line) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("leak", "pool", "close"))
+    parser.add_argument("mode", choices=("leak", "pool", "close", "dial"))
     parser.add_argument("--target", required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--interval", type=float, default=0.2)
     parser.add_argument("--max-lifetime", type=float, default=120.0)
+    parser.add_argument("--connect-timeout", type=float, default=1.0)
+    parser.add_argument("--log", help="dial: append failed RPCs here as JSON lines")
     args = parser.parse_args()
 
     stop = threading.Event()
@@ -89,6 +118,8 @@ def main() -> int:
             if i:
                 time.sleep(args.interval)
             say_hello(channel, f"pool-{i}")
+    elif args.mode == "dial":
+        dial(args.target, args.count, args.interval, args.connect_timeout, args.log)
     else:
         for i in range(args.count):
             with new_channel(args.target) as channel:  # __exit__ closes the channel

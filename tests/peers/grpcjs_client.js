@@ -1,12 +1,15 @@
 #!/usr/bin/env node
 // Test peer: a @grpc/grpc-js Greeter client that leaks, pools or closes its connections.
 //
-// Usage: node grpcjs_client.js {leak,pool,close} --target HOST:PORT --count N
-//                              [--interval S] [--max-lifetime S]
+// Usage: node grpcjs_client.js {leak,pool,close,dial} --target HOST:PORT --count N
+//                              [--interval S] [--max-lifetime S] [--deadline S] [--log FILE]
 //
 // - leak:  N clients created one after another, one RPC each, never closed.
 // - pool:  one client, N RPCs every --interval seconds, never closed.
 // - close: N times: create a client, one RPC, client.close().
+// - dial:  N times: create a client, one RPC with a --deadline, client.close(); a failed
+//          RPC is logged to --log as a logfmt line (logrus's layout: time, level, pid,
+//          msg) in grpc-js's own words, e.g. "Deadline exceeded after 1.502s".
 //
 // Prints DONE when its work is done, then stays alive (holding whatever it left open)
 // until SIGTERM/SIGINT or --max-lifetime seconds, so a test decides when it ends.
@@ -26,7 +29,7 @@ const CHANNEL_OPTIONS = {
 };
 
 function parseArgs(argv) {
-  const args = { mode: argv[0], interval: 0.2, maxLifetime: 120 };
+  const args = { mode: argv[0], interval: 0.2, maxLifetime: 120, deadline: 5 };
   for (let i = 1; i < argv.length; i += 2) {
     const value = argv[i + 1];
     switch (argv[i]) {
@@ -34,12 +37,14 @@ function parseArgs(argv) {
       case '--count': args.count = Number(value); break;
       case '--interval': args.interval = Number(value); break;
       case '--max-lifetime': args.maxLifetime = Number(value); break;
+      case '--deadline': args.deadline = Number(value); break;
+      case '--log': args.log = value; break;
       default: throw new Error(`unknown argument ${argv[i]}`);
     }
   }
-  if (!['leak', 'pool', 'close'].includes(args.mode) || !args.target
+  if (!['leak', 'pool', 'close', 'dial'].includes(args.mode) || !args.target
       || !Number.isInteger(args.count)) {
-    throw new Error('usage: grpcjs_client.js {leak,pool,close} --target HOST:PORT --count N');
+    throw new Error('usage: grpcjs_client.js {leak,pool,close,dial} --target HOST:PORT --count N');
   }
   return args;
 }
@@ -51,9 +56,9 @@ function newClient(target) {
   return new Greeter(target, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
 }
 
-function sayHello(client, name) {
+function sayHello(client, name, timeoutMs = RPC_TIMEOUT_MS) {
   return new Promise((resolve, reject) => {
-    client.sayHello({ name }, { deadline: Date.now() + RPC_TIMEOUT_MS }, (err, reply) => {
+    client.sayHello({ name }, { deadline: Date.now() + timeoutMs }, (err, reply) => {
       if (err) reject(err);
       else if (reply.message !== `Hello ${name}`) reject(new Error(`unexpected reply ${reply.message}`));
       else resolve();
@@ -80,6 +85,21 @@ async function main() {
     for (let i = 0; i < args.count; i++) {
       if (i) await sleep(args.interval * 1000);
       await sayHello(client, `pool-${i}`);
+    }
+  } else if (args.mode === 'dial') {
+    const fs = require('fs');
+    for (let i = 0; i < args.count; i++) {
+      if (i) await sleep(args.interval * 1000);
+      const client = newClient(args.target);
+      try {
+        await sayHello(client, `dial-${i}`, args.deadline * 1000);
+      } catch (err) {
+        const msg = `SayHello failed: ${err.message}`.replace(/"/g, "'");
+        const line = `time="${new Date().toISOString()}" level=error pid=${process.pid}`
+          + ` target=${args.target} msg="${msg}"\n`;
+        if (args.log) fs.appendFileSync(args.log, line);
+      }
+      client.close();
     }
   } else {
     for (let i = 0; i < args.count; i++) {
