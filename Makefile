@@ -80,6 +80,8 @@ bench: $(STAMP) system-deps
 	fi
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/live.py
+	$(PY) benchmarks/report.py
+	$(PY) benchmarks/logs.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tracer store cli tests benchmarks
