@@ -384,7 +384,7 @@ def logs() -> None:
 
     \b
       tracer logs add /var/log/app/client.log
-      tracer logs add --journal --unit capmvm.service --since -1h
+      tracer logs add --journal --unit orders-client.service --since -1h
       tracer logs list
       tracer logs show --grep 'server preface' --address 10.0.0.5:9090
     """
