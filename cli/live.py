@@ -36,7 +36,7 @@ from tracer.attribution.sockets import (
     ESTABLISHED,
     ProcessInfo,
     SocketEntry,
-    other_namespaces,
+    address_owners,
     process_info,
     socket_owners,
     socket_tables,
@@ -50,9 +50,10 @@ NEW_CONNECTION_INTERVAL = 0.0  # new connections go to attribution as soon as th
 READ_TIMEOUT = 0.1
 BATCH = 4096
 ATTRIBUTION_INTERVAL = 0.5
-REMOTE_AFTER = 3.0  # seconds without a local socket before a client counts as remote
 FULL_SCAN_INTERVAL = 1.0  # other namespaces' tables (slow to read) at most this often
-QUICK_SCAN_INTERVAL = 0.0
+QUICK_SCAN_INTERVAL = 0.02  # new connections looked up within this
+RETRY_FIRST = 0.05  # a local client's socket not found yet: look again after this,
+RETRY_MAX = 1.0  # doubling up to this
 
 
 @dataclass
@@ -328,16 +329,32 @@ def _status_line(analyzer: Analyzer, rate: float, drops: int, rows: int) -> str:
 # -- the store worker ------------------------------------------------------------------
 
 
+@dataclass
+class _Pending:
+    orig: tuple[str, int]
+    resp: tuple[str, int]
+    first_seen: float  # time.time()
+    next_try: float = 0.0
+    wait: float = RETRY_FIRST
+    namespaces: set[int] | None = None  # those that have the client's address, once known
+
+
 class Attributor:
-    """Matches connections to the sockets of local processes, a scan at a time."""
+    """Matches connections to the sockets of local processes, a scan at a time.
+
+    A client address that no network namespace of this host has is remote: settled at the
+    first look at the host's addresses taken after the connection appeared (one second at
+    most), without touching a socket table. A local one is looked up in its namespace's
+    table: this namespace's by sock_diag (microseconds), others' from /proc (milliseconds,
+    at most once a second); a socket not found yet is looked for again, less and less
+    often (RETRY_FIRST doubling up to RETRY_MAX), until found or the connection closes."""
 
     def __init__(self, ports: frozenset[int]) -> None:
         self.ports = ports
-        self.pending: dict[str, tuple[tuple[str, int], tuple[str, int], float]] = {}
+        self.pending: dict[str, _Pending] = {}
         self.settled: set[str] = set()  # attributed or judged remote, still open
         self.processes: dict[int, ProcessInfo] = {}
         self.counts: dict[str, int] = {}
-        self.local_addresses: set[str] = _host_addresses()
         self.diag = SockDiag()
         self.last_full = -1e9
         self.recent_owners: dict[int, None] = {}  # pids that owned connections, newest last
@@ -346,7 +363,7 @@ class Attributor:
 
     def observe(self, records: list[dict[str, Any]], now: float) -> list[tuple[str, str]]:
         """Note new connections; return (uid, verdict) for those that closed before a scan
-        could find their socket (counted, never guessed)."""
+        could settle them (counted, never guessed)."""
         ended = []
         for r in records:
             uid = r["uid"]
@@ -355,55 +372,65 @@ class Attributor:
                 if uid in self.settled:
                     self.settled.discard(uid)
                     continue
-                self.pending.pop(uid, None)
-                remote = r["orig_h"] not in self.local_addresses
-                ended.append((uid, "remote" if remote else "closed_before_attribution"))
+                pending = self.pending.pop(uid, None)
+                first_seen = pending.first_seen if pending is not None else now
+                owners = address_owners(r["orig_h"], seen_at=first_seen)
+                ended.append((uid, "remote" if owners == set() else "closed_before_attribution"))
                 continue
             if uid in self.settled or uid in self.pending:
                 continue
-            self.pending[uid] = ((r["orig_h"], r["orig_p"]), (r["resp_h"], r["resp_p"]), now)
+            self.pending[uid] = _Pending((r["orig_h"], r["orig_p"]), (r["resp_h"], r["resp_p"]),
+                                         now, now)
         return ended
 
     def scan(self, now: float) -> list[tuple[str, str, ProcessInfo | None]]:
-        """(uid, verdict, process) for every pending connection settled by this scan.
-
-        Each pending client end is looked up in this namespace's socket hash (sock_diag,
-        microseconds); the other namespaces' tables (/proc, milliseconds) are read at most
-        once a second, for what is still unresolved."""
+        """(uid, verdict, process) for every pending connection settled by this scan."""
         if not self.pending:
             return []
-        matched: dict[str, SocketEntry | None] = {}
-        for uid, (orig, resp, _t) in self.pending.items():
-            matched[uid] = self.diag.lookup(orig, resp)
-        unresolved = [uid for uid, e in matched.items() if e is None]
-        if unresolved and time.monotonic() - self.last_full >= FULL_SCAN_INTERVAL:
-            self.last_full = time.monotonic()
-            if other_namespaces(self.diag.netns):
-                sockets = client_sockets(socket_tables(self.ports, own=[],
-                                                       own_netns=self.diag.netns))
-                for uid in unresolved:
-                    orig, resp, _t = self.pending[uid]
-                    matched[uid] = sockets.get((orig, resp))
-        owners = socket_owners({e.inode for e in matched.values() if e is not None and e.inode},
-                               likely=list(self.recent_owners))
-        local_addresses = self.local_addresses
+        own = self.diag.netns
+        matched: dict[str, SocketEntry] = {}
         out: list[tuple[str, str, ProcessInfo | None]] = []
-        for uid, entry in matched.items():
-            orig, _resp, first_seen = self.pending[uid]
+        elsewhere: dict[str, _Pending] = {}  # local to another namespace, not found yet
+        for uid, p in self.pending.items():
+            if p.next_try > now:
+                continue
+            if p.namespaces is None:
+                owners = address_owners(p.orig[0], seen_at=p.first_seen)
+                if owners is None:  # no look at the host's addresses since it appeared
+                    p.next_try = now + RETRY_MAX / 4
+                    continue
+                if not owners:
+                    out.append((uid, "remote", None))
+                    continue
+                p.namespaces = owners
+            p.next_try = now + p.wait  # if this look does not settle it
+            p.wait = min(p.wait * 2, RETRY_MAX)
+            entry = self.diag.lookup(p.orig, p.resp) if own in p.namespaces else None
             if entry is not None:
-                local_addresses.add(entry.local[0])
-                if entry.inode in owners:
-                    pid = owners[entry.inode]
-                    info = self._process(pid)
-                    if info is not None:
-                        out.append((uid, "local", info))
-                        self.recent_owners.pop(pid, None)
-                        self.recent_owners[pid] = None
-                        if len(self.recent_owners) > 64:
-                            del self.recent_owners[next(iter(self.recent_owners))]
-                        continue
-            if orig[0] not in local_addresses and now - first_seen >= REMOTE_AFTER:
-                out.append((uid, "remote", None))
+                matched[uid] = entry
+            elif p.namespaces - {own}:
+                elsewhere[uid] = p
+        if elsewhere and time.monotonic() - self.last_full >= FULL_SCAN_INTERVAL:
+            self.last_full = time.monotonic()
+            wanted = set().union(*(p.namespaces or set() for p in elsewhere.values())) - {own}
+            sockets = client_sockets(socket_tables(self.ports, own=[], own_netns=own,
+                                                   only=wanted))
+            for uid, p in elsewhere.items():
+                found = sockets.get((p.orig, p.resp))
+                if found is not None:
+                    matched[uid] = found
+        holders = socket_owners({e.inode for e in matched.values() if e.inode},
+                                likely=list(self.recent_owners))
+        for uid, entry in matched.items():
+            pid = holders.get(entry.inode)
+            info = self._process(pid) if pid is not None else None
+            if info is None:
+                continue  # no process holds it (closing, or gone): look again later
+            out.append((uid, "local", info))
+            self.recent_owners.pop(info.pid, None)
+            self.recent_owners[info.pid] = None
+            if len(self.recent_owners) > 64:
+                del self.recent_owners[next(iter(self.recent_owners))]
         for uid, _verdict, _info in out:
             del self.pending[uid]
             self.settled.add(uid)
@@ -419,17 +446,6 @@ class Attributor:
                 self.processes.clear()
             self.processes[pid] = info
         return info
-
-
-def _host_addresses() -> set[str]:
-    import psutil
-
-    out = set()
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family in (2, 10):  # AF_INET, AF_INET6
-                out.add(a.address.split("%")[0])
-    return out
 
 
 def _store_worker(conn: Any, sender: Any, settings: LiveSettings, rows: Any) -> None:

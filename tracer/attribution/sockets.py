@@ -89,58 +89,143 @@ def _pids() -> list[str]:
     return [p for p in os.listdir("/proc") if p.isdigit()]
 
 
+def parse_fib_trie(text: str) -> list[ipaddress.IPv4Network]:
+    """The IPv4 addresses (and local ranges, such as 127.0.0.0/8) of a namespace, from
+    /proc/net/fib_trie: each ``|-- ADDRESS`` leaf followed by a ``/LEN host LOCAL`` line."""
+    out: set[ipaddress.IPv4Network] = set()
+    leaf: str | None = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|-- "):
+            leaf = stripped[4:]
+        elif leaf is not None and stripped.startswith("/") and stripped.endswith("host LOCAL"):
+            try:
+                out.add(ipaddress.IPv4Network(f"{leaf}{stripped.split()[0]}", strict=False))
+            except ValueError:
+                pass
+    return sorted(out)
+
+
+def parse_if_inet6(text: str) -> set[str]:
+    """The IPv6 addresses of a namespace, from /proc/net/if_inet6."""
+    out = set()
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and len(fields[0]) == 32:
+            try:
+                out.add(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+            except ValueError:
+                continue
+    return out
+
+
+class LocalAddresses:
+    """Which network namespaces of this host own an address: a client address no namespace
+    owns is a remote client."""
+
+    def __init__(self) -> None:
+        self.exact: dict[str, set[int]] = {}
+        self.ranges: list[tuple[ipaddress.IPv4Network, int]] = []
+
+    def add_namespace(self, netns: int, v4: list[ipaddress.IPv4Network], v6: set[str]) -> None:
+        for net in v4:
+            if net.prefixlen == 32:
+                self.exact.setdefault(str(net.network_address), set()).add(netns)
+            else:
+                self.ranges.append((net, netns))
+        for addr in v6:
+            self.exact.setdefault(addr, set()).add(netns)
+
+    def owners(self, address: str) -> set[int]:
+        """The namespaces that have ``address`` (empty: not an address of this host)."""
+        found = self.exact.get(address)
+        if found is not None or not self.ranges or ":" in address:
+            return found or set()
+        try:
+            ip = ipaddress.IPv4Address(address)
+        except ValueError:
+            return set()
+        return {ns for net, ns in self.ranges if ip in net}
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 class _Namespaces:
-    """One process per network namespace, to read that namespace's tables through. Walking
-    every process for this costs more than reading the tables: refreshed every few seconds
-    (a container started since is found at the next refresh)."""
+    """One process per network namespace, to read that namespace's tables and addresses
+    through. Walking every process for this costs more than reading the tables: refreshed
+    every few seconds, or sooner (at most once a second) when a caller meets an address it
+    does not know."""
 
     REFRESH = 5.0
+    SOONEST = 1.0
 
     def __init__(self) -> None:
         self.readers: dict[int, str] = {}
+        self.addresses = LocalAddresses()
         self.at = -1e9
+        self.wall_at = 0.0  # time.time() of the last refresh
 
-    def get(self) -> dict[int, str]:
+    def get(self, *, sooner: bool = False) -> dict[int, str]:
         now = time.monotonic()
-        if now - self.at >= self.REFRESH:
+        age = now - self.at
+        if age >= self.REFRESH or (sooner and age >= self.SOONEST):
             readers: dict[int, str] = {}
             for pid in ["self", *_pids()]:
                 ns = _netns(pid)
                 if ns is not None and ns not in readers:
                     readers[ns] = pid
-            self.readers, self.at = readers, now
+            addresses = LocalAddresses()
+            for ns, pid in readers.items():
+                v4 = _read(f"/proc/{pid}/net/fib_trie")
+                v6 = _read(f"/proc/{pid}/net/if_inet6")
+                addresses.add_namespace(ns, parse_fib_trie(v4 or ""), parse_if_inet6(v6 or ""))
+            self.readers, self.addresses = readers, addresses
+            self.at, self.wall_at = now, time.time()
         return self.readers
 
 
 _namespaces = _Namespaces()
 
 
+def address_owners(address: str, *, seen_at: float) -> set[int] | None:
+    """The network namespaces of this host that have ``address``, from a look at them taken
+    after ``seen_at`` (time.time()); None while no such look is allowed yet (at most one
+    a second): ask again later."""
+    if _namespaces.wall_at < seen_at:
+        _namespaces.get(sooner=True)
+        if _namespaces.wall_at < seen_at:
+            found = _namespaces.addresses.owners(address)
+            return found or None  # known now; unknown: wait for a newer look
+    return _namespaces.addresses.owners(address)
+
+
 def socket_tables(ports: frozenset[int], *, own: list[SocketEntry] | None = None,
-                  own_netns: int | None = None) -> list[SocketEntry]:
-    """TCP sockets of every network namespace with a local or remote port in ``ports``.
+                  own_netns: int | None = None,
+                  only: set[int] | None = None) -> list[SocketEntry]:
+    """TCP sockets of every network namespace (or of the ``only`` ones) with a local or
+    remote port in ``ports``.
 
     ``own`` is this namespace's table when the caller already has it (sock_diag): then only
     the other namespaces are read from /proc."""
     out: list[SocketEntry] = list(own or [])
     for ns, pid in _namespaces.get().items():
-        if own is not None and ns == own_netns:
+        if (own is not None and ns == own_netns) or (only is not None and ns not in only):
             continue
         for name, v6 in (("tcp", False), ("tcp6", True)):
-            try:
-                with open(f"/proc/{pid}/net/{name}") as f:
-                    text = f.read()
-            except OSError:
+            text = _read(f"/proc/{pid}/net/{name}")
+            if text is None:
                 continue  # that process is gone: the next refresh finds another
             out.extend(
                 e for e in parse_table(text, v6, ns)
                 if e.local[1] in ports or e.remote[1] in ports
             )
     return out
-
-
-def other_namespaces(own_netns: int) -> bool:
-    """Whether any process lives in another network namespace (containers)."""
-    return any(ns != own_netns for ns in _namespaces.get())
 
 
 def socket_owners(inodes: set[int], likely: list[int] | None = None) -> dict[int, int]:
