@@ -46,6 +46,7 @@ from tracer.sources.live import CaptureError, LiveCapture, drop_privileges
 from tracer.sources.pcapwriter import PcapngWriter
 
 FLUSH_INTERVAL = 0.5  # seconds between two batches to the store worker
+TRIM_INTERVAL = 10.0  # seconds between two returns of freed memory to the system
 NEW_CONNECTION_INTERVAL = 0.0  # new connections go to attribution as soon as they appear
 READ_TIMEOUT = 0.1
 BATCH = 4096
@@ -121,6 +122,28 @@ def _until_idle(packets: Iterator[tuple[float, int, bytes] | None],
         yield item
         if opened:
             return
+
+
+class _Trimmer:
+    """Gives the C heap's free memory back to the system (glibc's malloc_trim), at most
+    every TRIM_INTERVAL seconds. A long-running agent frees the batches it pickles and the
+    records it builds; without this the heap keeps its peak size. A no-op elsewhere (musl)."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+        self.trim: Callable[[int], int] | None = None
+        try:
+            import ctypes
+
+            self.trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            self.trim = None
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self.trim is not None and now - self.at >= TRIM_INTERVAL:
+            self.at = now
+            self.trim(0)
 
 
 def _changed_open(analyzer: Analyzer, since: float) -> list[dict[str, Any]]:
@@ -201,6 +224,7 @@ def _run(settings: LiveSettings, capture: LiveCapture, result: LiveResult,
                           comment=f"tracer {__version__} live capture") \
         if settings.write_path else None
     quiet_cycle_collector()
+    trim = _Trimmer()
     analyzer = Analyzer(settings.ports, decode_server_headers=settings.decode_server_headers)
     if settings.attribution:
         analyzer.table.opened = []
@@ -255,6 +279,7 @@ def _run(settings: LiveSettings, capture: LiveCapture, result: LiveResult,
                 last_flush = mono
                 if writer is not None:
                     writer.flush()
+                trim()
             if status is not None and mono - last_status >= 1.0:
                 rate = (analyzer.stats.packets - last_packets) / (mono - last_status)
                 last_packets = analyzer.stats.packets
@@ -465,6 +490,7 @@ def _store_worker(conn: Any, sender: Any, settings: LiveSettings, rows: Any) -> 
     totals: dict[str, Any] = {}
     status, error, elapsed = "interrupted", None, 0.0
     last_scan = 0.0
+    trim = _Trimmer()
     while True:
         timeout = ATTRIBUTION_INTERVAL if attributor and attributor.pending else 1.0
         try:
@@ -498,6 +524,7 @@ def _store_worker(conn: Any, sender: Any, settings: LiveSettings, rows: Any) -> 
                 ended = attributor.observe(records, now)
                 _record_attribution(writer, [(u, v, None) for u, v in ended], attributor, now)
             _update_capture(writer, totals)
+            trim()
         if attributor is not None and time.monotonic() - last_scan >= ATTRIBUTION_INTERVAL:
             last_scan = time.monotonic()
             _record_attribution(writer, attributor.scan(now), attributor, now)

@@ -8,6 +8,7 @@ import random
 import sys
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,8 +42,9 @@ def _conversations(n: int, seed: int) -> list[tuple[float, bytes]]:
     return packets
 
 
-def _run(packets: list[tuple[float, bytes]], dormant_after: float) -> tuple[list, list, int]:
-    analyzer = Analyzer(frozenset([PORT]), dormant_after=dormant_after)
+def _run(packets: list[tuple[float, bytes]], dormant_after: float,
+         **options: Any) -> tuple[list, list, int]:
+    analyzer = Analyzer(frozenset([PORT]), dormant_after=dormant_after, **options)
     slept = 0
     events = []
     records = []
@@ -66,6 +68,50 @@ def test_sleeping_changes_nothing() -> None:
     assert sleepers > 0  # the run did put connections to sleep
     assert slept == awake
     assert slept_events == awake_events
+
+
+def test_a_burst_naps_after_a_second_and_changes_nothing() -> None:
+    """More than nap_awake connections awake: the idle ones sleep after nap_after seconds,
+    checked every second, instead of waiting for the minute's sweep."""
+    packets = _conversations(40, seed=4)
+    awake, awake_events, _ = _run(packets, dormant_after=float("inf"))
+    napped, napped_events, sleepers = _run(packets, dormant_after=30.0, nap_awake=8,
+                                           nap_after=1.0)
+    assert sleepers > 0
+    assert napped == awake
+    assert napped_events == awake_events
+
+
+def test_naps_put_idle_connections_to_sleep_within_two_seconds() -> None:
+    rng = random.Random(6)
+    packets: list[tuple[float, bytes]] = []
+    for i in range(50):
+        conv = Conversation(bytes([10, 5, 0, 1 + i]), 40000 + i, 1000.0 + i * 0.01, rng)
+        conv.handshake()
+        h2 = H2(conv, rng, "grpc-go/1.64.0")
+        h2.open()
+        h2.rpc("/svc.A/Get")
+        packets.extend(conv.packets)
+    packets.sort(key=lambda p: p[0])
+    analyzer = Analyzer(frozenset([PORT]), nap_awake=10, nap_after=1.0)
+    it = iter((ts, 1, frame) for ts, frame in packets)
+    while analyzer.feed(it, 1000):
+        analyzer.drain()
+    table = analyzer.table
+    last = packets[-1][0]
+    table.tick(last)  # the first tick only schedules the sweeps
+    assert table.dormant == 0
+    for step in range(1, 5):
+        table.tick(last + step * 0.5)
+    assert table.dormant >= 40  # over nap_awake: the idle ones napped
+    assert table.open_count == 50
+    again = Analyzer(frozenset([PORT]), nap_awake=100, nap_after=1.0)  # under: no nap
+    it = iter((ts, 1, frame) for ts, frame in packets)
+    while again.feed(it, 1000):
+        again.drain()
+    for step in range(5):
+        again.table.tick(last + step * 0.5)
+    assert again.table.dormant == 0
 
 
 @pytest.mark.parametrize("n", [3000])

@@ -274,8 +274,10 @@ class Http2Observer:
         observer and its directions are gone, and all of it is freed by reference counting
         (the cycle collector can then run rarely)."""
         placeholder = _placeholder()
-        self.orig.obs = placeholder
-        self.resp.obs = placeholder
+        ignore = placeholder.orig._ignore
+        for d in (self.orig, self.resp):
+            d.obs = placeholder
+            d.data = ignore  # was a method bound to d itself: a cycle too
 
     def anomaly(self, ts: float, reason: str, detail: str = "") -> None:
         self.ctx.anomalies.append(AnomalyFound(ts, self.conn.uid, reason, detail))

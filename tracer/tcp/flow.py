@@ -37,7 +37,20 @@ from tracer.events import (
     SynAckSent,
     SynSent,
 )
-from tracer.freeze import BIG, BYTE, COUNT, FLAG, FLOAT, REF, SEQ, SIGNED, Dormant, Layout
+from tracer.freeze import (
+    BIG,
+    BYTE,
+    COUNT,
+    FLAG,
+    FLOAT,
+    REF,
+    SEQ,
+    SIGNED,
+    Dormant,
+    Layout,
+    sleep_pack,
+    sleep_unpack,
+)
 from tracer.tcp.state import (
     CLOSED,
     ESTABLISHED,
@@ -296,6 +309,8 @@ _CONNECTION_LAYOUT = Layout([
     ("events_left", SIGNED), ("essentials_left", SIGNED), ("events_dropped", COUNT),
     ("orig_key", REF), ("history", REF), ("close_kind", REF), ("end_reason", REF),
 ])
+if _CONNECTION_LAYOUT.refs[0] != "orig_key":  # a sleeper's key is kept by the table
+    raise ImportError("orig_key must be the connection's first reference")
 _UID_BYTES = 10  # the uid's digest leads the blob: "C" + hex of it
 _ENDPOINT_LAYOUT = Layout([
     ("state", BYTE), ("isn", SEQ), ("next", SEQ), ("first_seq", SEQ), ("last_ack", SEQ),
@@ -331,6 +346,8 @@ class FlowTable:
         reorder_bytes: int = 1 << 20,
         max_events: int = 128,
         dormant_after: float = 30.0,
+        nap_awake: int = 4096,
+        nap_after: float = 1.0,
     ) -> None:
         self.server_ports = server_ports
         self.observer_factory = observer_factory
@@ -343,7 +360,16 @@ class FlowTable:
         self.reorder_bytes = reorder_bytes
         self.max_events = max_events
         self.dormant_after = dormant_after
-        self._flows: dict[bytes, tuple[Connection, Endpoint, Endpoint] | Dormant] = {}
+        # Many connections awake at once (a burst of new ones): those idle nap_after
+        # seconds go to sleep at once, checked every second, instead of after
+        # dormant_after at the next minute's sweep; memory then follows what is active.
+        self.nap_awake = nap_awake if dormant_after != float("inf") else sys.maxsize
+        self.nap_after = min(nap_after, dormant_after)
+        # Awake connections, under both directions' keys; asleep ones under the client's.
+        self._flows: dict[bytes, tuple[Connection, Endpoint, Endpoint]] = {}
+        self._asleep: dict[bytes, Dormant] = {}
+        self._shared_refs: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._next_nap: float = 0.0
         self._closing: deque[Connection] = deque()
         self._finished_keys: dict[bytes, float] = {}
         self._finished_order: deque[tuple[float, bytes]] = deque()
@@ -360,38 +386,49 @@ class FlowTable:
         self.late_packets = 0
         self.truncated_segments = 0
         self.evicted = 0
-        self.dormant = 0  # connections asleep right now
         self.last_ts = 0.0
 
     # -- public API ------------------------------------------------------------------
 
     @property
     def open_count(self) -> int:
-        return len(self._flows) // 2
+        return len(self._flows) // 2 + len(self._asleep)
+
+    @property
+    def dormant(self) -> int:
+        """Connections asleep right now."""
+        return len(self._asleep)
 
     def connections(self) -> list[Connection]:
         """Connections currently awake in the table (each once)."""
-        return [
-            entry[0] for entry in self._flows.values()
-            if not isinstance(entry, Dormant) and entry[1] is entry[0].orig
-        ]
+        return [entry[0] for entry in self._flows.values() if entry[1] is entry[0].orig]
 
     def client_addresses(self) -> set[bytes]:
         """Client addresses of every connection in the table, asleep or awake."""
-        out = set()
+        out = {key[: len(key) // 2 - 2] for key in self._asleep}
         for key, entry in self._flows.items():
-            if isinstance(entry, Dormant):
-                if key is entry[1]:  # the orig key
-                    out.add(key[: len(key) // 2 - 2])
-            elif entry[1] is entry[0].orig:
+            if entry[1] is entry[0].orig:
                 out.add(key[: len(key) // 2 - 2])
         return out
 
     def wake_all(self) -> None:
-        for entry in list(self._flows.values()):
-            # Each sleeper is stored twice: wake it at the first sight only.
-            if isinstance(entry, Dormant) and self._flows.get(entry[1]) is entry:
-                self._wake(entry)
+        asleep = self._asleep
+        while asleep:
+            key, dormant = asleep.popitem()
+            self._wake(key, dormant)
+
+    def _wake_key(self, key: bytes) -> tuple[Connection, Endpoint, Endpoint] | None:
+        """The table entry for ``key`` (either direction) of a sleeping connection, woken."""
+        asleep = self._asleep
+        okey = key
+        dormant = asleep.pop(okey, None)
+        if dormant is None:
+            okey = reverse_key(key)
+            dormant = asleep.pop(okey, None)
+            if dormant is None:
+                return None
+        self._wake(okey, dormant)
+        return self._flows[key]
 
     def anomaly(self, ts: float, uid: str | None, reason: str, detail: str = "") -> None:
         self.anomalies.append(AnomalyFound(ts, uid, reason, detail))
@@ -400,9 +437,9 @@ class FlowTable:
         """A connection the kernel's socket table showed open when capture began: tracked
         from now on as picked up mid-stream (OTH), its SYN time unknown."""
         entry = self._flows.get(orig_key)
+        if entry is None and self._asleep:
+            entry = self._wake_key(orig_key)
         if entry is not None:
-            if isinstance(entry, Dormant):
-                return self._wake(entry)
             return entry[0]
         rkey = reverse_key(orig_key)
         conn = Connection(connection_uid(orig_key, ts), orig_key, ts, self.events,
@@ -435,17 +472,14 @@ class FlowTable:
         """Account one decoded TCP segment."""
         key, _sport, _dport, seq, ack, flags, win, payload, wire = seg
         entry = self._flows.get(key)
+        if entry is None and self._asleep:
+            entry = self._wake_key(key)
         if entry is None:
             entry = self._open(ts, seg)
             if entry is None:
                 return
-        else:
-            if isinstance(entry, Dormant):
-                self._wake(entry)
-                entry = self._flows[key]
-                assert not isinstance(entry, Dormant)
-            if flags & SYN:
-                entry = self._syn_on_existing(ts, entry, seg)
+        elif flags & SYN:
+            entry = self._syn_on_existing(ts, entry, seg)
         conn, ep, peer = entry
         ep.pkts += 1
         if ts > conn.last_ts:  # noqa: PLR1730 - max() costs a call per packet; merged
@@ -513,6 +547,9 @@ class FlowTable:
         elif ts >= self._next_sweep:
             self._next_sweep = ts + 60.0
             self._sweep(ts)
+        elif len(self._flows) > 2 * self.nap_awake and ts >= self._next_nap:
+            self._next_nap = ts + 1.0
+            self._nap(ts)
 
     def close(self, ts: float | None = None) -> None:
         """End of input: finish every connection still in the table."""
@@ -535,7 +572,7 @@ class FlowTable:
             # A straggler of a connection already finished (retransmitted FIN, last ACK).
             self.late_packets += 1
             return None
-        if len(self._flows) >= 2 * self.max_connections:
+        if self.open_count >= self.max_connections:
             self._evict(ts)
         rkey = reverse_key(key)
         if flags & SYN:
@@ -872,7 +909,7 @@ class FlowTable:
         rkey = reverse_key(okey)
         for key in (okey, rkey):
             entry = self._flows.get(key)
-            if entry is not None and not isinstance(entry, Dormant) and entry[0] is conn:
+            if entry is not None and entry[0] is conn:
                 del self._flows[key]
                 self._finished_keys[key] = ts
                 self._finished_order.append((ts, key))
@@ -895,10 +932,22 @@ class FlowTable:
                     self._finish(ts, conn, "attempt_expired")
             elif conn.close_kind is not None and idle >= self.half_closed_timeout:
                 self._finish(ts, conn, "half_closed_expired")
-            elif (idle >= self.dormant_after and conn.close_kind is None
-                  and not conn.orig.ooo and not conn.resp.ooo
-                  and (conn.observer is None or conn.observer.can_sleep())):
+            elif idle >= self.dormant_after and self._sleepable(conn):
                 self._sleep(conn)
+
+    def _nap(self, ts: float) -> None:
+        """Put the connections idle for nap_after seconds to sleep (see __init__)."""
+        after = self.nap_after
+        for conn in self.connections():
+            if (not conn.done and conn.closing is None and ts - conn.last_ts >= after
+                    and (conn.established_ts is not None or conn.mid_stream)
+                    and self._sleepable(conn)):
+                self._sleep(conn)
+
+    @staticmethod
+    def _sleepable(conn: Connection) -> bool:
+        return (conn.close_kind is None and not conn.orig.ooo and not conn.resp.ooo
+                and (conn.observer is None or conn.observer.can_sleep()))
 
     def _sleep(self, conn: Connection) -> None:
         """Pack an idle connection's state (tracer.freeze): under 1 KB instead of 2.5."""
@@ -913,16 +962,17 @@ class FlowTable:
             b, r = conn.observer.freeze()
             parts.append(b)
             refs += r
-        dormant = Dormant((b"".join(parts), *refs))
         okey = conn.orig_key
-        self._flows[okey] = dormant
-        self._flows[reverse_key(okey)] = dormant
+        # The key is the table's: kept there, not in the references (refs[0]).
+        self._asleep[okey] = sleep_pack(b"".join(parts), refs[1:], self._shared_refs)
+        del self._flows[okey]
+        del self._flows[reverse_key(okey)]
         conn.release()
-        self.dormant += 1
 
-    def _wake(self, dormant: Dormant) -> Connection:
-        blob: bytes = dormant[0]
-        refs: tuple[Any, ...] = tuple(dormant[1:])
+    def _wake(self, okey: bytes, dormant: Dormant) -> Connection:
+        """A sleeping connection (already taken out of ``_asleep``) back in the table."""
+        blob, rest = sleep_unpack(dormant)
+        refs = (okey, *rest)
         conn = Connection("C" + blob[:_UID_BYTES].hex(), b"", 0.0, self.events, 0)
         offset, ref_offset = _CONNECTION_LAYOUT.unpack(conn, blob, _UID_BYTES, refs, 0)
         for ep in (conn.orig, conn.resp):
@@ -937,7 +987,6 @@ class FlowTable:
         okey = conn.orig_key
         self._flows[okey] = (conn, conn.orig, conn.resp)
         self._flows[reverse_key(okey)] = (conn, conn.resp, conn.orig)
-        self.dormant -= 1
         return conn
 
     def _evict(self, ts: float) -> None:
