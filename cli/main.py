@@ -309,10 +309,11 @@ def _instant(text: str | None, db_path: str) -> float | None:
 @click.option("--until", metavar="TIME",
               help="Only up to this moment (same forms); open and ages are as of then.")
 @click.option("--client", metavar="IP|PID", help="Only this client address or process id.")
-@click.option("--preface-timeout", type=float, default=DEFAULT_PREFACE_TIMEOUT,
-              show_default=True, metavar="SECONDS",
+@click.option("--preface-timeout", default=f"{DEFAULT_PREFACE_TIMEOUT:g}s", show_default=True,
+              metavar="DURATION", callback=lambda _ctx, _param, value: _duration(value),
               help="A client preface with no server SETTINGS within this long counts as a "
-                   "preface timeout (the clients saw 'failed to receive server preface').")
+                   "preface timeout (the clients saw 'failed to receive server preface'): "
+                   "seconds or 20s, 1m.")
 @click.option("--fail-on-leak", is_flag=True,
               help="Exit with status 1 when any client's verdict is leak (for CI and cron).")
 def report(db_path: str, fmt: str, since: str | None, until: str | None, client: str | None,

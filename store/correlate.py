@@ -263,8 +263,10 @@ def _situation(c: dict[str, Any], t: float) -> str:
         since = (c["close_ts"] if closed else t) - c["preface_ts"]
         http2 = f"no server preface after {since:.1f}s"
     else:
-        http2 = (f"server preface in "
-                 f"{(c['server_settings_ts'] - c['preface_ts']) * 1000:.1f} ms")
+        latency = (c["server_settings_ts"] - c["preface_ts"]) * 1000
+        # A server may send its SETTINGS before the client's preface arrives (grpc does).
+        http2 = (f"server preface in {latency:.1f} ms" if latency >= 0
+                 else f"server preface first ({-latency:.1f} ms before the client's)")
     if closed:
         return f"closed {t - c['close_ts']:.1f}s before ({c['close_kind'] or 'closed'}), {http2}"
     return f"open {t - c['ts']:.1f}s, {http2}"
