@@ -19,6 +19,7 @@ import click
 import sqlite_utils
 
 from cli.output import FORMATS, fmt_ts, render
+from cli.times import instant
 from store.logs import (
     LineFilter,
     LogWriter,
@@ -321,36 +322,10 @@ def _open(db_path: str, *, create: bool) -> sqlite_utils.Database:
         raise click.ClickException(str(exc)) from None
 
 
-def _duration(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[-1:] in units:
-        return float(text[:-1]) * units[text[-1]]
-    return float(text)
-
-
 def _instant(text: str | None, db: sqlite_utils.Database, option: str) -> float | None:
     """--since/--until of `logs show`: ISO 8601 (naive = UTC), epoch seconds, or
     -DURATION before the latest stored log line (-10m)."""
-    if text is None:
-        return None
-    try:
-        if text.startswith("-"):
-            end = logs_end(db)
-            if end is None:
-                raise click.BadParameter("no log lines stored yet", param_hint=option)
-            return end - _duration(text[1:])
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(
-            f"{text!r}: use 2024-11-24T10:00:00Z, epoch seconds, or -10m",
-            param_hint=option) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return moment.timestamp()
+    return instant(text, lambda: logs_end(db), empty="no log lines stored yet", option=option)
 
 
 _BRACKETED = re.compile(r"\[([^\]]+)\](?::(\d{1,5}))?")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
@@ -11,6 +10,7 @@ from typing import Any
 import click
 
 from cli.output import FORMATS, fmt_age, fmt_ts, render
+from cli.times import instant, parse_duration
 from store.queries import DEFAULT_PREFACE_TIMEOUT, capture_summary
 from store.queries import connections as list_connections
 from store.queries import report as build_report
@@ -65,19 +65,6 @@ def main() -> None:
       tracer connections --open                       # every connection still open
     """
     os.umask(0o077)
-
-
-def _duration(text: str | None) -> float | None:
-    """"90", "90s", "10m", "2h" -> seconds."""
-    if text is None:
-        return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        if text[-1:] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: use seconds or 30s, 10m, 2h") from None
 
 
 @main.command()
@@ -158,7 +145,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
                                    "not with --read")
         _capture_files(reads, ports, db_path, grpc_status, jobs, quiet)
         return
-    _capture_live(ports, db_path, list(interfaces) or ["any"], _duration(duration), count,
+    _capture_live(ports, db_path, list(interfaces) or ["any"], parse_duration(duration), count,
                   write_path, snaplen, user_filter, buffer_size, not no_attribution, user,
                   grpc_status, quiet)
 
@@ -277,27 +264,8 @@ def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
 def _instant(text: str | None, db_path: str) -> float | None:
     """--since/--until: ISO 8601 (naive = UTC), epoch seconds, or -DURATION before the end
     of what the database holds (-10m: the last ten minutes)."""
-    if text is None:
-        return None
-    if text.startswith("-"):
-        seconds = _duration(text[1:])
-        db = _open_existing(db_path)
-        last = capture_summary(db)["last_ts"]
-        if last is None or seconds is None:
-            raise click.BadParameter(f"{text!r}: the database holds no capture yet")
-        return float(last - seconds)
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(
-            f"{text!r}: use 2026-11-24T10:00:00Z, epoch seconds, or -10m") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return moment.timestamp()
+    return instant(text, lambda: capture_summary(_open_existing(db_path))["last_ts"],
+                   empty="the database holds no capture yet")
 
 
 @main.command()
@@ -310,7 +278,7 @@ def _instant(text: str | None, db_path: str) -> float | None:
               help="Only up to this moment (same forms); open and ages are as of then.")
 @click.option("--client", metavar="IP|PID", help="Only this client address or process id.")
 @click.option("--preface-timeout", default=f"{DEFAULT_PREFACE_TIMEOUT:g}s", show_default=True,
-              metavar="DURATION", callback=lambda _ctx, _param, value: _duration(value),
+              metavar="DURATION", callback=lambda _ctx, _param, value: parse_duration(value),
               help="A client preface with no server SETTINGS within this long counts as a "
                    "preface timeout (the clients saw 'failed to receive server preface'): "
                    "seconds or 20s, 1m.")
@@ -434,7 +402,7 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
     """
     from store.queries import timeline as build_timeline
 
-    width = _duration(bucket) or 60.0
+    width = parse_duration(bucket) or 60.0
     if width <= 0:
         raise click.BadParameter("the bucket must be longer than 0", param_hint="--bucket")
     db = _open_existing(db_path)
@@ -504,7 +472,7 @@ def correlate(db_path: str, fmt: str, pattern: str | None, window: str, since: s
     from store.correlate import DEFAULT_PATTERN, PatternError
     from store.correlate import correlate as build_correlation
 
-    width = _duration(window)
+    width = parse_duration(window)
     if width is None or width < 0:
         raise click.BadParameter("use 5s, 1m, ...", param_hint="--window")
     db = _open_existing(db_path)
@@ -593,7 +561,7 @@ def demo(duration: str, db_path: str | None, record_shipped: str | None) -> None
     """
     from cli import demo as demo_module
 
-    seconds = _duration(duration) or 20.0
+    seconds = parse_duration(duration) or 20.0
     if record_shipped:
         sys.exit(demo_module.record_shipped(record_shipped, seconds, click.echo))
     def show(path: str) -> None:

@@ -3,9 +3,14 @@ takes them, every field set the way a capture would."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from tracer.record import RECORD_FIELDS
+
+REPO = Path(__file__).resolve().parent.parent
 
 T0 = 1_790_000_000.0
 SERVER = ("10.0.0.1", 9090)
@@ -33,3 +38,11 @@ def record(uid: str, ts: float, orig: tuple[str, int], *, close: float | None,
         h2c_upgrade=0, methods={"/pkg.Svc/Get": 1},
     )
     return r
+
+
+def tracer(*args: str) -> str:
+    """Run the command line; its standard output (it must succeed)."""
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout

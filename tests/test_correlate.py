@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from store_support import SERVER, T0, record
+from store_support import SERVER, T0, record, tracer
 
 from store.correlate import (
     DEFAULT_PATTERN,
@@ -83,13 +83,6 @@ def db_path(tmp_path: Path) -> Path:
             [(1, *SERVER), (3, *SERVER), (4, *SERVER), (5, "10.0.0.9", 33333)])
     db.conn.close()
     return path
-
-
-def tracer(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, check=False,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 def test_each_line_gets_its_process_connections_and_the_server_state(db_path: Path) -> None:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from store_support import T0, record
+from store_support import T0, record, tracer
 
 from store.queries import timeline
 from store.schema import open_database
@@ -83,13 +83,6 @@ def test_client_filter_and_window(db_path: Path) -> None:
     late = timeline(db, bucket=120.0, since=T0 + 240.0)
     # connections opened before the window are carried in: 4 leaked by 240 s
     assert late["clients"]["pid 700"][0] == 6  # 4 carried + 2 in 240..360
-
-
-def tracer(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, check=False,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 def test_text_table_and_json(db_path: Path) -> None:
