@@ -6,7 +6,8 @@ to it: grpc-go through klog, zap JSON, logrus logfmt, in random order, with ``ip
 addresses in most lines and a few indented continuation lines (kept unparsed, with their
 reason). Then runs the real command line on it, `tracer logs add FILE --db DB`, into a
 fresh database each time: wall time of the whole command (start-up included), lines per
-second end to end, and the peak resident memory of the process, sampled every 50 ms.
+second end to end, and the peak resident memory of the process and its part workers
+(run.PeakRss).
 Reports the median of --repeat runs. Target (issue 4): >= 100,000 lines/s.
 """
 
@@ -19,11 +20,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import PeakRss
 
 START = 1732442400.0  # 2024-11-24T10:00:00Z
 KLOG_FILES = ("clientconn.go", "http2_client.go", "controlbuf.go", "server.go")
@@ -89,30 +90,6 @@ def generate(path: Path, lines: int, seed: int = 4) -> int:
         if batch:
             out.write("\n".join(batch) + "\n")
     return path.stat().st_size
-
-
-class PeakRss:
-    """Peak RSS of one process, sampled."""
-
-    def __init__(self, pid: int) -> None:
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
 
 
 def run_add(log: Path, tmp: Path) -> tuple[float, int, str]:
