@@ -51,6 +51,7 @@ node-deps:
 
 demo: $(STAMP)
 	$(VENV)/bin/tracer demo
+	@echo "tracer is $(VENV)/bin/tracer; '. $(VENV)/bin/activate' puts it on your PATH"
 
 # The whole suite against the installed (compiled) core, then the core's own tests once
 # more against the plain sources, interpreted: both builds must behave the same.
@@ -82,6 +83,7 @@ bench: $(STAMP) system-deps
 	$(PY) benchmarks/live.py
 	$(PY) benchmarks/report.py
 	$(PY) benchmarks/logs.py
+	$(PY) benchmarks/longrun.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tracer store cli tests benchmarks

@@ -668,7 +668,7 @@ def memory_notes(run: MemoryRun) -> list[str]:
 PROBE = r"""
 import json, sys
 import psutil
-from cli.runner import quiet_cycle_collector
+from tracer.agent.control import quiet_cycle_collector
 from tracer.pipeline import Analyzer
 from tracer.sources.pcapfile import CaptureReader
 

@@ -91,7 +91,27 @@ class PeakRss:
         return self.peak
 
 
-def run_tracer(capture: Path, jobs: int | None) -> tuple[float, int, str]:
+def database_size(db: Path) -> tuple[int, int, int]:
+    """(bytes on disk, with the write-ahead log; connections; RPCs) of a database."""
+    import sqlite3
+
+    size = sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        connections, rpcs = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(streams), 0) FROM connections").fetchone()
+    finally:
+        conn.close()
+    return size, connections, rpcs
+
+
+# Issue 8's disk target: at most this much database per connection, plus per RPC.
+DB_BYTES_PER_CONNECTION = 800
+DB_BYTES_PER_RPC = 8
+
+
+def run_tracer(capture: Path, jobs: int | None,
+               sizes: list[tuple[int, int, int]] | None = None) -> tuple[float, int, str]:
     tracer = Path(sys.executable).with_name("tracer")
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "bench.db"
@@ -107,6 +127,8 @@ def run_tracer(capture: Path, jobs: int | None) -> tuple[float, int, str]:
         peak = rss.stop()
         if proc.returncode != 0:
             raise SystemExit(f"tracer failed ({proc.returncode}):\n{err}")
+        if sizes is not None:
+            sizes.append(database_size(db))
         return elapsed, peak, err.strip()
 
 
@@ -137,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"capture: {capture.name}: {packets:,} packets, {args.connections:,} connections, "
           f"{size_mb:.0f} MB")
     results: dict[str, float] = {}
+    sizes: list[tuple[int, int, int]] = []
     for label, jobs in (("default workers", None), ("one worker", 1)):
-        runs = [run_tracer(capture, jobs) for _ in range(args.repeat)]
+        runs = [run_tracer(capture, jobs, sizes) for _ in range(args.repeat)]
         wall = statistics.median(r[0] for r in runs)
         peak = max(r[1] for r in runs)
         results[label] = wall
@@ -146,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{packets / wall:,.0f} packets/s end to end, peak RSS {peak / 1e6:.0f} MB "
               f"(process tree)")
         print(f"    last run said: {runs[-1][2].splitlines()[0]}")
+    size, connections, rpcs = sizes[-1]
+    budget = DB_BYTES_PER_CONNECTION * connections + DB_BYTES_PER_RPC * rpcs
+    print(f"database: {size / 1e6:.1f} MB for {connections:,} connections and {rpcs:,} RPCs: "
+          f"{size / connections:,.0f} bytes per connection all in; target at most "
+          f"{DB_BYTES_PER_CONNECTION} per connection + {DB_BYTES_PER_RPC} per RPC = "
+          f"{budget / 1e6:.1f} MB: {'met' if size <= budget else 'MISSED'}")
     if args.no_tshark or not shutil.which("tshark"):
         print("tshark: not installed, no comparison (Debian package tshark)")
         return 0

@@ -99,7 +99,7 @@ def run(duration: float, db_path: str | None, echo: Callable[[str], None],
 
 def _live(duration: float, db: str, echo: Callable[[str], None],
           show_report: Callable[[str], None]) -> int:
-    from cli.live import LiveSettings, run_live
+    from tracer.agent.live import LiveSettings, run_live
 
     port = _free_port()
     echo(f"demo: a grpcio server on 127.0.0.1:{port} and three clients: one closes its "
@@ -147,7 +147,7 @@ def _judge(db_path: str, pids: dict[str, int], echo: Callable[[str], None]) -> i
 
 def _offline(reason: str, db: str, echo: Callable[[str], None],
              show_report: Callable[[str], None]) -> int:
-    from cli.runner import read_files
+    from tracer.agent.files import read_files
 
     echo(f"demo: cannot capture live here: {reason}")
     echo(f"demo: analysing instead a capture of the same scenario recorded earlier and "
@@ -167,7 +167,7 @@ def _offline(reason: str, db: str, echo: Callable[[str], None],
 def record_shipped(path: str, duration: float, echo: Callable[[str], None]) -> int:
     """Maintainers: record the capture the demo falls back on. Needs root and iproute2:
     each client runs in a network namespace of its own, so each has its own address."""
-    from cli.live import LiveSettings, run_live
+    from tracer.agent.live import LiveSettings, run_live
 
     tag = f"trd{os.getpid() % 100000}"
     namespaces: list[str] = []

@@ -311,13 +311,14 @@ def _db_option(f: Any) -> Any:
     )(f)
 
 
-def _open(db_path: str, *, create: bool) -> sqlite_utils.Database:
-    if not create and not os.path.exists(db_path):
+def _open(db_path: str, *, create: bool, readonly: bool = False) -> sqlite_utils.Database:
+    """The database; ``readonly`` for the commands that only read it (list, show)."""
+    if not create and not os.path.lexists(db_path):
         raise click.ClickException(
             f"no database at {db_path}: add logs first with `tracer logs add FILE --db "
             f"{db_path}` (or pass --db)")
     try:
-        return open_database(db_path)
+        return open_database(db_path, readonly=readonly)
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -494,7 +495,7 @@ def _progress(bar: Any) -> Callable[[int], None]:
               show_default=True, help="Output format.")
 def list_(db_path: str, fmt: str) -> None:
     """The log sources: lines, parsed and unparsed, time range."""
-    db = _open(db_path, create=False)
+    db = _open(db_path, create=False, readonly=True)
     sources = log_sources(db)
     if fmt == "json":
         click.echo(json.dumps(sources, indent=2))
@@ -538,7 +539,7 @@ def show(db_path: str, sources: tuple[str, ...], pid: int | None, pattern: str |
          limit: int, fmt: str) -> None:
     """Stored log lines, in time order: time (UTC), source, line, level, pid, message,
     addresses."""
-    db = _open(db_path, create=False)
+    db = _open(db_path, create=False, readonly=True)
     source_ids: list[int] | None = None
     if sources:
         source_ids = []

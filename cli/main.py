@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from cli.output import FORMATS, fmt_age, fmt_ts, render
-from cli.times import instant, parse_duration
+from cli.times import instant, parse_duration, parse_size
 from store.queries import DEFAULT_PREFACE_TIMEOUT, capture_summary
 from store.queries import connections as list_connections
 from store.queries import report as build_report
@@ -21,7 +21,7 @@ DEFAULT_DB = "tracer.db"
 
 EXIT_DAMAGED = 3
 EXIT_CAPTURE = 4
-EXIT_INTERRUPTED = 130
+EXIT_STORE = 5
 
 
 def _db_option(f: Any) -> Any:
@@ -39,13 +39,14 @@ def _format_option(f: Any) -> Any:
 
 
 def _open_existing(db_path: str) -> Any:
-    if not os.path.exists(db_path):
+    """The database for a reader command: opened read-only, never created or migrated."""
+    if not os.path.lexists(db_path):  # a dangling link is refused as a link, not "missing"
         raise click.ClickException(
             f"no database at {db_path}: run `tracer capture --read FILE --port PORT "
             f"--db {db_path}` first (or pass --db)"
         )
     try:
-        return open_database(db_path)
+        return open_database(db_path, readonly=True)
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -67,12 +68,22 @@ def main() -> None:
     os.umask(0o077)
 
 
+def _retention(retain: str | None, max_db_size: str | None) -> Any:
+    from store.retention import Retention
+
+    older = parse_duration(retain)
+    size = parse_size(max_db_size)
+    if older is not None and older <= 0:
+        raise click.BadParameter("use 14d, 12h, ...", param_hint="--retain")
+    return Retention(older_than_s=older, max_bytes=size) if older or size else None
+
+
 @main.command()
-@click.option("--read", "reads", multiple=True, metavar="FILE",
+@click.option("-r", "--read", "reads", multiple=True, metavar="FILE",
               help="Analyse a pcap or pcapng file (gzip-compressed too) instead of capturing "
-                   "live; repeat for several files read as one stream (rotated files, in "
-                   "order); - reads standard input (tcpdump -w - | tracer capture --read - "
-                   "--port 9090).")
+                   "live; repeat for several files read as one stream (rotated files: they "
+                   "are read in the time order of their first packets); - reads standard "
+                   "input (tcpdump -w - | tracer capture --read - --port 9090).")
 @click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535), required=True,
               help="The gRPC server port. Repeat for several. The side on this port is the "
                    "server; connections picked up mid-stream are oriented by it.")
@@ -83,8 +94,9 @@ def main() -> None:
 @click.option("--duration", metavar="TIME", help="Live: stop after this long (30s, 10m, 2h).")
 @click.option("--count", type=click.IntRange(1), metavar="N", help="Live: stop after N packets.")
 @click.option("--write", "write_path", metavar="FILE",
-              help="Live: also keep the raw packets as pcapng (created 0600; Wireshark and "
-                   "`tracer capture --read` open it).")
+              help="Live: also keep the raw packets as pcapng (a new file, created 0600; "
+                   "an existing file or a symbolic link is refused). Wireshark and "
+                   "`tracer capture --read` open it.")
 @click.option("--snaplen", type=click.IntRange(64, 262144), default=262144, show_default=True,
               help="Live: bytes kept of each packet. HTTP/2 frames cut short count as missed "
                    "bytes; frame headers at segment starts are still read.")
@@ -99,11 +111,25 @@ def main() -> None:
 @click.option("--user", metavar="NAME",
               help="Live: drop root for this user once the packet sockets are open. "
                    "Attribution then sees only that user's processes (the kernel hides the "
-                   "file descriptors of others), and the database is written as that user.")
+                   "file descriptors of others), and the database is written as that user "
+                   "(it needs to write in the database's folder).")
 @click.option("--grpc-status/--no-grpc-status", default=False, show_default=True,
               help="Also decode the server's header blocks, for the grpc-status of every RPC "
-                   "(a trailers event each). Off by default: it costs about a third more "
+                   "(counted per connection). Off by default: it costs about a third more "
                    "time, and the client's requests (methods) are decoded either way.")
+@click.option("--events", "events", type=click.Choice(["control", "all"]), default="control",
+              show_default=True,
+              help="What goes into the events table: control (FIN, RST, GOAWAY, gaps, TLS "
+                   "and HTTP/1 hellos, ...; RPCs, PINGs and RST_STREAMs are counted per "
+                   "connection) or all (also one row per RPC, PING and RST_STREAM: about "
+                   "100 bytes each).")
+@click.option("--retain", metavar="TIME",
+              help="Keep this much history (14d, 12h): older closed connections, their "
+                   "events and log lines are deleted while capturing (and at the end of a "
+                   "file read). Open connections are always kept.")
+@click.option("--max-db-size", metavar="SIZE",
+              help="Keep the database under this size (500M, 2G): the oldest closed "
+                   "connections go first; open connections are always kept.")
 @click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None, metavar="N",
               help="Files: worker processes, each analysing a share of the connections. "
                    "Default: one per CPU (up to 4) for files over 16 MB, else 1.")
@@ -111,7 +137,8 @@ def main() -> None:
 def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
             interfaces: tuple[str, ...], duration: str | None, count: int | None,
             write_path: str | None, snaplen: int, user_filter: str | None, buffer_size: int,
-            no_attribution: bool, user: str | None, grpc_status: bool, jobs: int | None,
+            no_attribution: bool, user: str | None, grpc_status: bool, events: str,
+            retain: str | None, max_db_size: str | None, jobs: int | None,
             quiet: bool) -> None:
     """Rebuild the gRPC connections on a port into the database: live, or from files.
 
@@ -119,23 +146,30 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
     Live (needs root or CAP_NET_RAW):
       tracer capture --port 9090                 # until Ctrl-C, with a status line
       tracer capture --port 9090 --duration 10m --write dump.pcapng
+      tracer capture --port 9090 --retain 14d --max-db-size 2G   # as a service
     From capture files:
       tracer capture --read dump.pcapng --port 9090
 
     Live, the connections already open when it starts are read from the kernel's socket
     table and recorded at once; every client connection whose client end is a local
     socket (the agent runs on the client host, or both are on one host, containers
-    included) is attributed to its process. SIGINT and SIGTERM stop it cleanly: open
-    connections are stored as open at the end and it exits 0. A second run into the same
-    database adds a new capture.
+    included) is attributed to its process. What changed is stored every half second, so
+    a kill -9 loses at most the last second. SIGINT and SIGTERM stop it cleanly within a
+    second: open connections are stored as open at the end and it exits 0. A second run
+    into the same database adds a new capture.
 
     Files are read as a stream (never loaded whole), with a progress bar on a terminal.
     Reading the same file into the same database again replaces the earlier import.
+    SIGINT and SIGTERM stop a file read cleanly: what was read is stored and the capture
+    is marked interrupted.
 
     Exit status: 0 on success; 2 for bad usage; 3 when a file is damaged or not a capture
     (everything decoded before the damage is kept); 4 when live capture cannot start;
-    130 when a file read is interrupted (what was read is kept).
+    5 when the database cannot be written (a full disk: the capture is marked failed,
+    what was committed before is kept); 130 (SIGINT) or 143 (SIGTERM) when a file read
+    is interrupted (what was read is kept).
     """
+    retention = _retention(retain, max_db_size)
     if reads:
         live_only = {"--iface": interfaces, "--duration": duration, "--count": count,
                      "--write": write_path, "--filter": user_filter, "--user": user}
@@ -143,25 +177,26 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
         if given:
             raise click.UsageError(f"{', '.join(given)} only apply to live capture, "
                                    "not with --read")
-        _capture_files(reads, ports, db_path, grpc_status, jobs, quiet)
+        _capture_files(reads, ports, db_path, grpc_status, events == "all", jobs, retention,
+                       quiet)
         return
-    _capture_live(ports, db_path, list(interfaces) or ["any"], parse_duration(duration), count,
-                  write_path, snaplen, user_filter, buffer_size, not no_attribution, user,
-                  grpc_status, quiet)
-
-
-def _capture_live(ports: tuple[int, ...], db_path: str, interfaces: list[str],
-                  duration: float | None, count: int | None, write_path: str | None,
-                  snaplen: int, user_filter: str | None, buffer_size: int, attribution: bool,
-                  user: str | None, grpc_status: bool, quiet: bool) -> None:
-    from cli.live import CaptureError, LiveSettings, run_live
+    from tracer.agent.live import LiveSettings
 
     settings = LiveSettings(
-        ports=frozenset(ports), db_path=db_path, interfaces=interfaces, duration=duration,
-        count=count, write_path=write_path, snaplen=snaplen, buffer_bytes=buffer_size,
-        user_filter=user_filter, attribution=attribution, user=user,
-        decode_server_headers=grpc_status,
+        ports=frozenset(ports), db_path=db_path, interfaces=list(interfaces) or ["any"],
+        duration=parse_duration(duration), count=count, write_path=write_path,
+        snaplen=snaplen, buffer_bytes=buffer_size, user_filter=user_filter,
+        attribution=not no_attribution, user=user, decode_server_headers=grpc_status,
+        rpc_events=events == "all", retention=retention,
+        wait=lambda line: click.echo(line, err=True),
     )
+    _capture_live(settings, quiet)
+
+
+def _capture_live(settings: Any, quiet: bool) -> None:
+    from tracer.agent.live import CaptureError, run_live
+    from tracer.sources.pcapwriter import PcapWriteError
+
     interactive = not quiet and sys.stderr.isatty()
 
     def status(line: str) -> None:
@@ -170,12 +205,13 @@ def _capture_live(ports: tuple[int, ...], db_path: str, interfaces: list[str],
         elif not quiet:
             click.echo(line, err=True)
 
+    ports = ",".join(map(str, sorted(settings.ports)))
     if not quiet:
-        click.echo(f"capturing TCP port {','.join(map(str, ports))} on {','.join(interfaces)} "
-                   f"into {db_path} (Ctrl-C to stop)", err=True)
+        click.echo(f"capturing TCP port {ports} on {','.join(settings.interfaces)} "
+                   f"into {settings.db_path} (Ctrl-C to stop)", err=True)
     try:
         result = run_live(settings, status if not quiet else None)
-    except CaptureError as exc:
+    except (CaptureError, PcapWriteError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CAPTURE)
     except StoreError as exc:
@@ -191,23 +227,27 @@ def _capture_live(ports: tuple[int, ...], db_path: str, interfaces: list[str],
             f"kernel: {result.received:,} passed the filter, {result.dropped:,} dropped",
             err=True,
         )
-        click.echo(
-            f"{result.connections:,} connections ({result.seeded:,} already open at the "
-            f"start), {result.open_at_end:,} open at the end; attributed to a process: "
-            f"{result.attributed:,}, remote clients: {result.remote:,}, closed before they "
-            f"could be attributed: {result.unattributed_closed:,} -> {db_path} "
-            f"(capture {result.capture_id})"
-            + (f"; {result.written_packets:,} packets written to {write_path}"
-               if write_path else ""),
-            err=True,
-        )
-    if result.status == "error":
-        sys.exit(1)
+        if result.status != "failed":
+            click.echo(
+                f"{result.connections:,} connections ({result.seeded:,} already open at the "
+                f"start), {result.open_at_end:,} open at the end; attributed to a process: "
+                f"{result.attributed:,}, remote clients: {result.remote:,}, closed before "
+                f"they could be attributed: {result.unattributed_closed:,} -> "
+                f"{settings.db_path} (capture {result.capture_id})"
+                + (f"; retention let go of {result.pruned:,} old connections"
+                   if result.pruned else "")
+                + (f"; {result.written_packets:,} packets written to {settings.write_path}"
+                   if settings.write_path else ""),
+                err=True,
+            )
+    if result.status == "failed":
+        sys.exit(EXIT_STORE)
 
 
 def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
-                   grpc_status: bool, jobs: int | None, quiet: bool) -> None:
-    from cli.runner import read_files
+                   grpc_status: bool, rpc_events: bool, jobs: int | None, retention: Any,
+                   quiet: bool) -> None:
+    from tracer.agent.files import read_files
 
     show_progress = not quiet and sys.stderr.isatty()
     bar: Any = None
@@ -228,12 +268,17 @@ def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
 
     try:
         result = read_files(list(reads), frozenset(ports), db_path,
-                            decode_server_headers=grpc_status, progress=progress, jobs=jobs)
+                            decode_server_headers=grpc_status, rpc_events=rpc_events,
+                            progress=progress, jobs=jobs, retention=retention,
+                            wait=lambda line: click.echo(line, err=True))
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
     if bar is not None:
         bar.render_finish()
     if not quiet:
+        if list(reads) != result.order:
+            click.echo("read in the time order of their first packets: "
+                       + " ".join(result.order), err=True)
         rate = result.packets / result.elapsed_s if result.elapsed_s > 0 else 0.0
         skipped = sum(result.skipped.values())
         click.echo(
@@ -243,18 +288,27 @@ def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
             + (f", {result.jobs} workers)" if result.jobs > 1 else ")"),
             err=True,
         )
-        click.echo(
-            f"{result.connections:,} connections, {result.open_at_end:,} open at the end, "
-            f"{result.anomalies:,} anomalies -> {db_path} (capture {result.capture_id})"
-            + (f"; replaced earlier import of the same file(s): capture "
-               f"{', '.join(map(str, result.superseded))}" if result.superseded else ""),
-            err=True,
-        )
+        if result.status != "failed":
+            click.echo(
+                f"{result.connections:,} connections, {result.open_at_end:,} open at the end, "
+                f"{result.anomalies:,} anomalies -> {db_path} (capture {result.capture_id})"
+                + (f"; replaced earlier import of the same file(s): capture "
+                   f"{', '.join(map(str, result.superseded))}" if result.superseded else "")
+                + (f"; retention let go of {result.pruned:,} old connections"
+                   if result.pruned else ""),
+                err=True,
+            )
+    if result.store_failure:
+        click.echo(f"error: {'disk full: ' if result.disk_full else ''}{result.store_failure}",
+                   err=True)
     for err in result.errors:
         click.echo(f"error: {err}", err=True)
+    if result.status == "failed":
+        sys.exit(EXIT_STORE)
     if result.status == "interrupted":
-        click.echo("interrupted: what was read so far is stored", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        click.echo("interrupted: what was read so far is stored "
+                   f"(capture {result.capture_id} is marked interrupted)", err=True)
+        sys.exit(128 + (result.stopped_by or 2))
     if result.errors:
         if result.packets:
             click.echo("everything read before the damage is stored", err=True)
@@ -343,6 +397,12 @@ def print_report(db_path: str, fmt: str = "table",
         click.echo(f"window: {fmt_ts(since)} .. {fmt_ts(until)}")
     for d in cap["damaged"]:
         click.echo(f"  damaged input: {d}")
+    for p in cap.get("partial", []):
+        click.echo(f"  partial data: {p['reason']}")
+    if cap.get("retained_from") is not None:
+        click.echo(f"  retained from {fmt_ts(cap['retained_from'])}: "
+                   f"{cap['pruned_connections']:,} older closed connections were pruned "
+                   "(they still count in each client's totals)")
     click.echo("")
     click.echo(render("table", rows, headers) if rows else "no connections recorded")
     s = data["server"]
@@ -540,6 +600,66 @@ def _print_correlation(data: dict[str, Any]) -> None:
             click.echo(f"    {c['uid']}  {_host(c['orig_h'])}:{c['orig_p']} -> "
                        f"{_host(c['resp_h'])}:{c['resp_p']}  pid {c['pid'] or '-'}  "
                        f"{'+'.join(c['why'])}: {c['at_line']}")
+
+
+@main.command()
+@_db_option
+@click.option("--older-than", metavar="TIME",
+              help="Delete closed connections (with their events), anomalies and log lines "
+                   "that ended longer ago than this before the end of the data (14d, 12h).")
+@click.option("--max-db-size", metavar="SIZE",
+              help="Then delete the oldest closed connections until the database is under "
+                   "this size (500M, 2G).")
+@click.option("--vacuum/--no-vacuum", default=True, show_default=True,
+              help="A database made before incremental auto-vacuum keeps its size when rows "
+                   "go: rewrite it once (a full VACUUM, which needs as much free space as "
+                   "the database) so that it shrinks now and from then on.")
+def prune(db_path: str, older_than: str | None, max_db_size: str | None, vacuum: bool) -> None:
+    """Keep the database within an age or a size: the oldest closed connections go first.
+
+    Open connections are never deleted: they are what a leak is made of. What the deleted
+    connections added to their client's totals (opened, closed and how, RPCs, methods) is
+    kept, so `tracer report` still counts them, and it says from when the data is whole.
+    The file shrinks. A running `tracer capture --retain/--max-db-size` does the same by
+    itself every minute.
+
+    \b
+      tracer prune --older-than 14d
+      tracer prune --max-db-size 2G
+    """
+    from store.retention import database_bytes
+    from store.retention import prune as prune_database
+
+    older = parse_duration(older_than)
+    size = parse_size(max_db_size)
+    if older is None and size is None:
+        raise click.UsageError("give --older-than, --max-db-size or both")
+    if not os.path.lexists(db_path):
+        raise click.ClickException(f"no database at {db_path} (pass --db)")
+    try:
+        db = open_database(db_path)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    before = database_bytes(db)
+    out = prune_database(db, older_than_s=older, max_bytes=size, budget_s=float("inf"),
+                         vacuum=vacuum)
+    db.close()
+    if out.connections or out.log_lines:
+        click.echo(f"pruned {out.connections:,} closed connections and {out.log_lines:,} log "
+                   f"lines that ended before {fmt_ts(out.cutoff_ts)}")
+    else:
+        click.echo("nothing to prune")
+    if out.vacuumed:
+        click.echo("rewrote the database once (VACUUM) with incremental auto-vacuum: it "
+                   "shrinks as rows go from now on")
+    click.echo(f"{db_path}: {_megabytes(before)} -> {_megabytes(out.bytes_after)}")
+    if out.open_bytes is not None and size is not None:
+        click.echo(f"still over {_megabytes(size)}: what is left is open connections "
+                   f"({_megabytes(out.open_bytes)}), which are never pruned")
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
 
 
 @main.command()

@@ -47,3 +47,21 @@ def instant(text: str | None, end: Callable[[], float | None], *, empty: str,
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
     return moment.timestamp()
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | None) -> int | None:
+    """"500M", "2G", "1.5GB", "4096" -> bytes (binary units: 1G is 2^30 bytes)."""
+    if text is None:
+        return None
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in _SIZE_UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: use bytes or 500M, 2G") from None
+    if number <= 0:
+        raise click.BadParameter(f"{text!r}: the size must be more than 0")
+    return int(number * _SIZE_UNITS[unit])

@@ -13,20 +13,20 @@ DEFAULT_PREFACE_TIMEOUT = 20.0  # grpc-go's default dial timeout
 
 # A connection that connected and closed without ever speaking HTTP/2 (no preface, no
 # stream) is a TCP health check. TLS hides the preface, so TLS connections never count.
-_HEALTH_CHECK = (
+HEALTH_CHECK = (
     "(close_kind IS NOT NULL AND preface_ts IS NULL AND streams = 0 AND mid_stream = 0"
     " AND established_ts IS NOT NULL AND COALESCE(protocol, '') != 'tls')"
 )
 
 # Clients are processes where attributed (pid plus start time: pids are reused), else IPs.
-_CLIENT_KEY = (
+CLIENT_KEY = (
     "CASE WHEN pid IS NOT NULL THEN 'pid:' || pid || ':' || process_start"
     " ELSE 'ip:' || orig_h END"
 )
 
 # How a closed connection ended, one kind each: a GOAWAY before the TCP close wins, then
 # a RST, then whoever sent the first FIN.
-_CLOSED_BY = """
+CLOSED_BY = """
     CASE
         WHEN close_kind IS NULL THEN NULL
         WHEN goaway_ts IS NOT NULL AND goaway_ts <= COALESCE(close_ts, goaway_ts) THEN 'goaway'
@@ -70,7 +70,14 @@ def capture_summary(db: sqlite_utils.Database) -> dict[str, Any]:
     drops = [c["drops"] for c in caps if c["drops"] is not None]
     firsts = [c["first_ts"] for c in caps if c["first_ts"] is not None]
     lasts = [c["last_ts"] for c in caps if c["last_ts"] is not None]
-    return {
+    if any(c["first_ts"] is None or c["last_ts"] is None for c in caps):
+        # A capture cut short before it stored its times (kill -9 at the start): what
+        # its connections saw is the best bound there is.
+        low, high = db.execute(
+            "SELECT MIN(COALESCE(syn_ts, ts)), MAX(end_ts) FROM connections").fetchone()
+        firsts += [low] if low is not None else []
+        lasts += [high] if high is not None else []
+    summary: dict[str, Any] = {
         "sources": sources + [f"live:{i}" for i in live],
         "port": ports[0] if ports else None,
         "ports": ports,
@@ -80,8 +87,45 @@ def capture_summary(db: sqlite_utils.Database) -> dict[str, Any]:
         "drops": sum(drops) if drops else None,
         "captures": len(caps),
         "damaged": [c["error"] for c in caps if c["status"] == "damaged"],
+        "partial": [p for p in (_partial(c) for c in caps) if p is not None],
         "anomalies": sum(c["anomalies"] for c in caps),
     }
+    if _has_table(db, "prunes"):
+        from store.retention import retained
+
+        summary.update(retained(db))
+    return summary
+
+
+def _partial(capture: dict[str, Any]) -> dict[str, Any] | None:
+    """Why a capture's data is not whole, or None when it is."""
+    from store.lock import process_running
+
+    status = capture["status"]
+    kind = "live capture" if capture["kind"] == "live" else "file read"
+    what = f"capture {capture['id']} ({kind})"
+    if status == "running":
+        alive = process_running(capture.get("pid"), capture.get("pid_start"))
+        if alive:
+            why = f"{what} is still running (pid {capture['pid']}): this is what it stored so far"
+        elif alive is None:
+            why = f"{what} never finished: the data ends where it stopped"
+        else:
+            why = (f"{what} never finished: its process (pid {capture['pid']}) is gone "
+                   "(killed or crashed); the data ends where it stopped")
+        status = "running" if alive else "unfinished"
+    elif status == "interrupted":
+        why = f"{what} was interrupted: the data ends where it stopped"
+    elif status == "failed":
+        why = f"{what} failed: {capture['error'] or 'no reason recorded'}"
+    else:
+        return None
+    return {"capture": capture["id"], "status": status, "reason": why}
+
+
+def _has_table(db: sqlite_utils.Database, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                      [name]).fetchone() is not None
 
 
 # An open connection that carried at most this many RPCs looks like one dialled for a
@@ -170,7 +214,7 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
         db,
         f"""
         WITH c AS (
-            SELECT *, {_HEALTH_CHECK} AS hc, {_CLOSED_BY} AS closed_by, {open_expr} AS open_now
+            SELECT *, {HEALTH_CHECK} AS hc, {CLOSED_BY} AS closed_by, {open_expr} AS open_now
             FROM connections WHERE 1{where}
         )
         SELECT pid, process_start, CASE WHEN pid IS NULL THEN orig_h END AS ip,
@@ -211,6 +255,9 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
         params,
     ):
         methods.setdefault((r["pid"], r["process_start"], r["ip"]), {})[r["method"]] = r["n"]
+    retained_from = summary.get("retained_from")
+    if retained_from is not None and since is None and (until is None or until >= retained_from):
+        _add_history(db, rows, methods, client)
     processes = {(r["pid"], r["start_time"]): r for r in _rows(db, "SELECT * FROM processes")}
     out = []
     for r in rows:
@@ -234,12 +281,12 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
                 "port_reused": r["by_port_reused"] or 0,
             },
             "health_checks": r["health_checks"] or 0,
-            "oldest_open_s": round(end - r["oldest_open_ts"], 3)
+            "oldest_open_s": round(max(0.0, end - r["oldest_open_ts"]), 3)
             if r["oldest_open_ts"] is not None else None,
             # Idle: since the last frame other than PING, for the least and the most idle
             # of the open connections.
-            "idle_s": {"min": round(end - r["last_open_activity"], 3),
-                       "max": round(end - r["first_open_activity"], 3)}
+            "idle_s": {"min": round(max(0.0, end - r["last_open_activity"]), 3),
+                       "max": round(max(0.0, end - r["first_open_activity"]), 3)}
             if r["last_open_activity"] is not None else None,
             "open_growth_per_min": round((r["opened_and_left_open"] or 0) / (span / 60.0), 2)
             if span > 0 else None,
@@ -260,6 +307,44 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
     out.sort(key=lambda c: (order[c["verdict"]], -c["open"], -c["opened"], c["client"],
                             c["pid"] or 0))
     return out
+
+
+_HISTORY_COUNTS = ("opened", "closed", "by_client_fin", "by_server_fin", "by_rst", "by_goaway",
+                   "by_port_reused", "health_checks", "pre_existing", "rpcs")
+
+
+def _add_history(db: sqlite_utils.Database, rows: list[dict[str, Any]],
+                 methods: dict[tuple[Any, Any, Any], dict[str, int]],
+                 client: str | None) -> None:
+    """Add what retention let go (store.retention: client_history) to each client's
+    totals, and the clients of whom nothing else is left."""
+    where, params = _client_filter(client)
+    by_key = {(r["pid"], r["process_start"], r["ip"]): r for r in rows}
+    for h in _rows(db, f"SELECT * FROM client_history WHERE 1{where}", params):
+        key = (h["pid"], h["process_start"], None if h["pid"] is not None else h["orig_h"])
+        row = by_key.get(key)
+        if row is None:
+            row = by_key[key] = {
+                "pid": h["pid"], "process_start": h["process_start"], "ip": key[2],
+                "client": h["orig_h"], "addresses": 1, "open": 0, "open_few_rpcs": 0,
+                "oldest_open_ts": None, "opened_and_left_open": 0,
+                "last_open_activity": None, "first_open_activity": None,
+                **dict.fromkeys(_HISTORY_COUNTS, 0),
+            }
+            rows.append(row)
+        for name in _HISTORY_COUNTS:
+            row[name] = (row[name] or 0) + h[name]
+    for m in _rows(
+        db,
+        "SELECT h.pid, h.process_start, h.orig_h, m.method, m.count FROM client_history_methods m"
+        f" JOIN client_history h USING (client_key) WHERE 1{_client_filter(client, 'h')[0]}",
+        params,
+    ):
+        key = (m["pid"], m["process_start"], None if m["pid"] is not None else m["orig_h"])
+        counts = methods.setdefault(key, {})
+        counts[m["method"]] = counts.get(m["method"], 0) + m["count"]
+    for key, counts in methods.items():
+        methods[key] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -368,21 +453,30 @@ def _fingerprint(db: sqlite_utils.Database) -> str:
 
 def report(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT_PREFACE_TIMEOUT,
            since: float | None = None, until: float | None = None,
-           client: str | None = None, cache: bool = True) -> dict[str, Any]:
+           client: str | None = None, cache: bool = True,
+           store: bool = False) -> dict[str, Any]:
     """The whole report, as DESIGN.md's JSON contract.
 
     The full report (no window, no client filter) is kept in the database with a
     fingerprint of the data it was computed from, and served from there until the data
     changes: a million connections take seconds to aggregate, a stored report a few
     milliseconds. A running live capture changes the data continuously and is always
-    computed afresh."""
+    computed afresh.
+
+    Only writers store it: ``store`` is for the capture runs, which compute the
+    report once at their end (the report_cache table comes with migration
+    m005_report_cache). Every other caller (`tracer report`, on a database opened
+    read-only) only reads a stored report whose fingerprint matches, and never writes."""
     plain = since is None and until is None and not client
     fingerprint = ""
     if cache and plain:
         fingerprint = _fingerprint(db) + f"|{preface_timeout!r}"
         running = db.execute("SELECT COUNT(*) FROM captures WHERE status = 'running'").fetchone()
-        db.execute("CREATE TABLE IF NOT EXISTS report_cache (fingerprint TEXT, report TEXT)")
-        row = db.execute("SELECT fingerprint, report FROM report_cache").fetchone()
+        has_cache = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_cache'"
+        ).fetchone()
+        row = db.execute("SELECT fingerprint, report FROM report_cache").fetchone() \
+            if has_cache else None
         if row is not None and row[0] == fingerprint and not running[0]:
             cached: dict[str, Any] = json.loads(row[1])
             return cached
@@ -396,7 +490,7 @@ def report(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT_PREFAC
     if has_logs(db):
         data["log_evidence"] = log_evidence(db, since=since, until=until,
                                             preface_timeout=preface_timeout)
-    if fingerprint:
+    if fingerprint and store:
         with db.conn:
             db.execute("DELETE FROM report_cache")
             db.execute("INSERT INTO report_cache VALUES (?, ?)", [fingerprint, json.dumps(data)])

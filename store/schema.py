@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 import sqlite3
+import stat
+import urllib.parse
 
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
-
-from tracer.record import RECORD_FIELDS
 
 migrations = Migrations("tracer")
 
@@ -32,6 +34,24 @@ def _column_type(name: str) -> str:
     if name in _TEXT:
         return "TEXT"
     return "INTEGER"
+
+
+# The connections table as the first release created it. Frozen: a column added later
+# comes with a migration of its own (an older database is upgraded, never left short).
+_FIRST_CONNECTION_COLUMNS = (
+    "uid", "ts", "syn_ts", "synack_ts", "established_ts", "close_ts", "end_ts", "duration",
+    "ip_version", "orig_h", "orig_p", "resp_h", "resp_p", "conn_state", "history",
+    "orig_state", "resp_state", "orig_seq_first", "orig_seq_next", "resp_seq_first",
+    "resp_seq_next", "orig_pkts", "orig_bytes", "resp_pkts", "resp_bytes", "missed_bytes",
+    "syn_retries", "retransmits", "keepalives", "zero_windows", "mid_stream", "from_snapshot",
+    "is_open", "close_kind", "end_reason", "last_activity_ts", "events_dropped", "protocol",
+    "preface_ts", "client_settings_ts", "server_settings_ts", "client_settings",
+    "server_settings", "client_settings_ack_ts", "server_settings_ack_ts", "streams",
+    "first_method", "authority", "user_agent", "pings_orig", "pings_resp", "goaways",
+    "goaway_sender", "goaway_ts", "goaway_last_stream_id", "goaway_error", "goaway_debug",
+    "rst_streams", "trailers", "grpc_errors", "data_frames", "window_updates", "tls_sni",
+    "tls_alpn", "h2c_upgrade",
+)
 
 
 @migrations()
@@ -88,7 +108,7 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
     cols = ",\n".join(
         f"{name} {_column_type(name)}" + (" PRIMARY KEY" if name == "uid" else "")
-        for name in RECORD_FIELDS
+        for name in _FIRST_CONNECTION_COLUMNS
     )
     db.execute(
         f"CREATE TABLE connections (\n{cols},\ncapture_id INTEGER NOT NULL REFERENCES captures(id))"
@@ -260,28 +280,457 @@ def m004_preface_index(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX connections_preface ON connections(preface_ts)")
 
 
-def open_database(path: str) -> sqlite_utils.Database:
-    """Open (creating 0600 if needed) and migrate the database at ``path``."""
-    if path != ":memory:":
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise StoreError(f"cannot open database {path}: {exc.strerror}") from None
-        os.close(fd)
-    try:
+@migrations()
+def m005_report_cache(db: sqlite_utils.Database) -> None:
+    """The full report, kept with a fingerprint of the data it was computed from
+    (store.queries.report): written by the capture runs, only read by readers. IF NOT
+    EXISTS: report() created it itself before this migration."""
+    db.execute("CREATE TABLE IF NOT EXISTS report_cache (fingerprint TEXT, report TEXT)")
+
+
+@migrations()
+def m006_capture_runs(db: sqlite_utils.Database) -> None:
+    """Which process runs each capture (pid and its start time: pids are reused), so that a
+    capture left 'running' by a process that died is told apart from one still running."""
+    for column, kind in (("pid", "INTEGER"), ("pid_start", "REAL")):
+        db.execute(f"ALTER TABLE captures ADD COLUMN {column} {kind}")
+
+
+@migrations()
+def m007_rpc_counts(db: sqlite_utils.Database) -> None:
+    """RPCs are counted per connection instead of stored one row each (one events row per
+    RPC cost about 108 bytes with its index: 13 GB a day at 1,000 RPC/s): the first and
+    the last RPC's time, and each grpc-status with its count (where trailers were decoded,
+    --grpc-status). Per-RPC rows only with --events all."""
+    for column in ("first_rpc_ts", "last_rpc_ts"):
+        db.execute(f"ALTER TABLE connections ADD COLUMN {column} REAL")
+    db.execute(
+        """
+        CREATE TABLE conn_grpc_status (
+            uid TEXT NOT NULL,
+            status INTEGER NOT NULL,       -- grpc-status; 0 is OK
+            count INTEGER NOT NULL,
+            PRIMARY KEY (uid, status)
+        ) WITHOUT ROWID
+        """
+    )
+
+
+@migrations()
+def m008_retention(db: sqlite_utils.Database) -> None:
+    """Retention (store.retention): each pass that let old connections go, and what the
+    pruned connections added to their client's totals, so that a report over the whole
+    database still counts them (a pool whose closed connections were pruned must not
+    look like a leak)."""
+    db.execute(
+        """
+        CREATE TABLE prunes (
+            id INTEGER PRIMARY KEY,
+            at TEXT NOT NULL,              -- wall clock of the pass (UTC, ISO 8601)
+            reason TEXT NOT NULL,          -- age (--retain, --older-than) | size (--max-db-size)
+            cutoff_ts REAL NOT NULL,       -- what ended before this is gone
+            connections INTEGER NOT NULL,
+            log_lines INTEGER NOT NULL,
+            bytes_before INTEGER,
+            bytes_after INTEGER
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE client_history (
+            client_key TEXT PRIMARY KEY,   -- as the report groups: pid:PID:START or ip:ADDRESS
+            pid INTEGER,
+            process_start REAL,
+            orig_h TEXT NOT NULL,
+            opened INTEGER NOT NULL DEFAULT 0,
+            closed INTEGER NOT NULL DEFAULT 0,
+            by_client_fin INTEGER NOT NULL DEFAULT 0,
+            by_server_fin INTEGER NOT NULL DEFAULT 0,
+            by_rst INTEGER NOT NULL DEFAULT 0,
+            by_goaway INTEGER NOT NULL DEFAULT 0,
+            by_port_reused INTEGER NOT NULL DEFAULT 0,
+            health_checks INTEGER NOT NULL DEFAULT 0,
+            pre_existing INTEGER NOT NULL DEFAULT 0,
+            rpcs INTEGER NOT NULL DEFAULT 0,
+            first_ts REAL,
+            last_ts REAL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE client_history_methods (
+            client_key TEXT NOT NULL,
+            method TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            PRIMARY KEY (client_key, method)
+        ) WITHOUT ROWID
+        """
+    )
+    # The oldest closed connections go first.
+    db.execute("CREATE INDEX connections_closed_end ON connections(end_ts) WHERE is_open = 0")
+
+
+@migrations()
+def m009_folded_closes(db: sqlite_utils.Database) -> None:
+    """Each side's first FIN and first RST are columns of the connection row, as the SYN
+    and the handshake already were (two events rows per connection were most of the
+    events table). The timeline view puts them back among the events; rows written
+    before keep theirs in the events table. The 4-tuple index, which only the join of a
+    connection continued from an earlier capture uses, keeps only open connections."""
+    for column in ("orig_fin_ts", "resp_fin_ts", "orig_rst_ts", "resp_rst_ts"):
+        db.execute(f"ALTER TABLE connections ADD COLUMN {column} REAL")
+    db.execute("DROP VIEW timeline")
+    folded = [("syn_ts", "syn", "orig"), ("synack_ts", "syn_ack", "resp"),
+              ("established_ts", "established", "orig"), ("preface_ts", "preface", "orig"),
+              ("orig_fin_ts", "fin", "orig"), ("resp_fin_ts", "fin", "resp"),
+              ("orig_rst_ts", "rst", "orig"), ("resp_rst_ts", "rst", "resp")]
+    parts = ["SELECT uid, ts, name, dir, stream_id, code, value, detail FROM events"]
+    parts += [f"SELECT uid, {column}, '{name}', '{side}', NULL, NULL, NULL, NULL"
+              f" FROM connections WHERE {column} IS NOT NULL" for column, name, side in folded]
+    parts += [f"SELECT uid, {side}_settings{ack}_ts, 'settings{ack}', '{d}', 0, NULL, NULL,"
+              f" {f'{side}_settings' if not ack else 'NULL'}"
+              f" FROM connections WHERE {side}_settings{ack}_ts IS NOT NULL"
+              for ack in ("", "_ack") for side, d in (("client", "orig"), ("server", "resp"))]
+    db.execute("CREATE VIEW timeline AS\n    " + "\n    UNION ALL ".join(parts))
+    db.execute("DROP INDEX connections_tuple")
+    db.execute("CREATE INDEX connections_tuple ON connections(orig_p, orig_h, resp_p, resp_h)"
+               " WHERE is_open = 1")
+
+
+# -- opening the database ----------------------------------------------------------------
+#
+# The agent runs as root, often in a directory other users can write to. Every name it
+# opens could be a trap planted there: a symbolic link to a file it must not write, a
+# FIFO that blocks it, an empty file someone else owns (whoever owns a file can chmod it
+# and read it). So the database is opened with O_NOFOLLOW first and checked through that
+# descriptor (a regular file, still the one the name pointed at), and SQLite is then
+# pointed at the same name without the right to create it (``mode=rw``/``mode=ro``);
+# once SQLite has opened it, the name must still be that file. Between the checks and
+# SQLite's open only a swap-and-swap-back could slip through, and SQLite writes nothing
+# before the last check. (The descriptor is closed before SQLite runs a statement:
+# closing any descriptor of a file drops this process's POSIX locks on it, so a process
+# must not open the database again while one of its connections is inside a
+# transaction on it; the previous os.open here had the same rule.)
+
+# Migrations a reader can do without. A reader never migrates, so a database last written
+# by an older tracer may lack some: an index only makes a query slower, and the report
+# cache only makes a report slower. A migration whose tables or columns the read-side
+# queries use must not be listed here.
+READER_OPTIONAL = frozenset({"m004_preface_index", "m005_report_cache", "m006_capture_runs",
+                             "m007_rpc_counts", "m008_retention", "m009_folded_closes"})
+WAL_SIZE_LIMIT = 16 << 20
+
+# The files SQLite keeps beside a database, and opens by name (following symbolic links).
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def open_database(path: str, *, readonly: bool = False) -> sqlite_utils.Database:
+    """Open and migrate the database at ``path``, creating it (0600) if it does not exist.
+
+    With ``readonly``, open an existing database for reading only (``open_database_readonly``):
+    nothing is created, migrated or written.
+
+    ``path`` must name a regular file itself: never a symbolic link (nor may its -wal, -shm
+    or -journal side files be), a FIFO, a device or a directory. An existing file must be
+    an SQLite database, or an empty file of the current user's. StoreError says why not."""
+    if readonly:
+        return open_database_readonly(path)
+    if path == ":memory:":
         conn = sqlite3.connect(path, check_same_thread=False)
+    else:
+        fd, st, created = _open_file(path, write=True)
+        try:
+            _check_for_writing(path, fd, st, created)
+            conn = _connect(path, "mode=rw", st)
+        except StoreError:
+            if created and _same(_lstat(path), st):
+                os.unlink(path)  # the empty file made just now, nothing else
+            raise
+        finally:
+            os.close(fd)  # before any statement: closing a descriptor drops its POSIX locks
+    try:
         db = sqlite_utils.Database(conn)
+        if db.execute("PRAGMA page_count").fetchone()[0] == 0:
+            # A new database: retention can hand freed pages back to the filesystem
+            # (store.retention). Only settable before the first table exists.
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         db.execute("PRAGMA journal_mode=WAL")
+        # The write-ahead log is cut back to this after a checkpoint (it keeps its largest
+        # size otherwise: a big batch would leave it big for good).
+        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
         migrations.apply(db)
     except sqlite3.DatabaseError as exc:
+        conn.close()
         raise StoreError(f"{path} is not a usable tracer database: {exc}") from None
-    if path != ":memory:":
-        for suffix in ("-wal", "-shm"):
-            if os.path.exists(path + suffix):
-                os.chmod(path + suffix, 0o600)
+    # SQLite creates the -wal and -shm files with the database file's own mode: 0600 for a
+    # database tracer created (they are never chmod-ed by name, which would follow a link).
     return db
+
+
+def open_database_readonly(path: str) -> sqlite_utils.Database:
+    """Open an existing database for reading only: an archived copy, a 0444 file, a file
+    on a read-only mount, or the database a capture is writing right now.
+
+    It never writes: no migration, no cache, no file created beside an archived copy.
+    SQLite opens it with ``mode=ro``, and the connection is ``query_only``. A database in
+    WAL mode has its readers share a -shm index with its writer; SQLite creates that file
+    (and an empty -wal) when they are missing, as it must if a writer may come, and a
+    reader leaves them there (removing them could break a writer that just began). When
+    nobody can have it open as a writer, and SQLite could not or should not create them,
+    it is opened ``immutable=1`` instead: no locks, no -shm, the file taken as it is.
+    That is when there is no -shm beside it (no connection has it open: every WAL-mode
+    connection keeps one) and no -wal content (an immutable reader ignores the -wal: it
+    would miss what is in it), and either its directory cannot take new files (read-only
+    media) or the file itself is read-only (no write bit: an archived copy; tracer's
+    writers refuse such a file, and other users cannot open it for writing). If a writer
+    did start on it during the read (only root, with another tool, could), the reader
+    could see a half-written state: an error or a wrong answer, never damage, as an
+    immutable reader writes nothing.
+
+    A database written by an older tracer is read as it is when the migrations it lacks
+    are only ones a reader can do without (READER_OPTIONAL); otherwise StoreError says to
+    upgrade it with any writing command (``tracer capture``, ``tracer logs add``), on a
+    writable copy if it is archived. Migrating a copy in memory would hide the cost of a
+    big database; refusing clearly is better than a traceback from a missing column. A
+    database of a newer tracer (migrations this one does not know) is refused too."""
+    if path == ":memory:":
+        raise StoreError("a read-only database must be a file")
+    fd, st, _created = _open_file(path, write=False)
+    try:
+        _check_side_files(path, st, fresh=False, writing=False)
+        header = os.pread(fd, 100, 0)
+        if not header:
+            raise StoreError(f"{path} is empty: not a tracer database")
+        if not header.startswith(_SQLITE_HEADER):
+            raise StoreError(f"{path} is not a usable tracer database: file is not a database")
+        conn = _connect(path, _reader_query(path, fd, st, wal=2 in header[18:20]), st)
+    finally:
+        os.close(fd)
+    try:
+        db = sqlite_utils.Database(conn)
+        db.execute("PRAGMA query_only=1")
+        db.execute("PRAGMA busy_timeout=5000")
+        _check_reader_schema(path, db)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise StoreError(f"{path} is not a usable tracer database: {exc}") from None
+    except StoreError:
+        conn.close()
+        raise
+    return db
+
+
+def _reader_query(path: str, fd: int, st: os.stat_result, *, wal: bool) -> str:
+    """The URI parameters of a reader (see open_database_readonly)."""
+    if not wal:
+        return "mode=ro"  # a rollback-journal database: readers only take locks
+    shm = _lstat(path + "-shm")
+    if shm is not None:
+        return "mode=ro"  # in use, or left by a crash: SQLite reads it (read-only if must)
+    wal_file = _lstat(path + "-wal")
+    wal_content = wal_file is not None and wal_file.st_size > 0
+    directory = os.path.dirname(os.path.abspath(path))
+    read_only_media = bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY)
+    can_add_files = not read_only_media and os.access(directory, os.W_OK)
+    if wal_content:
+        if not can_add_files:
+            raise StoreError(
+                f"cannot read {path}: its changes in {path}-wal need a {path}-shm that "
+                f"cannot be created here (read-only directory); copy both files somewhere "
+                f"writable and read the copy")
+        return "mode=ro"
+    if not can_add_files or not st.st_mode & 0o222:
+        return "mode=ro&immutable=1"
+    return "mode=ro"
+
+
+def _check_reader_schema(path: str, db: sqlite_utils.Database) -> None:
+    empty = sqlite_utils.Database(memory=True)
+    known = [m.name for m in migrations.pending(empty)]  # all of them, in order
+    empty.close()
+    applied = {m.name for m in migrations.applied(db)}
+    if not applied:
+        raise StoreError(f"{path} is not a tracer database: no tracer schema in it")
+    newer = sorted(applied - set(known))
+    if newer:
+        raise StoreError(
+            f"{path} was written by a newer tracer (schema {', '.join(newer)} unknown to "
+            f"this one): read it with that version")
+    missing = [name for name in known if name not in applied and name not in READER_OPTIONAL]
+    if missing:
+        raise StoreError(
+            f"{path} was written by an older tracer (it lacks {', '.join(missing)}): "
+            f"upgrade it by running any `tracer capture` (or `tracer logs add`) on it with "
+            f"this version, or on a copy somewhere writable if it is archived")
+
+
+def _open_file(path: str, *, write: bool) -> tuple[int, os.stat_result, bool]:
+    """A descriptor on the database file itself (created 0600 when writing and missing),
+    its fstat, and whether it was created now."""
+    existing = _lstat(path)
+    if existing is not None:
+        _refuse_kind(path, existing)
+    elif not write:
+        raise StoreError(f"no database at {path}")
+    # O_NONBLOCK and O_NOCTTY: a name swapped for a FIFO or a terminal after the lstat must
+    # not block or take over the terminal; the fstat below refuses it.
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    flags |= os.O_RDWR if write else os.O_RDONLY
+    try:
+        if existing is None:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        else:
+            fd = os.open(path, flags)
+    except FileExistsError:
+        raise StoreError(f"refusing to open DB {path}: it appeared while tracer was "
+                         f"creating it; check who else writes there, then try again") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(_link_message(path, "it")) from None
+        if exc.errno == errno.ENOENT:
+            raise StoreError(f"no database at {path}: it disappeared while tracer was "
+                             f"opening it") from None
+        raise StoreError(f"cannot open database {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    same = existing is None or (st.st_dev, st.st_ino) == (existing.st_dev, existing.st_ino)
+    if not stat.S_ISREG(st.st_mode) or not same:
+        os.close(fd)
+        raise StoreError(_replaced_message(path))
+    if existing is None:
+        os.fchmod(fd, 0o600)  # whatever the umask
+    return fd, st, existing is None
+
+
+def _check_for_writing(path: str, fd: int, st: os.stat_result, created: bool) -> None:
+    if not created and not st.st_mode & 0o222:
+        # root may write a 0444 file anyway; such a file is someone's archived copy, and
+        # readers open it immutable (open_database_readonly).
+        raise StoreError(
+            f"refusing to write to DB {path}: the file is read-only (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}, an archived copy?); read it with `tracer "
+            f"report`, or make it writable (chmod u+w) to add to it")
+    fresh = created or st.st_size == 0
+    if fresh and not created and st.st_uid != os.geteuid():
+        # An empty file becomes a database only if it is the current user's (`touch
+        # tracer.db`, then a capture, is fine). An empty file someone else owns may be a
+        # trap: created first in a shared directory for root's agent to fill, its owner
+        # could chmod it and read every connection, or change it under the agent.
+        raise StoreError(
+            f"refusing to use {path} as the database: it is an empty file owned by "
+            f"{_user(st.st_uid)}, not by {_user(os.geteuid())}; remove it or give another "
+            f"path")
+    if not fresh:
+        # Checked here, before SQLite sees the file: a file that is not a database is
+        # never turned into one.
+        if os.pread(fd, len(_SQLITE_HEADER), 0) != _SQLITE_HEADER:
+            raise StoreError(f"{path} is not a usable tracer database: file is not a "
+                             f"database; refusing to write to it")
+    elif os.fstat(fd).st_mode & 0o077:
+        os.fchmod(fd, 0o600)  # an empty file of ours becomes a database: 0600 like a new one
+    _check_side_files(path, st, fresh=fresh, writing=True)
+
+
+def _check_side_files(path: str, st: os.stat_result, *, fresh: bool, writing: bool) -> None:
+    """SQLite opens and writes the side files by name, following links: a planted -shm
+    link would have it truncate and write another file. A side file beside a database
+    being created (or an empty one) is stale or planted: SQLite would take its content
+    into the new database. A writer puts the database's pages in the -wal: one beside an
+    existing database must belong to the database's owner or to the current user (SQLite
+    gives them the database file's owner), else its owner could read them."""
+    for suffix in _SIDE_FILES:
+        side = path + suffix
+        found = _lstat(side)
+        if found is None:
+            continue
+        if stat.S_ISLNK(found.st_mode):
+            raise StoreError(_link_message(path, side) + " (remove it)")
+        if not stat.S_ISREG(found.st_mode):
+            raise StoreError(f"refusing to open DB {path}: {side} is {_kind(found.st_mode)}, "
+                             f"not a regular file; remove it")
+        if fresh:
+            raise StoreError(f"refusing to open DB {path}: it is new or empty, but {side} "
+                             f"exists beside it (stale, or planted); remove it")
+        if writing and found.st_uid not in (st.st_uid, os.geteuid()):
+            raise StoreError(f"refusing to open DB {path}: {side} belongs to "
+                             f"{_user(found.st_uid)}, not to the database's owner; remove it")
+
+
+def _connect(path: str, query: str, st: os.stat_result) -> sqlite3.Connection:
+    """SQLite on the file already checked (``st``): never created by SQLite, and still the
+    same file once SQLite has it open (before it reads or writes anything)."""
+    absolute = os.path.abspath(path)
+    uri = "file://" + urllib.parse.quote(absolute) + "?" + query
+    try:
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open database {path}: {exc}") from None
+    if not _same(_lstat(path), st):
+        conn.close()
+        raise StoreError(_replaced_message(path))
+    return conn
+
+
+def _same(now: os.stat_result | None, st: os.stat_result) -> bool:
+    """``now`` (an lstat) is the regular file ``st`` was taken of."""
+    return now is not None and stat.S_ISREG(now.st_mode) and \
+        (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot open database {path}: {exc.strerror}") from None
+
+
+def _refuse_kind(path: str, st: os.stat_result) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise StoreError(_link_message(path, "it"))
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"refusing to open DB {path}: it is {_kind(st.st_mode)}, not a "
+                         f"regular file; give the path of a database file")
+
+
+def _link_message(path: str, which: str) -> str:
+    name = path if which == "it" else which
+    try:
+        target = os.readlink(name)
+    except OSError:
+        target = "?"
+    real = "; give the real path" if which == "it" else ""
+    return f"refusing to open DB {path}: {which} is a symbolic link to {target}{real}"
+
+
+def _replaced_message(path: str) -> str:
+    return (f"refusing to open DB {path}: the name was replaced while tracer was opening it; "
+            f"check who else writes in {os.path.dirname(os.path.abspath(path))}, then try "
+            f"again")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 class StoreError(Exception):

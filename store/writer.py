@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import json
+import sqlite3
 from collections.abc import Iterable
 from typing import Any
 
 import sqlite_utils
 
+from store.schema import StoreError
+from tracer.attribution.sockets import ProcessInfo
 from tracer.events import AnomalyFound, ConnectionEvent
 from tracer.record import RECORD_FIELDS, continued_record
 
@@ -31,7 +35,7 @@ _EVENT_SQL = (
 # Once-per-connection events whose time is a column of the connection row (see the
 # timeline view in store/schema.py): not stored twice. So are each side's first SETTINGS
 # and first SETTINGS ACK (the events say so with first=True).
-FOLDED_EVENTS = frozenset(("syn", "syn_ack", "established", "preface"))
+FOLDED_EVENTS = frozenset(("syn", "syn_ack", "established", "preface", "fin", "rst"))
 _FOLDED_FIRSTS = frozenset(("settings", "settings_ack"))
 
 
@@ -41,6 +45,7 @@ def stored(event: ConnectionEvent) -> bool:
         return False
     return not (name in _FOLDED_FIRSTS and getattr(event, "first", False))
 _METHOD_SQL = "INSERT OR REPLACE INTO conn_methods (uid, method, count) VALUES (?, ?, ?)"
+_STATUS_SQL = "INSERT OR REPLACE INTO conn_grpc_status (uid, status, count) VALUES (?, ?, ?)"
 _CONTINUE_SQL = (
     "SELECT * FROM connections WHERE orig_p = ? AND orig_h = ? AND resp_p = ? AND resp_h = ?"
     " AND is_open = 1 AND end_ts <= ? ORDER BY end_ts DESC LIMIT 1"
@@ -48,6 +53,31 @@ _CONTINUE_SQL = (
 _ANOMALY_SQL = (
     "INSERT INTO anomalies (capture_id, ts, uid, reason, detail) VALUES (?, ?, ?, ?, ?)"
 )
+
+
+# (connection uid, verdict, process or None, when it was decided)
+Attribution = tuple[str, str, "ProcessInfo | None", float]
+
+
+SQLITE_FULL = 13
+
+
+class StoreFull(StoreError):
+    """The database's filesystem is full (or the user's quota is used up)."""
+
+
+def store_failure(exc: BaseException, path: str) -> StoreError:
+    """A failed write as a StoreError whose message says what happened to which file."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, sqlite3.Error):
+        if (getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL
+                or "database or disk is full" in str(exc)):
+            return StoreFull(f"no space left for the database {path}")
+        return StoreError(f"the database {path} could not be written: {exc}")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull(f"no space left for {exc.filename or path}")
+    return StoreError(f"{path}: {exc}")
 
 
 def utc_now() -> str:
@@ -67,20 +97,78 @@ class CaptureWriter:
         self.open_at_end = 0
         self.events = 0
         self.continued = 0  # connections folded into a row of an earlier capture
-        # Continuations still being written: new uid -> (old row as it was, its methods).
-        self._continued: dict[str, tuple[dict[str, Any], dict[str, int]]] = {}
+        # Continuations still being written: new uid -> (old row as it was, its methods,
+        # its grpc-status counts).
+        self._continued: dict[str, tuple[dict[str, Any], dict[str, int], dict[int, int]]] = {}
 
     @classmethod
     def start(cls, db: sqlite_utils.Database, *, kind: str, ports: Iterable[int],
-              interface: str | None = None, tool_version: str = "") -> CaptureWriter:
-        """Create the capture row of a new run."""
-        cur = db.execute(
-            "INSERT INTO captures (kind, started_at, status, ports, interface, tool_version)"
-            " VALUES (?, ?, 'running', ?, ?, ?)",
-            [kind, utc_now(), ",".join(str(p) for p in sorted(ports)), interface, tool_version],
-        )
-        db.conn.commit()
+              interface: str | None = None, tool_version: str = "",
+              writer: tuple[int, float] | None = None) -> CaptureWriter:
+        """Create the capture row of a new run. ``writer``: the (pid, start time) of the
+        process that runs it, so that a reader can tell a capture still running from one
+        whose process died (kill -9, a crash) before it could finish."""
+        pid, pid_start = writer if writer is not None else (None, None)
+        with db.conn:
+            cur = db.conn.execute(
+                "INSERT INTO captures (kind, started_at, status, ports, interface, tool_version,"
+                " pid, pid_start) VALUES (?, ?, 'running', ?, ?, ?, ?, ?)",
+                [kind, utc_now(), ",".join(str(p) for p in sorted(ports)), interface,
+                 tool_version, pid, pid_start],
+            )
         return cls(db, cur.lastrowid)  # type: ignore[arg-type]
+
+    def update_progress(self, *, packets: int, segments: int, first_ts: float | None,
+                        last_ts: float | None, drops: int | None) -> None:
+        """The running capture's totals so far: a capture cut short (kill -9, a full disk)
+        still says how far it got."""
+        with self.db.conn:
+            self.db.conn.execute(
+                "UPDATE captures SET first_ts = ?, last_ts = ?, packets = ?, segments = ?,"
+                " drops = ? WHERE id = ?",
+                [first_ts, last_ts, packets, segments, drops, self.capture_id],
+            )
+
+    def stored_counts(self) -> tuple[int, int]:
+        """(connections, open ones) stored for this capture."""
+        row = self.db.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(is_open), 0) FROM connections WHERE capture_id = ?",
+            [self.capture_id],
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def kept_text(self) -> str:
+        """What this capture has in the database: said when it cannot go on."""
+        try:
+            connections, still_open = self.stored_counts()
+        except sqlite3.Error as exc:
+            return f"what was committed before is kept (it cannot be counted: {exc})"
+        return (f"the {connections:,} connections ({still_open:,} open) committed before "
+                "are kept")
+
+    def attribute(self, verdicts: list[Attribution]) -> list[Attribution]:
+        """Store who owns each connection's client end (and the processes); return the
+        verdicts whose connection has no row yet (written before it: applied later)."""
+        missing = []
+        db = self.db.conn
+        with db:
+            for uid, verdict, info, ts in verdicts:
+                if info is not None:
+                    db.execute(
+                        "INSERT OR IGNORE INTO processes (pid, start_time, ppid, user, comm,"
+                        " cmdline, exe, container, pod) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [info.pid, info.start_time, info.ppid, info.user, info.comm,
+                         info.cmdline, info.exe, info.container, info.pod],
+                    )
+                cur = db.execute(
+                    "UPDATE connections SET pid = ?, process_start = ?, attribution = ?,"
+                    " attributed_ts = ? WHERE uid = ?",
+                    [info.pid if info else None, info.start_time if info else None, verdict,
+                     ts, uid],
+                )
+                if cur.rowcount == 0:
+                    missing.append((uid, verdict, info, ts))
+        return missing
 
     def write(
         self,
@@ -118,6 +206,10 @@ class CaptureWriter:
                     _METHOD_SQL,
                     [(r["uid"], m, c) for r in records for m, c in r["methods"].items()],
                 )
+                statuses = [(r["uid"], st, c) for r in records
+                            for st, c in r["grpc_statuses"].items()]
+                if statuses:
+                    conn.executemany(_STATUS_SQL, statuses)
                 self.connections += len(records)
                 self.open_at_end += sum(1 for r in records if r["is_open"])
 
@@ -143,11 +235,14 @@ class CaptureWriter:
             methods = dict(conn.execute(
                 "SELECT method, count FROM conn_methods WHERE uid = ?", [old["uid"]]
             ).fetchall())
+            statuses = dict(conn.execute(
+                "SELECT status, count FROM conn_grpc_status WHERE uid = ?", [old["uid"]]
+            ).fetchall())
             if continued_record(old, rec) is None:
                 return False
-            known = self._continued[rec["uid"]] = (old, methods)
+            known = self._continued[rec["uid"]] = (old, methods, statuses)
             self.continued += 1
-        old, methods = known
+        old, methods, statuses = known
         merged = continued_record(old, rec)
         assert merged is not None
         uid = old["uid"]
@@ -160,6 +255,11 @@ class CaptureWriter:
             total[m] = total.get(m, 0) + c
         conn.execute("DELETE FROM conn_methods WHERE uid = ?", [uid])
         conn.executemany(_METHOD_SQL, [(uid, m, c) for m, c in total.items()])
+        status_total = dict(statuses)
+        for st, c in rec["grpc_statuses"].items():
+            status_total[st] = status_total.get(st, 0) + c
+        conn.execute("DELETE FROM conn_grpc_status WHERE uid = ?", [uid])
+        conn.executemany(_STATUS_SQL, [(uid, st, c) for st, c in status_total.items()])
         for table in ("events", "anomalies"):
             conn.execute(f"UPDATE {table} SET uid = ? WHERE uid = ?", [uid, rec["uid"]])
         if rec["end_reason"] not in (None, "open_at_end"):
@@ -200,6 +300,30 @@ class CaptureWriter:
                 [(cid, k, v) for k, v in sorted(merged.items())],
             )
 
+    def mark_failed(self, error: str) -> bool:
+        """Mark the capture failed with as small a write as there is, after a failure
+        (a full disk): on this connection, or else on a fresh one (a connection whose
+        write failed may hold on to what it could not write). False if neither could."""
+        sql = "UPDATE captures SET status = 'failed', error = ?, finished_at = ? WHERE id = ?"
+        params = [error, utc_now(), self.capture_id]
+        try:
+            with self.db.conn:
+                self.db.conn.execute(sql, params)
+            return True
+        except sqlite3.Error:
+            pass
+        path = self.db.conn.execute("PRAGMA database_list").fetchone()[2]
+        try:
+            fresh = sqlite3.connect(path, timeout=5.0)
+            try:
+                with fresh:
+                    fresh.execute(sql, params)
+            finally:
+                fresh.close()
+            return True
+        except sqlite3.Error:
+            return False
+
     def supersede_same_sources(self) -> list[int]:
         """Drop earlier captures made of exactly the same files (same sha256s, same order).
 
@@ -226,6 +350,10 @@ class CaptureWriter:
             for old in old_ids:
                 conn.execute(
                     "DELETE FROM conn_methods WHERE uid IN"
+                    " (SELECT uid FROM connections WHERE capture_id=?)", [old]
+                )
+                conn.execute(
+                    "DELETE FROM conn_grpc_status WHERE uid IN"
                     " (SELECT uid FROM connections WHERE capture_id=?)", [old]
                 )
                 for table in ("connections", "events", "anomalies"):

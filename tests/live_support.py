@@ -37,6 +37,22 @@ CONDITION_TIMEOUT_S = 10.0  # the database shows what the traffic made
 NOBODY = "nobody"
 
 
+def need_root() -> None:
+    """Skip the test, saying why, where live capture cannot run."""
+    import pytest
+
+    reason = root_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def processes() -> Iterator[rt.Processes]:
+    """Processes stopped when the block ends, and a check that nothing outlived them."""
+    with rt.nothing_left_behind(), rt.started_processes() as group:
+        yield group
+
+
 def root_unavailable_reason() -> str | None:
     if os.geteuid() != 0:
         return "live capture (AF_PACKET) needs root"

@@ -394,9 +394,12 @@ def pcap_linktype_and_count(path: Path) -> tuple[int, int]:
 
 
 def tracer_command() -> list[str]:
-    """The installed console script next to this interpreter, else the module."""
+    """The installed console script next to this interpreter, else the module (also with
+    TRACER_TEST_SOURCES=1: the sources in the working directory, as they are)."""
     script = Path(sys.executable).parent / "tracer"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
+    if script.exists() and os.environ.get("TRACER_TEST_SOURCES") != "1":
+        return [str(script)]
+    return [sys.executable, "-m", "cli.main"]
 
 
 def run_tracer(*args: str) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cli.live import Attributor
+from tracer.agent.attribution import Attributor
 from tracer.attribution.sockets import (
     LocalAddresses,
     address_owners,

@@ -138,7 +138,12 @@ def test_leaker_among_pooled_closing_and_health_checks(server_factory, tmp_path:
     assert [pids.get(c["pid"]) for c in leaks] == ["leak"], leaks
     assert all(c["verdict"] == "ok" for c in data["clients"] if c not in leaks)
     [checker] = [c for c in data["clients"] if pids.get(c["pid"]) == "check"]
-    assert checker["health_checks"] >= 4 and checker["opened"] == 0, checker
+    assert checker["health_checks"] >= 1 and checker["opened"] == 0, checker
+    # A check lasts a millisecond: some are gone before a scan finds their socket, and
+    # count under the address instead (attribution = closed_before_attribution).
+    unattributed = [c for c in data["clients"] if c["pid"] is None]
+    assert checker["health_checks"] + sum(c["health_checks"] for c in unattributed) >= 4, \
+        data["clients"]
     # --fail-on-leak makes it an exit status.
     assert tracer("report", "--db", str(db), "--fail-on-leak", check=False).returncode == 1
 

@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.gen_capture import H2, Conversation
+from tracer.freeze import sleep_pack, sleep_unpack
 from tracer.pipeline import Analyzer
 
 PORT = 9090
@@ -144,3 +145,24 @@ def test_a_sleeping_connection_costs_under_a_kilobyte(n: int) -> None:
         tracemalloc.stop()
     assert analyzer.table.dormant == n
     assert per_connection < 1024, per_connection
+
+
+def test_sleepers_share_equal_dicts_and_wake_with_their_own() -> None:
+    """A dict among a sleeper's references (per-method or grpc-status counts) is kept as its
+    items: equal ones are shared like the rest, and each woken connection gets its own."""
+    shared: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    mine, theirs = {0: 1}, {0: 1}
+    first = sleep_pack(b"one", ("ShADda", mine, None), shared)
+    second = sleep_pack(b"two", ("ShADda", theirs, None), shared)
+    assert first[1] is second[1]
+    blob, refs = sleep_unpack(first)
+    _, other = sleep_unpack(second)
+    assert (blob, refs) == (b"one", ("ShADda", {0: 1}, None))
+    assert type(refs[1]) is dict and refs[1] is not mine and refs[1] is not other[1]
+    # Equal but not the same: True is not 1.
+    flagged = sleep_pack(b"three", ("ShADda", {True: 1}, None), shared)
+    assert flagged[1] is not first[1]
+    assert [type(k) for k in sleep_unpack(flagged)[1][1]] == [bool]
+    # Unhashable values: kept, not shared.
+    lists = sleep_pack(b"four", ("ShADda", {0: [1]}, None), shared)
+    assert sleep_unpack(lists)[1] == ("ShADda", {0: [1]}, None)

@@ -46,10 +46,7 @@ NETNS_DURATION_S = 5.0
 USER_DURATION_S = 5.0
 
 
-def _need_root() -> None:
-    reason = ls.root_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+_need_root = ls.need_root
 
 
 def _need_netns() -> None:
@@ -65,11 +62,7 @@ def _need_nobody() -> None:
         pytest.skip(reason)
 
 
-@contextlib.contextmanager
-def _processes() -> Iterator[rt.Processes]:
-    """Processes stopped when the block ends, and a check that nothing outlived them."""
-    with rt.nothing_left_behind(), rt.started_processes() as processes:
-        yield processes
+_processes = ls.processes
 
 
 def _by_pid(report: dict[str, Any], pid: int) -> dict[str, Any]:

@@ -529,6 +529,47 @@ def test_pcap_corrupt_length_field(tmp_path: Path) -> None:
     assert err.offset == offsets[2] and "corrupt" in err.reason and str(path) in str(err)
 
 
+@pytest.mark.parametrize("where", ["at a record", "in a record's data"])
+def test_pcap_zero_filled_tail(tmp_path: Path, where: str) -> None:
+    """A file whose end was never written (preallocated, then the writer died) is zeros from
+    some point on. Nothing on a real link has original length 0: the zeros are damage, not
+    millions of empty records."""
+    data, offsets, expected = _pcap_with_offsets()
+    if where == "at a record":
+        written, at = offsets[3], offsets[3]
+    else:
+        # Record 3's header and 7 of its 43 bytes were written; its data ends in zeros, which
+        # no reader can tell from a packet's. The next header is all zeros.
+        written, at = offsets[3] + 16 + 7, offsets[4]
+        ts, linktype, full = expected[3]
+        expected[3] = (ts, linktype, full[:7] + bytes(len(full) - 7))
+    path = _write(tmp_path / "zeros.pcap", data[:written] + bytes(1 << 16))
+    got, err = read_until_error(path)
+    assert got == expected[: 3 if where == "at a record" else 4]
+    assert err.offset == at and f"offset {at}" in str(err) and str(path) in str(err)
+    assert "original length 0" in err.reason and "zero bytes" in err.reason
+
+
+def test_pcap_empty_records(tmp_path: Path) -> None:
+    """A lone record of length 0 is read (the format allows it, wherever it is); two in a
+    row, or one that captured bytes, are damage."""
+    data, _offsets, expected = _pcap_with_offsets(3)
+    empty = pcap_record("<", 200, 5, b"")
+    path = _write(tmp_path / "last.pcap", data + empty)
+    packets, _reader = read_all(path)
+    assert packets == [*expected, (exact(200 * 10**6 + 5, 10**6), LINKTYPE_ETHERNET, b"")]
+
+    path = _write(tmp_path / "two.pcap", data + empty + empty + pcap_record("<", 201, 0, b"x"))
+    got, err = read_until_error(path)
+    assert got == expected and err.offset == len(data)
+    assert "original length 0, and the next one too" in err.reason
+
+    path = _write(tmp_path / "bytes.pcap", data + pcap_record("<", 200, 5, b"abc", orig_len=0))
+    got, err = read_until_error(path)
+    assert got == expected and err.offset == len(data)
+    assert "captured length 3, original length 0" in err.reason
+
+
 def _pcapng_with_offsets() -> tuple[bytes, list[int], list[bytes]]:
     le = "<"
     data = shb(le) + idb(le, LINKTYPE_RAW, 0, tsresol=9)
@@ -562,6 +603,14 @@ def test_pcapng_damage(tmp_path: Path, how: str) -> None:
     assert [f for _, _, f in got] == frames[:2]
     assert err.name == str(path) and err.offset == at
     assert f"offset {at}" in str(err)
+
+
+def test_pcapng_zero_filled_tail(tmp_path: Path) -> None:
+    data, _offsets, frames = _pcapng_with_offsets()
+    path = _write(tmp_path / "zeros.pcapng", data + bytes(1 << 16))
+    got, err = read_until_error(path)
+    assert [f for _, _, f in got] == frames
+    assert err.offset == len(data) and "block length 0" in err.reason
 
 
 # -- not a capture --------------------------------------------------------------------------------

@@ -78,8 +78,10 @@ def test_reimporting_a_file_replaces_it(tmp_path: Path) -> None:
     path = tmp_path / "a.pcap"
     wrpcap(str(path), conversation(40000, 100.0, close=False))
     db = tmp_path / "t.db"
-    tracer("capture", "-q", "--read", str(path), "--port", str(PORT), "--db", str(db))
-    second = tracer("capture", "--read", str(path), "--port", str(PORT), "--db", str(db))
+    tracer("capture", "-q", "--read", str(path), "--port", str(PORT), "--db", str(db),
+           "--events", "all")
+    second = tracer("capture", "--read", str(path), "--port", str(PORT), "--db", str(db),
+                    "--events", "all")
     assert "replaced earlier import" in second.stderr
     con = sqlite3.connect(db)
     assert con.execute("SELECT COUNT(*) FROM captures").fetchone()[0] == 1
@@ -169,3 +171,48 @@ def test_migrations_are_recorded(tmp_path: Path) -> None:
     db.close()
     db = open_database(str(tmp_path / "m.db"))
     assert [m.name for m in migrations.applied(db)] == applied
+
+
+def _with_rpcs(sport: int, t0: float) -> list[Ether]:
+    """A conversation whose client opens three streams (HEADERS with a literal :path)."""
+    pkts = conversation(sport, t0, close=True)
+    fin = pkts[-3:]
+    pkts = pkts[:-3]
+    c = fin[0][TCP].seq
+    s = fin[1][TCP].seq
+    path = b"/pkg.Svc/Get"
+    block = b"\x04" + bytes([len(path)]) + path  # :path, literal without indexing
+    for k, sid in enumerate((1, 3, 5)):
+        headers = len(block).to_bytes(3, "big") + b"\x01\x04" + sid.to_bytes(4, "big") + block
+        pkts.append(frame(t0 + 4 + k * 0.1, sport, c, s, "PA", headers))
+        c += len(headers)
+    pkts.append(frame(t0 + 5, sport, c, s, "FA"))
+    pkts.append(frame(t0 + 5.001, sport, s, c + 1, "FA", b"", False))
+    pkts.append(frame(t0 + 5.002, sport, c + 1, s + 1, "A"))
+    return pkts
+
+
+@pytest.mark.parametrize("events", ["control", "all"])
+def test_rpcs_are_counted_per_connection_and_stored_one_row_each_only_on_request(
+        tmp_path: Path, events: str) -> None:
+    path = tmp_path / "rpcs.pcap"
+    wrpcap(str(path), _with_rpcs(40010, 100.0))
+    db = tmp_path / "r.db"
+    tracer("capture", "-q", "--read", str(path), "--port", str(PORT), "--db", str(db),
+           "--events", events)
+    con = sqlite3.connect(db)
+    [(streams, first, last, fin_orig, fin_resp)] = con.execute(
+        "SELECT streams, first_rpc_ts, last_rpc_ts, orig_fin_ts, resp_fin_ts FROM connections"
+    ).fetchall()
+    assert streams == 3
+    assert (first, last) == (pytest.approx(104.0), pytest.approx(104.2))
+    assert (fin_orig, fin_resp) == (pytest.approx(105.0), pytest.approx(105.001))
+    assert con.execute("SELECT method, count FROM conn_methods").fetchall() == [
+        ("/pkg.Svc/Get", 3)]
+    per_rpc = con.execute(
+        "SELECT COUNT(*) FROM events WHERE name IN ('request', 'ping')").fetchone()[0]
+    assert per_rpc == (0 if events == "control" else 3 + 3)
+    # FIN and RST are columns now; the timeline view still lists them among the events.
+    assert con.execute("SELECT COUNT(*) FROM events WHERE name = 'fin'").fetchone()[0] == 0
+    assert con.execute("SELECT dir FROM timeline WHERE name = 'fin' ORDER BY ts").fetchall() \
+        == [("orig",), ("resp",)]

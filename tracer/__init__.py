@@ -5,27 +5,24 @@ from __future__ import annotations
 import importlib.machinery
 import os
 
+from tracer import compiled
+
 __version__ = "0.1.0"
 
-# Modules that setup.py may compile with mypyc (kept in step with setup.py's list).
-COMPILED_MODULES = (
-    "decode", "pipeline", "record", "tcp/flow", "tcp/state", "http2/frames",
-    "http2/observer", "http2/tls", "sources/pcapfile",
-)
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _compiled_paths() -> list[tuple[str, str]]:
-    """(source, compiled) pairs present side by side in this package directory."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    pairs = []
-    for module in COMPILED_MODULES:
-        source = os.path.join(here, module + ".py")
+def _compiled_paths() -> list[tuple[str, str, str]]:
+    """(source name, source, compiled) for each compiled module present in this package."""
+    found = []
+    for module in compiled.MODULES:
+        source = os.path.join(_HERE, *compiled.source_name(module).split("/"))
         for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-            binary = os.path.join(here, module + suffix)
+            binary = os.path.join(_HERE, *module.split("/")) + suffix
             if os.path.exists(binary):
-                pairs.append((source, binary))
+                found.append((compiled.source_name(module), source, binary))
                 break
-    return pairs
+    return found
 
 
 def build_kind() -> str:
@@ -34,15 +31,29 @@ def build_kind() -> str:
 
 
 def _refuse_stale_build() -> None:
-    # An in-place (editable) build puts the compiled modules next to their sources, and
-    # Python imports the compiled one first: after an edit the old code would run.
-    for source, binary in _compiled_paths():
-        if os.path.exists(source) and os.path.getmtime(source) > os.path.getmtime(binary):
-            raise ImportError(
-                f"{os.path.relpath(binary)} is older than {os.path.relpath(source)}: "
-                "rebuild with `make venv` (or `pip install -e .`), or delete the compiled "
-                "modules (`make pure`) to run the sources as they are"
-            )
+    # Python imports a compiled module before the .py beside it. In an in-place (editable)
+    # build both sit in the source tree, so after an edit the old code would run silently.
+    # Staleness is decided by content: the build records the SHA-256 of every source it
+    # compiled (tracer/compiled.py) and each one must still match the .py beside its
+    # binary. Not by mtimes: installers write files in any order with fresh mtimes (a
+    # wheel's .py files often come out newer than its .so files), checkouts and copies
+    # reset them, so an mtime check fires on good installs and misses real edits. Not only
+    # in a source checkout either: an installed copy whose sources no longer match its
+    # binaries is just as stale, and a matching one, the normal case, always passes.
+    found = _compiled_paths()
+    if not found:
+        return
+    record = compiled.read_record(_HERE)
+    stale = [name for name, source, _ in found
+             if os.path.exists(source) and record.get(name) != compiled.source_digest(source)]
+    if stale:
+        listed = ", ".join(f"tracer/{name}" for name in stale)
+        raise ImportError(
+            f"the compiled core in {_HERE} does not match its sources ({listed} changed "
+            "since it was compiled, or no build record): rebuild with `make venv` (or "
+            "`pip install -e .`, or reinstall), or delete the compiled modules (`make pure`) "
+            "to run the sources as they are"
+        )
 
 
 _refuse_stale_build()

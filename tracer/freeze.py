@@ -3,9 +3,9 @@
 A tracked connection is a handful of objects (connection, endpoints, HTTP/2 observer and
 directions) whose numbers are separate Python objects: about 2.5 KB. A leaked
 connection sits idle for hours, thousands of them at once; asleep, its numbers are one
-struct-packed bytes object and its references (strings, shared tuples, HPACK state) one
-tuple. ``Layout`` describes one class's slots: which are floats, small or large integers,
-flags, or references.
+struct-packed bytes object and its references (strings, shared tuples, HPACK state, dicts
+as their items) one tuple. ``Layout`` describes one class's slots: which are floats, small
+or large integers, flags, or references.
 """
 
 from __future__ import annotations
@@ -41,6 +41,15 @@ class Layout:
         self.size = self.struct.size
         if len(self.seqs) > 16:
             raise ValueError("at most 16 optional sequence numbers")
+
+    def offset(self, name: str) -> int:
+        """Where the packed value of the numeric slot ``name`` starts."""
+        codes = "H" if self.seqs else ""
+        for slot, kind in self.numbers:
+            if slot == name:
+                return struct.calcsize("<" + codes)
+            codes += "I" if kind == SEQ else kind
+        raise KeyError(name)
 
     def pack(self, obj: Any) -> tuple[bytes, tuple[Any, ...]]:
         values: list[Any] = []
@@ -91,6 +100,22 @@ class Dormant(tuple):  # type: ignore[type-arg]
     __slots__ = ()
 
 
+class _Items(tuple):  # type: ignore[type-arg]
+    """A dict that a sleeper references, as its items: hashable, so that sleepers with
+    equal dicts (the grpc-status counts of every connection that made one good RPC) share
+    one tuple; woken, it is a dict again, the connection's own."""
+
+    __slots__ = ()
+
+
+def _same_types(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    if type(a) is _Items:
+        return all(type(k) is type(j) and type(v) is type(w) for (k, v), (j, w) in zip(a, b))
+    return True
+
+
 _REF_MASK = struct.Struct("<QB")  # which references are not None; how many there are
 SHARED_MAX = 1 << 16  # distinct reference tuples remembered for sharing
 
@@ -109,22 +134,30 @@ def sleep_pack(blob: bytes, refs: tuple[Any, ...],
     for i, ref in enumerate(refs):
         if ref is not None:
             mask |= 1 << i
-            kept.append(ref)
+            kept.append(_Items(ref.items()) if type(ref) is dict else ref)
     mine = tuple(kept)
     try:
         common = shared.get(mine)
-    except TypeError:  # an unhashable reference (a dict): not shared
+    except TypeError:  # an unhashable reference (a list, a dict's value): not shared
         common = None
     else:
         if common is None:
             if len(shared) >= SHARED_MAX:
                 shared.clear()
             shared[mine] = mine
-        elif any(type(a) is not type(b) for a, b in zip(common, mine)):
+        elif not all(_same_types(a, b) for a, b in zip(common, mine)):
             common = None  # equal but not the same (1 and True): keep our own
     squeeze = zlib.compressobj(1, zlib.DEFLATED, -15)
     packed = squeeze.compress(_REF_MASK.pack(mask, len(refs)) + blob) + squeeze.flush()
     return Dormant((packed, common if common is not None else mine))
+
+
+def sleep_peek(dormant: Dormant, offset: int, size: int) -> bytes:
+    """``size`` bytes of the blob given to ``sleep_pack``, from ``offset``, decompressing
+    no more of it than that (a look at a sleeper without waking it)."""
+    start = _REF_MASK.size + offset
+    head = zlib.decompressobj(-15).decompress(dormant[0], start + size)
+    return head[start:start + size]
 
 
 def sleep_unpack(dormant: Dormant) -> tuple[bytes, tuple[Any, ...]]:
@@ -132,5 +165,8 @@ def sleep_unpack(dormant: Dormant) -> tuple[bytes, tuple[Any, ...]]:
     raw = zlib.decompress(dormant[0], -15)
     mask, count = _REF_MASK.unpack_from(raw)
     kept = iter(dormant[1])
-    refs = tuple(next(kept) if mask >> i & 1 else None for i in range(count))
-    return raw[_REF_MASK.size:], refs
+    refs = []
+    for i in range(count):
+        ref = next(kept) if mask >> i & 1 else None
+        refs.append(dict(ref) if type(ref) is _Items else ref)
+    return raw[_REF_MASK.size:], tuple(refs)

@@ -142,18 +142,44 @@ class Analyzer:
         self.table.anomalies.append(AnomalyFound(ts, None, exc.reason, exc.detail))
 
     def finish(self) -> None:
-        """End of input: every connection still open is finished as open at the end."""
+        """End of input: every connection still open is finished as open at the end, all
+        at once (the next drain builds every record together; with many open, use
+        ``finish_batches``)."""
         self.table.close(self.stats.last_ts)
 
-    def drain(self) -> Drained:
-        """Take what the core produced since the last drain."""
+    def finish_batches(self, batch: int = 2048) -> Iterator[Drained]:
+        """End of input, a batch at a time: what ``finish`` then ``drain`` give, as
+        ``Drained`` objects of at most ``batch`` records each (events and anomalies as
+        they come). Sleeping connections are woken one at a time as they are finished.
+        Write each batch before asking for the next: the next is built only then, so
+        memory holds one batch, not every open connection at once."""
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, not {batch}")
+        table = self.table
+        more = table.close_some(0, self.stats.last_ts)  # the end's tick alone, first
+        while True:
+            if more and len(table.finished) < batch:
+                more = table.close_some(batch - len(table.finished))
+            yield self.drain(batch)  # at least once: events and anomalies not drained yet
+            if not more and not table.finished:
+                return
+
+    def drain(self, limit: int | None = None) -> Drained:
+        """Take what the core produced since the last drain: every finished connection's
+        record, or the first ``limit`` of them (the others wait for the next drain)."""
         table = self.table
         # The lists are shared with every connection and observer: empty them in place.
-        records = [build_record(c) for c in table.finished]
-        for conn in table.finished:
+        finished = table.finished
+        if limit is None or len(finished) <= limit:
+            done = finished[:]
+            finished.clear()
+        else:
+            done = finished[:limit]
+            del finished[:limit]
+        records = [build_record(c) for c in done]
+        for conn in done:
             conn.release()
         out = Drained(table.events[:], records, table.anomalies[:])
         table.events.clear()
-        table.finished.clear()
         table.anomalies.clear()
         return out

@@ -76,6 +76,12 @@ RECORD_FIELDS = (
     "tls_sni",
     "tls_alpn",
     "h2c_upgrade",
+    "first_rpc_ts",
+    "last_rpc_ts",
+    "orig_fin_ts",
+    "resp_fin_ts",
+    "orig_rst_ts",
+    "resp_rst_ts",
 )
 
 
@@ -135,6 +141,10 @@ def build_record(conn: Connection) -> dict[str, Any]:
         "end_reason": conn.end_reason or None,
         "last_activity_ts": conn.last_activity,
         "events_dropped": conn.events_dropped,
+        "orig_fin_ts": o.fin_ts,
+        "resp_fin_ts": r.fin_ts,
+        "orig_rst_ts": o.rst_ts,
+        "resp_rst_ts": r.rst_ts,
     }
     h2 = conn.observer
     if isinstance(h2, Http2Observer):
@@ -167,12 +177,16 @@ def build_record(conn: Connection) -> dict[str, Any]:
             tls_sni=h2.tls_sni,
             tls_alpn=h2.tls_alpn,
             h2c_upgrade=int(h2.upgraded),
+            first_rpc_ts=h2.first_rpc_ts,
+            last_rpc_ts=h2.last_rpc_ts,
+            grpc_statuses=dict(h2.grpc_statuses) if h2.grpc_statuses else {},
             methods=dict(h2.methods) if h2.methods else (
                 {h2.first_method: h2.streams} if h2.first_method is not None else {}),
         )
     else:
         rec.update(_NO_HTTP2)
         rec["methods"] = {}
+        rec["grpc_statuses"] = {}
     return rec
 
 
@@ -180,7 +194,8 @@ _NO_HTTP2: dict[str, Any] = {
     key: 0 if key in ("streams", "pings_orig", "pings_resp", "goaways", "rst_streams",
                       "trailers", "grpc_errors", "data_frames", "window_updates",
                       "h2c_upgrade") else None
-    for key in RECORD_FIELDS[RECORD_FIELDS.index("protocol"):]
+    for key in (*RECORD_FIELDS[RECORD_FIELDS.index("protocol"):RECORD_FIELDS.index("h2c_upgrade") + 1],
+                "first_rpc_ts", "last_rpc_ts")
 }
 
 
@@ -228,6 +243,12 @@ def continued_record(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]
         out[k] = old[k] if old[k] is not None else new[k]
     for k in _LAST_KNOWN:
         out[k] = new[k]
+    firsts = [t for t in (old.get("first_rpc_ts"), new["first_rpc_ts"]) if t is not None]
+    out["first_rpc_ts"] = min(firsts, default=None)
+    lasts = [t for t in (old.get("last_rpc_ts"), new["last_rpc_ts"]) if t is not None]
+    out["last_rpc_ts"] = max(lasts, default=None)
+    for k in ("orig_fin_ts", "resp_fin_ts", "orig_rst_ts", "resp_rst_ts"):
+        out[k] = new[k] if new[k] is not None else old.get(k)
     if new["goaways"]:
         for k in _GOAWAY:
             out[k] = new[k]

@@ -78,6 +78,7 @@ MAX_BUFFERED = 1 << 16  # largest control frame or header block kept for decodin
 MAX_HTTP1_HEAD = 1 << 14
 MAX_TLS_HELLO = 1 << 16
 MAX_METHODS = 32  # distinct methods remembered per connection; the rest are "(other)"
+MAX_STATUSES = 32  # distinct grpc-status values counted per connection (0..16 are defined)
 MAX_REQUEST_TEXTS = 4096
 MAX_TEXT = 256
 GOAWAY_DEBUG_BYTES = 64
@@ -175,6 +176,7 @@ class Http2Observer:
         "ctx",
         "data_frames",
         "first_method",
+        "first_rpc_ts",
         "goaway_debug",
         "goaway_error",
         "goaway_last_stream_id",
@@ -182,6 +184,8 @@ class Http2Observer:
         "goaway_ts",
         "goaways",
         "grpc_errors",
+        "grpc_statuses",
+        "last_rpc_ts",
         "methods",
         "orig",
         "pings_orig",
@@ -214,6 +218,8 @@ class Http2Observer:
         self.client_settings_ack_ts: float | None = None  # the client acknowledging the server's
         self.server_settings_ack_ts: float | None = None
         self.streams = 0
+        self.first_rpc_ts: float | None = None
+        self.last_rpc_ts: float | None = None
         self.first_method: str | None = None
         self.methods: dict[str, int] | None = None
         self.authority: str | None = None
@@ -229,6 +235,7 @@ class Http2Observer:
         self.rst_streams = 0
         self.trailers = 0
         self.grpc_errors = 0
+        self.grpc_statuses: dict[int, int] | None = None  # decoded grpc-status -> count
         self.data_frames = 0
         self.window_updates = 0
         self.tls_sni: str | None = None
@@ -311,8 +318,9 @@ _OBSERVER_LAYOUT = Layout([
     ("pings_orig", COUNT), ("pings_resp", COUNT), ("goaways", COUNT), ("goaway_ts", FLOAT),
     ("goaway_last_stream_id", SEQ), ("goaway_error", SEQ), ("rst_streams", COUNT),
     ("trailers", COUNT), ("grpc_errors", COUNT), ("data_frames", BIG), ("window_updates", BIG),
-    ("upgraded", FLAG), ("connect_pending", FLAG),
-    ("protocol", REF), ("client_settings", REF), ("server_settings", REF),
+    ("upgraded", FLAG), ("connect_pending", FLAG), ("first_rpc_ts", FLOAT),
+    ("last_rpc_ts", FLOAT), ("grpc_statuses", REF), ("protocol", REF),
+    ("client_settings", REF), ("server_settings", REF),
     ("first_method", REF), ("methods", REF), ("authority", REF), ("user_agent", REF),
     ("goaway_sender", REF), ("goaway_debug", REF), ("tls_sni", REF), ("tls_alpn", REF),
 ])
@@ -486,6 +494,9 @@ class Direction:
         self.last_sid = sid
         obs = self.obs
         obs.streams += 1
+        if obs.first_rpc_ts is None:
+            obs.first_rpc_ts = ts
+        obs.last_rpc_ts = ts
         obs.add_method(method)
         obs.conn.emit_frequent(RequestStarted, ts, self.dir, sid, method)
         return True
@@ -769,6 +780,12 @@ class Direction:
                 elif name == b"grpc-message":
                     message = printable(value)
         obs.trailers += 1
+        if status is not None:
+            statuses = obs.grpc_statuses
+            if statuses is None:
+                statuses = obs.grpc_statuses = {}
+            if status in statuses or len(statuses) < MAX_STATUSES:
+                statuses[status] = statuses.get(status, 0) + 1
         if status:
             obs.grpc_errors += 1
         obs.conn.emit_frequent(TrailersReceived, ts, self.dir, sid, status, message)

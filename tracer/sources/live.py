@@ -285,43 +285,39 @@ class LiveCapture:
             self.dropped += drops
         return self.received, self.dropped
 
-    def packets(self, timeout: float) -> Iterator[tuple[float, int, bytes] | None]:
-        """Packets as they come; None whenever ``timeout`` seconds pass without one (so the
-        caller gets control back to tick, flush and check for signals)."""
+    def packets(self, turn: float) -> Iterator[tuple[float, int, bytes] | None]:
+        """Packets as they come, and None at least every ``turn`` seconds whatever the
+        traffic (none, a trickle or a flood): the caller gets control back on time to
+        flush, tick, show its status and check for signals. The clock is read for each
+        packet's timestamp anyway, so the deadline costs one comparison."""
         clock = time.time
         poll = self._poll.poll
         by_fd = self._by_fd
         raw = LINKTYPE_RAW
         sockets = self.sockets
-        single = sockets[0] if len(sockets) == 1 else None
-        wait_ms = int(timeout * 1000)
+        next_turn = clock() + turn
         while True:
-            if single is not None:
-                recv = single.recv
+            # One socket is drained straight away; several, those that have packets.
+            for sock in sockets if len(sockets) == 1 else [by_fd[fd] for fd, _ in poll(0)]:
+                recv = sock.recv
                 try:
                     while True:
                         data = recv(READ_SIZE)
-                        yield clock(), raw, data
+                        now = clock()
+                        yield now, raw, data
+                        if now >= next_turn:
+                            next_turn = now + turn
+                            yield None
                 except BlockingIOError:
                     pass
                 except OSError as exc:
                     if exc.errno == errno.ENETDOWN:
-                        raise CaptureError(f"interface {self.interfaces[0]} went down") from None
+                        raise CaptureError(f"interface {self.interfaces} went down") from None
                     raise
-                if not poll(wait_ms):
-                    yield None
-                continue
-            ready = poll(wait_ms)
-            if not ready:
+            now = clock()
+            if now >= next_turn or not poll(max(1, int((next_turn - now) * 1000) + 1)):
+                next_turn = clock() + turn
                 yield None
-                continue
-            for fd, _mask in ready:
-                sock = by_fd[fd]
-                try:
-                    while True:
-                        yield clock(), raw, sock.recv(READ_SIZE)
-                except BlockingIOError:
-                    pass
 
 
 def drop_privileges(user: str) -> None:

@@ -243,9 +243,9 @@ class CaptureReader:
             keep = self._keep
             count = 0
             while pos + 16 <= size:
-                sec, frac, incl, _orig = unpack(buf, pos)
+                sec, frac, incl, orig = unpack(buf, pos)
                 end = pos + 16 + incl
-                if end > size or incl > MAX_RECORD:
+                if end > size or incl > MAX_RECORD or not orig:
                     break
                 count += 1
                 if keep is None or keep(linktype, buf, pos + 16, end):
@@ -264,7 +264,34 @@ class CaptureReader:
                         )
                     return
                 continue
-            incl = unpack(buf, pos)[2]
+            sec, frac, incl, orig = unpack(buf, pos)
+            if not orig:
+                # Nothing is 0 bytes long on a real link. The format allows a lone empty
+                # record, but a run of them is a zero-filled region (a file whose end was
+                # never written), which would otherwise read as millions of records.
+                if incl:
+                    raise CaptureFileError(
+                        self.name,
+                        f"corrupt record header (captured length {incl}, original length 0)",
+                        self._offset(),
+                    )
+                if self._fill(32) and not unpack(self._buf, self._pos + 16)[3]:
+                    buf = self._buf
+                    pos = self._pos
+                    raise CaptureFileError(
+                        self.name,
+                        "corrupt record header (original length 0, and the next one too: "
+                        + ("all zero bytes, as where a file was never completely written)"
+                           if not any(buf[pos:pos + 32]) else "a run of empty records)"),
+                        self._offset(),
+                    )
+                buf = self._buf
+                pos = self._pos
+                self._pos = pos + 16
+                info.packets += 1
+                if keep is None or keep(linktype, buf, pos + 16, pos + 16):
+                    yield [(sec + frac / divisor, linktype, b"")]
+                continue
             if incl > MAX_RECORD:
                 raise CaptureFileError(
                     self.name, f"corrupt record header (captured length {incl})",

@@ -1,11 +1,15 @@
 """Write packets as pcapng (what `tracer capture --write` keeps): one interface, raw IP packets.
 
-The file is created 0600: it holds payloads, which the database never does.
+The file is created 0600: it holds payloads, which the database never does. It is always a
+new file: an existing name (a file, or a symbolic link planted where root's agent writes) is
+refused, never followed, truncated or chmod-ed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import struct
 from typing import BinaryIO
 
@@ -27,11 +31,44 @@ def _option(code: int, value: bytes) -> bytes:
     return struct.pack("<HH", code, len(value)) + value + b"\0" * pad
 
 
+class PcapWriteError(Exception):
+    """The pcapng file cannot be created; the message says why and what to do."""
+
+
+def _create_new(path: str) -> int:
+    """A descriptor on ``path``, created now (0600): O_EXCL, so an existing file or a
+    symbolic link (even a dangling one) there is refused, and never followed."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ELOOP):
+            raise PcapWriteError(f"cannot create {path}: {exc.strerror}") from None
+        try:
+            found = os.lstat(path)
+        except OSError:
+            found = None
+        if found is not None and stat.S_ISLNK(found.st_mode):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            raise PcapWriteError(
+                f"refusing to write {path}: it is a symbolic link to {target}; give the real "
+                f"path of a new file") from None
+        raise PcapWriteError(
+            f"refusing to write {path}: it already exists; choose another name or remove "
+            f"it") from None
+    os.fchmod(fd, 0o600)  # whatever the umask
+    return fd
+
+
 class PcapngWriter:
+    """Raises PcapWriteError when ``path`` exists (file or link) or cannot be created."""
+
     def __init__(self, path: str, *, linktype: int = LINKTYPE_RAW, snaplen: int = 262144,
                  comment: str = "") -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)
+        fd = _create_new(path)
         self._f: BinaryIO = os.fdopen(fd, "wb", buffering=1 << 20)
         self.path = path
         self.packets = 0

@@ -15,6 +15,7 @@ a gap: ``missed_bytes`` and history ``g``), and each connection emits at most
 from __future__ import annotations
 
 import hashlib
+import heapq
 import socket
 import struct
 import sys
@@ -49,6 +50,7 @@ from tracer.freeze import (
     Dormant,
     Layout,
     sleep_pack,
+    sleep_peek,
     sleep_unpack,
 )
 from tracer.tcp.state import (
@@ -130,6 +132,7 @@ class Endpoint:
     __slots__ = (
         "dir",
         "fin_seq",
+        "fin_ts",
         "first_seq",
         "gaps",
         "isn",
@@ -141,6 +144,7 @@ class Endpoint:
         "pkts",
         "retransmits",
         "rst_seq",
+        "rst_ts",
         "seen",
         "sink",
         "size",
@@ -166,6 +170,8 @@ class Endpoint:
         self.synack_seq: int | None = None
         self.fin_seq: int | None = None
         self.rst_seq: int | None = None
+        self.fin_ts: float | None = None  # this side's first FIN, and first RST
+        self.rst_ts: float | None = None
         self.gaps = 0
         self.retransmits = 0
         self.zero_windows = 0
@@ -285,10 +291,12 @@ class Connection:
         self, cls: type[ConnectionEvent], ts: float, direction: str, *args: Any
     ) -> None:
         """Emit a per-RPC or per-PING event, within the connection's event budget."""
-        if self.events_left <= 0:
-            self.events_dropped += 1
+        left = self.events_left
+        if left <= 0:
+            if left == 0:  # the budget ran out; below 0: not wanted (rpc_events off)
+                self.events_dropped += 1
             return
-        self.events_left -= 1
+        self.events_left = left - 1
         self.n += 1
         self.out.append(cls(ts, self.uid, self.n, direction, *args))
 
@@ -312,11 +320,14 @@ _CONNECTION_LAYOUT = Layout([
 if _CONNECTION_LAYOUT.refs[0] != "orig_key":  # a sleeper's key is kept by the table
     raise ImportError("orig_key must be the connection's first reference")
 _UID_BYTES = 10  # the uid's digest leads the blob: "C" + hex of it
+# Where a sleeper's last_ts is in its blob: eviction reads it without waking the sleeper.
+_LAST_TS_AT = _UID_BYTES + _CONNECTION_LAYOUT.offset("last_ts")
+_LAST_TS = struct.Struct("<d")
 _ENDPOINT_LAYOUT = Layout([
     ("state", BYTE), ("isn", SEQ), ("next", SEQ), ("first_seq", SEQ), ("last_ack", SEQ),
     ("syn_seq", SEQ), ("synack_seq", SEQ), ("fin_seq", SEQ), ("rst_seq", SEQ), ("pkts", BIG),
     ("size", BIG), ("seen", BYTE), ("gaps", COUNT), ("retransmits", COUNT),
-    ("zero_windows", COUNT), ("keepalives", COUNT),
+    ("zero_windows", COUNT), ("keepalives", COUNT), ("fin_ts", FLOAT), ("rst_ts", FLOAT),
 ])
 
 
@@ -348,6 +359,7 @@ class FlowTable:
         dormant_after: float = 30.0,
         nap_awake: int = 4096,
         nap_after: float = 1.0,
+        rpc_events: bool = True,
     ) -> None:
         self.server_ports = server_ports
         self.observer_factory = observer_factory
@@ -359,6 +371,9 @@ class FlowTable:
         self.reorder_segments = reorder_segments
         self.reorder_bytes = reorder_bytes
         self.max_events = max_events
+        # Per-RPC and per-PING events (request, trailers, ping, rst_stream, later SETTINGS):
+        # off, they are only counted in the connection's summary, never built.
+        self.rpc_events = rpc_events
         self.dormant_after = dormant_after
         # Many connections awake at once (a burst of new ones): those idle nap_after
         # seconds go to sleep at once, checked every second, instead of after
@@ -371,6 +386,9 @@ class FlowTable:
         self._shared_refs: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self._next_nap: float = 0.0
         self._closing: deque[Connection] = deque()
+        # End of input under way (close_some): its time, and the awake connections left.
+        self._end: float | None = None
+        self._ending: deque[Connection] = deque()
         self._finished_keys: dict[bytes, float] = {}
         self._finished_order: deque[tuple[float, bytes]] = deque()
         self._next_sweep: float | None = None
@@ -398,6 +416,12 @@ class FlowTable:
     def dormant(self) -> int:
         """Connections asleep right now."""
         return len(self._asleep)
+
+    def open_connections(self) -> int:
+        """Connections with no FIN or RST seen yet, asleep or awake."""
+        awake = sum(1 for conn, ep, _peer in self._flows.values()
+                    if ep is conn.orig and conn.close_kind is None and not conn.done)
+        return awake + len(self._asleep)
 
     def connections(self) -> list[Connection]:
         """Connections currently awake in the table (each once)."""
@@ -444,6 +468,8 @@ class FlowTable:
         rkey = reverse_key(orig_key)
         conn = Connection(connection_uid(orig_key, ts), orig_key, ts, self.events,
                           self.max_events)
+        if not self.rpc_events:
+            conn.events_left = -1
         conn.mid_stream = True
         conn.from_snapshot = True
         self.connections_seen += 1
@@ -552,17 +578,54 @@ class FlowTable:
             self._nap(ts)
 
     def close(self, ts: float | None = None) -> None:
-        """End of input: finish every connection still in the table."""
-        end = self.last_ts if ts is None else ts
-        self.tick(end)
-        self.wake_all()
-        for conn in self.connections():
-            if conn.done:
+        """End of input: finish every connection still in the table, all at once (their
+        records then all exist together: ``close_some`` ends a batch at a time)."""
+        while self.close_some(sys.maxsize, ts):
+            pass
+
+    def close_some(self, limit: int, ts: float | None = None) -> bool:
+        """End of input, a batch at a time: finish at most ``limit`` more connections still
+        in the table (into ``finished``); True while some remain.
+
+        The first call fixes the end time (``ts``, else the last packet's) and ticks to
+        it, which may finish others (closed, expired: also in ``finished``). Sleepers are
+        woken one at a time as they are finished, never all at once, so memory stays
+        bounded when the caller drains ``finished`` between calls. No segments may come
+        between the calls; once none remain, the table is empty and ready for more input."""
+        end = self._end
+        ending = self._ending
+        if end is None:
+            end = self._end = self.last_ts if ts is None else ts
+            self.tick(end)
+            ending.extend(self.connections())
+        asleep = self._asleep
+        count = 0
+        while count < limit:
+            if ending:
+                conn = ending.popleft()
+                if conn.done:
+                    continue
+            elif asleep:
+                key, dormant = asleep.popitem()
+                conn = self._wake(key, dormant)
+            elif self._flows:
+                ending.extend(self.connections())
                 continue
-            if conn.closing is not None:
-                self._finish(end, conn, "closed")
             else:
-                self._finish(end, conn, "open_at_end" if conn.is_open else "closing_at_end")
+                break
+            if conn.closing is not None:
+                reason = "closed"
+            else:
+                reason = "open_at_end" if conn.is_open else "closing_at_end"
+            # Nothing comes after the end: no straggler to recognise, no key to remember.
+            self._finish(end, conn, reason, remember=False)
+            count += 1
+        while ending and ending[0].done:
+            ending.popleft()
+        if ending or asleep or self._flows:
+            return True
+        self._end = None
+        return False
 
     # -- connection creation -------------------------------------------------------------
 
@@ -586,6 +649,8 @@ class FlowTable:
         okey, other = (key, rkey) if sender_is_orig else (rkey, key)
         conn = Connection(connection_uid(okey, ts, seq, ack), okey, ts, self.events,
                           self.max_events)
+        if not self.rpc_events:
+            conn.events_left = -1
         self.connections_seen += 1
         if self.opened is not None:
             self.opened.append(conn)
@@ -681,6 +746,7 @@ class FlowTable:
                 ep.fin_seq = fin_at
                 _letter(conn, ep, H_FIN)
                 if first:
+                    ep.fin_ts = ts
                     conn.emit(FinSent, ts, ep.dir)
             if ep.next == fin_at:
                 ep.next = (fin_at + 1) & MASK
@@ -697,6 +763,7 @@ class FlowTable:
                 ep.rst_seq = seq
                 _letter(conn, ep, H_RST)
                 if first:
+                    ep.rst_ts = ts
                     conn.emit(ResetSent, ts, ep.dir)
             ep.state = RESET
             if conn.close_kind is None:
@@ -883,7 +950,9 @@ class FlowTable:
 
     # -- ending ------------------------------------------------------------------------------
 
-    def _finish(self, ts: float, conn: Connection, reason: str) -> None:
+    def _finish(self, ts: float, conn: Connection, reason: str, *, remember: bool = True) -> None:
+        """Let go of a connection (into ``finished``). ``remember``: keep its keys for
+        ``finished_memory`` seconds, so that its stragglers are not a new connection."""
         if conn.done:
             return
         for ep in (conn.orig, conn.resp):
@@ -911,8 +980,9 @@ class FlowTable:
             entry = self._flows.get(key)
             if entry is not None and entry[0] is conn:
                 del self._flows[key]
-                self._finished_keys[key] = ts
-                self._finished_order.append((ts, key))
+                if remember:
+                    self._finished_keys[key] = ts
+                    self._finished_order.append((ts, key))
         # Free the per-direction parsers now: the record is built from the summary.
         conn.orig.sink = None
         conn.resp.sink = None
@@ -990,10 +1060,31 @@ class FlowTable:
         return conn
 
     def _evict(self, ts: float) -> None:
-        """The table is full: let go of the least recently active 1%."""
-        self.wake_all()
-        conns = sorted(self.connections(), key=lambda c: c.last_ts)
-        victims = conns[: max(1, len(conns) // 100)]
+        """The table is full: let go of the least recently active 1%.
+
+        Sleepers went to sleep after being idle, in the order of ``_asleep``: the oldest
+        of them are the natural victims, with any awake connection idle for longer (an
+        attempt, a half-closed leftover, one that cannot sleep). Only the victims are
+        woken: waking every sleeper to sort them took 0.63 s with 20,000 asleep, and left
+        them all awake."""
+        want = max(1, self.open_count // 100)
+        sleepers: list[tuple[float, bytes]] = []
+        for key, dormant in self._asleep.items():
+            if len(sleepers) >= want:
+                break
+            sleepers.append((_LAST_TS.unpack(sleep_peek(dormant, _LAST_TS_AT, 8))[0], key))
+        sleepers.sort()
+        awake = heapq.nsmallest(want, self.connections(), key=lambda c: c.last_ts)
+        victims: list[Connection] = []
+        i = j = 0
+        while len(victims) < want and (i < len(sleepers) or j < len(awake)):
+            if j >= len(awake) or (i < len(sleepers) and sleepers[i][0] <= awake[j].last_ts):
+                key = sleepers[i][1]
+                i += 1
+                victims.append(self._wake(key, self._asleep.pop(key)))
+            else:
+                victims.append(awake[j])
+                j += 1
         for conn in victims:
             self._finish(ts, conn, "evicted")
         self.evicted += len(victims)

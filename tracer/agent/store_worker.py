@@ -1,0 +1,267 @@
+"""The live agent's store worker: the process that owns the database.
+
+It receives the capture process's messages (tracer.agent.messages), writes each batch in
+one transaction (so `kill -9` of either process loses at most about a second), looks up
+which process owns each new connection off the packet path (tracer.agent.attribution),
+and keeps the database within its retention (store.retention). Driven by deadlines: a
+scan, a retention pass and a trim happen on time whether messages come or not.
+
+When the capture process dies (kill -9), the pipe reports end of file and this process
+finishes the capture as interrupted. When the database cannot be written (a full disk)
+it marks the capture failed, says what was kept, and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection as Pipe
+from typing import Any
+
+from store.queries import report
+from store.retention import Retention
+from store.schema import StoreError, open_database
+from store.writer import CaptureWriter, StoreFull, store_failure
+from tracer import __version__
+from tracer.agent.attribution import ATTRIBUTION_INTERVAL, QUICK_SCAN_INTERVAL, Attributor
+from tracer.agent.control import Trimmer, ignore_stop_signals, own_identity
+from tracer.agent.messages import (
+    Batch,
+    Failed,
+    Finish,
+    FromWorker,
+    Opened,
+    Ready,
+    Summary,
+    Totals,
+)
+from tracer.attribution.sockets import ProcessInfo
+
+IDLE_WAKE = 1.0  # seconds: the longest the worker sleeps with nothing due
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """What the store worker needs to know of the capture."""
+
+    db_path: str
+    ports: frozenset[int]
+    interface: str
+    attribution: bool = True
+    retention: Retention | None = None
+
+
+class StoreWorker:
+    """One live capture's writer, attribution and retention, a message at a time."""
+
+    def __init__(self, writer: CaptureWriter, settings: StoreSettings,
+                 rows: Any | None = None) -> None:
+        self.writer = writer
+        self.settings = settings
+        self.rows = rows  # a shared counter the status line shows (multiprocessing.Value)
+        self.attributor = Attributor(settings.ports) if settings.attribution else None
+        self.retention = settings.retention
+        self.totals = Totals()
+        self.trim = Trimmer()
+        self.last_scan = 0.0
+        now = time.monotonic()
+        self.next_prune = now if self.retention is not None else float("inf")
+        self.next_size_check = now + (self.retention.size_check_s if self.retention else 0.0)
+        self.pruned = 0
+        if self.retention is not None:
+            self.retention.configure(writer.db)
+        self.status = "interrupted"  # until the capture process says how it ended
+        self.error: str | None = None
+        self.elapsed = 0.0
+
+    # -- messages ----------------------------------------------------------------------
+
+    def opened(self, message: Opened) -> None:
+        if self.attributor is None:
+            return
+        now = time.time()
+        self.attributor.observe(message.records, now)
+        if time.monotonic() - self.last_scan >= QUICK_SCAN_INTERVAL:
+            self._scan(now)
+
+    def batch(self, message: Batch) -> None:
+        writer = self.writer
+        writer.write(message.records, message.events, message.anomalies)
+        if self.rows is not None:
+            self.rows.value += len(message.records) + len(message.events)
+        attributor = self.attributor
+        if attributor is not None:
+            now = time.time()
+            if attributor.deferred:
+                late = [(r["uid"], *attributor.deferred.pop(r["uid"]))
+                        for r in message.records if r["uid"] in attributor.deferred]
+                writer.attribute(late)
+            ended = attributor.observe(message.records, now)
+            self._record([(uid, verdict, None) for uid, verdict in ended], now)
+        self.totals = message.totals
+        t = message.totals
+        writer.update_progress(packets=t.packets, segments=t.segments, first_ts=t.first_ts,
+                               last_ts=t.last_ts, drops=t.drops)
+        self.trim()
+
+    def finish(self, message: Finish) -> None:
+        self.status, self.error, self.elapsed = message.status, message.error, message.elapsed_s
+        if self.attributor is not None:  # a last look for the ones still open
+            self._scan(time.time())
+
+    # -- what is due without a message ---------------------------------------------------
+
+    def due(self) -> float:
+        """Do what is due; return how long until something is due again (seconds)."""
+        now = time.monotonic()
+        waits = [IDLE_WAKE]
+        attributor = self.attributor
+        if attributor is not None and attributor.pending:
+            if now - self.last_scan >= ATTRIBUTION_INTERVAL:
+                self._scan(time.time())
+            waits.append(ATTRIBUTION_INTERVAL - (time.monotonic() - self.last_scan))
+        retention = self.retention
+        if retention is not None:
+            db = self.writer.db
+            if now >= self.next_prune:  # the age limit, and the size
+                self.pruned += retention.apply(db, now=self.totals.last_ts).connections
+                self.next_prune = time.monotonic() + retention.interval_s
+                self.next_size_check = time.monotonic() + retention.size_check_s
+            elif now >= self.next_size_check:
+                if retention.over_size(db):
+                    self.pruned += retention.apply(db, size_only=True).connections
+                self.next_size_check = time.monotonic() + retention.size_check_s
+            waits.append(min(self.next_prune, self.next_size_check) - time.monotonic())
+        return max(0.0, min(waits))
+
+    def _scan(self, now: float) -> None:
+        assert self.attributor is not None
+        self.last_scan = time.monotonic()
+        self._record(self.attributor.scan(now), now)
+
+    def _record(self, verdicts: list[tuple[str, str, ProcessInfo | None]], now: float) -> None:
+        if not verdicts:
+            return
+        attributor = self.attributor
+        assert attributor is not None
+        for _uid, verdict, _info in verdicts:
+            attributor.counts[verdict] = attributor.counts.get(verdict, 0) + 1
+        missing = self.writer.attribute([(u, v, i, now) for u, v, i in verdicts])
+        for uid, verdict, info, ts in missing:
+            attributor.deferred[uid] = (verdict, info, ts)
+
+    # -- the end -------------------------------------------------------------------------
+
+    def close(self) -> Summary:
+        """Close the capture with its totals; the summary for the capture process."""
+        writer = self.writer
+        stats = {f"attribution.{k}": v for k, v in
+                 (self.attributor.counts if self.attributor else {}).items()}
+        stats["kernel.received"] = self.totals.received
+        if self.pruned:
+            stats["retention.pruned_connections"] = self.pruned
+        connections, open_at_end = writer.stored_counts()
+        t = self.totals
+        writer.finish(
+            status=self.status, error=self.error, first_ts=t.first_ts, last_ts=t.last_ts,
+            packets=t.packets, segments=t.segments, connections=connections,
+            open_at_end=open_at_end, anomaly_counts=writer.anomaly_counts, drops=t.drops,
+            elapsed_s=self.elapsed, stats=stats,
+        )
+        return Summary(writer.capture_id, connections, open_at_end, stats, self.pruned)
+
+
+def serve(inbox: Pipe, outbox: Pipe, inherited: list[Pipe], settings: StoreSettings,
+          rows: Any) -> None:
+    """Entry point of the store worker process."""
+    ignore_stop_signals()
+    # Our copies of the other ends must go: when the capture process dies (kill -9), the
+    # pipe then reports end of file and this process finishes the capture.
+    for end in inherited:
+        end.close()
+    try:
+        db = open_database(settings.db_path)
+        writer = CaptureWriter.start(db, kind="live", ports=settings.ports,
+                                     interface=settings.interface, tool_version=__version__,
+                                     writer=own_identity())
+    except (StoreError, sqlite3.Error, OSError) as exc:
+        _tell(outbox, Failed(_why(exc, settings.db_path)))
+        return
+    _tell(outbox, Ready(writer.capture_id))
+    worker = StoreWorker(writer, settings, rows)
+    try:
+        _loop(inbox, worker)
+        summary = worker.close()
+        report(db, store=True)  # computed once now, read many times (store.queries.report)
+    except (StoreError, sqlite3.Error, OSError) as exc:
+        _tell(outbox, Failed(_fail(worker, exc, settings.db_path), writer.capture_id))
+        return
+    finally:
+        _close_quietly(db.conn.close)
+    _tell(outbox, summary)
+
+
+def _tell(outbox: Pipe, message: FromWorker) -> None:
+    """Answer the capture process, unless it is gone (kill -9): then nobody listens."""
+    try:
+        outbox.send(message)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def _loop(inbox: Pipe, worker: StoreWorker) -> None:
+    handlers: dict[type, Callable[[Any], None]] = {
+        Opened: worker.opened, Batch: worker.batch,
+    }
+    while True:
+        wait = worker.due()
+        try:
+            message = inbox.recv() if inbox.poll(wait) else None
+        except (EOFError, OSError):
+            return  # the capture process is gone (kill -9): keep what we have
+        if message is None:
+            continue
+        if isinstance(message, Finish):
+            worker.finish(message)
+            return
+        handlers[type(message)](message)
+
+
+def _why(exc: BaseException, db_path: str) -> str:
+    if isinstance(exc, StoreError):
+        return str(exc)
+    return str(store_failure(exc, db_path))
+
+
+def _fail(worker: StoreWorker, exc: BaseException, db_path: str) -> str:
+    """Mark the capture failed (if the database still takes that much) and say what was
+    kept."""
+    failure = exc if isinstance(exc, StoreError) else store_failure(exc, db_path)
+    writer = worker.writer
+    worker.status, worker.error = "failed", str(failure)
+    try:
+        worker.close()
+        marked = True
+    except (StoreError, sqlite3.Error, OSError):
+        marked = writer.mark_failed(str(failure))
+    what = (f"capture {writer.capture_id} is marked failed" if marked else
+            f"capture {writer.capture_id} could not be marked failed (a full disk takes no "
+            "more writes)")
+    prefix = "disk full" if isinstance(failure, StoreFull) else "cannot write the database"
+    return f"{prefix}: {failure}; {what}; {writer.kept_text()}"
+
+
+def _close_quietly(close: Callable[[], None]) -> None:
+    try:
+        close()
+    except sqlite3.Error:
+        pass
+
+
+__all__ = ["StoreSettings", "StoreWorker", "serve"]
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(f"{os.path.basename(__file__)} runs inside `tracer capture`")
