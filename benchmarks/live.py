@@ -64,6 +64,9 @@ from typing import Any
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import stop_process
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = HERE / ".cache"
@@ -95,7 +98,7 @@ LATENCY_TARGET = f"<= {TARGET_LATENCY_S:g} s, >= {TARGET_SOCKETS:,} sockets open
 # other parts still run.
 FAILURES = (RuntimeError, OSError, subprocess.SubprocessError, sqlite3.Error)
 
-STATUS_RE = re.compile(r"^([\d,]+) packets \(([\d,]+)/s\), ([\d,]+) open connections")
+STATUS_RE = re.compile(r"^([\d,]+) packets \(([\d,]+)/s\), ([\d,]+) open connections?")
 
 
 @dataclass(frozen=True)
@@ -184,20 +187,6 @@ def rss(procs: list[psutil.Process]) -> dict[int, int]:
         with suppress(psutil.Error):
             out[p.pid] = p.memory_info().rss
     return out
-
-
-def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGTERM,
-                 timeout: float = 30.0) -> None:
-    """Signal one child we started (by its pid) and reap it; kill it if it lingers."""
-    if proc.poll() is not None:
-        return
-    with suppress(ProcessLookupError):
-        proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 @dataclass

@@ -54,6 +54,9 @@ from typing import IO, Any
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import stop_process
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SERVER = ROOT / "tests" / "peers" / "grpcio_server.py"
@@ -170,21 +173,6 @@ def role_main(args: argparse.Namespace) -> int:
 
 
 # -- processes -------------------------------------------------------------------------------
-
-
-def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGTERM,
-                 timeout: float = 15.0) -> None:
-    """Signal one child we started (by its pid) and reap it; kill it if it lingers."""
-    if proc.poll() is not None:
-        return
-    with suppress(ProcessLookupError):
-        proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
 
 
 class Peer:

@@ -19,12 +19,14 @@ import argparse
 import hashlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import psutil
@@ -108,6 +110,21 @@ def database_size(db: Path) -> tuple[int, int, int]:
 # Issue 8's disk target: at most this much database per connection, plus per RPC.
 DB_BYTES_PER_CONNECTION = 800
 DB_BYTES_PER_RPC = 8
+
+
+def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGTERM,
+                 timeout: float = 30.0) -> None:
+    """Signal one child we started (by its pid) and reap it; kill it if it lingers."""
+    if proc.poll() is not None:
+        return
+    with suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
 
 
 def run_tracer(capture: Path, jobs: int | None,

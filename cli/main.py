@@ -620,8 +620,8 @@ def prune(db_path: str, older_than: str | None, max_db_size: str | None, vacuum:
     Open connections are never deleted: they are what a leak is made of. What the deleted
     connections added to their client's totals (opened, closed and how, RPCs, methods) is
     kept, so `tracer report` still counts them, and it says from when the data is whole.
-    The file shrinks. A running `tracer capture --retain/--max-db-size` does the same by
-    itself every minute.
+    The file shrinks. A running `tracer capture --retain/--max-db-size` does the same
+    while it runs (the age once a minute, the size every 5 seconds).
 
     \b
       tracer prune --older-than 14d

@@ -123,8 +123,9 @@ class Attributor:
                 found = sockets.get((p.orig, p.resp))
                 if found is not None:
                     matched[uid] = found
+        # The owner found last is looked at first.
         holders = socket_owners({e.inode for e in matched.values() if e.inode},
-                                likely=list(self.recent_owners))
+                                likely=list(reversed(self.recent_owners)))
         for uid, entry in matched.items():
             pid = holders.get(entry.inode)
             info = self._process(pid) if pid is not None else None

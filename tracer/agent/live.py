@@ -235,6 +235,9 @@ def _prepare_for(user: str, db_path: str) -> None:
         entry = pwd.getpwnam(user)
     except KeyError:
         raise CaptureError(f"--user {user}: no such user") from None
+    folder = os.path.dirname(os.path.abspath(db_path))
+    if not _can_write_as(entry, folder):  # said before anything is created
+        raise CaptureError(_unwritable_folder(user, folder))
     try:
         open_database(db_path).close()
     except StoreError as exc:
@@ -254,18 +257,37 @@ def _prepare_for(user: str, db_path: str) -> None:
             os.close(fd)
 
 
+def _can_write_as(entry: Any, folder: str) -> bool:
+    """Whether the user of ``entry`` (a pwd entry) may create files in ``folder``: asked
+    of the kernel by a child that becomes that user (permission bits, ACLs and read-only
+    mounts all count)."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        try:
+            os.setgroups(os.getgrouplist(entry.pw_name, entry.pw_gid))
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            os._exit(0 if os.access(folder, os.W_OK | os.X_OK) else 1)
+        except BaseException:  # noqa: BLE001 - whatever it was, the answer is no
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
 def _check_writable_as(user: str, db_path: str) -> None:
     """After becoming ``user``: SQLite must create its -wal and -shm files beside the
     database, so ``user`` needs to write there as well as to the file itself."""
     folder = os.path.dirname(os.path.abspath(db_path))
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise CaptureError(
-            f"--user {user} cannot write in {folder}, where SQLite keeps the database's "
-            f"-wal and -shm files: give {user} a folder it can write (for example "
-            f"`install -d -o {user} /var/lib/tracer` and --db /var/lib/tracer/tracer.db)"
-        )
+        raise CaptureError(_unwritable_folder(user, folder))
     if not os.access(db_path, os.R_OK | os.W_OK):
         raise CaptureError(f"--user {user} cannot write the database {db_path}")
+
+
+def _unwritable_folder(user: str, folder: str) -> str:
+    return (f"--user {user} cannot write in {folder}, where SQLite keeps the database's "
+            f"-wal and -shm files: give {user} a folder it can write (for example "
+            f"`install -d -o {user} /var/lib/tracer` and --db /var/lib/tracer/tracer.db)")
 
 
 def _run(settings: LiveSettings, capture: LiveCapture,

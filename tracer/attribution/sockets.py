@@ -231,9 +231,10 @@ def socket_tables(ports: frozenset[int], *, own: list[SocketEntry] | None = None
 def socket_owners(inodes: set[int], likely: list[int] | None = None) -> dict[int, int]:
     """Which process holds each socket inode (the first found when several share it).
 
-    ``likely`` pids are searched first: a client that opened connections before usually
-    opens the next ones too, and its file descriptors are found without walking every
-    process's."""
+    ``likely`` pids are searched first, in that order: a client that opened connections
+    before usually opens the next ones too, and its file descriptors are found without
+    walking every process's. A process's descriptors are read newest (highest) first: a
+    leaker holds thousands, and the socket looked for is the one it opened last."""
     owners: dict[int, int] = {}
     if not inodes:
         return owners
@@ -245,6 +246,7 @@ def socket_owners(inodes: set[int], likely: list[int] | None = None) -> dict[int
         except OSError:
             continue  # gone, or not ours to read (after --user)
         base = f"/proc/{pid}/fd/"
+        fds.sort(key=int, reverse=True)
         for fd in fds:
             try:
                 target = os.readlink(base + fd)
