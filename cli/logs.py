@@ -478,8 +478,21 @@ def add(files: tuple[str, ...], journal: bool, units: tuple[str, ...], since: st
         if result.error:
             click.echo(f"error: {result.error}", err=True)
             status = max(status, EXIT_DAMAGED if "damaged" in result.error else 1)
+    _refresh_report(db)
     if status:
         sys.exit(status)
+
+
+def _refresh_report(db: sqlite_utils.Database) -> None:
+    """The stored report counts the log evidence too: computed again now, by this writer,
+    so that readers (which never write) find it current."""
+    from store.queries import report
+
+    try:
+        report(db, store=True)
+    except sqlite3.Error as exc:
+        click.echo(f"warning: the stored report could not be refreshed ({exc}); "
+                   "`tracer report` computes it each time", err=True)
 
 
 def _progress(bar: Any) -> Callable[[int], None]:
@@ -609,3 +622,4 @@ def remove(sources: tuple[str, ...], db_path: str) -> None:
         for source_id in found:
             deleted = remove_source(db, source_id)
             click.echo(f"removed log source {source_id} ({deleted:,} lines)", err=True)
+    _refresh_report(db)

@@ -643,6 +643,8 @@ def prune(db_path: str, older_than: str | None, max_db_size: str | None, vacuum:
     before = database_bytes(db)
     out = prune_database(db, older_than_s=older, max_bytes=size, budget_s=float("inf"),
                          vacuum=vacuum)
+    if out.connections or out.log_lines:
+        build_report(db, store=True)  # readers never write: store the report as it is now
     db.close()
     if out.connections or out.log_lines:
         click.echo(f"pruned {out.connections:,} closed connections and {out.log_lines:,} log "

@@ -666,3 +666,29 @@ def test_help_says_how_times_are_read() -> None:
     code, out, _err = invoke("logs", "--help")
     for command in ("add", "list", "show", "remove"):
         assert command in out
+
+
+def test_adding_and_removing_logs_refreshes_the_stored_report(tmp_path: Path, db: str) -> None:
+    """Readers never write: the writer that changed the data stores the report again."""
+    capture = Path(__file__).resolve().parent.parent / "cli" / "demo-capture.pcapng"
+    code, _out, err = invoke("capture", "-q", "--read", str(capture), "--port", "50151",
+                             "--db", db)
+    assert code == 0, err
+
+    def stored_report() -> dict[str, object]:
+        conn = sqlite3.connect(db)
+        [(text,)] = conn.execute("SELECT report FROM report_cache").fetchall()
+        conn.close()
+        data: dict[str, object] = json.loads(text)
+        return data
+
+    assert "log_evidence" not in stored_report()
+    log = tmp_path / "client.log"
+    log.write_text("\n".join(SAMPLE) + "\n")
+    code, _out, err = invoke("logs", "add", str(log), "--db", db, "--tz", "UTC",
+                             "--year", "2024")
+    assert code == 0, err
+    assert "log_evidence" in stored_report()
+    code, _out, err = invoke("logs", "remove", "1", "--db", db)
+    assert code == 0, err
+    assert "log_evidence" not in stored_report()
