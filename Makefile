@@ -11,9 +11,16 @@ PEERS := tests/peers
 # The stamp depends on the sources mypyc compiles, so an edit triggers a rebuild.
 SOURCES := pyproject.toml setup.py $(shell find tracer -name '*.py')
 NODE_STAMP := $(PEERS)/node_modules/.installed
+# grpc-go peers, built offline from Debian's packages (GOPATH mode, nothing downloaded).
+GO ?= go
+GO_DIR := $(PEERS)/go
+GO_STAMP := $(GO_DIR)/bin/.built
+GO_SOURCES := $(shell find $(GO_DIR) -name '*.go' -not -path '*/.cache/*' 2>/dev/null)
+GO_DEB := golang-go golang-google-grpc-dev
+GOCODE := /usr/share/gocode
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv pure demo test bench lint system-deps node-deps clean
+.PHONY: venv pure demo test bench lint system-deps node-deps go-peers clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +56,41 @@ node-deps:
 	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory $(NODE_STAMP); \
 	else echo "warning: no npm; the grpc-js tests skip"; fi
 
+# grpc-go, the third independent gRPC implementation the tests talk to: Debian's
+# golang-go and golang-google-grpc-dev (which brings x/net, genproto and protobuf as
+# source under $(GOCODE)), built in GOPATH mode with no module proxy: offline. The
+# sources are copied into a temporary GOPATH as package grpcpeers; the build cache stays
+# in $(GO_DIR)/.cache. Rebuilt only when a .go file changes.
+$(GO_STAMP): $(GO_SOURCES)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	mkdir -p "$$tmp/src/grpcpeers" $(GO_DIR)/bin && \
+	cp -R $(GO_DIR)/greeter $(GO_DIR)/grpcgo-server $(GO_DIR)/grpcgo-client "$$tmp/src/grpcpeers/" && \
+	echo "building the grpc-go peers (Debian golang-google-grpc-dev" \
+		"$$(dpkg-query -W -f '$${Version}' golang-google-grpc-dev 2>/dev/null || echo '?'))" && \
+	env GO111MODULE=off GOPROXY=off GOFLAGS= GOENV=off GOTOOLCHAIN=local CGO_ENABLED=0 \
+		GOPATH="$$tmp:$(GOCODE)" GOCACHE="$(abspath $(GO_DIR))/.cache" \
+		$(GO) build -o "$(abspath $(GO_DIR))/bin/" grpcpeers/grpcgo-server grpcpeers/grpcgo-client
+	@echo "grpc-go peers: $$($(GO_DIR)/bin/grpcgo-server --version) in $(GO_DIR)/bin"
+	@touch $(GO_STAMP)
+
+go-peers:
+	@if ! command -v $(GO) >/dev/null || [ ! -f $(GOCODE)/src/google.golang.org/grpc/version.go ]; then \
+		if command -v apt-get >/dev/null; then \
+			echo "installing $(GO_DEB) from Debian's packages"; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			$(SUDO) apt-get install -y -q $(GO_DEB) >/dev/null 2>&1 || \
+			{ $(SUDO) apt-get update -q >/dev/null && \
+			  $(SUDO) apt-get install -y -q $(GO_DEB) >/dev/null; } || \
+			echo "warning: could not install $(GO_DEB); the grpc-go tests skip"; \
+		else \
+			echo "warning: no apt-get; the grpc-go tests skip"; \
+		fi; \
+	fi
+	@if command -v $(GO) >/dev/null && [ -f $(GOCODE)/src/google.golang.org/grpc/version.go ]; then \
+		$(MAKE) --no-print-directory $(GO_STAMP) || \
+		echo "warning: the grpc-go peers did not build; the grpc-go tests skip"; \
+	else echo "warning: no go or no grpc-go sources in $(GOCODE); the grpc-go tests skip"; fi
+
 demo: $(STAMP)
 	$(VENV)/bin/tracer demo
 	@echo "tracer is $(VENV)/bin/tracer; '. $(VENV)/bin/activate' puts it on your PATH"
@@ -58,7 +100,7 @@ demo: $(STAMP)
 PURE_TESTS := tests/test_build.py tests/test_decode.py tests/test_dormant.py tests/test_crafted.py tests/test_hpack.py \
 	tests/test_pcapfile.py tests/test_properties.py tests/test_shared_captures.py
 
-test: $(STAMP) system-deps node-deps
+test: $(STAMP) system-deps node-deps go-peers
 	$(PY) -m pytest -q
 	rm -rf build/pure && mkdir -p build/pure && \
 	tar cf - --exclude='*.so' tracer store cli | tar xf - -C build/pure && \
@@ -95,4 +137,4 @@ pure:
 	rm -f *__mypyc*.so $(STAMP)
 
 clean: pure
-	rm -rf $(VENV) $(PEERS)/node_modules .pytest_cache .mypy_cache build
+	rm -rf $(VENV) $(PEERS)/node_modules $(GO_DIR)/bin $(GO_DIR)/.cache .pytest_cache .mypy_cache build

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 from typing import Any
 
 import click
@@ -322,6 +323,14 @@ def _instant(text: str | None, db_path: str) -> float | None:
                    empty="the database holds no capture yet")
 
 
+_preface_timeout_option = click.option(
+    "--preface-timeout", default=f"{DEFAULT_PREFACE_TIMEOUT:g}s", show_default=True,
+    metavar="DURATION", callback=lambda _ctx, _param, value: parse_duration(value),
+    help="A client preface with no server SETTINGS within this long counts as a preface "
+         "timeout (the clients saw 'failed to receive server preface'): seconds or 20s, 1m. "
+         "Set it to the clients' connect timeout.")
+
+
 @main.command()
 @_db_option
 @_format_option
@@ -331,11 +340,7 @@ def _instant(text: str | None, db_path: str) -> float | None:
 @click.option("--until", metavar="TIME",
               help="Only up to this moment (same forms); open and ages are as of then.")
 @click.option("--client", metavar="IP|PID", help="Only this client address or process id.")
-@click.option("--preface-timeout", default=f"{DEFAULT_PREFACE_TIMEOUT:g}s", show_default=True,
-              metavar="DURATION", callback=lambda _ctx, _param, value: parse_duration(value),
-              help="A client preface with no server SETTINGS within this long counts as a "
-                   "preface timeout (the clients saw 'failed to receive server preface'): "
-                   "seconds or 20s, 1m.")
+@_preface_timeout_option
 @click.option("--fail-on-leak", is_flag=True,
               help="Exit with status 1 when any client's verdict is leak (for CI and cron).")
 def report(db_path: str, fmt: str, since: str | None, until: str | None, client: str | None,
@@ -375,9 +380,12 @@ def print_report(db_path: str, fmt: str = "table",
         if fmt == "table" and process and len(process) > 40:
             process = process[:39] + "…"
         idle = c.get("idle_s")
+        oldest = fmt_age(c["oldest_open_s"])
+        if c.get("oldest_open_before_capture") and fmt == "table":
+            oldest = f">={oldest}"  # opened before the capture: at least this old
         rows.append([
             c["client"], c["pid"], process, c["opened"], c["closed"], c["open"],
-            c["health_checks"], fmt_age(c["oldest_open_s"]),
+            c["health_checks"], oldest,
             f"{fmt_age(idle['min'])}+" if idle else None,
             c["open_growth_per_min"], c["rpcs_per_connection"],
             f"{top[0]} ({top[1]})" if top else None, c["verdict"], c["reason"],
@@ -405,6 +413,8 @@ def print_report(db_path: str, fmt: str = "table",
                    "(they still count in each client's totals)")
     click.echo("")
     click.echo(render("table", rows, headers) if rows else "no connections recorded")
+    for line in _where_lines(data["clients"]):
+        click.echo(line)
     s = data["server"]
     lat = s["preface_latency_ms"]
     click.echo("")
@@ -426,6 +436,7 @@ def print_report(db_path: str, fmt: str = "table",
     if s["goaways_by_code"]:
         click.echo("  GOAWAY: " + ", ".join(
             f"{k} {v}" for k, v in sorted(s["goaways_by_code"].items())))
+    _print_local_server(s)
     if "log_evidence" in data:
         click.echo("")
         if data["log_evidence"]:
@@ -435,6 +446,37 @@ def print_report(db_path: str, fmt: str = "table",
         else:
             click.echo("log evidence: no log line says a connection failed")
     return data
+
+
+def _print_local_server(s: dict[str, Any]) -> None:
+    """The server process on this host (when the live agent saw its listener): its
+    descriptors, its accept queue, and why it stopped answering."""
+
+    proc, queue = s.get("process"), s.get("accept_queue")
+    if proc is not None:
+        command = proc["cmdline"] or proc["comm"] or "?"
+        head, _, args = command.partition(" ")
+        command = f"{os.path.basename(head)} {args}".rstrip()
+        if len(command) > 78:
+            command = command[:77] + "…"
+        click.echo(f"  server pid {proc['pid']}: {command}")
+        fds = f"{proc['fds_max']:,}" if proc["fds_max"] is not None else "unreadable"
+        limit = f"{proc['fd_limit']:,}" if proc["fd_limit"] is not None else "no limit known"
+        at = (f"; at the limit {fmt_age(proc['at_limit_s'])}, from "
+              f"{fmt_ts(proc['at_limit_since'])}" if proc["at_limit_since"] is not None else "")
+        click.echo(f"    file descriptors: up to {fds} of {limit}{at}")
+    if queue is not None:
+        address = f"[{queue['address']}]" if ":" in queue["address"] else queue["address"]
+        backlog = f"{queue['limit']:,}" if queue["limit"] is not None else "unknown"
+        waited = (f"; not empty {fmt_age(queue['waiting_s'])}, from "
+                  f"{fmt_ts(queue['waiting_since'])}" if queue["waiting_since"] is not None
+                  else "")
+        full = f"; full {fmt_age(queue['full_s'])}" if queue["full_since"] is not None else ""
+        click.echo(f"    accept queue {address}:{queue['port']}: up to {queue['max']:,} "
+                   f"waiting of {backlog}{waited}{full}")
+    if s.get("explanation") and (s.get("stall") or s["preface_timeouts"]):
+        click.echo(textwrap.fill(s["explanation"], width=100, initial_indent="  why: ",
+                                 subsequent_indent="       ", break_on_hyphens=False))
 
 
 @main.command()
@@ -451,14 +493,18 @@ def print_report(db_path: str, fmt: str = "table",
               help="Clients shown as their own column; the rest are summed.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table",
               show_default=True, help="Output format of the text table.")
+@_preface_timeout_option
 def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
-             until: str | None, plot_path: str | None, top: int, fmt: str) -> None:
+             until: str | None, plot_path: str | None, top: int, fmt: str,
+             preface_timeout: float) -> None:
     """Open connections per client over time: the picture of a leak.
 
     For each bucket, the connections each client holds open at its end (one line
     climbing, the others flat), with the preface timeouts, the preface latency (client
-    preface to server SETTINGS, p50 and p99) and the GOAWAYs of the bucket. A text table,
-    or with --plot a picture (latency in a panel below).
+    preface to server SETTINGS, p50 and p99) and the GOAWAYs of the bucket; when the
+    server runs on the capturing host, the most descriptors its process held against its
+    limit and its accept queue against its maximum. A text table, or with --plot a picture
+    (latency, and the server's descriptors and accept queue, in panels below).
     """
     from store.queries import timeline as build_timeline
 
@@ -467,7 +513,7 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
         raise click.BadParameter("the bucket must be longer than 0", param_hint="--bucket")
     db = _open_existing(db_path)
     data = build_timeline(db, bucket=width, client=client, since=_instant(since, db_path),
-                          until=_instant(until, db_path))
+                          until=_instant(until, db_path), preface_timeout=preface_timeout)
     if not data["times"]:
         click.echo("no capture in the database yet")
         return
@@ -476,8 +522,10 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
     else:
         names = list(data["clients"])
         shown, rest = names[:top], names[top:]
+        server = data.get("server")
         headers = ["TIME (UTC)", *shown] + (["OTHERS"] if rest else []) + [
-            "PREFACE TIMEOUTS", "PREFACE p50/p99 ms", "GOAWAY (server/client)"]
+            "PREFACE TIMEOUTS", "PREFACE p50/p99 ms", "GOAWAY (server/client)"] + (
+            ["SERVER FDS/LIMIT", "ACCEPT QUEUE/MAX"] if server else [])
         rows = []
         m = data["markers"]
         for i, t in enumerate(data["times"]):
@@ -490,6 +538,9 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
                     f"{p50:.1f}/{p99:.1f}" if p50 is not None and p99 is not None else "",
                     f"{m['goaways_server'][i]}/{m['goaways_client'][i]}"
                     if m["goaways_server"][i] or m["goaways_client"][i] else ""]
+            if server:
+                row += [_of(server["fds"][i], server["fd_limit"][i]),
+                        _of(server["accept_queue"][i], server["accept_queue_max"][i])]
             rows.append(row)
         click.echo(render(fmt, rows, headers))
     if plot_path:
@@ -503,6 +554,37 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
         click.echo(f"plot written to {plot_path}", err=True)
 
 
+def _where_lines(clients: list[dict[str, Any]]) -> list[str]:
+    """Where each client runs, below the table: its container, Kubernetes pod, and its
+    network namespace when the clients are in more than one; for an unattributed client
+    what the kernel said of its sockets."""
+    spaces = {c.get("netns") for c in clients if c.get("netns") is not None}
+    out = []
+    for c in clients:
+        parts = []
+        if len(spaces) > 1 and c.get("netns") is not None:
+            parts.append(f"network namespace net:[{c['netns']}]")
+        if c.get("container"):
+            parts.append(f"container {c['container'][:12]}")
+        if c.get("pod"):
+            name = f"{c['pod_name']} " if c.get("pod_name") else ""
+            parts.append(f"pod {name}(uid {c['pod']})")
+        if c["pid"] is None and c.get("user"):
+            parts.append(f"sockets of user {c['user']}")
+        if parts:
+            who = f"pid {c['pid']}" if c["pid"] is not None else c["client"]
+            out.append(textwrap.fill(f"{who}: " + ", ".join(parts), width=100,
+                                     initial_indent="  ", subsequent_indent="    "))
+    return out
+
+
+def _of(value: int | None, limit: int | None) -> str:
+    """A timeline cell: "64/64", "6/?" (maximum unknown), "" (no sample)."""
+    if value is None:
+        return ""
+    return f"{value}/{limit if limit is not None else '?'}"
+
+
 @main.command()
 @_db_option
 @_format_option
@@ -510,7 +592,8 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
               help="Log lines to line up (Python regular expression; (?i) for any case). "
                    "Default: what gRPC clients print when connections fail, e.g. 'failed "
                    "to receive server preface', 'Deadline Exceeded', 'No connection "
-                   "established', 'connection refused'.")
+                   "established', 'connection refused', in lines not logged at debug or "
+                   "info level (grpc-go says 'transport is closing' at INFO at every close).")
 @click.option("--window", default="5s", show_default=True, metavar="TIME",
               help="How far around each line to look for its connections.")
 @click.option("--since", metavar="TIME", help="Lines from this moment (as for `tracer report`).")
@@ -580,7 +663,16 @@ def _print_correlation(data: dict[str, Any]) -> None:
         click.echo(f"{fmt_ts(line['ts'])}  {line['source']}  {who}  "
                    f"{line['level'] or ''}: {line['message']}".replace("  :", "  "))
         s = line["server"]
-        if not s["in_capture"]:
+        if s.get("capture_began_after_s") is not None and (
+                not s["in_capture"] or not s["open_connections"]):
+            top = ", ".join(f"{c['open']} {c['client']}"
+                            for c in s["top_clients_at_capture_start"])
+            click.echo(f"  before the capture (it began {s['capture_began_after_s']:.1f}s "
+                       f"later): its start found {s['open_at_capture_start']} open"
+                       + (f" ({top})" if top else "") + ", opened before it")
+            if not s["in_capture"]:
+                continue
+        elif not s["in_capture"]:
             click.echo("  outside the captured time: no connection state to line up")
             continue
         top = ", ".join(f"{c['open']} {c['client']}" for c in s["top_clients"])

@@ -24,11 +24,14 @@ def plot_timeline(data: dict[str, Any], path: str, title: str) -> None:
     markers = data["markers"]
     p50 = markers.get("preface_p50_ms") or []
     has_latency = any(v is not None for v in p50)
-    if has_latency:
-        fig, (ax, lat_ax) = plt.subplots(
-            2, 1, figsize=(11, 7), dpi=110, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    else:
-        fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    server: dict[str, Any] = data.get("server") or {}
+    has_server = any(v is not None for v in
+                     [*server.get("fds", []), *server.get("accept_queue", [])])
+    ratios = [3] + [1] * (has_latency + has_server)
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(11, 5.5 + 1.6 * (len(ratios) - 1)),
+                             dpi=110, sharex=True, gridspec_kw={"height_ratios": ratios},
+                             squeeze=False)
+    ax = axes[0][0]
     for who, values in shown:
         ax.plot(times, values, drawstyle="steps-post",
                 linewidth=2 if values and max(values) > 2 else 1.2,
@@ -53,6 +56,7 @@ def plot_timeline(data: dict[str, Any], path: str, title: str) -> None:
     ax.grid(True, alpha=0.3)
     bottom = ax
     if has_latency:
+        lat_ax = axes[1][0]
         p99 = markers["preface_p99_ms"]
         lat_ax.plot(times, [v if v is not None else float("nan") for v in p50],
                     drawstyle="steps-post", color="tab:blue", label="p50")
@@ -62,6 +66,9 @@ def plot_timeline(data: dict[str, Any], path: str, title: str) -> None:
         lat_ax.grid(True, alpha=0.3)
         lat_ax.legend(loc="upper left", fontsize=8)
         bottom = lat_ax
+    if has_server:
+        bottom = axes[-1][0]
+        _server_panel(bottom, times, server)
     bottom.set_xlabel("time (UTC)")
     bottom.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))  # type: ignore[no-untyped-call]
     fig.autofmt_xdate()
@@ -77,3 +84,32 @@ def plot_timeline(data: dict[str, Any], path: str, title: str) -> None:
     else:
         fig.savefig(path)
     plt.close(fig)
+
+
+def _nan(values: list[int | None]) -> list[float]:
+    return [float(v) if v is not None else float("nan") for v in values]
+
+
+def _server_panel(ax: Any, times: Any, server: dict[str, Any]) -> None:
+    """The server process's descriptors against its limit, and its accept queue (right
+    axis; its maximum, the listen backlog, in the legend: often thousands)."""
+    limits = [v for v in server["fd_limit"] if v is not None]
+    if limits:
+        ax.plot(times, _nan(server["fd_limit"]), drawstyle="steps-post", color="black",
+                linestyle="--", alpha=0.6, label=f"RLIMIT_NOFILE ({max(limits)})")
+    ax.plot(times, _nan(server["fds"]), drawstyle="steps-post", color="tab:purple",
+            label=f"server pid {server['pid']}: file descriptors")
+    top = max([*limits, *(v for v in server["fds"] if v is not None)], default=1)
+    ax.set_ylim(0, top * 1.1)  # from 0: at the limit is then plain to see
+    ax.set_ylabel("descriptors")
+    ax.grid(True, alpha=0.3)
+    queue_ax = ax.twinx()
+    backlogs = [v for v in server["accept_queue_max"] if v is not None]
+    backlog = f", backlog {max(backlogs)}" if backlogs else ""
+    queue_ax.plot(times, _nan(server["accept_queue"]), drawstyle="steps-post",
+                  color="tab:red", label=f"accept queue{backlog}")
+    queue_ax.set_ylabel("accept queue")
+    queue_ax.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels()
+    more = queue_ax.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right", fontsize=8)

@@ -44,6 +44,7 @@ DEFAULT_PHRASES = (
     r"\bUNAVAILABLE\b",
 )
 DEFAULT_PATTERN = "(?i)" + "|".join(DEFAULT_PHRASES)
+QUIET_LEVELS = ("debug", "info")  # lines the default pattern never takes
 _DEFAULT_ORDER = tuple(re.compile("(?i)" + p) for p in DEFAULT_PHRASES)
 
 DEFAULT_WINDOW_S = 5.0
@@ -114,6 +115,10 @@ def _matching_lines(db: sqlite_utils.Database, regex: re.Pattern[str], *,
     if pid is not None:
         where.append("l.pid = ?")
         params.append(pid)
+    if regex.pattern == DEFAULT_PATTERN:
+        # The default phrases name failures; at debug or info level they are a normal
+        # life's words (grpc-go logs "transport is closing" at INFO at every close).
+        where.append(f"COALESCE(l.level, '') NOT IN ({', '.join(map(repr, QUIET_LEVELS))})")
     cur = db.conn.cursor()
     cur.execute(
         f"SELECT l.id, l.ts, l.level, l.pid, l.process, l.message, s.name,"
@@ -235,6 +240,7 @@ class ServerState:
             self.cache[m] = {
                 "in_capture": (self.first is not None and self.last is not None
                                and self.first - self.window <= m <= self.last + self.window),
+                **self._before_capture(m),
                 "open_connections": sum(h[0] for h in held),
                 "top_clients": [{"client": _who(pid, ip, self.procs, m), "open": n}
                                 for n, pid, ip in held[:3]],
@@ -246,18 +252,47 @@ class ServerState:
             }
 
 
+    def _before_capture(self, m: float) -> dict[str, Any]:
+        """For a moment before a capture began: what its start found open (the socket
+        table read then), which is all that is known of the server at that moment."""
+        if self.first is None or m >= self.first:
+            return {}
+        nxt = self.db.execute(
+            "SELECT id, first_ts FROM captures WHERE first_ts > ? ORDER BY first_ts LIMIT 1",
+            [m]).fetchone()
+        if nxt is None:
+            return {}
+        held = self.db.execute(
+            "SELECT COUNT(*) AS n, pid, MIN(orig_h) FROM connections WHERE capture_id = ?"
+            " AND from_snapshot = 1 GROUP BY pid, process_start,"
+            " CASE WHEN pid IS NULL THEN orig_h END ORDER BY n DESC", [nxt[0]]).fetchall()
+        return {"capture_began_after_s": round(nxt[1] - m, 3),
+                "open_at_capture_start": sum(h[0] for h in held),
+                "top_clients_at_capture_start": [
+                    {"client": _who(pid, ip, self.procs, nxt[1]), "open": n}
+                    for n, pid, ip in held[:3]]}
+
+
 _CONNECTION_SQL = (
     "SELECT uid, ts, close_ts, orig_h, orig_p, resp_h, resp_p, pid, conn_state, close_kind,"
-    " preface_ts, server_settings_ts, streams FROM connections"
+    " preface_ts, server_settings_ts, streams, mid_stream, from_snapshot FROM connections"
 )
 
 
 def _situation(c: dict[str, Any], t: float) -> str:
     """A connection's state at ``t``, in words."""
     if c["ts"] > t:
+        if c["from_snapshot"]:
+            return (f"open when the capture began {c['ts'] - t:.1f}s after (opened then or "
+                    "before: not seen)")
         return f"opened {c['ts'] - t:.1f}s after"
     closed = c["close_ts"] is not None and c["close_ts"] <= t
-    if c["preface_ts"] is None:
+    if c["preface_ts"] is None and c["mid_stream"]:
+        # Its start was never seen: no preface to see, and its RPCs count from then on.
+        rpcs = f"{c['streams']} RPC{'s' if c['streams'] != 1 else ''} seen"
+        http2 = ("open before the capture (in the socket table at its start), " if
+                 c["from_snapshot"] else "picked up mid-stream, ") + rpcs
+    elif c["preface_ts"] is None:
         http2 = "no HTTP/2 preface"
     elif c["server_settings_ts"] is None or c["server_settings_ts"] > t:
         since = (c["close_ts"] if closed else t) - c["preface_ts"]

@@ -128,43 +128,118 @@ def _has_table(db: sqlite_utils.Database, name: str) -> bool:
                       [name]).fetchone() is not None
 
 
-# An open connection that carried at most this many RPCs looks like one dialled for a
-# call and left behind; a pool's connection carries many.
-FEW_RPCS = 2
+# What a leak is made of: open connections left behind, each carrying next to nothing.
+# Activity is what can be seen, never what cannot: RPCs where they are in the clear, TLS
+# application data records inside TLS (the RPCs are encrypted), and any traffic at all
+# for a connection open before the capture (its earlier RPCs were never seen).
+FEW_RPCS = 2  # RPCs of a connection dialled for a call and left behind (a pool's carry many)
+# Application data records from the client of a TLS connection that carried one or two
+# RPCs: the handshake's end, the HTTP/2 preface and SETTINGS, the ACKs, the RPC itself
+# (grpcio 1.85 over TLS 1.3: 6 records for one RPC, about 1.6 more per RPC).
+FEW_TLS_RECORDS = 12
+# A process that never closes a connection itself and holds this many left behind is a
+# leak, whoever closed the others: grpc-go dials a ClientConn again by itself after the
+# server closes it (max-connection-age), so the server's closes never bring it down.
+MANY_LEFT_BEHIND = 10
+
+LEFT_BEHIND = f"""(open_now AND CASE
+    WHEN mid_stream THEN last_activity_ts IS NULL
+    WHEN COALESCE(protocol, '') = 'tls' THEN COALESCE(tls_records_orig, 0) <= {FEW_TLS_RECORDS}
+    ELSE streams <= {FEW_RPCS}
+END)"""
+
+# Which side began a connection's end: the first GOAWAY's sender when it came before the
+# TCP close, else the side of the first FIN or RST ('orig' is the client).
+CLOSED_FIRST_BY = """
+    CASE
+        WHEN close_kind IS NULL THEN NULL
+        WHEN goaway_ts IS NOT NULL AND goaway_ts <= COALESCE(close_ts, goaway_ts)
+            THEN goaway_sender
+        WHEN close_kind IN ('client_fin', 'client_rst') THEN 'orig'
+        WHEN close_kind IN ('server_fin', 'server_rst') THEN 'resp'
+    END
+"""
 
 
 def _verdict(c: dict[str, Any], span_s: float) -> tuple[str, str]:
-    """leak / suspect / ok, and a reason a person can act on."""
+    """leak / suspect / ok, and a reason a person can act on. The rules, in order:
+
+    1. leak: it keeps opening connections it leaves behind (3 or more opened during the
+       capture) and closes far fewer than it opens (fewer than half);
+    2. leak: it never closes a connection itself and holds MANY_LEFT_BEHIND or more left
+       behind, whoever closed the others (the server's GOAWAYs, its FINs);
+    3. suspect: two or more left behind;
+    4. ok: anything else (pools, closers, health checks)."""
     opened, closed, still_open = c["opened"], c["closed"], c["open"]
-    left_behind = c["open_few_rpcs"]
-    rpc = c["rpcs_per_connection"]
-    method = next(iter(c["methods"]), None)
-    minutes = span_s / 60.0
+    left, seen = c["left_behind"], c["left_behind_seen"]
     span = _duration(span_s)
-    if left_behind >= 3 and closed * 2 < opened:
-        rate = f" ({c['open_growth_per_min']:.1f}/min)" if minutes >= 1 else ""
-        seen = opened - c["pre_existing"]
+    if seen >= 3 and closed * 2 < opened:
+        rate = f" ({c['open_growth_per_min']:.1f}/min)" if span_s >= 60 else ""
+        new = opened - c["pre_existing"]
         before = (f"; {c['pre_existing']} more were open before the capture began"
                   if c["pre_existing"] else "")
-        each = "1 RPC each" if rpc is not None and round(rpc, 1) == 1.0 else (
-            f"{rpc:.1f} RPCs each" if rpc else "no RPC seen")
-        via = f"; method {method}" if method else ""
         return "leak", (
-            f"opened {seen}, closed {closed} in {span}{rate}{before}; {each}, then idle{via}; "
-            f"{still_open} still open, oldest {_duration(c['oldest_open_s'] or 0)}"
+            f"opened {new}, closed {closed} in {span}{rate}{before}; {_carried(c)}, then "
+            f"idle{_via(c)}; {still_open} still open, oldest {_age(c)}"
         )
-    if left_behind >= 2:
+    if left >= MANY_LEFT_BEHIND and c["closed_by_client"] == 0:
+        by_server = c["closed_by_server"]
+        closes = (f"; the server closed {by_server} of its connections and it dialled "
+                  "again" if by_server else "")
+        return "leak", (
+            f"never closes a connection itself: holds {left} left behind ({_carried(c)}, "
+            f"then idle{_via(c)}){closes}; {still_open} open, oldest {_age(c)}"
+        )
+    if left >= 2:
         return "suspect", (
-            f"{left_behind} connections with at most {FEW_RPCS} RPCs each still open, "
-            f"{closed} closed, in {span}: watch whether they keep growing"
+            f"{left} connections left behind still open ({_carried(c)}), {closed} closed, "
+            f"in {span}: watch whether they keep growing"
         )
     if still_open >= 1:
         pools = "1 long-lived connection" if still_open == 1 else (
             f"{still_open} long-lived connections")
-        return "ok", f"{pools} ({rpc_text(c)} in all); {closed} closed"
+        return "ok", f"{pools} ({_traffic(c)}); {closed} closed"
     if opened == 0:
         return "ok", f"{c['health_checks']} health checks only (connect, no HTTP/2, close)"
     return "ok", f"all {opened} connections closed"
+
+
+def _carried(c: dict[str, Any]) -> str:
+    """What the connections left behind carried, in the terms that can be seen."""
+    parts = []
+    clear = c["left_behind"] - c["left_behind_tls"] - c["left_behind_before"]
+    if clear:
+        rpc = c["rpcs_per_connection"]
+        parts.append("1 RPC each" if rpc is not None and round(rpc, 1) == 1.0 else
+                     f"{rpc:.1f} RPCs each" if rpc else f"at most {FEW_RPCS} RPCs each")
+    if c["left_behind_tls"]:
+        parts.append(f"{c['left_behind_tls']} TLS, whose RPCs are encrypted: at most "
+                     f"{FEW_TLS_RECORDS} records from the client each")
+    if c["left_behind_before"]:
+        parts.append(f"{c['left_behind_before']} open before the capture and silent all "
+                     "through it")
+    return "; ".join(parts) or "nothing seen"
+
+
+def _via(c: dict[str, Any]) -> str:
+    method = next((m for m in c["methods"] if not m.startswith("unknown")), None)
+    return f"; method {method}" if method else ""
+
+
+def _age(c: dict[str, Any]) -> str:
+    age = _duration(c["oldest_open_s"] or 0)
+    return f"at least {age} (opened before the capture)" if c["oldest_open_before_capture"] \
+        else age
+
+
+def _traffic(c: dict[str, Any]) -> str:
+    """What a client's connections carried: RPCs, or TLS records where they are hidden."""
+    parts = []
+    if c["rpcs"] or not c["tls_records"]:
+        parts.append(f"{rpc_text(c)} in all")
+    if c["tls_records"]:
+        parts.append(f"RPCs encrypted: {c['tls_records']:,} TLS records from the client")
+    return "; ".join(parts)
 
 
 def rpc_text(c: dict[str, Any]) -> str:
@@ -213,16 +288,29 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
     rows = _rows(
         db,
         f"""
-        WITH c AS (
-            SELECT *, {HEALTH_CHECK} AS hc, {CLOSED_BY} AS closed_by, {open_expr} AS open_now
+        WITH o AS (
+            SELECT *, {HEALTH_CHECK} AS hc, {CLOSED_BY} AS closed_by,
+                   {CLOSED_FIRST_BY} AS closed_first_by, {open_expr} AS open_now
             FROM connections WHERE 1{where}
-        )
+        ), c AS (SELECT *, {LEFT_BEHIND} AS left_behind FROM o)
         SELECT pid, process_start, CASE WHEN pid IS NULL THEN orig_h END AS ip,
                MIN(orig_h) AS client, COUNT(DISTINCT orig_h) AS addresses,
                SUM(NOT hc) AS opened,
                SUM(NOT hc AND NOT open_now) AS closed,
                SUM(open_now) AS open,
                SUM(open_now AND streams <= {FEW_RPCS}) AS open_few_rpcs,
+               SUM(left_behind) AS left_behind,
+               SUM(left_behind AND NOT mid_stream) AS left_behind_seen,
+               SUM(left_behind AND NOT mid_stream AND COALESCE(protocol, '') = 'tls')
+                   AS left_behind_tls,
+               SUM(left_behind AND mid_stream) AS left_behind_before,
+               SUM(NOT hc AND NOT open_now AND closed_first_by = 'orig') AS closed_by_client,
+               SUM(NOT hc AND NOT open_now AND closed_first_by = 'resp') AS closed_by_server,
+               SUM(open_now AND COALESCE(protocol, '') = 'tls') AS open_tls,
+               SUM(open_now AND mid_stream) AS open_before,
+               SUM(CASE WHEN NOT hc THEN COALESCE(tls_records_orig, 0) ELSE 0 END) AS tls_records,
+               SUM(NOT hc AND COALESCE(protocol, '') = 'tls') AS tls_connections,
+               MIN(CASE WHEN open_now AND mid_stream THEN ts END) AS oldest_before_ts,
                SUM(hc) AS health_checks,
                SUM(closed_by = 'client_fin' AND NOT hc AND NOT open_now) AS by_client_fin,
                SUM(closed_by = 'server_fin' AND NOT hc AND NOT open_now) AS by_server_fin,
@@ -259,6 +347,7 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
     if retained_from is not None and since is None and (until is None or until >= retained_from):
         _add_history(db, rows, methods, client)
     processes = {(r["pid"], r["start_time"]): r for r in _rows(db, "SELECT * FROM processes")}
+    details = _socket_details(db, where, params)
     out = []
     for r in rows:
         opened = r["opened"] or 0
@@ -291,14 +380,39 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
             "open_growth_per_min": round((r["opened_and_left_open"] or 0) / (span / 60.0), 2)
             if span > 0 else None,
             "rpcs": r["rpcs"] or 0,
-            "rpcs_per_connection": round((r["rpcs"] or 0) / opened, 2) if opened else None,
+            # Not a number where every connection is TLS: the RPCs were not seen.
+            "rpcs_per_connection": round((r["rpcs"] or 0) / opened, 2)
+            if opened and (r["tls_connections"] or 0) < opened else None,
             "methods": methods.get((r["pid"], r["process_start"], r["ip"]), {}),
+            "left_behind": r["left_behind"] or 0,
+            "left_behind_seen": r["left_behind_seen"] or 0,
+            "left_behind_tls": r["left_behind_tls"] or 0,
+            "left_behind_before": r["left_behind_before"] or 0,
+            "closed_by_client": r["closed_by_client"] or 0,
+            "closed_by_server": r["closed_by_server"] or 0,
+            "open_tls": r["open_tls"] or 0,
+            "open_before_capture": r["open_before"] or 0,
+            "tls_records": r["tls_records"] or 0,
+            "rpcs_encrypted": bool(r["tls_connections"]),
+            # The oldest open connection was open when the capture began: its age is at
+            # least oldest_open_s, its real start unknown.
+            "oldest_open_before_capture": r["oldest_before_ts"] is not None
+            and r["oldest_before_ts"] <= r["oldest_open_ts"],
         }
         if proc is not None:
             c["process_start"] = proc["start_time"]
             c["user"] = proc["user"]
             c["exe"] = proc["exe"]
             c["pod"] = proc["pod"]
+            c["netns"] = proc["netns"]
+            c["pod_name"] = proc.get("pod_name")  # absent before m013_attribution_detail
+            c["cgroup"] = proc.get("cgroup")
+        else:
+            # No process found (a short call closed first, another user's namespace): what
+            # the kernel said of the client sockets, where it said something.
+            seen = details.get((r["pid"], r["process_start"], r["ip"]))
+            if seen is not None:
+                c.update(seen)
         if r["addresses"] > 1:
             c["addresses"] = r["addresses"]
         c["verdict"], c["reason"] = _verdict(c, span)
@@ -309,8 +423,44 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
     return out
 
 
+_DETAIL_COLUMNS = {"client_user": "user", "client_netns": "netns",
+                   "client_container": "container", "client_pod": "pod",
+                   "client_cgroup": "cgroup"}
+
+
+def _socket_details(db: sqlite_utils.Database, where: str,
+                    params: list[Any]) -> dict[tuple[Any, Any, Any], dict[str, Any]]:
+    """Per unattributed client (its address), what the kernel said of most of its client
+    sockets: owner user, network namespace, container, pod uid, cgroup (the columns of
+    m013_attribution_detail; an older database has none)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(connections)").fetchall()}
+    if "client_netns" not in columns:
+        return {}
+    picks = ", ".join(_DETAIL_COLUMNS)
+    out: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
+    for r in _rows(
+        db,
+        f"""
+        SELECT orig_h AS ip, {picks}, COUNT(*) AS n FROM connections
+        WHERE pid IS NULL AND client_netns IS NOT NULL{where}
+        GROUP BY orig_h, {picks} ORDER BY n DESC
+        """,
+        params,
+    ):
+        key = (None, None, r["ip"])
+        if key not in out:  # the most common first
+            out[key] = {name: r[column] for column, name in _DETAIL_COLUMNS.items()}
+            out[key]["pod_name"] = None
+    return out
+
+
 _HISTORY_COUNTS = ("opened", "closed", "by_client_fin", "by_server_fin", "by_rst", "by_goaway",
-                   "by_port_reused", "health_checks", "pre_existing", "rpcs")
+                   "by_port_reused", "health_checks", "pre_existing", "rpcs",
+                   "closed_by_client", "closed_by_server", "tls_records", "tls_connections")
+# What an entry made only of pruned connections has of what only open connections have.
+_OPEN_ONLY = ("open", "open_few_rpcs", "opened_and_left_open", "left_behind",
+              "left_behind_seen", "left_behind_tls", "left_behind_before", "open_tls",
+              "open_before")
 
 
 def _add_history(db: sqlite_utils.Database, rows: list[dict[str, Any]],
@@ -326,9 +476,9 @@ def _add_history(db: sqlite_utils.Database, rows: list[dict[str, Any]],
         if row is None:
             row = by_key[key] = {
                 "pid": h["pid"], "process_start": h["process_start"], "ip": key[2],
-                "client": h["orig_h"], "addresses": 1, "open": 0, "open_few_rpcs": 0,
-                "oldest_open_ts": None, "opened_and_left_open": 0,
-                "last_open_activity": None, "first_open_activity": None,
+                "client": h["orig_h"], "addresses": 1, "oldest_open_ts": None,
+                "oldest_before_ts": None, "last_open_activity": None,
+                "first_open_activity": None, **dict.fromkeys(_OPEN_ONLY, 0),
                 **dict.fromkeys(_HISTORY_COUNTS, 0),
             }
             rows.append(row)
@@ -360,7 +510,10 @@ MAX_TIMEOUT_MOMENTS = 10
 
 def server_health(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT_PREFACE_TIMEOUT,
                   since: float | None = None, until: float | None = None) -> dict[str, Any]:
-    """Preface latency and timeouts, GOAWAYs, resets, refusals, over the window."""
+    """Preface latency and timeouts, GOAWAYs, resets, refusals, over the window; and when
+    the server runs on this host (the live agent sampled it: store.server), its process,
+    descriptors against RLIMIT_NOFILE, accept queue, and one line saying why it stopped
+    answering (None everywhere when no listener was seen: nothing is guessed)."""
     end = until if until is not None else (capture_summary(db)["last_ts"] or 0.0)
     window, params = "", []
     if until is not None:
@@ -422,6 +575,24 @@ def server_health(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT
     ).fetchall())
     p50 = _percentile(latencies, 0.5)
     p99 = _percentile(latencies, 0.99)
+    from store import server as local_server
+
+    state = local_server.summary(db, since, until)
+    stall: dict[str, Any] | None = None
+    explanation = None
+    if state is not None:
+        dials = local_server.stall_timeouts(state["stall"], [r["dial_ts"] for r in timeout_rows])
+        holder = None
+        if state["stall"] is not None:
+            stall = {k: v for k, v in state["stall"].items() if k != "spans"}
+            stall["preface_timeouts"] = len(dials)
+            # Who held the most connections (each one of the server's descriptors) when
+            # the first of those clients dialled, or when the stall began.
+            held = local_server.holders_at(db, dials[0] if dials else stall["since"], 1)
+            holder = held[0] if held else None
+            stall["top_client"] = {k: holder[k] for k in ("client", "pid", "process", "open")} \
+                if holder else None
+        explanation = local_server.explain(state, len(timeout_rows), len(dials), holder)
     return {
         "preface_timeouts": len(timeout_rows),
         "preface_timeout_s": preface_timeout,
@@ -435,6 +606,10 @@ def server_health(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT
         "goaways_by_code": by_code,
         "resets": {"client": resets.get("client_rst", 0), "server": resets.get("server_rst", 0)},
         "refused": refused,
+        "process": state["process"] if state else None,
+        "accept_queue": state["accept_queue"] if state else None,
+        "stall": stall,
+        "explanation": explanation,
     }
 
 
@@ -544,7 +719,8 @@ def timeline(db: sqlite_utils.Database, *, bucket: float, client: str | None = N
     first = since if since is not None else summary["first_ts"]
     last = until if until is not None else summary["last_ts"]
     if first is None or last is None:
-        return {"bucket_s": bucket, "start": None, "times": [], "clients": {}, "markers": {}}
+        return {"bucket_s": bucket, "start": None, "times": [], "clients": {}, "markers": {},
+                "server": None}
     n = max(1, int((last - first) // bucket) + 1)
     where, params = _client_filter(client)
     label = ("CASE WHEN pid IS NOT NULL THEN 'pid ' || pid ELSE orig_h END")
@@ -598,10 +774,16 @@ def timeline(db: sqlite_utils.Database, *, bucket: float, client: str | None = N
         f" AND e.ts <= {last!r}{joined} GROUP BY 1, 2", params
     ):
         markers["goaways_server" if direction == "resp" else "goaways_client"][i] += count
+    from store import server as local_server
+
     return {
         "bucket_s": bucket,
         "start": first,
         "times": [first + (i + 1) * bucket for i in range(n)],
         "clients": dict(sorted(series.items(), key=lambda kv: -max(kv[1], default=0))),
         "markers": markers,
+        # The server process on this host (sampled by the live agent), per bucket: the most
+        # descriptors it held and its limit, its accept queue and the queue's maximum;
+        # None when no listener was seen on this host.
+        "server": local_server.series(db, first, bucket, n),
     }

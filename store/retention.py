@@ -3,7 +3,7 @@
 A long-running agent must not become the leak it hunts. Two limits, alone or together:
 - age (``--retain 14d``, ``tracer prune --older-than 14d``): connections that ended longer
   ago than that before the end of the data (for a running agent: now) go, with their
-  methods, statuses, events and anomalies, and log lines as old;
+  methods, statuses, events and anomalies, and log lines and server samples as old;
 - size (``--max-db-size 2G``): while the database holds more than that, the oldest closed
   connections go (and log lines older than the newest of them), a step at a time.
 
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
-from store.queries import CLIENT_KEY, CLOSED_BY, HEALTH_CHECK
+from store.queries import CLIENT_KEY, CLOSED_BY, CLOSED_FIRST_BY, HEALTH_CHECK
+from store.server import drop_before as drop_server_samples_before
 from store.writer import utc_now
 
 STEP = 5000  # connections deleted per transaction (a writer waits at most that long)
@@ -150,6 +151,7 @@ def prune(db: sqlite_utils.Database, *, older_than_s: float | None = None,
             else:
                 out.complete = False
             out.log_lines += _drop_log_lines_before(db, cutoff)
+            drop_server_samples_before(db, cutoff)
             if out.connections or out.log_lines:
                 out.cutoff_ts = cutoff
                 _note(db, "age", cutoff, out.connections, out.log_lines, out.bytes_before)
@@ -195,6 +197,7 @@ def _shrink_to(db: sqlite_utils.Database, max_bytes: int, wal_bytes: int,
         cutoff = float(row[0]) + 1e-6
         dropped += _drop_closed_before(db, cutoff, want)
         lines += _drop_log_lines_before(db, cutoff)
+        drop_server_samples_before(db, cutoff)
         used = _used_bytes(db)
     if used + wal_bytes > max_bytes and out.complete:
         # Only open connections are left (and what they carry): never dropped.
@@ -223,17 +226,26 @@ def _drop_closed_before(db: sqlite_utils.Database, cutoff: float, limit: int) ->
             f"""
             INSERT INTO client_history (client_key, pid, process_start, orig_h, opened, closed,
                 by_client_fin, by_server_fin, by_rst, by_goaway, by_port_reused,
-                health_checks, pre_existing, rpcs, first_ts, last_ts)
+                health_checks, pre_existing, rpcs, closed_by_client, closed_by_server,
+                tls_records, tls_connections, first_ts, last_ts)
             SELECT key, pid, process_start, MIN(orig_h), SUM(NOT hc), SUM(NOT hc),
                 SUM(closed_by = 'client_fin' AND NOT hc), SUM(closed_by = 'server_fin' AND NOT hc),
                 SUM(closed_by = 'rst' AND NOT hc), SUM(closed_by = 'goaway' AND NOT hc),
                 SUM(closed_by = 'port_reused' AND NOT hc), SUM(hc),
                 SUM(mid_stream AND NOT hc), SUM(CASE WHEN NOT hc THEN streams ELSE 0 END),
+                SUM(closed_first_by = 'orig' AND NOT hc), SUM(closed_first_by = 'resp' AND NOT hc),
+                SUM(CASE WHEN NOT hc THEN COALESCE(tls_records_orig, 0) ELSE 0 END),
+                SUM(NOT hc AND COALESCE(protocol, '') = 'tls'),
                 MIN(ts), MAX(end_ts)
-            FROM (SELECT *, {CLIENT_KEY} AS key, {HEALTH_CHECK} AS hc, {CLOSED_BY} AS closed_by
+            FROM (SELECT *, {CLIENT_KEY} AS key, {HEALTH_CHECK} AS hc, {CLOSED_BY} AS closed_by,
+                         {CLOSED_FIRST_BY} AS closed_first_by
                   FROM connections WHERE uid IN (SELECT uid FROM temp.doomed))
             GROUP BY key
             ON CONFLICT (client_key) DO UPDATE SET
+                closed_by_client = closed_by_client + excluded.closed_by_client,
+                closed_by_server = closed_by_server + excluded.closed_by_server,
+                tls_records = tls_records + excluded.tls_records,
+                tls_connections = tls_connections + excluded.tls_connections,
                 opened = opened + excluded.opened, closed = closed + excluded.closed,
                 by_client_fin = by_client_fin + excluded.by_client_fin,
                 by_server_fin = by_server_fin + excluded.by_server_fin,

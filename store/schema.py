@@ -399,6 +399,79 @@ def m009_folded_closes(db: sqlite_utils.Database) -> None:
                " WHERE is_open = 1")
 
 
+@migrations()
+def m010_tls_records(db: sqlite_utils.Database) -> None:
+    """TLS application data records each way: inside TLS the RPCs cannot be seen, and the
+    records (how many, and when: last_activity_ts) are what tells a pool from a leak."""
+    for column in ("tls_records_orig", "tls_records_resp"):
+        db.execute(f"ALTER TABLE connections ADD COLUMN {column} INTEGER DEFAULT 0")
+
+
+@migrations()
+def m011_history_closes(db: sqlite_utils.Database) -> None:
+    """What the verdicts read of pruned connections too: which side began each close, and
+    the TLS records and connections (store.queries: a process that never closes a
+    connection itself; RPCs encrypted)."""
+    for column in ("closed_by_client", "closed_by_server", "tls_records", "tls_connections"):
+        db.execute(f"ALTER TABLE client_history ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+
+
+@migrations()
+def m012_server_samples(db: sqlite_utils.Database) -> None:
+    """The server on this host, sampled by the live agent (store.server): each listening
+    socket's accept queue, and its process's open descriptors against RLIMIT_NOFILE. A
+    row when something changed (or a heartbeat): each row's values hold until the next
+    row of its listener. A reader copes without these tables (READER_OPTIONAL)."""
+    db.execute(
+        """
+        CREATE TABLE server_samples (
+            id INTEGER PRIMARY KEY,
+            capture_id INTEGER NOT NULL,
+            ts REAL NOT NULL,              -- epoch seconds (wall clock, as packet times)
+            address TEXT NOT NULL,         -- the listener's local address and port
+            port INTEGER NOT NULL,
+            inode INTEGER NOT NULL,
+            netns INTEGER,
+            queue INTEGER NOT NULL,        -- completed connections not accepted yet
+            queue_max INTEGER,             -- the listen backlog; NULL: unknown (other netns)
+            pid INTEGER,                   -- NULL: no process found holding the listener
+            process_start REAL,
+            fds INTEGER,                   -- open descriptors; NULL: not readable
+            fd_limit INTEGER,              -- soft RLIMIT_NOFILE; NULL: unknown or unlimited
+            stopped INTEGER NOT NULL DEFAULT 0   -- stopped by a signal (SIGSTOP)
+        )
+        """
+    )
+    db.execute("CREATE INDEX server_samples_ts ON server_samples(ts)")
+    db.execute(
+        """
+        CREATE TABLE server_processes (
+            pid INTEGER NOT NULL,
+            process_start REAL NOT NULL,
+            comm TEXT,
+            cmdline TEXT,
+            PRIMARY KEY (pid, process_start)
+        )
+        """
+    )
+
+
+@migrations()
+def m013_attribution_detail(db: sqlite_utils.Database) -> None:
+    """What attribution learns beside the pid: each process's pod name and cgroup path
+    (its network namespace goes in processes.netns), and on each connection what the
+    kernel said of the client socket, known even when no process was found holding it (a
+    short call closed first): its owner uid and user, network namespace, cgroup v2 path
+    and the container and pod uid that path names. A reader copes without them
+    (READER_OPTIONAL)."""
+    for column in ("pod_name", "cgroup"):
+        db.execute(f"ALTER TABLE processes ADD COLUMN {column} TEXT")
+    for column, kind in (("client_uid", "INTEGER"), ("client_user", "TEXT"),
+                         ("client_netns", "INTEGER"), ("client_cgroup", "TEXT"),
+                         ("client_container", "TEXT"), ("client_pod", "TEXT")):
+        db.execute(f"ALTER TABLE connections ADD COLUMN {column} {kind}")
+
+
 # -- opening the database ----------------------------------------------------------------
 #
 # The agent runs as root, often in a directory other users can write to. Every name it
@@ -419,7 +492,8 @@ def m009_folded_closes(db: sqlite_utils.Database) -> None:
 # cache only makes a report slower. A migration whose tables or columns the read-side
 # queries use must not be listed here.
 READER_OPTIONAL = frozenset({"m004_preface_index", "m005_report_cache", "m006_capture_runs",
-                             "m007_rpc_counts", "m008_retention", "m009_folded_closes"})
+                             "m007_rpc_counts", "m008_retention", "m009_folded_closes",
+                             "m012_server_samples", "m013_attribution_detail"})
 WAL_SIZE_LIMIT = 16 << 20
 
 # The files SQLite keeps beside a database, and opens by name (following symbolic links).

@@ -12,7 +12,7 @@ from typing import Any
 import sqlite_utils
 
 from store.schema import StoreError
-from tracer.attribution.sockets import ProcessInfo
+from tracer.attribution.sockets import ProcessInfo, SocketDetail
 from tracer.events import AnomalyFound, ConnectionEvent
 from tracer.record import RECORD_FIELDS, continued_record
 
@@ -55,11 +55,13 @@ _ANOMALY_SQL = (
 )
 
 
-# (connection uid, verdict, process or None, when it was decided)
-Attribution = tuple[str, str, "ProcessInfo | None", float]
+# (connection uid, verdict, process or None, when it was decided, what the kernel said of
+# the client socket or None)
+Attribution = tuple[str, str, "ProcessInfo | None", float, "SocketDetail | None"]
 
 
 SQLITE_FULL = 13
+_NO_DETAIL = SocketDetail()
 
 
 class StoreFull(StoreError):
@@ -152,22 +154,26 @@ class CaptureWriter:
         missing = []
         db = self.db.conn
         with db:
-            for uid, verdict, info, ts in verdicts:
+            for uid, verdict, info, ts, detail in verdicts:
                 if info is not None:
                     db.execute(
                         "INSERT OR IGNORE INTO processes (pid, start_time, ppid, user, comm,"
-                        " cmdline, exe, container, pod) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " cmdline, exe, container, pod, netns, pod_name, cgroup)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         [info.pid, info.start_time, info.ppid, info.user, info.comm,
-                         info.cmdline, info.exe, info.container, info.pod],
+                         info.cmdline, info.exe, info.container, info.pod, info.netns,
+                         info.pod_name, info.cgroup],
                     )
+                d = detail or _NO_DETAIL
                 cur = db.execute(
                     "UPDATE connections SET pid = ?, process_start = ?, attribution = ?,"
-                    " attributed_ts = ? WHERE uid = ?",
+                    " attributed_ts = ?, client_uid = ?, client_user = ?, client_netns = ?,"
+                    " client_cgroup = ?, client_container = ?, client_pod = ? WHERE uid = ?",
                     [info.pid if info else None, info.start_time if info else None, verdict,
-                     ts, uid],
+                     ts, d.uid, d.user, d.netns, d.cgroup, d.container, d.pod, uid],
                 )
                 if cur.rowcount == 0:
-                    missing.append((uid, verdict, info, ts))
+                    missing.append((uid, verdict, info, ts, detail))
         return missing
 
     def write(

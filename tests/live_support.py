@@ -133,6 +133,15 @@ def start_server(processes: rt.Processes, name: str = "server") -> int:
     return int(server.wait_for("READY ", time.monotonic() + rt.READY_TIMEOUT_S).split()[1])
 
 
+def start_grpcgo_server(processes: rt.Processes, *options: str,
+                        name: str = "grpcgo-server") -> int:
+    """A grpc-go Greeter server (tests/peers/go) on 0.0.0.0:free port, started with
+    ``options`` (``--max-connection-age 2s``, say); its port."""
+    server = processes.start(name, [str(rt.GRPCGO_SERVER), "0", "--max-lifetime", "120",
+                                    *options])
+    return int(server.wait_for("READY ", time.monotonic() + rt.READY_TIMEOUT_S).split()[1])
+
+
 def start_peer(processes: rt.Processes, peer: rt.PeerSpec, target: str,
                prefix: Sequence[str] = ()) -> rt.Process:
     """A tests/peers client; ``prefix`` runs it elsewhere (``ip netns exec NS``) or as

@@ -35,6 +35,9 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 PEERS_DIR = REPO / "tests" / "peers"
 GRPCJS_PACKAGE = PEERS_DIR / "node_modules" / "@grpc" / "grpc-js" / "package.json"
+GRPCGO_BIN = PEERS_DIR / "go" / "bin"  # `make go-peers` builds grpcgo-server and -client here
+GRPCGO_SERVER = GRPCGO_BIN / "grpcgo-server"
+GRPCGO_CLIENT = GRPCGO_BIN / "grpcgo-client"
 METHOD = "/helloworld.Greeter/SayHello"
 
 READY_TIMEOUT_S = 15.0  # server up, capture listening
@@ -46,7 +49,7 @@ TRACER_TIMEOUT_S = 60.0
 # moment to take them from the kernel before stopping it.
 SETTLE_S = 0.3
 
-Impl = Literal["grpcio", "grpc-js"]
+Impl = Literal["grpcio", "grpc-js", "grpc-go"]
 Mode = Literal["leak", "pool", "close"]
 Backend = Literal["tcpdump", "scapy"]
 
@@ -75,6 +78,8 @@ class PeerSpec:
     def argv(self, target: str) -> list[str]:
         if self.impl == "grpcio":
             script = [sys.executable, "-u", str(PEERS_DIR / "grpcio_client.py")]
+        elif self.impl == "grpc-go":
+            script = [str(GRPCGO_CLIENT)]
         else:
             script = [shutil.which("node") or "node", str(PEERS_DIR / "grpcjs_client.js")]
         return [*script, self.mode, "--target", target, "--count", str(self.count)]
@@ -97,6 +102,15 @@ def grpcjs_unavailable_reason() -> str | None:
         return "node is not installed: the grpc-js peers cannot run"
     if not GRPCJS_PACKAGE.exists():
         return "tests/peers/node_modules has no @grpc/grpc-js: run `make node-deps`"
+    return None
+
+
+def grpcgo_unavailable_reason() -> str | None:
+    missing = [p.name for p in (GRPCGO_SERVER, GRPCGO_CLIENT) if not os.access(p, os.X_OK)]
+    if missing:
+        return (f"the grpc-go peers are not built ({', '.join(missing)} missing in "
+                "tests/peers/go/bin): run `make go-peers` (Debian's golang-go and "
+                "golang-google-grpc-dev)")
     return None
 
 

@@ -97,8 +97,8 @@ def _settle(attributor: Attributor, seconds: float = 5.0) -> dict[str, tuple[str
     got: dict[str, tuple[str, Any]] = {}
     deadline = time.monotonic() + seconds
     while attributor.pending and time.monotonic() < deadline:
-        for uid, verdict, info in attributor.scan(time.time()):
-            got[uid] = (verdict, info)
+        for settled in attributor.scan(time.time()):
+            got[settled.uid] = (settled.verdict, settled.process)
         time.sleep(0.05)
     return got
 
@@ -133,7 +133,8 @@ def test_local_client_gone_before_a_scan_is_counted_not_guessed() -> None:
     assert pending.next_try > now
     ended = attributor.observe(
         [_record("Cgone", ("127.0.0.1", 40001), ("127.0.0.1", 9), "fin")], time.time())
-    assert ended == [("Cgone", "closed_before_attribution")]
+    assert [(s.uid, s.verdict, s.process) for s in ended] == \
+        [("Cgone", "closed_before_attribution", None)]
 
 
 @pytest.mark.parametrize("count", [500])

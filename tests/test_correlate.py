@@ -224,3 +224,69 @@ def test_preface_timeout_runs_from_the_dial(db_path: Path) -> None:
     [moment] = server_health(db, preface_timeout=20.0)["preface_timeout_moments"]
     assert moment["ts"] == T0 + 120.0 and moment["pid"] == 4321
     assert moment["top_clients"] == {"pid 700": 50, "10.0.0.9": 1}
+
+
+@pytest.fixture
+def late_start(tmp_path: Path) -> Path:
+    """The agent started at T0+100 on a server that already held three connections of
+    pid 700 (from its socket table: picked up mid-stream, one of them in use); the
+    client's log has an error five seconds before the start and a grpc-go INFO line
+    "transport is closing" (printed at every normal close) after it."""
+    path = tmp_path / "late.db"
+    db = open_database(str(path))
+    writer = CaptureWriter.start(db, kind="live", ports=[9090])
+    rows = []
+    for i in range(3):
+        r = record(f"Cold{i}", 100.0, ("10.0.0.7", 41000 + i), close=None, preface=None,
+                   settings=None)
+        r.update(syn_ts=None, established_ts=None, mid_stream=1, from_snapshot=1,
+                 streams=124 if i == 0 else 0, history="")
+        rows.append(r)
+    writer.write(rows, [], [])
+    writer.finish(status="complete", error=None, first_ts=T0 + 100.0, last_ts=T0 + 200.0,
+                  packets=10, segments=10, connections=3, open_at_end=3, anomaly_counts={},
+                  drops=0, elapsed_s=100.0, stats={})
+    with db.conn:
+        db.conn.execute("INSERT INTO processes (pid, start_time, comm, cmdline)"
+                        " VALUES (700, ?, 'pool', 'pool')", [T0 - 1000.0])
+        db.conn.execute("UPDATE connections SET pid = 700, process_start = ?", [T0 - 1000.0])
+        db.conn.execute(
+            "INSERT INTO log_sources (id, name, path, format, added_ts, lines, parsed,"
+            " unparsed, first_ts, last_ts) VALUES (1, 'pool.log', 'pool.log', 'klog', ?, 2,"
+            " 2, 0, ?, ?)", [T0, T0 + 95.0, T0 + 150.0])
+        db.conn.executemany(
+            "INSERT INTO log_lines (id, source_id, line_no, ts, level, pid, process, message,"
+            " reason) VALUES (?, 1, ?, ?, ?, 700, NULL, ?, NULL)",
+            [(1, 1, T0 + 95.0, "error", ("rpc error: code = DeadlineExceeded desc = "
+                                          "context deadline exceeded")),
+             (2, 2, T0 + 150.0, "info", ("[transport] transport: loopyWriter exiting "
+                                         "with error: transport is closing"))])
+    db.conn.close()
+    return path
+
+
+def test_a_line_before_the_capture_says_what_its_start_found(late_start: Path) -> None:
+    data = correlate(open_database(str(late_start), readonly=True), window=5.0)
+    assert data["matched"] == 1  # the INFO "transport is closing" is a normal close
+    [line] = data["lines"]
+    server = line["server"]
+    assert server["capture_began_after_s"] == 5.0
+    assert server["open_at_capture_start"] == 3
+    assert server["top_clients_at_capture_start"] == [{"client": "pid 700 pool", "open": 3}]
+    situations = {c["uid"]: c["at_line"] for c in line["connections"]}
+    assert situations["Cold0"] == ("open when the capture began 5.0s after (opened then "
+                                   "or before: not seen)")
+    text = tracer("correlate", "--db", str(late_start))
+    assert "before the capture (it began 5.0s later): its start found 3 open (3 pid 700 " \
+           "pool), opened before it" in text, text
+
+
+def test_a_connection_from_the_socket_table_is_not_called_preface_less(
+        late_start: Path) -> None:
+    data = correlate(open_database(str(late_start), readonly=True), window=60.0,
+                     pattern="transport is closing")
+    [line] = data["lines"]  # asked for by name, the INFO line is taken
+    situations = {c["uid"]: c["at_line"] for c in line["connections"]}
+    assert situations["Cold0"] == ("open 50.0s, open before the capture (in the socket "
+                                   "table at its start), 124 RPCs seen")
+    assert all("no HTTP/2 preface" not in s for s in situations.values())

@@ -113,3 +113,16 @@ def test_bad_options(db_path: Path) -> None:
                           "--plot", "x.gif"], cwd=REPO, capture_output=True, text=True,
                          check=False)
     assert bad.returncode == 2 and ".png, .svg or .html" in bad.stderr
+
+
+@pytest.mark.parametrize("timeout,expected", [("5s", 1), ("30s", 0)])
+def test_preface_timeout_option_agrees_with_the_report(db_path: Path, timeout: str,
+                                                      expected: int) -> None:
+    """The stuck dial gave up after 20 s: a timeout under a 5 s limit, none under 30 s; the
+    timeline counts what the report counts with the same --preface-timeout."""
+    data = json.loads(tracer("timeline", "--db", str(db_path), "--format", "json",
+                             "--preface-timeout", timeout))
+    report = json.loads(tracer("report", "--db", str(db_path), "--format", "json",
+                               "--preface-timeout", timeout))
+    assert sum(data["markers"]["preface_timeouts"]) == expected
+    assert report["server"]["preface_timeouts"] == expected

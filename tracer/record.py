@@ -82,6 +82,8 @@ RECORD_FIELDS = (
     "resp_fin_ts",
     "orig_rst_ts",
     "resp_rst_ts",
+    "tls_records_orig",
+    "tls_records_resp",
 )
 
 
@@ -179,6 +181,8 @@ def build_record(conn: Connection) -> dict[str, Any]:
             h2c_upgrade=int(h2.upgraded),
             first_rpc_ts=h2.first_rpc_ts,
             last_rpc_ts=h2.last_rpc_ts,
+            tls_records_orig=h2.tls_records_orig,
+            tls_records_resp=h2.tls_records_resp,
             grpc_statuses=dict(h2.grpc_statuses) if h2.grpc_statuses else {},
             methods=dict(h2.methods) if h2.methods else (
                 {h2.first_method: h2.streams} if h2.first_method is not None else {}),
@@ -193,14 +197,15 @@ def build_record(conn: Connection) -> dict[str, Any]:
 _NO_HTTP2: dict[str, Any] = {
     key: 0 if key in ("streams", "pings_orig", "pings_resp", "goaways", "rst_streams",
                       "trailers", "grpc_errors", "data_frames", "window_updates",
-                      "h2c_upgrade") else None
+                      "h2c_upgrade", "tls_records_orig", "tls_records_resp") else None
     for key in (*RECORD_FIELDS[RECORD_FIELDS.index("protocol"):RECORD_FIELDS.index("h2c_upgrade") + 1],
-                "first_rpc_ts", "last_rpc_ts")
+                "first_rpc_ts", "last_rpc_ts", "tls_records_orig", "tls_records_resp")
 }
 
 
 # Counters of a continued connection that add up across the two rows.
 _SUMMED = (
+    "tls_records_orig", "tls_records_resp",
     "orig_pkts", "orig_bytes", "resp_pkts", "resp_bytes", "missed_bytes", "syn_retries",
     "retransmits", "keepalives", "zero_windows", "events_dropped", "streams", "pings_orig",
     "pings_resp", "goaways", "rst_streams", "trailers", "grpc_errors", "data_frames",

@@ -2,10 +2,11 @@
 """Test peer: a grpcio Greeter client that leaks, pools or closes its connections.
 
 Usage: grpcio_client.py {leak,pool,close,dial} --target HOST:PORT --count N [--interval S]
-                         [--connect-timeout S] [--log FILE]
+                         [--connect-timeout S] [--log FILE] [--channels K] [--tls-ca PEM]
 
 - leak:  N channels opened one after another, one RPC each, never closed.
-- pool:  one channel, N RPCs every --interval seconds, never closed.
+- pool:  --channels channels (default 1), N RPCs each, every --interval seconds (the
+         channels in turn), never closed.
 - close: N times: open a channel, one RPC, close it.
 - dial:  N times: open a channel whose connection attempt gives up after
          --connect-timeout seconds, one RPC, close it; a failed RPC is logged to --log as
@@ -62,7 +63,14 @@ def say_hello(channel: grpc.Channel, name: str) -> None:
         raise RuntimeError(f"unexpected reply {reply!r}")
 
 
+TLS_CA: bytes | None = None  # --tls-ca: channels are TLS, trusting this certificate
+
+
 def new_channel(target: str) -> grpc.Channel:
+    if TLS_CA is not None:
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(TLS_CA),
+                                   options=[*CHANNEL_OPTIONS,
+                                            ("grpc.ssl_target_name_override", "localhost")])
     return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
@@ -95,7 +103,13 @@ def main() -> int:
     parser.add_argument("--max-lifetime", type=float, default=120.0)
     parser.add_argument("--connect-timeout", type=float, default=1.0)
     parser.add_argument("--log", help="dial: append failed RPCs here as JSON lines")
+    parser.add_argument("--channels", type=int, default=1, help="pool: channels used in turn")
+    parser.add_argument("--tls-ca", help="TLS channels, trusting this certificate (PEM)")
     args = parser.parse_args()
+    if args.tls_ca:
+        global TLS_CA
+        with open(args.tls_ca, "rb") as f:
+            TLS_CA = f.read()
 
     stop = threading.Event()
 
@@ -112,12 +126,11 @@ def main() -> int:
             kept.append(channel)
             say_hello(channel, f"leak-{i}")
     elif args.mode == "pool":
-        channel = new_channel(args.target)
-        kept.append(channel)
-        for i in range(args.count):
+        kept += [new_channel(args.target) for _ in range(args.channels)]
+        for i in range(args.count * args.channels):
             if i:
-                time.sleep(args.interval)
-            say_hello(channel, f"pool-{i}")
+                time.sleep(args.interval / args.channels)
+            say_hello(kept[i % args.channels], f"pool-{i}")
     elif args.mode == "dial":
         dial(args.target, args.count, args.interval, args.connect_timeout, args.log)
     else:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Test peer: a grpcio helloworld.Greeter server with raw-bytes handlers (no protoc).
 
-Usage: grpcio_server.py PORT [--max-lifetime SECONDS]
+Usage: grpcio_server.py PORT [--max-lifetime SECONDS] [--tls-cert PEM --tls-key PEM]
 
 Listens on 0.0.0.0:PORT (0 picks a free port), prints ``READY <port>`` once serving, and
 stops on SIGTERM or SIGINT. It also stops by itself after --max-lifetime seconds so that a
@@ -77,6 +77,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("port", type=int)
     parser.add_argument("--max-lifetime", type=float, default=300.0)
+    parser.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)...")
+    parser.add_argument("--tls-key", help="...and this private key (PEM)")
     args = parser.parse_args()
 
     stop = threading.Event()
@@ -94,7 +96,12 @@ def main() -> int:
             SERVICE, {"SayHello": grpc.unary_unary_rpc_method_handler(say_hello)}
         ),
     ))
-    port = server.add_insecure_port(f"0.0.0.0:{args.port}")
+    if args.tls_cert:
+        with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        port = server.add_secure_port(f"0.0.0.0:{args.port}", credentials)
+    else:
+        port = server.add_insecure_port(f"0.0.0.0:{args.port}")
     if port == 0:
         print(f"cannot listen on port {args.port}", file=sys.stderr, flush=True)
         return 1

@@ -3,6 +3,7 @@
 //
 // Usage: node grpcjs_client.js {leak,pool,close,dial} --target HOST:PORT --count N
 //                              [--interval S] [--max-lifetime S] [--deadline S] [--log FILE]
+//                              [--tls-ca CERT.pem]
 //
 // - leak:  N clients created one after another, one RPC each, never closed.
 // - pool:  one client, N RPCs every --interval seconds, never closed.
@@ -13,6 +14,7 @@
 //
 // Prints DONE when its work is done, then stays alive (holding whatever it left open)
 // until SIGTERM/SIGINT or --max-lifetime seconds, so a test decides when it ends.
+// With --tls-ca the channels are TLS, trusting that certificate (the server's own).
 'use strict';
 
 const path = require('path');
@@ -39,6 +41,7 @@ function parseArgs(argv) {
       case '--max-lifetime': args.maxLifetime = Number(value); break;
       case '--deadline': args.deadline = Number(value); break;
       case '--log': args.log = value; break;
+      case '--tls-ca': args.tlsCa = value; break;
       default: throw new Error(`unknown argument ${argv[i]}`);
     }
   }
@@ -52,8 +55,10 @@ function parseArgs(argv) {
 const definition = protoLoader.loadSync(path.join(__dirname, 'greeter.proto'));
 const { Greeter } = grpc.loadPackageDefinition(definition).helloworld;
 
+let credentials = null;  // set in main: insecure, or TLS with --tls-ca
+
 function newClient(target) {
-  return new Greeter(target, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+  return new Greeter(target, credentials, CHANNEL_OPTIONS);
 }
 
 function sayHello(client, name, timeoutMs = RPC_TIMEOUT_MS) {
@@ -70,6 +75,9 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 async function main() {
   const args = parseArgs(process.argv.slice(2));
+  credentials = args.tlsCa
+    ? grpc.credentials.createSsl(require('fs').readFileSync(args.tlsCa))
+    : grpc.credentials.createInsecure();
   process.on('SIGTERM', () => process.exit(0));
   process.on('SIGINT', () => process.exit(0));
   const kept = []; // referenced until exit so nothing is garbage-collected

@@ -24,9 +24,15 @@ from typing import Any
 from store.queries import report
 from store.retention import Retention
 from store.schema import StoreError, open_database
-from store.writer import CaptureWriter, StoreFull, store_failure
+from store.server import ServerSampleWriter
+from store.writer import Attribution, CaptureWriter, StoreFull, store_failure
 from tracer import __version__
-from tracer.agent.attribution import ATTRIBUTION_INTERVAL, QUICK_SCAN_INTERVAL, Attributor
+from tracer.agent.attribution import (
+    ATTRIBUTION_INTERVAL,
+    QUICK_SCAN_INTERVAL,
+    Attributor,
+    Settled,
+)
 from tracer.agent.control import Trimmer, ignore_stop_signals, own_identity
 from tracer.agent.messages import (
     Batch,
@@ -38,9 +44,10 @@ from tracer.agent.messages import (
     Summary,
     Totals,
 )
-from tracer.attribution.sockets import ProcessInfo
+from tracer.attribution.server import ServerReader
 
 IDLE_WAKE = 1.0  # seconds: the longest the worker sleeps with nothing due
+SERVER_SAMPLE_INTERVAL = 1.0  # seconds between two looks at the server (store.server)
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class StoreWorker:
         self.settings = settings
         self.rows = rows  # a shared counter the status line shows (multiprocessing.Value)
         self.attributor = Attributor(settings.ports) if settings.attribution else None
+        self.unwritten: list[Attribution] = []  # verdicts for the next batch to write
         self.retention = settings.retention
         self.totals = Totals()
         self.trim = Trimmer()
@@ -73,6 +81,15 @@ class StoreWorker:
         self.pruned = 0
         if self.retention is not None:
             self.retention.configure(writer.db)
+        # The server's accept queue and descriptors, when it runs on this host (what
+        # --no-attribution turns off is the look-up of each connection's owner).
+        self.server: ServerReader | None = None
+        try:
+            self.server = ServerReader(settings.ports)
+        except OSError:
+            pass  # no sock_diag here: no server samples
+        self.server_samples = ServerSampleWriter(writer.db, writer.capture_id)
+        self.next_server_sample = now
         self.status = "interrupted"  # until the capture process says how it ended
         self.error: str | None = None
         self.elapsed = 0.0
@@ -83,9 +100,9 @@ class StoreWorker:
         if self.attributor is None:
             return
         now = time.time()
-        self.attributor.observe(message.records, now)
-        if time.monotonic() - self.last_scan >= QUICK_SCAN_INTERVAL:
-            self._scan(now)
+        # Looked for at once, at their SYN: a call of a few milliseconds is still open.
+        self._record(self.attributor.observe(message.records, now), now)
+        self._scan(now)
 
     def batch(self, message: Batch) -> None:
         writer = self.writer
@@ -95,12 +112,8 @@ class StoreWorker:
         attributor = self.attributor
         if attributor is not None:
             now = time.time()
-            if attributor.deferred:
-                late = [(r["uid"], *attributor.deferred.pop(r["uid"]))
-                        for r in message.records if r["uid"] in attributor.deferred]
-                writer.attribute(late)
-            ended = attributor.observe(message.records, now)
-            self._record([(uid, verdict, None) for uid, verdict in ended], now)
+            self._record(attributor.observe(message.records, now), now)
+            self._write_verdicts(message.records)
         self.totals = message.totals
         t = message.totals
         writer.update_progress(packets=t.packets, segments=t.segments, first_ts=t.first_ts,
@@ -110,7 +123,8 @@ class StoreWorker:
     def finish(self, message: Finish) -> None:
         self.status, self.error, self.elapsed = message.status, message.error, message.elapsed_s
         if self.attributor is not None:  # a last look for the ones still open
-            self._scan(time.time())
+            self._scan(time.time(), everything=True)
+            self._write_verdicts()
 
     # -- what is due without a message ---------------------------------------------------
 
@@ -120,9 +134,18 @@ class StoreWorker:
         waits = [IDLE_WAKE]
         attributor = self.attributor
         if attributor is not None and attributor.pending:
-            if now - self.last_scan >= ATTRIBUTION_INTERVAL:
-                self._scan(time.time())
-            waits.append(ATTRIBUTION_INTERVAL - (time.monotonic() - self.last_scan))
+            due = attributor.next_due()
+            wall = time.time()
+            if due is not None and due <= wall and now - self.last_scan >= QUICK_SCAN_INTERVAL:
+                self._scan(wall)
+                due = attributor.next_due()
+            soonest = self.last_scan + QUICK_SCAN_INTERVAL - time.monotonic()
+            waits.append(max(soonest, (due - time.time()) if due is not None
+                             else ATTRIBUTION_INTERVAL))
+        if self.server is not None:
+            if now >= self.next_server_sample:
+                self._sample_server()
+            waits.append(self.next_server_sample - time.monotonic())
         retention = self.retention
         if retention is not None:
             db = self.writer.db
@@ -137,27 +160,51 @@ class StoreWorker:
             waits.append(min(self.next_prune, self.next_size_check) - time.monotonic())
         return max(0.0, min(waits))
 
-    def _scan(self, now: float) -> None:
+    def _sample_server(self) -> None:
+        assert self.server is not None
+        self.next_server_sample = time.monotonic() + SERVER_SAMPLE_INTERVAL
+        try:
+            samples = self.server.read()
+        except OSError:
+            return  # this look failed (netlink timed out): the next one is a second away
+        self.server_samples.add(time.time(), samples)
+
+    def _scan(self, now: float, everything: bool = False) -> None:
         assert self.attributor is not None
         self.last_scan = time.monotonic()
-        self._record(self.attributor.scan(now), now)
+        self._record(self.attributor.scan(now, everything=everything), now)
 
-    def _record(self, verdicts: list[tuple[str, str, ProcessInfo | None]], now: float) -> None:
+    def _record(self, verdicts: list[Settled], now: float) -> None:
+        """Count verdicts; they are written with the next batch (most are reached at the
+        SYN, before their connection has a row: one transaction for all, then)."""
         if not verdicts:
             return
         attributor = self.attributor
         assert attributor is not None
-        for _uid, verdict, _info in verdicts:
-            attributor.counts[verdict] = attributor.counts.get(verdict, 0) + 1
-        missing = self.writer.attribute([(u, v, i, now) for u, v, i in verdicts])
-        for uid, verdict, info, ts in missing:
-            attributor.deferred[uid] = (verdict, info, ts)
+        for settled in verdicts:
+            attributor.counts[settled.verdict] = attributor.counts.get(settled.verdict, 0) + 1
+        self.unwritten.extend((s.uid, s.verdict, s.process, now, s.detail) for s in verdicts)
+
+    def _write_verdicts(self, records: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
+        """Write the verdicts reached since the last batch, and those reached before their
+        connection had a row whose row ``records`` just wrote."""
+        attributor = self.attributor
+        assert attributor is not None
+        todo, self.unwritten = self.unwritten, []
+        if attributor.deferred:
+            todo += [(r["uid"], *attributor.deferred.pop(r["uid"]))
+                     for r in records if r["uid"] in attributor.deferred]
+        if not todo:
+            return
+        for uid, verdict, info, ts, detail in self.writer.attribute(todo):
+            attributor.deferred[uid] = (verdict, info, ts, detail)
 
     # -- the end -------------------------------------------------------------------------
 
     def close(self) -> Summary:
         """Close the capture with its totals; the summary for the capture process."""
         writer = self.writer
+        self.server_samples.flush()  # the server's last state read
         stats = {f"attribution.{k}": v for k, v in
                  (self.attributor.counts if self.attributor else {}).items()}
         stats["kernel.received"] = self.totals.received

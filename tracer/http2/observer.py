@@ -96,6 +96,13 @@ RESYNC = 2  # frame boundaries unknown: wait for a segment that starts on one
 HTTP1 = 3  # inside an HTTP/1.x head or body
 TLS = 4  # collecting a TLS hello
 IGNORE = 5  # nothing more to learn from this direction
+TLS_RECORDS = 6  # inside TLS after the hello: record headers counted, bodies skipped
+
+# TLS record content types (RFC 8446 section 5.1); application data carries the RPCs.
+TLS_CHANGE_CIPHER_SPEC = 20
+TLS_HEARTBEAT = 24
+TLS_APPLICATION_DATA = 23
+MAX_TLS_RECORD = (1 << 14) + 2048  # TLSCiphertext.length at most 2^14 + 2048
 
 _HTTP1_REQUEST = re.compile(rb"[A-Z]{3,10} ")
 # While resyncing, a segment must show a whole request or status line to count as HTTP/1:
@@ -107,6 +114,21 @@ _HTTP1_STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5]\d\d[ \r]")
 # and every extension type.
 _COUNTED_ONLY = frozenset([PRIORITY, WINDOW_UPDATE, *range(CONTINUATION + 1, 256)])
 _HEADER_BLOCK_TYPES = frozenset([HEADERS, CONTINUATION, PUSH_PROMISE])
+
+
+def _plausible_tls_records(data: bytes) -> bool:
+    """A segment that starts with a TLS application data record (an HTTP/2 frame header
+    cannot: its length would be over a megabyte), followed by another record or by the
+    end of the segment."""
+    if len(data) < 5 or data[0] != TLS_APPLICATION_DATA or data[1] != 3 or data[2] > 4:
+        return False
+    end = 5 + (data[3] << 8 | data[4])
+    if end > MAX_TLS_RECORD + 5:
+        return False
+    if end >= len(data):
+        return True
+    nxt = data[end:end + 3]
+    return len(nxt) < 3 or (TLS_CHANGE_CIPHER_SPEC <= nxt[0] <= TLS_HEARTBEAT and nxt[1] == 3)
 
 
 def printable(raw: bytes, limit: int = MAX_TEXT) -> str:
@@ -199,6 +221,8 @@ class Http2Observer:
         "server_settings_ts",
         "streams",
         "tls_alpn",
+        "tls_records_orig",
+        "tls_records_resp",
         "tls_sni",
         "trailers",
         "upgraded",
@@ -240,6 +264,8 @@ class Http2Observer:
         self.window_updates = 0
         self.tls_sni: str | None = None
         self.tls_alpn: str | None = None
+        self.tls_records_orig = 0  # application data records each way
+        self.tls_records_resp = 0
         self.upgraded = False
         self.connect_pending = False
         self.orig = Direction(self, True)
@@ -319,6 +345,7 @@ _OBSERVER_LAYOUT = Layout([
     ("goaway_last_stream_id", SEQ), ("goaway_error", SEQ), ("rst_streams", COUNT),
     ("trailers", COUNT), ("grpc_errors", COUNT), ("data_frames", BIG), ("window_updates", BIG),
     ("upgraded", FLAG), ("connect_pending", FLAG), ("first_rpc_ts", FLOAT),
+    ("tls_records_orig", BIG), ("tls_records_resp", BIG),
     ("last_rpc_ts", FLOAT), ("grpc_statuses", REF), ("protocol", REF),
     ("client_settings", REF), ("server_settings", REF),
     ("first_method", REF), ("methods", REF), ("authority", REF), ("user_agent", REF),
@@ -410,6 +437,8 @@ class Direction:
             self.data = self._http1
         elif mode == TLS:
             self.data = self._tls
+        elif mode == TLS_RECORDS:
+            self.data = self._tls_records
         else:
             self.data = self._ignore
 
@@ -446,6 +475,12 @@ class Direction:
                 self.body_left -= missed
             else:
                 self._set_mode(IGNORE)
+        elif mode == TLS_RECORDS:
+            if self.skip >= missed and not self.pending:
+                self.skip -= missed  # inside one record's body: the records hold
+            else:
+                self.pending = b""
+                self._lose_sync(ts)
         elif mode in (DETECT, TLS):
             self.pending = b""
             self._lose_sync(ts)
@@ -573,6 +608,13 @@ class Direction:
             # a CONNECT picked up mid-stream): it starts a stream of its own.
             self._set_mode(HTTP1)
             self._http1(ts, data)
+            return
+        if _plausible_tls_records(data):
+            # TLS picked up mid-stream (or after a gap): its records are still counted.
+            self.obs.protocol = "tls"
+            self._set_mode(TLS_RECORDS)
+            self.obs.conn.emit_frequent(FramingRegained, ts, self.dir)
+            self._tls_records(ts, data)
             return
         if plausible_chain(data, self.max_frame):
             self._set_mode(FRAMES)
@@ -996,6 +1038,52 @@ class Direction:
 
     # -- TLS --------------------------------------------------------------------------
 
+    def _tls_records(self, ts: float, data: bytes) -> None:
+        """Walk TLS record headers: application data records are what the connection
+        carries (RPCs are encrypted: how many records each way and when is all there is
+        to see), and they make it active."""
+        skip = self.skip
+        n = len(data)
+        pos = 0
+        if skip:
+            if skip >= n:
+                self.skip = skip - n
+                return
+            pos = skip
+            self.skip = 0
+        if self.pending:
+            data = self.pending + data[pos:]
+            self.pending = b""
+            n = len(data)
+            pos = 0
+        app = 0
+        while pos + 5 <= n:
+            ctype = data[pos]
+            length = data[pos + 3] << 8 | data[pos + 4]
+            if (not TLS_CHANGE_CIPHER_SPEC <= ctype <= TLS_HEARTBEAT or data[pos + 1] != 3
+                    or length > MAX_TLS_RECORD):
+                self.obs.anomaly(ts, "tls_record_desync",
+                                 f"{self.dir} record header {data[pos:pos + 5].hex()}")
+                self._lose_sync(ts)
+                break
+            if ctype == TLS_APPLICATION_DATA:
+                app += 1
+            end = pos + 5 + length
+            if end > n:
+                self.skip = end - n
+                pos = n
+                break
+            pos = end
+        if pos < n and self.mode == TLS_RECORDS:
+            self.pending = data[pos:]
+        if app:
+            obs = self.obs
+            if self.is_client:
+                obs.tls_records_orig += app
+            else:
+                obs.tls_records_resp += app
+            obs.conn.last_activity = ts
+
     def _tls(self, ts: float, data: bytes) -> None:
         buf = self.pending + data if self.pending else data
         self.pending = b""
@@ -1014,8 +1102,11 @@ class Direction:
             obs.anomaly(ts, "bad_tls_hello", f"{self.dir}: {exc}")
             self._set_mode(IGNORE)
             return
-        self._set_mode(IGNORE)
         alpn = ",".join(hello.alpn)
+        # From the start of what was buffered: the hello's own records are handshake
+        # records, the ones after it are counted.
+        self._set_mode(TLS_RECORDS)
+        self._tls_records(ts, buf)
         if hello.kind == HANDSHAKE_CLIENT_HELLO:
             obs.tls_sni = hello.sni or None
             if obs.tls_alpn is None:
