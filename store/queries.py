@@ -142,10 +142,15 @@ FEW_TLS_RECORDS = 12
 # server closes it (max-connection-age), so the server's closes never bring it down.
 MANY_LEFT_BEHIND = 10
 
+# An RPC still in progress on a connection seen from its start: more streams opened than
+# ended (the server's END_STREAM, or a RST_STREAM). A watch or subscription stream is one
+# RPC that lasts as long as its connection: that connection is in use, never left behind.
+RPC_IN_PROGRESS = "(streams > COALESCE(trailers, 0) + COALESCE(rst_streams, 0))"
+
 LEFT_BEHIND = f"""(open_now AND CASE
     WHEN mid_stream THEN last_activity_ts IS NULL
     WHEN COALESCE(protocol, '') = 'tls' THEN COALESCE(tls_records_orig, 0) <= {FEW_TLS_RECORDS}
-    ELSE streams <= {FEW_RPCS}
+    ELSE streams <= {FEW_RPCS} AND NOT {RPC_IN_PROGRESS}
 END)"""
 
 # Which side began a connection's end: the first GOAWAY's sender when it came before the
@@ -198,7 +203,9 @@ def _verdict(c: dict[str, Any], span_s: float) -> tuple[str, str]:
     if still_open >= 1:
         pools = "1 long-lived connection" if still_open == 1 else (
             f"{still_open} long-lived connections")
-        return "ok", f"{pools} ({_traffic(c)}); {closed} closed"
+        busy = c["open_rpc_in_progress"]
+        streaming = (f"; {busy} with an RPC still in progress (a stream)" if busy else "")
+        return "ok", f"{pools} ({_traffic(c)}{streaming}); {closed} closed"
     if opened == 0:
         return "ok", f"{c['health_checks']} health checks only (connect, no HTTP/2, close)"
     return "ok", f"all {opened} connections closed"
@@ -307,6 +314,8 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
                SUM(NOT hc AND NOT open_now AND closed_first_by = 'orig') AS closed_by_client,
                SUM(NOT hc AND NOT open_now AND closed_first_by = 'resp') AS closed_by_server,
                SUM(open_now AND COALESCE(protocol, '') = 'tls') AS open_tls,
+               SUM(open_now AND NOT mid_stream AND COALESCE(protocol, '') <> 'tls'
+                   AND {RPC_IN_PROGRESS}) AS open_in_rpc,
                SUM(open_now AND mid_stream) AS open_before,
                SUM(CASE WHEN NOT hc THEN COALESCE(tls_records_orig, 0) ELSE 0 END) AS tls_records,
                SUM(NOT hc AND COALESCE(protocol, '') = 'tls') AS tls_connections,
@@ -391,6 +400,8 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
             "closed_by_client": r["closed_by_client"] or 0,
             "closed_by_server": r["closed_by_server"] or 0,
             "open_tls": r["open_tls"] or 0,
+            # Open with an RPC still in progress (a stream: a watch, a subscription).
+            "open_rpc_in_progress": r["open_in_rpc"] or 0,
             "open_before_capture": r["open_before"] or 0,
             "tls_records": r["tls_records"] or 0,
             "rpcs_encrypted": bool(r["tls_connections"]),
@@ -460,7 +471,7 @@ _HISTORY_COUNTS = ("opened", "closed", "by_client_fin", "by_server_fin", "by_rst
 # What an entry made only of pruned connections has of what only open connections have.
 _OPEN_ONLY = ("open", "open_few_rpcs", "opened_and_left_open", "left_behind",
               "left_behind_seen", "left_behind_tls", "left_behind_before", "open_tls",
-              "open_before")
+              "open_before", "open_in_rpc")
 
 
 def _add_history(db: sqlite_utils.Database, rows: list[dict[str, Any]],

@@ -34,7 +34,7 @@ def record(uid: str, ts: float, orig: tuple[str, int], *, close: float | None,
         preface_ts=T0 + preface if preface is not None else None,
         server_settings_ts=T0 + settings if settings is not None else None,
         streams=1, first_method="/pkg.Svc/Get", pings_orig=0, pings_resp=0, goaways=0,
-        rst_streams=0, trailers=0, grpc_errors=0, data_frames=0, window_updates=0,
+        rst_streams=0, trailers=1, grpc_errors=0, data_frames=0, window_updates=0,
         h2c_upgrade=0, methods={"/pkg.Svc/Get": 1}, grpc_statuses={},
     )
     return r

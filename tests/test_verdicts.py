@@ -151,6 +151,39 @@ def test_few_rpcs_boundary_is_what_the_query_counts() -> None:
     assert FEW_RPCS == 2  # the reason's "at most 2 RPCs each" says the same number
 
 
+@pytest.mark.parametrize("ended,verdict", [(1, "leak"), (0, "ok")],
+                         ids=["rpc-ended", "rpc-in-progress"])
+def test_a_connection_with_an_rpc_in_progress_is_in_use(tmp_path: Path, ended: int,
+                                                       verdict: str) -> None:
+    """Three connections opened in the capture, one RPC each, never closed: a leak when
+    each RPC ended (the server's trailers), connections in use when each RPC still runs
+    (a watch or subscription stream: one RPC as long as the connection)."""
+    from store_support import T0, record
+
+    from store.queries import client_report
+    from store.schema import open_database
+    from store.writer import CaptureWriter
+
+    db = open_database(str(tmp_path / "streams.db"))
+    writer = CaptureWriter.start(db, kind="file", ports=[9090])
+    rows = []
+    for i in range(3):
+        r = record(f"Cw{i}", 1.0 + i, ("10.0.0.7", 41000 + i), close=None, preface=1.001 + i,
+                   settings=1.002 + i)
+        r.update(trailers=ended, last_activity_ts=T0 + 19.0)
+        rows.append(r)
+    writer.write(rows, [], [])
+    writer.finish(status="complete", error=None, first_ts=T0, last_ts=T0 + 20.0, packets=30,
+                  segments=30, connections=3, open_at_end=3, anomaly_counts={}, drops=0,
+                  elapsed_s=20.0, stats={})
+    [c] = client_report(db)
+    assert c["verdict"] == verdict, c
+    assert (c["left_behind"], c["open_rpc_in_progress"]) == ((3, 0) if ended else (0, 3))
+    if not ended:
+        assert c["reason"] == ("3 long-lived connections (3 RPCs in all; 3 with an RPC still "
+                               "in progress (a stream)); 0 closed"), c["reason"]
+
+
 # -- real processes ----------------------------------------------------------------------
 
 
@@ -228,6 +261,33 @@ def test_tls_pool_is_ok_and_tls_leaker_is_a_leak(tmp_path: Path, impl: str,
     assert entries["leak"]["open"] == 6
     assert "whose RPCs are encrypted" in entries["leak"]["reason"]
     # Nobody else is flagged.
+    assert [c["pid"] for c in everyone if c["verdict"] != "ok"] == [leak.popen.pid], everyone
+
+
+def test_subscription_streams_are_in_use_and_a_leaker_beside_them_is_a_leak(
+        tmp_path: Path) -> None:
+    """Three channels, each with one server-streaming RPC that lasts as long as the
+    channel (a reply a second): one RPC per connection, never closed, and in use all the
+    time; beside it a leaker with one finished RPC per channel."""
+    ls.need_root()
+    with ls.processes() as processes:
+        port = _server(processes)
+        agent = ls.Agent(processes, tmp_path / "watch.db", port, "--iface", "lo",
+                         "--duration", "8s")
+        agent.wait_ready()
+        target = f"127.0.0.1:{port}"
+        watch = _client(processes, "watch", "watch", "--target", target, "--count", "2",
+                        "--channels", "3")
+        leak = _client(processes, "leak", "leak", "--target", target, "--count", "4")
+        ls.wait_done([watch, leak])
+        assert agent.wait_exit(30) == 0, agent.output()
+        entries = _entries(agent.db, {"watch": watch.popen.pid, "leak": leak.popen.pid})
+        everyone = ls.report(agent.db)["clients"]
+    w = entries["watch"]
+    assert (w["verdict"], w["open"], w["open_rpc_in_progress"], w["left_behind"]) == \
+        ("ok", 3, 3, 0), w
+    assert "3 with an RPC still in progress" in w["reason"], w
+    assert (entries["leak"]["verdict"], entries["leak"]["open"]) == ("leak", 4), entries
     assert [c["pid"] for c in everyone if c["verdict"] != "ok"] == [leak.popen.pid], everyone
 
 

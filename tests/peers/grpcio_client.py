@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Test peer: a grpcio Greeter client that leaks, pools or closes its connections.
 
-Usage: grpcio_client.py {leak,pool,close,dial} --target HOST:PORT --count N [--interval S]
+Usage: grpcio_client.py {leak,pool,close,dial,watch} --target HOST:PORT --count N [--interval S]
                          [--connect-timeout S] [--log FILE] [--channels K] [--tls-ca PEM]
 
 - leak:  N channels opened one after another, one RPC each, never closed.
 - pool:  --channels channels (default 1), N RPCs each, every --interval seconds (the
          channels in turn), never closed.
 - close: N times: open a channel, one RPC, close it.
+- watch: --channels channels, each with one server-streaming Watch RPC that lasts as long
+         as the process (a subscription); DONE once each stream brought N replies.
 - dial:  N times: open a channel whose connection attempt gives up after
          --connect-timeout seconds, one RPC, close it; a failed RPC is logged to --log as
          a JSON line (zap's layout: ts, level, pid, msg) in gRPC's own words, e.g.
@@ -31,6 +33,7 @@ from types import FrameType
 import grpc
 
 METHOD = "/helloworld.Greeter/SayHello"
+WATCH = "/helloworld.Greeter/Watch"  # server streaming (tests/peers/grpcio_server.py)
 # grpcio shares one TCP connection among all channels to the same target through its
 # global subchannel pool; a local pool gives every channel its own connection (DESIGN.md).
 # The proxy is disabled so that an http_proxy in the environment cannot reroute the RPCs.
@@ -96,14 +99,14 @@ def dial(target: str, count: int, interval: float, connect_timeout: float,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("leak", "pool", "close", "dial"))
+    parser.add_argument("mode", choices=("leak", "pool", "close", "dial", "watch"))
     parser.add_argument("--target", required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--interval", type=float, default=0.2)
     parser.add_argument("--max-lifetime", type=float, default=120.0)
     parser.add_argument("--connect-timeout", type=float, default=1.0)
     parser.add_argument("--log", help="dial: append failed RPCs here as JSON lines")
-    parser.add_argument("--channels", type=int, default=1, help="pool: channels used in turn")
+    parser.add_argument("--channels", type=int, default=1, help="pool, watch: channels")
     parser.add_argument("--tls-ca", help="TLS channels, trusting this certificate (PEM)")
     args = parser.parse_args()
     if args.tls_ca:
@@ -131,6 +134,15 @@ def main() -> int:
             if i:
                 time.sleep(args.interval / args.channels)
             say_hello(kept[i % args.channels], f"pool-{i}")
+    elif args.mode == "watch":
+        kept += [new_channel(args.target) for _ in range(args.channels)]
+        streams = [ch.unary_stream(WATCH)(hello_request(f"watch-{i}")) for i, ch in
+                   enumerate(kept)]
+        for stream in streams:  # N replies from each, then DONE; read on until the end
+            for _ in range(args.count):
+                next(stream)
+        for stream in streams:
+            threading.Thread(target=lambda s=stream: [None for _ in s], daemon=True).start()
     elif args.mode == "dial":
         dial(args.target, args.count, args.interval, args.connect_timeout, args.log)
     else:

@@ -14,6 +14,7 @@ import argparse
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from types import FrameType
 
@@ -73,6 +74,20 @@ def say_hello(request: bytes, context: grpc.ServicerContext) -> bytes:
     return encode_string(1, "Hello " + string_field(request, 1))
 
 
+WATCH_PERIOD_S = 1.0  # Watch: a reply this often
+
+
+def watch(request: bytes, context: grpc.ServicerContext):  # type: ignore[no-untyped-def]
+    """Server streaming: a HelloReply every WATCH_PERIOD_S until the client cancels (a
+    watch or subscription stream: one RPC that lasts as long as the connection)."""
+    name = string_field(request, 1)
+    n = 0
+    while context.is_active():
+        yield encode_string(1, f"Hello {name} #{n}")
+        n += 1
+        time.sleep(WATCH_PERIOD_S)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("port", type=int)
@@ -93,7 +108,8 @@ def main() -> int:
     # request_deserializer/response_serializer left as None: handlers see raw bytes.
     server.add_generic_rpc_handlers((
         grpc.method_handlers_generic_handler(
-            SERVICE, {"SayHello": grpc.unary_unary_rpc_method_handler(say_hello)}
+            SERVICE, {"SayHello": grpc.unary_unary_rpc_method_handler(say_hello),
+                      "Watch": grpc.unary_stream_rpc_method_handler(watch)}
         ),
     ))
     if args.tls_cert:
