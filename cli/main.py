@@ -464,7 +464,11 @@ def _print_local_server(s: dict[str, Any]) -> None:
         limit = f"{proc['fd_limit']:,}" if proc["fd_limit"] is not None else "no limit known"
         at = (f"; at the limit {fmt_age(proc['at_limit_s'])}, from "
               f"{fmt_ts(proc['at_limit_since'])}" if proc["at_limit_since"] is not None else "")
-        click.echo(f"    file descriptors: up to {fds} of {limit}{at}")
+        over = proc["fds_max"] is not None and proc["fd_limit"] is not None and \
+            proc["fds_max"] > proc["fd_limit"]
+        held = f"up to {fds} (limit {limit}, some inherited above it)" if over else \
+            f"up to {fds} of {limit}"
+        click.echo(f"    file descriptors: {held}{at}")
     if queue is not None:
         address = f"[{queue['address']}]" if ":" in queue["address"] else queue["address"]
         backlog = f"{queue['limit']:,}" if queue["limit"] is not None else "unknown"
@@ -569,8 +573,6 @@ def _where_lines(clients: list[dict[str, Any]]) -> list[str]:
         if c.get("pod"):
             name = f"{c['pod_name']} " if c.get("pod_name") else ""
             parts.append(f"pod {name}(uid {c['pod']})")
-        if c["pid"] is None and c.get("user"):
-            parts.append(f"sockets of user {c['user']}")
         if parts:
             who = f"pid {c['pid']}" if c["pid"] is not None else c["client"]
             out.append(textwrap.fill(f"{who}: " + ", ".join(parts), width=100,

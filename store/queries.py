@@ -147,7 +147,13 @@ MANY_LEFT_BEHIND = 10
 # RPC that lasts as long as its connection: that connection is in use, never left behind.
 RPC_IN_PROGRESS = "(streams > COALESCE(trailers, 0) + COALESCE(rst_streams, 0))"
 
-LEFT_BEHIND = f"""(open_now AND CASE
+# Seen from its start, the client sent something and the server never a byte: the client
+# waits for the server (its SETTINGS, its TLS ServerHello); a frozen server's victims, never
+# connections the client left behind.
+WAITING_FOR_SERVER = ("(NOT mid_stream AND COALESCE(orig_bytes, 0) > 0"
+                      " AND COALESCE(resp_bytes, 0) = 0)")
+
+LEFT_BEHIND = f"""(open_now AND NOT {WAITING_FOR_SERVER} AND CASE
     WHEN mid_stream THEN last_activity_ts IS NULL
     WHEN COALESCE(protocol, '') = 'tls' THEN COALESCE(tls_records_orig, 0) <= {FEW_TLS_RECORDS}
     ELSE streams <= {FEW_RPCS} AND NOT {RPC_IN_PROGRESS}
@@ -195,20 +201,29 @@ def _verdict(c: dict[str, Any], span_s: float) -> tuple[str, str]:
             f"never closes a connection itself: holds {left} left behind ({_carried(c)}, "
             f"then idle{_via(c)}){closes}; {still_open} open, oldest {_age(c)}"
         )
+    waiting = c["open_waiting_for_server"]
     if left >= 2:
         return "suspect", (
             f"{left} connections left behind still open ({_carried(c)}), {closed} closed, "
-            f"in {span}: watch whether they keep growing"
+            f"in {span}: watch whether they keep growing{_waiting(waiting)}"
         )
-    if still_open >= 1:
-        pools = "1 long-lived connection" if still_open == 1 else (
-            f"{still_open} long-lived connections")
+    if still_open > waiting:
+        kept = still_open - waiting
+        pools = "1 long-lived connection" if kept == 1 else f"{kept} long-lived connections"
         busy = c["open_rpc_in_progress"]
         streaming = (f"; {busy} with an RPC still in progress (a stream)" if busy else "")
-        return "ok", f"{pools} ({_traffic(c)}{streaming}); {closed} closed"
+        return "ok", f"{pools} ({_traffic(c)}{streaming}); {closed} closed{_waiting(waiting)}"
+    if waiting:
+        return "ok", f"{closed} closed{_waiting(waiting)}"
     if opened == 0:
-        return "ok", f"{c['health_checks']} health checks only (connect, no HTTP/2, close)"
+        n = c["health_checks"]
+        return "ok", f"{n} health check{'' if n == 1 else 's'} only (connect, no HTTP/2, close)"
     return "ok", f"all {opened} connections closed"
+
+
+def _waiting(n: int) -> str:
+    return (f"; {n} open waiting for the server's answer (it never sent a byte: a victim of "
+            "the server, not left behind)" if n else "")
 
 
 def _carried(c: dict[str, Any]) -> str:
@@ -316,6 +331,7 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
                SUM(open_now AND COALESCE(protocol, '') = 'tls') AS open_tls,
                SUM(open_now AND NOT mid_stream AND COALESCE(protocol, '') <> 'tls'
                    AND {RPC_IN_PROGRESS}) AS open_in_rpc,
+               SUM(open_now AND {WAITING_FOR_SERVER}) AS open_waiting,
                SUM(open_now AND mid_stream) AS open_before,
                SUM(CASE WHEN NOT hc THEN COALESCE(tls_records_orig, 0) ELSE 0 END) AS tls_records,
                SUM(NOT hc AND COALESCE(protocol, '') = 'tls') AS tls_connections,
@@ -402,6 +418,8 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
             "open_tls": r["open_tls"] or 0,
             # Open with an RPC still in progress (a stream: a watch, a subscription).
             "open_rpc_in_progress": r["open_in_rpc"] or 0,
+            # Open and never answered by the server (waiting for its SETTINGS).
+            "open_waiting_for_server": r["open_waiting"] or 0,
             "open_before_capture": r["open_before"] or 0,
             "tls_records": r["tls_records"] or 0,
             "rpcs_encrypted": bool(r["tls_connections"]),
@@ -471,7 +489,7 @@ _HISTORY_COUNTS = ("opened", "closed", "by_client_fin", "by_server_fin", "by_rst
 # What an entry made only of pruned connections has of what only open connections have.
 _OPEN_ONLY = ("open", "open_few_rpcs", "opened_and_left_open", "left_behind",
               "left_behind_seen", "left_behind_tls", "left_behind_before", "open_tls",
-              "open_before", "open_in_rpc")
+              "open_before", "open_in_rpc", "open_waiting")
 
 
 def _add_history(db: sqlite_utils.Database, rows: list[dict[str, Any]],

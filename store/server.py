@@ -352,7 +352,10 @@ def explain(state: dict[str, Any], timeouts: int, in_stall: int,
         if fds is not None and limit is not None and process["at_limit_since"] is not None:
             when = _when(process["at_limit_since"], process["at_limit_until"],
                          process["at_limit_at_first_sample"])
-            who += f" holds {fds:,} of {limit:,} file descriptors{when}"
+            # More than the limit: descriptors inherited above it (the limit only stops
+            # new ones).
+            held = f"{fds:,} of {limit:,}" if fds <= limit else f"{fds:,} (limit {limit:,})"
+            who += f" holds {held} file descriptors{when}"
         elif fds is not None and limit is not None:
             who += f" holds at most {fds:,} of {limit:,} file descriptors"
         elif fds is not None:

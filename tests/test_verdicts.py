@@ -30,7 +30,8 @@ def client(**counts: Any) -> dict[str, Any]:
         "left_behind_before": 0, "closed_by_client": 0, "closed_by_server": 0,
         "oldest_open_s": 10.0, "oldest_open_before_capture": False,
         "open_growth_per_min": 0.0, "rpcs": 0, "rpcs_per_connection": None,
-        "methods": {}, "tls_records": 0,
+        "methods": {}, "tls_records": 0, "open_rpc_in_progress": 0,
+        "open_waiting_for_server": 0,
     }
     c.update(counts)
     return c
@@ -142,6 +143,7 @@ def test_a_busy_tls_pool_is_ok_and_says_what_it_carried() -> None:
     (client(opened=30, closed=30, closed_by_client=30, rpcs=30),
      "all 30 connections closed"),
     (client(health_checks=5), "5 health checks only (connect, no HTTP/2, close)"),
+    (client(health_checks=1), "1 health check only (connect, no HTTP/2, close)"),
 ])
 def test_ok(c: dict[str, Any], reason: str) -> None:
     assert _verdict(c, SPAN) == ("ok", reason)
@@ -149,6 +151,34 @@ def test_ok(c: dict[str, Any], reason: str) -> None:
 
 def test_few_rpcs_boundary_is_what_the_query_counts() -> None:
     assert FEW_RPCS == 2  # the reason's "at most 2 RPCs each" says the same number
+
+
+def test_connections_the_server_never_answered_are_not_left_behind(tmp_path: Path) -> None:
+    """A closing client caught by a frozen server: its last calls' connections sent the
+    preface and got nothing back; open at the end, yet the client left nothing behind."""
+    from store_support import record
+
+    from store.queries import client_report
+    from store.schema import open_database
+    from store.writer import CaptureWriter
+
+    db = open_database(str(tmp_path / "waiting.db"))
+    writer = CaptureWriter.start(db, kind="file", ports=[9090])
+    rows = [record(f"Cc{i}", 1.0 + i, ("10.0.0.7", 41000 + i), close=1.5 + i,
+                   preface=1.001 + i, settings=1.002 + i) for i in range(10)]
+    for i in range(3):
+        r = record(f"Cw{i}", 12.0 + i, ("10.0.0.7", 42000 + i), close=None,
+                   preface=12.001 + i, settings=None)
+        r.update(streams=0, trailers=0, resp_bytes=0, resp_pkts=1, methods={})
+        rows.append(r)
+    writer.write(rows, [], [])
+    writer.finish(status="complete", error=None, first_ts=rows[0]["ts"],
+                  last_ts=rows[0]["ts"] + 20.0, packets=30, segments=30, connections=13,
+                  open_at_end=3, anomaly_counts={}, drops=0, elapsed_s=20.0, stats={})
+    [c] = client_report(db)
+    assert (c["verdict"], c["left_behind"], c["open_waiting_for_server"]) == ("ok", 0, 3), c
+    assert c["reason"] == ("10 closed; 3 open waiting for the server's answer (it never sent "
+                           "a byte: a victim of the server, not left behind)"), c["reason"]
 
 
 @pytest.mark.parametrize("ended,verdict", [(1, "leak"), (0, "ok")],
