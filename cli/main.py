@@ -515,6 +515,15 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
     width = parse_duration(bucket) or 60.0
     if width <= 0:
         raise click.BadParameter("the bucket must be longer than 0", param_hint="--bucket")
+    if plot_path:  # before any work: the table is not printed for a plot that cannot be
+        if not plot_path.endswith((".png", ".svg", ".html")):
+            raise click.BadParameter("use a .png, .svg or .html file", param_hint="--plot")
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise click.ClickException(
+                "--plot needs matplotlib, which is not installed: pip install "
+                "'grpc-conntrace[plot]' (or pip install matplotlib) into tracer's environment")
     db = _open_existing(db_path)
     data = build_timeline(db, bucket=width, client=client, since=_instant(since, db_path),
                           until=_instant(until, db_path), preface_timeout=preface_timeout)
@@ -548,8 +557,6 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
             rows.append(row)
         click.echo(render(fmt, rows, headers))
     if plot_path:
-        if not plot_path.endswith((".png", ".svg", ".html")):
-            raise click.BadParameter("use a .png, .svg or .html file", param_hint="--plot")
         from cli.plot import plot_timeline
 
         title = f"open connections per client, {bucket} buckets" + (

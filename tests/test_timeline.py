@@ -126,3 +126,17 @@ def test_preface_timeout_option_agrees_with_the_report(db_path: Path, timeout: s
                                "--preface-timeout", timeout))
     assert sum(data["markers"]["preface_timeouts"]) == expected
     assert report["server"]["preface_timeouts"] == expected
+
+
+def test_plot_without_matplotlib_says_what_to_install(db_path: Path, tmp_path: Path) -> None:
+    """matplotlib is an extra (the agent does not need it): without it --plot fails at once
+    with one line saying what to install, and draws nothing."""
+    hide = ("import sys; sys.modules['matplotlib'] = None; sys.argv[0] = 'tracer'; "
+            "from cli.main import main; main()")
+    target = tmp_path / "plot.png"
+    proc = subprocess.run([sys.executable, "-c", hide, "timeline", "--db", str(db_path),
+                           "--plot", str(target)], cwd=REPO, capture_output=True, text=True,
+                          check=False, timeout=60)
+    assert proc.returncode == 1, proc
+    assert "--plot needs matplotlib" in proc.stderr and "grpc-conntrace[plot]" in proc.stderr
+    assert proc.stdout == "" and not target.exists()
