@@ -29,6 +29,7 @@ from tracer.attribution.sockets import (
     address_owners,
     cgroup_names,
     find_owners,
+    namespace_processes,
     process_info,
     socket_tables,
 )
@@ -40,10 +41,12 @@ RETRY_FIRST = 0.005  # a local client's socket or owner not found yet: look agai
 RETRY_MAX = 1.0  # this, doubling up to this
 BATCH_LOOKUPS = 32  # more lookups than this in one namespace: one filtered dump instead
 WALK_SHARE = 0.05  # walks of every process's descriptors take at most this share of time
+NAMESPACE_PROCESSES = 64  # a namespace with no more processes is searched whole for owners
 NAMESPACE_RETRY = 30.0  # seconds before entering a namespace that refused us is tried again
 MAX_NAMESPACES = 1024  # namespaces with sockets of ours at most
 RECENTLY_DESTROYED = 4096  # destroyed sockets remembered for connections not yet seen
 RECENT_OWNERS = 64
+FD_COUNTS = 4096  # processes whose descriptor counts are kept at most (owners' first)
 DRAIN_GAP = 0.001  # seconds: destroyed sockets are read at most this often
 FD_WINDOW = (0, 1, 2, -1, 3)  # around the descriptor an owner used last: tried first
 
@@ -162,9 +165,13 @@ class Attributor:
     a socket table. A local one is looked up in its namespace by sock_diag (microseconds:
     this namespace's socket, or one made inside the other namespace; /proc tables at
     most once a second where that cannot be done), then its inode among the descriptors
-    of the processes that owned connections before (the descriptor each used last, and
-    the next ones, first), of the processes in the socket's cgroup, then of every process
-    (newest first, as long as such walks stay within WALK_SHARE of the time). A socket or
+    the processes that owned connections before used last (and the next ones), then
+    among all those of these owners, of the processes in the socket's cgroup and of
+    those in its namespace (all of a container's or a client's namespace; of a host's,
+    those that started lately), fewest descriptors first, then of every other process (newest first, as long as such walks
+    stay within WALK_SHARE of the time), and those of processes with hundreds of
+    descriptors (a leaker's) last of all: the small client of a short call is not made
+    to wait behind them, whether it owned connections before or not. A socket or
     owner not found yet is looked for again, less and less often (RETRY_FIRST doubling up
     to RETRY_MAX), until found, or the kernel says it destroyed the socket, or the
     connection closes."""
@@ -336,32 +343,40 @@ class Attributor:
 
     def _owners(self, matched: dict[str, SocketEntry]) -> dict[int, tuple[int, int]]:
         """(pid, descriptor) holding each matched socket's inode, where found."""
-        groups: dict[tuple[int, int | None], set[int]] = {}
+        groups: dict[tuple[int, int | None, int], set[int]] = {}
         for entry in matched.values():
             if entry.inode:
-                groups.setdefault((entry.uid, entry.cgroup), set()).add(entry.inode)
+                groups.setdefault((entry.uid, entry.cgroup, entry.netns),
+                                  set()).add(entry.inode)
         found: dict[int, tuple[int, int]] = {}
-        if not groups:
-            return found
         recent = list(reversed(self.recent_owners))
-        for key, inodes in groups.items():
-            # Owners whose sockets had another uid or cgroup cannot hold these; those
-            # with fewer descriptors are listed first (a leaker's thousands last).
-            likely = [pid for pid in recent if self.traits.get(pid, key) == key]
+        for (uid, cgroup, netns), inodes in groups.items():
+            # Owners whose sockets had another uid or cgroup cannot hold these. After the
+            # descriptors they used last, these owners, the processes of the socket's
+            # cgroup and those of its namespace (of a host's, only those started lately)
+            # are listed fewest descriptors first, and a leaker's thousands after every
+            # other process (when a walk of them is due): a short call's client must
+            # not wait behind them, even before it is known.
+            likely = [pid for pid in recent if self.traits.get(pid, (uid, cgroup)) ==
+                      (uid, cgroup)]
             hints = {pid: [fd + d for d in FD_WINDOW if fd + d >= 0]
                      for pid in likely if (fd := self.owner_fd.get(pid)) is not None}
-            likely.sort(key=lambda pid: self.fd_counts.get(pid, 0))
-            path = self.cgroups.path(key[1])
-            candidates = self.cgroups.procs(path) if path else []
+
+            def candidates(cgroup: int | None = cgroup, netns: int = netns) -> list[int]:
+                path = self.cgroups.path(cgroup)
+                return [*(self.cgroups.procs(path) if path else []),
+                        *namespace_processes(netns, NAMESPACE_PROCESSES)]
+
+            walked: list[float] = []
             found.update(find_owners(inodes, likely, hints=hints, candidates=candidates,
-                                     everyone=False, sizes=self.fd_counts))
-        missing = set().union(*groups.values()) - set(found)
-        clock = time.monotonic()
-        if missing and clock >= self.next_walk:
-            found.update(find_owners(missing, [], sizes=self.fd_counts))
-            cost = time.monotonic() - clock
-            self.next_walk = clock + cost / WALK_SHARE
-            self._count("process_walks")
+                                     everyone=time.monotonic() >= self.next_walk,
+                                     sizes=self.fd_counts, order=True, walked=walked))
+            if walked:
+                self.next_walk = time.monotonic() + walked[0] / WALK_SHARE
+                self._count("process_walks")
+        if len(self.fd_counts) > FD_COUNTS:  # counted, never owners: forgotten
+            self.fd_counts = {pid: self.fd_counts[pid] for pid in self.recent_owners
+                              if pid in self.fd_counts}
         return found
 
     def _destroyed(self) -> list[Settled]:
@@ -424,6 +439,10 @@ class Attributor:
         self.recent_owners[pid] = None
         if fd is not None:
             self.owner_fd[pid] = fd
+            # It has that many descriptors at least (they are numbered from 0): where
+            # they cannot be counted, a leaker found at its next descriptor each time is
+            # known to be big all the same.
+            self.fd_counts[pid] = max(self.fd_counts.get(pid, 0), fd + 1)
         self.traits[pid] = (entry.uid, entry.cgroup)
         while len(self.recent_owners) > RECENT_OWNERS:
             old = next(iter(self.recent_owners))

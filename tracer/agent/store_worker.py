@@ -2,9 +2,11 @@
 
 It receives the capture process's messages (tracer.agent.messages), writes each batch in
 one transaction (so `kill -9` of either process loses at most about a second), looks up
-which process owns each new connection off the packet path (tracer.agent.attribution),
-and keeps the database within its retention (store.retention). Driven by deadlines: a
-scan, a retention pass and a trim happen on time whether messages come or not.
+which process owns each new connection off the packet path (tracer.agent.attribution) at
+once, even while a batch is written (a helper thread writes it) and before the batch
+sent just ahead of it is unpickled, and keeps the database within its retention
+(store.retention). Driven by deadlines: a scan, a retention pass and a trim happen on
+time whether messages come or not.
 
 When the capture process dies (kill -9), the pipe reports end of file and this process
 finishes the capture as interrupted. When the database cannot be written (a full disk)
@@ -14,7 +16,10 @@ it marks the capture failed, says what was kept, and exits.
 from __future__ import annotations
 
 import os
+import pickle
 import sqlite3
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +52,11 @@ from tracer.agent.messages import (
 from tracer.attribution.server import ServerReader
 
 IDLE_WAKE = 1.0  # seconds: the longest the worker sleeps with nothing due
+WRITE_POLL = 0.002  # seconds: while a batch is written, what is due is looked at this often
+SWITCH_INTERVAL = 0.0005  # seconds: the GIL passes from the helper thread this soon
+BIG_MESSAGE = 1 << 16  # bytes: before a message this big (a batch) is unpickled,
+FOLLOWERS_QUIET = 0.002  # new connections are taken until none came for this long
+FOLLOWERS_MAX = 0.02  # or for this long at most
 SERVER_SAMPLE_INTERVAL = 1.0  # seconds between two looks at the server (store.server)
 
 
@@ -90,6 +100,11 @@ class StoreWorker:
             pass  # no sock_diag here: no server samples
         self.server_samples = ServerSampleWriter(writer.db, writer.capture_id)
         self.next_server_sample = now
+        # Messages other than new connections read before a batch was unpickled or while
+        # it was written: handled next, in order (the inbox is not read again until then:
+        # one at most).
+        self.held: list[Any] = []
+        self.inbox_closed = False  # end of file met while a batch was written
         self.status = "interrupted"  # until the capture process says how it ended
         self.error: str | None = None
         self.elapsed = 0.0
@@ -104,9 +119,12 @@ class StoreWorker:
         self._record(self.attributor.observe(message.records, now), now)
         self._scan(now)
 
-    def batch(self, message: Batch) -> None:
+    def batch(self, message: Batch, inbox: Pipe | None = None) -> None:
+        """Write one batch; with ``inbox``, new connections that come meanwhile are looked
+        for while it is written (see _write_aside)."""
         writer = self.writer
-        writer.write(message.records, message.events, message.anomalies)
+        self._write_aside(
+            lambda: writer.write(message.records, message.events, message.anomalies), inbox)
         if self.rows is not None:
             self.rows.value += len(message.records) + len(message.events)
         attributor = self.attributor
@@ -126,22 +144,81 @@ class StoreWorker:
             self._scan(time.time(), everything=True)
             self._write_verdicts()
 
+    def unpickle(self, data: bytes, inbox: Pipe | None = None) -> Any:
+        """A message from the bytes ``inbox`` gave. A busy capture's batch takes ten to a
+        hundred milliseconds to unpickle and to write, and the capture process sends the
+        connections that opened while it built the batch just after it: before a big
+        message is unpickled, those are taken and looked for (a new connection can be
+        looked for before the messages sent before it: a batch only holds connections
+        announced before it), until none came for FOLLOWERS_QUIET (FOLLOWERS_MAX at
+        most). Any other message waits in ``held``."""
+        if len(data) >= BIG_MESSAGE and inbox is not None and self.attributor is not None:
+            deadline = time.monotonic() + FOLLOWERS_MAX
+            while not self.held and not self.inbox_closed:
+                wait = min(FOLLOWERS_QUIET, deadline - time.monotonic())
+                if wait <= 0 or not self._take(inbox, wait):
+                    break
+        return pickle.loads(data)
+
+    def _write_aside(self, write: Callable[[], None], inbox: Pipe | None) -> None:
+        """``write()`` (a batch's transaction), meanwhile taking the new connections
+        ``inbox`` brings, and the looks that fall due, at once.
+
+        A busy capture's batch takes ten or twenty milliseconds to write: a short call's
+        socket is gone by then. So the write runs in a helper thread (sqlite lets go of
+        the GIL while it works, and SWITCH_INTERVAL bounds how long the helper keeps it
+        otherwise), and this thread touches only the attribution state meanwhile, never
+        the database. Any other message (the next batch, the end) waits in ``held`` and
+        stops the reading until the write is done. (Unpickling a batch aside would not
+        do: it keeps the GIL for as long as it takes.)"""
+        if inbox is None or self.attributor is None or self.inbox_closed:
+            write()
+            return
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                write()
+            except BaseException as exc:  # noqa: BLE001 - raised again by the caller
+                failure.append(exc)
+
+        helper = threading.Thread(target=run, name="tracer-store-write", daemon=True)
+        helper.start()
+        try:
+            while helper.is_alive():
+                wait = min(WRITE_POLL, self._attribution_due())
+                if self.held or self.inbox_closed:
+                    helper.join(wait)
+                else:
+                    self._take(inbox, wait)
+        finally:
+            helper.join()
+        if failure:
+            raise failure[0]
+
+    def _take(self, inbox: Pipe, wait: float) -> bool:
+        """Read the next message if one comes within ``wait`` seconds: a new connection
+        is looked for at once, any other waits in ``held``. False: none came (or the
+        inbox is closed)."""
+        try:
+            if not inbox.poll(wait):
+                return False
+            message = inbox.recv()
+        except (EOFError, OSError):
+            self.inbox_closed = True  # the capture process is gone (kill -9)
+            return False
+        if isinstance(message, Opened):
+            self.opened(message)
+        else:
+            self.held.append(message)
+        return True
+
     # -- what is due without a message ---------------------------------------------------
 
     def due(self) -> float:
         """Do what is due; return how long until something is due again (seconds)."""
         now = time.monotonic()
-        waits = [IDLE_WAKE]
-        attributor = self.attributor
-        if attributor is not None and attributor.pending:
-            due = attributor.next_due()
-            wall = time.time()
-            if due is not None and due <= wall and now - self.last_scan >= QUICK_SCAN_INTERVAL:
-                self._scan(wall)
-                due = attributor.next_due()
-            soonest = self.last_scan + QUICK_SCAN_INTERVAL - time.monotonic()
-            waits.append(max(soonest, (due - time.time()) if due is not None
-                             else ATTRIBUTION_INTERVAL))
+        waits = [IDLE_WAKE, self._attribution_due()]
         if self.server is not None:
             if now >= self.next_server_sample:
                 self._sample_server()
@@ -159,6 +236,22 @@ class StoreWorker:
                 self.next_size_check = time.monotonic() + retention.size_check_s
             waits.append(min(self.next_prune, self.next_size_check) - time.monotonic())
         return max(0.0, min(waits))
+
+    def _attribution_due(self) -> float:
+        """Look at the pending connections due a look (QUICK_SCAN_INTERVAL apart at most);
+        return how long until the next one is due (seconds)."""
+        attributor = self.attributor
+        if attributor is None or not attributor.pending:
+            return IDLE_WAKE
+        due = attributor.next_due()
+        wall = time.time()
+        if due is not None and due <= wall and \
+                time.monotonic() - self.last_scan >= QUICK_SCAN_INTERVAL:
+            self._scan(wall)
+            due = attributor.next_due()
+        soonest = self.last_scan + QUICK_SCAN_INTERVAL - time.monotonic()
+        return max(0.0, soonest, (due - time.time()) if due is not None
+                   else ATTRIBUTION_INTERVAL)
 
     def _sample_server(self) -> None:
         assert self.server is not None
@@ -238,6 +331,7 @@ def serve(inbox: Pipe, outbox: Pipe, inherited: list[Pipe], settings: StoreSetti
         _tell(outbox, Failed(_why(exc, settings.db_path)))
         return
     _tell(outbox, Ready(writer.capture_id))
+    sys.setswitchinterval(SWITCH_INTERVAL)  # see StoreWorker._write_aside
     worker = StoreWorker(writer, settings, rows)
     try:
         _loop(inbox, worker)
@@ -261,16 +355,22 @@ def _tell(outbox: Pipe, message: FromWorker) -> None:
 
 def _loop(inbox: Pipe, worker: StoreWorker) -> None:
     handlers: dict[type, Callable[[Any], None]] = {
-        Opened: worker.opened, Batch: worker.batch,
+        Opened: worker.opened, Batch: lambda message: worker.batch(message, inbox),
     }
     while True:
-        wait = worker.due()
-        try:
-            message = inbox.recv() if inbox.poll(wait) else None
-        except (EOFError, OSError):
+        if worker.held:  # read while a batch was read or written
+            message = worker.held.pop(0)
+        elif worker.inbox_closed:
             return  # the capture process is gone (kill -9): keep what we have
-        if message is None:
-            continue
+        else:
+            wait = worker.due()
+            try:
+                if not inbox.poll(wait):
+                    continue
+                data = inbox.recv_bytes()
+            except (EOFError, OSError):
+                return  # the capture process is gone (kill -9): keep what we have
+            message = worker.unpickle(data, inbox)
         if isinstance(message, Finish):
             worker.finish(message)
             return

@@ -16,6 +16,7 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # /proc/net/tcp states (include/net/tcp_states.h).
@@ -194,15 +195,23 @@ class _Namespaces:
     that appeared since the last look, and the addresses of the namespaces that are new or
     young (a container's address comes a moment after its first process). Those quick
     looks are at least SOONEST apart, and further while they would take more than
-    SOONEST_SHARE of the time."""
+    SOONEST_SHARE of the time. Each look also notes the processes of each namespace
+    (``members``) and those that started lately (``newcomers``: a new client's first
+    connections come before anything else says who it is); a search for a socket's
+    owner asks for a quick look too, to see the newest processes."""
 
     REFRESH = 5.0
     SOONEST = 0.02
     SOONEST_SHARE = 0.02
     YOUNG = 10.0  # seconds a new namespace's addresses are read again at each quick look
+    NEWCOMERS = 256  # processes that started lately kept at most (for YOUNG seconds)
 
     def __init__(self) -> None:
         self.readers: dict[int, str] = {}
+        # The processes of each namespace, as the looks found them (a quick look adds the
+        # new ones; the next full look forgets those gone): one pid a process at most.
+        self.members: dict[int, list[int]] = {}
+        self.newcomers: dict[int, tuple[int, float]] = {}  # pid -> (netns, when seen)
         self.addresses = LocalAddresses()
         self.at = -1e9  # time.monotonic() of the last full look
         self.wall_at = 0.0  # time.time() of the last look, full or quick
@@ -225,10 +234,21 @@ class _Namespaces:
         wall = time.time()
         pids = _pids()
         readers: dict[int, str] = {}
+        members: dict[int, list[int]] = {}
+        first = not self.pids
         for pid in ["self", *pids]:
             ns = _netns(pid)
-            if ns is not None and ns not in readers:
+            if ns is None:
+                continue
+            if ns not in readers:
                 readers[ns] = pid
+            if pid != "self":
+                members.setdefault(ns, []).append(int(pid))
+                if not first and pid not in self.pids:
+                    self._arrived(int(pid), ns, now)
+        self.members = members
+        alive = {int(p) for p in pids}
+        self.newcomers = {pid: v for pid, v in self.newcomers.items() if pid in alive}
         self.per_ns = {ns: self._addresses_of(pid) for ns, pid in readers.items()}
         self.readers, self.addresses = readers, self._build(readers)
         self.pids = set(pids)
@@ -242,7 +262,11 @@ class _Namespaces:
         readers = dict(self.readers)
         for pid in seen - self.pids:
             ns = _netns(pid)
-            if ns is not None and ns not in readers:
+            if ns is None:
+                continue
+            self.members.setdefault(ns, []).append(int(pid))
+            self._arrived(int(pid), ns, now)
+            if ns not in readers:
                 readers[ns] = pid
                 self.born[ns] = now
         self.pids = seen
@@ -255,6 +279,16 @@ class _Namespaces:
             self.readers, self.addresses = readers, self._build(readers)
         self.wall_at, self.quick_at = wall, now
         self.quick_cost = time.monotonic() - now
+
+    def _arrived(self, pid: int, netns: int, now: float) -> None:
+        """Note a process that started since the last look (the oldest ones go first)."""
+        newcomers = self.newcomers
+        newcomers[pid] = (netns, now)
+        while newcomers:
+            oldest = next(iter(newcomers))
+            if len(newcomers) <= self.NEWCOMERS and now - newcomers[oldest][1] <= self.YOUNG:
+                break
+            del newcomers[oldest]
 
     @staticmethod
     def _addresses_of(pid: str) -> tuple[list[ipaddress.IPv4Network], set[str]]:
@@ -290,6 +324,21 @@ def address_owners(address: str, *, seen_at: float) -> set[int] | None:
     return _namespaces.addresses.owners(address)
 
 
+def namespace_processes(netns: int, limit: int) -> list[int]:
+    """The processes in network namespace ``netns`` (newest first) as the last look at the
+    host's processes found them, with those a quick look (rationed: see _Namespaces)
+    finds started since; when there are more than ``limit`` (the host's own namespace,
+    where that would be every process), only those that started in the last YOUNG
+    seconds."""
+    _namespaces.get(sooner=True)
+    pids = _namespaces.members.get(netns, [])
+    if len(pids) <= limit:
+        return sorted(pids, reverse=True)
+    now = time.monotonic()
+    return sorted((pid for pid, (ns, at) in _namespaces.newcomers.items()
+                   if ns == netns and now - at <= _Namespaces.YOUNG), reverse=True)
+
+
 def socket_tables(ports: frozenset[int], *, own: list[SocketEntry] | None = None,
                   own_netns: int | None = None,
                   only: set[int] | None = None) -> list[SocketEntry]:
@@ -323,20 +372,64 @@ def socket_owners(inodes: set[int], likely: list[int] | None = None) -> dict[int
     return {inode: pid for inode, (pid, _fd) in find_owners(inodes, likely or []).items()}
 
 
+PROBE_LIMIT = 256  # processes whose descriptors are counted to order one search at most
+BIG_PROCESS = 256  # descriptors: a process with more is searched after every smaller one
+
+
+def descriptor_count(pid: int) -> int | None:
+    """How many descriptors process ``pid`` has open, from one stat of /proc/PID/fd (Linux
+    6.2 and later report it as the directory's size; None: not known so)."""
+    try:
+        size = os.stat(f"/proc/{pid}/fd").st_size
+    except OSError:
+        return None
+    return size if size > 0 else None
+
+
+def smallest_first(pids: list[int], sizes: dict[int, int] | None = None) -> list[int]:
+    """``pids`` (each once) ordered by how many descriptors each has, fewest first: a
+    process's descriptors are read one by one, and a leaker's thousands searched before
+    the small client that holds the socket take longer than the client's socket lives."""
+    return [pid for pid, _count in _counted(pids, sizes)]
+
+
+def _counted(pids: list[int], sizes: dict[int, int] | None) -> list[tuple[int, int]]:
+    """(pid, descriptors) of each of ``pids`` once, fewest first. Counted by
+    descriptor_count (the first PROBE_LIMIT), else taken from ``sizes`` (the counts of
+    earlier listings), else 0; equal counts keep the order given."""
+    out: list[tuple[int, int]] = []
+    for rank, pid in enumerate(dict.fromkeys(pids)):
+        probed = descriptor_count(pid) if rank < PROBE_LIMIT else None
+        if probed is not None and sizes is not None:
+            sizes[pid] = probed
+        out.append((pid, probed if probed is not None else (sizes or {}).get(pid, 0)))
+    out.sort(key=lambda item: item[1])
+    return out
+
+
 def find_owners(inodes: set[int], likely: list[int], *,
                 hints: dict[int, list[int]] | None = None,
-                candidates: list[int] | None = None,
+                candidates: list[int] | Callable[[], list[int]] | None = None,
                 everyone: bool = True,
-                sizes: dict[int, int] | None = None) -> dict[int, tuple[int, int]]:
+                sizes: dict[int, int] | None = None,
+                order: bool = False,
+                walked: list[float] | None = None) -> dict[int, tuple[int, int]]:
     """Which process, and which of its descriptors, holds each socket inode.
 
     Looked for in this order: the descriptors ``hints`` names for each of the ``likely``
     pids (a client reuses the number of the socket it just closed, a leaker takes the
     next one: a readlink each, where listing a leaker's descriptors means thousands);
-    then every descriptor of the ``likely`` pids, in that order; of ``candidates`` (the
-    processes of the socket's cgroup); then, with ``everyone``, of every other process,
-    newest (highest pid) first. A process's descriptors are read newest (highest) first.
-    ``sizes``, when given, gets the number of descriptors of each process listed."""
+    then every descriptor of the ``likely`` pids, in that order, and of ``candidates``
+    (the processes of the socket's cgroup or namespace; a function that gives them is
+    called only when the hints did not find every socket) after them; then, with
+    ``everyone``, of every other process, newest (highest pid) first. With ``order`` the
+    ``likely`` and ``candidates`` are searched fewest descriptors first, and those with
+    more than BIG_PROCESS (or, of the others, known to have had more) only after every
+    other process (a new client, not known yet, is found before a leaker's thousands are
+    read). A process's descriptors are read newest (highest) first. ``sizes``, when given,
+    gets the number of descriptors of each process listed or counted; ``walked`` the
+    seconds the look at every other process (and at the big ones after it) took, when
+    there was one."""
     owners: dict[int, tuple[int, int]] = {}
     if not inodes:
         return owners
@@ -379,13 +472,39 @@ def find_owners(inodes: set[int], likely: list[int], *,
                     return True
         return False
 
-    for pid in [*likely, *(candidates or [])]:
+    if callable(candidates):
+        candidates = candidates()
+    first = [*likely, *(candidates or [])]
+    big: list[int] = []
+    if order:
+        counted = _counted(first, sizes)
+        first = [pid for pid, count in counted if count <= BIG_PROCESS]
+        big = [pid for pid, count in counted if count > BIG_PROCESS]
+    for pid in first:
         if pid not in tried and search(pid):
             return owners
     if everyone:
-        for pid in sorted((int(p) for p in _pids()), reverse=True):
-            if pid not in tried and search(pid):
-                return owners
+        started = time.monotonic()
+        later = set(big)
+        known = sizes or {}
+        try:
+            for pid in sorted((int(p) for p in _pids()), reverse=True):
+                if pid in tried or pid in later:
+                    continue
+                if order and known.get(pid, 0) > BIG_PROCESS:
+                    big.append(pid)  # known to be big from an earlier listing: last
+                elif search(pid):
+                    return owners
+            for pid in big:
+                if pid not in tried and search(pid):
+                    return owners
+        finally:
+            if walked is not None:
+                walked.append(time.monotonic() - started)
+        return owners
+    for pid in big:
+        if pid not in tried and search(pid):
+            return owners
     return owners
 
 
