@@ -583,7 +583,8 @@ def _where_lines(clients: list[dict[str, Any]]) -> list[str]:
         if parts:
             who = f"pid {c['pid']}" if c["pid"] is not None else c["client"]
             out.append(textwrap.fill(f"{who}: " + ", ".join(parts), width=100,
-                                     initial_indent="  ", subsequent_indent="    "))
+                                     initial_indent="  ", subsequent_indent="    ",
+                                     break_on_hyphens=False))  # ids stay whole
     return out
 
 

@@ -278,20 +278,24 @@ def test_clients_in_a_namespace_and_crafted_cgroups(tmp_path: Path) -> None:
     assert (c["container"], c["pod"], c["pod_name"]) == \
         (leaker_id, pod, "checkout-7d9f8c-x2v4q"), c
     assert c["netns"] == leaker_netns and c["cgroup"].endswith(leaker_cg), c
-    # The closer's calls last a few ms: each is attributed, or else at least what the
-    # kernel said of its socket (the same namespace, the docker container) is kept.
+    # The closer's calls last a few ms: nearly all are attributed; one closed before a
+    # look could see it is counted as such, never given to another process, and where the
+    # kernel showed its socket alive, what it said of it (namespace, container) is kept.
     closer_rows = [r for r in ls.connections(db) if r["pid"] != leaker.popen.pid]
     assert len(closer_rows) == close.count, closer_rows
+    attributed = [r for r in closer_rows if r["pid"] is not None]
+    assert len(attributed) >= close.count * 3 // 4, closer_rows
+    assert all(r["pid"] == closer.popen.pid for r in attributed), closer_rows
     for r in closer_rows:
-        if r["pid"] is not None:
-            assert r["pid"] == closer.popen.pid, r
-        else:
+        if r["pid"] is None:
             assert r["attribution"] == "closed_before_attribution", r
-            assert (r["client_netns"], r["client_container"]) == (leaker_netns, closer_id), r
+            assert r["client_netns"] in (None, leaker_netns), r
+            assert r["client_container"] in (None, closer_id), r
     entries = [e for e in data["clients"] if e["pid"] != leaker.popen.pid]
     for e in entries:
-        assert e["verdict"] == "ok" and e["container"] == closer_id, e
-        assert e["netns"] == leaker_netns and e["pod"] is None, e
+        assert e["verdict"] == "ok", e
+        if e["pid"] is not None:
+            assert (e["container"], e["netns"], e["pod"]) == (closer_id, leaker_netns, None), e
     assert sum(e["opened"] for e in entries) == close.count
     assert set(pids) >= {e["pid"] for e in data["clients"] if e["pid"] is not None}
     # The text report says where each one runs.
