@@ -296,7 +296,8 @@ def _situation(c: dict[str, Any], t: float) -> str:
         http2 = "no HTTP/2 preface"
     elif c["server_settings_ts"] is None or c["server_settings_ts"] > t:
         since = (c["close_ts"] if closed else t) - c["preface_ts"]
-        http2 = f"no server preface after {since:.1f}s"
+        # (a preface sent after the line's moment: none expected yet, 0.0s, never -0.0s)
+        http2 = f"no server preface after {max(0.0, since):.1f}s"
     else:
         latency = (c["server_settings_ts"] - c["preface_ts"]) * 1000
         # A server may send its SETTINGS before the client's preface arrives (grpc does).
