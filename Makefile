@@ -126,6 +126,7 @@ bench: $(STAMP) system-deps
 	$(PY) benchmarks/report.py
 	$(PY) benchmarks/logs.py
 	$(PY) benchmarks/longrun.py
+	$(PY) benchmarks/attribution.py --background 200 --repeat 3
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tracer store cli tests benchmarks
