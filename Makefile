@@ -1,7 +1,8 @@
 # Two commands set up and check everything on a fresh machine:
 #   make demo   - virtual environment, install, the self-contained demonstration
 #   make test   - virtual environment (created or updated), the whole test suite
-# plus: make bench (speed and memory), make lint (ruff + mypy).
+# plus: make bench (speed and memory), make fuzz (many more property examples),
+# make lint (ruff + mypy).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,7 +21,7 @@ GO_DEB := golang-go golang-google-grpc-dev
 GOCODE := /usr/share/gocode
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv pure demo test bench lint system-deps node-deps go-peers clean
+.PHONY: venv pure demo test bench fuzz lint system-deps node-deps go-peers clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -127,6 +128,12 @@ bench: $(STAMP) system-deps
 	$(PY) benchmarks/logs.py
 	$(PY) benchmarks/longrun.py
 	$(PY) benchmarks/attribution.py --background 200 --repeat 3
+
+# The property and fuzz tests with 20 times the examples CI runs, and fresh random ones
+# each time (a failure prints the blob that replays it). FUZZ_SCALE=100 for longer.
+FUZZ_SCALE ?= 20
+fuzz: $(STAMP)
+	TRACER_PROPERTY_SCALE=$(FUZZ_SCALE) TRACER_PROPERTY_RANDOM=1 $(PY) -m pytest -q tests/test_properties.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tracer store cli tests benchmarks
