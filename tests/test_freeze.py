@@ -366,12 +366,14 @@ def freeze(tmp_path_factory: pytest.TempPathFactory) -> Freeze:
             "--log", str(dial_log), "--max-lifetime", "0"])
         dialer.wait_for("DONE", time.monotonic() + rt.CLIENTS_TIMEOUT_S)
         dialer.popen.wait(rt.STOP_TIMEOUT_S)  # --max-lifetime 0: it ends, closing its sockets
-        # The agent has sampled the queue full of the dialer's connections for a while.
+        # The agent has sampled the queue holding all the dialer's connections. A row is
+        # written only when something changed, so wait for the first such row, then for
+        # one more sample (kept pending, and written when the capture ends).
         agent.wait_for_rows(
-            "SELECT MAX(queue) AS q, MAX(ts) - MIN(ts) AS span FROM server_samples"
-            " WHERE queue >= ? AND fds >= fd_limit", [DIALS],
-            lambda rows: rows and rows[0]["q"] is not None and rows[0]["span"] >= 1.0,
+            "SELECT MAX(queue) AS q FROM server_samples WHERE queue >= ? AND fds >= fd_limit",
+            [DIALS], lambda rows: rows and rows[0]["q"] is not None,
             "the agent sampled the waiting connections")
+        time.sleep(1.5)  # SERVER_SAMPLE_INTERVAL is 1 s
         agent.require_time_left(AGENT_MAX_S)
         os.kill(agent.pid, signal.SIGINT)
         assert agent.wait_exit() == 0, agent.output()
