@@ -31,23 +31,20 @@ import time
 from dataclasses import dataclass
 
 from tracer.attribution.sockdiag import (
-    NETLINK_SOCK_DIAG,
     NLM_F_DUMP,
     NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
-    SOCK_DIAG_BY_FAMILY,
+    SockDiag,
+    _address,
+    request_body,
 )
-from tracer.attribution.sockets import LISTEN, _addr4, _addr6, _namespaces, process_info
+from tracer.attribution.sockets import LISTEN, _addr4, _addr6, _namespaces, _read, process_info
 
-# The kernel's structures (include/uapi/linux/inet_diag.h, netlink.h).
-_NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, pid
-_REQ = struct.Struct("=BBBBI")  # inet_diag_req_v2: family, protocol, ext, pad, states
-_SOCKID = struct.Struct(">HH16s16sI")  # inet_diag_sockid up to its cookie: ports, addresses, if
+# The kernel's inet_diag_msg (include/uapi/linux/inet_diag.h): family, state, timer,
+# retrans, then the socket id (ports, addresses, interface, cookie), then these.
+_SOCKID = struct.Struct(">HH16s16sI")  # the id up to its cookie
 _COOKIE = struct.Struct("=II")
 _MSG_HEAD = 4  # inet_diag_msg: family, state, timer, retrans
 _MSG_TAIL = struct.Struct("=IIIII")  # after the id: expires, rqueue, wqueue, uid, inode
-_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 DISCOVER_S = 10.0  # other namespaces' tables are all read this often (a listener moved)
 OWNER_RETRY_S = 10.0  # a listener no process was found holding: the walk again after this
@@ -115,25 +112,19 @@ def parse_listeners(text: str, v6: bool, netns: int, ports: frozenset[int]) -> l
     return out
 
 
-def parse_diag_listener(data: bytes, pos: int, netns: int) -> Listener | None:
-    """A listener from one inet_diag_msg at ``pos`` (after its netlink header): for a
-    LISTEN socket the kernel puts the accept queue in idiag_rqueue and its maximum in
-    idiag_wqueue."""
+def parse_diag_listener(data: bytes, pos: int, end: int, netns: int) -> Listener | None:
+    """A listener from one inet_diag_msg at ``pos`` (after its netlink header; the message
+    ends at ``end``): for a LISTEN socket the kernel puts the accept queue in
+    idiag_rqueue and its maximum in idiag_wqueue."""
     tail = pos + _MSG_HEAD + _SOCKID.size + _COOKIE.size
-    if tail + _MSG_TAIL.size > len(data):
+    if tail + _MSG_TAIL.size > min(end, len(data)):
         return None
     family, state = data[pos], data[pos + 1]
     if state != LISTEN:
         return None
     sport, _dport, src, _dst, _if = _SOCKID.unpack_from(data, pos + _MSG_HEAD)
     _exp, rqueue, wqueue, _uid, inode = _MSG_TAIL.unpack_from(data, tail)
-    if family == socket.AF_INET:
-        address = socket.inet_ntop(socket.AF_INET, src[:4])
-    elif src[:12] == _MAPPED:
-        address = socket.inet_ntop(socket.AF_INET, src[12:])
-    else:
-        address = socket.inet_ntop(socket.AF_INET6, src)
-    return Listener(address, sport, inode, netns, rqueue, wqueue)
+    return Listener(_address(family, src), sport, inode, netns, rqueue, wqueue)
 
 
 def stopped_state(stat_text: str) -> bool:
@@ -149,40 +140,19 @@ class ListenerDiag:
     """A sock_diag socket that dumps this namespace's listening TCP sockets."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
-        self.sock.settimeout(2.0)
-        link = os.readlink("/proc/self/ns/net")  # "net:[4026531840]"
-        self.netns = int(link[link.index("[") + 1:-1])
-        self.seq = 0
+        self.diag = SockDiag()
+        self.netns = self.diag.netns
 
     def close(self) -> None:
-        self.sock.close()
+        self.diag.close()
 
     def listeners(self, ports: frozenset[int]) -> list[Listener]:
         out: list[Listener] = []
         for family in (socket.AF_INET, socket.AF_INET6):
-            out.extend(entry for entry in self._dump(family) if entry.port in ports)
+            found = self.diag.exchange(request_body(family, 1 << LISTEN),
+                                       NLM_F_REQUEST | NLM_F_DUMP, parse_diag_listener)
+            out.extend(entry for entry in found if entry.port in ports)
         return out
-
-    def _dump(self, family: int) -> list[Listener]:
-        self.seq += 1
-        body = (_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << LISTEN)
-                + _SOCKID.pack(0, 0, b"\0" * 16, b"\0" * 16, 0) + _COOKIE.pack(0, 0))
-        self.sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY,
-                                      NLM_F_REQUEST | NLM_F_DUMP, self.seq, 0) + body)
-        out: list[Listener] = []
-        while True:
-            data = self.sock.recv(1 << 16)
-            pos = 0
-            while pos + _NLMSGHDR.size <= len(data):
-                length, mtype, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, pos)
-                if length < _NLMSGHDR.size or mtype in (NLMSG_DONE, NLMSG_ERROR):
-                    return out
-                if seq == self.seq:
-                    entry = parse_diag_listener(data, pos + _NLMSGHDR.size, self.netns)
-                    if entry is not None:
-                        out.append(entry)
-                pos += (length + 3) & ~3
 
 
 @dataclass
@@ -192,14 +162,6 @@ class _Owner:
     start: float | None
     comm: str | None
     cmdline: str | None
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
 
 
 def find_socket(inode: int, likely: list[int]) -> tuple[int, str] | None:

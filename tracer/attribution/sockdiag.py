@@ -94,16 +94,19 @@ class SockDiag:
     def _request(self, family: int, flags: int, sport: int = 0, dport: int = 0,
                  src: bytes = b"", dst: bytes = b"", cookie: int = 0,
                  bytecode: bytes = b"") -> list[SocketEntry]:
-        self.seq += 1
-        body = (_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, ALL_STATES)
-                + _SOCKID.pack(sport, dport, src.ljust(16, b"\0"), dst.ljust(16, b"\0"), 0, 0)
-                [:-4]
-                + _COOKIE.pack(cookie, cookie))
+        body = request_body(family, ALL_STATES, sport, dport, src, dst, cookie)
         if bytecode:
             body += _ATTR.pack(_ATTR.size + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
+        return self.exchange(body, flags, parse_message)
+
+    def exchange(self, body: bytes, flags: int,
+                 parse: Callable[[bytes, int, int, int], T | None]) -> list[T]:
+        """Send one SOCK_DIAG_BY_FAMILY request and read its answer (all its parts, for a
+        dump): ``parse(data, pos, end, netns)`` of each message of this request."""
+        self.seq += 1
         self.sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY,
                                       flags, self.seq, 0) + body)
-        out: list[SocketEntry] = []
+        out: list[T] = []
         while True:
             data = self.sock.recv(1 << 16)
             pos = 0
@@ -114,7 +117,7 @@ class SockDiag:
                 if mtype in (NLMSG_DONE, NLMSG_ERROR):
                     return out
                 if seq == self.seq:
-                    entry = parse_message(data, pos + _NLMSGHDR.size, pos + length, self.netns)
+                    entry = parse(data, pos + _NLMSGHDR.size, pos + length, self.netns)
                     if entry is not None:
                         out.append(entry)
                 pos += (length + 3) & ~3
@@ -160,6 +163,14 @@ class SockDiag:
             if found:
                 return found[0]
         return None
+
+
+def request_body(family: int, states: int, sport: int = 0, dport: int = 0, src: bytes = b"",
+                 dst: bytes = b"", cookie: int = 0) -> bytes:
+    """An inet_diag_req_v2 for TCP sockets in ``states`` (a bit per TCP state)."""
+    return (_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, states)
+            + _SOCKID.pack(sport, dport, src.ljust(16, b"\0"), dst.ljust(16, b"\0"), 0, 0)[:-4]
+            + _COOKIE.pack(cookie, cookie))
 
 
 def parse_message(data: bytes, pos: int, end: int, netns: int) -> SocketEntry | None:
