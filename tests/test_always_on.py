@@ -25,6 +25,7 @@ import live_support as ls
 import psutil
 import pytest
 import realtraffic_support as rt
+from core_support import FULL
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CAPTURE = REPO / "cli" / "demo-capture.pcapng"
@@ -135,11 +136,11 @@ def test_status_line_counts_sleeping_connections() -> None:
     from tracer.agent.live import status_line
     from tracer.pipeline import Analyzer
 
-    analyzer = Analyzer(frozenset([9090]), dormant_after=1.0)
+    analyzer = Analyzer(frozenset([9090]), FULL.replace(sleep_after=1.0))
     analyzer.feed(iter(_handshakes(200, t0=1000.0)), 1 << 20)
     analyzer.table.tick(1000.5)
     analyzer.table.tick(1100.0)  # a sweep: idle for 100 s, asleep
-    assert analyzer.table.dormant == 200
+    assert analyzer.table.asleep_count == 200
     line = status_line(analyzer, 0.0, 0, 0)
     assert "200 open connections from 1 client address" in line, line
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import hpack
 import pytest
+from core_support import FULL
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from strategies import (
@@ -148,7 +149,7 @@ def deliver(
 ) -> Outcome:
     """Feed segments through a real Analyzer (flow table + HTTP/2 observer): as segment
     tuples straight into the flow table, or as Ethernet frames through the decoder."""
-    an = Analyzer(PORTS, **options)
+    an = Analyzer(PORTS, FULL.replace(**options))
     if frames:
         an.feed(iter([(p.ts, LINKTYPE_ETHERNET, segment_frame(p.seg)) for p in pieces]), 1 << 30)
         an.finish()
@@ -594,7 +595,7 @@ def apply_piece_mutations(pieces: list[Piece], ops: list[tuple[Any, ...]]) -> li
 def check_bounded(an: Analyzer, _piece: Piece) -> None:
     """Every buffer has a cap, after every segment."""
     table = an.table
-    for conn in table.connections():
+    for conn in table.awake():
         assert conn.n <= 2 * table.max_events
         for ep in (conn.orig, conn.resp):
             ooo = ep.ooo or []
@@ -607,7 +608,7 @@ def check_bounded(an: Analyzer, _piece: Piece) -> None:
             assert len(d.pending) <= MAX_BUFFERED + 9
             assert d.hblock is None or len(d.hblock) <= MAX_BUFFERED
             assert d.skip >= 0
-    assert len(table.anomalies) < 10_000
+    assert len(table.outbox.anomalies) < 10_000
 
 
 frame_mutations = st.lists(
@@ -759,16 +760,16 @@ def test_mid_stream_pickup_regains_sync_and_reports_no_false_frames(
             p = plan.data_piece(p.ts, p.dir, start[p.dir], p.end, acked_of(plan, p))
         pieces.append(p)
 
-    an = Analyzer(PORTS)
+    an = Analyzer(PORTS, FULL)
     table = an.table
     regained: dict[str, int] = {}  # direction -> index of the piece that regained sync
     seen = 0
     for i, p in enumerate(pieces):
         table.segment(p.ts, p.seg)
-        for e in table.events[seen:]:
+        for e in table.outbox.events[seen:]:
             if e.name in ("framing_regained", "preface") and e.dir not in regained:
                 regained[e.dir] = i
-        seen = len(table.events)
+        seen = len(table.outbox.events)
     table.close(T_END)
     events = [event_key(e) for e in an.drain().events]
 
@@ -864,16 +865,16 @@ def test_gaps_cost_exactly_the_lost_bytes_and_framing_recovers(
             gaps[run.dir].append((kept[-1].end, pieces[-1].end))
     delivered += plan.close(close, T_END)
 
-    an = Analyzer(PORTS)
+    an = Analyzer(PORTS, FULL)
     table = an.table
     regained_at: dict[str, list[int]] = {ORIG: [], RESP: []}
     seen = 0
     for p in delivered:
         table.segment(p.ts, p.seg)
-        for e in table.events[seen:]:
+        for e in table.outbox.events[seen:]:
             if e.name == "framing_regained":
                 regained_at[e.dir].append(p.start)
-        seen = len(table.events)
+        seen = len(table.outbox.events)
     table.close(T_END)
     drained = an.drain()
     events = [event_key(e) for e in drained.events]
@@ -965,7 +966,7 @@ def test_hpack_mid_stream_methods_are_exact_or_unknown(
         pieces_a.append(p)
     plan_b = ConnectionPlan(conv, Endpoints(False, 40002), isn ^ 0x5555, 9)
     pieces_b = [p for p in flat(plan_b.body(cuts, T0)) if p.start >= offsets[k]]
-    an = Analyzer(PORTS)
+    an = Analyzer(PORTS, FULL)
     for p in (pieces_a + pieces_b) if fresh_first else (pieces_b + pieces_a):
         an.table.segment(p.ts, p.seg)
     an.table.close(T_END)
@@ -1207,7 +1208,7 @@ def test_pipelined_http1_requests_do_not_overflow_the_stack() -> None:
 def test_reorder_buffer_never_holds_more_than_reorder_bytes() -> None:
     conv = H2Builder().conversation()
     plan = ConnectionPlan(conv, Endpoints(False, 40000), 0, 500)
-    table = FlowTable(PORTS, reorder_segments=8, reorder_bytes=100)
+    table = FlowTable(PORTS, None, FULL.replace(reorder_segments=8, reorder_bytes=100))
     for p in plan.handshake(T0):
         table.segment(p.ts, p.seg)
 
@@ -1217,7 +1218,7 @@ def test_reorder_buffer_never_holds_more_than_reorder_bytes() -> None:
     table.segment(T0, seg(10, 10))  # [10, 20): waits for [0, 10)
     table.segment(T0, seg(30, 80))  # [30, 110): 90 bytes buffered
     table.segment(T0, seg(200, 100))  # 190 > 100: the hole before 10 is skipped, once
-    ep = table.connections()[0].orig
+    ep = table.awake()[0].orig
     assert ep.ooo_bytes <= table.reorder_bytes
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from core_support import FULL
 
 from tracer.events import ConnectionEvent
 from tracer.pipeline import Analyzer
@@ -80,7 +81,7 @@ class Result:
 
 @functools.cache
 def analyze(path: Path, ports: tuple[int, ...]) -> Result:
-    a = Analyzer(frozenset(ports))
+    a = Analyzer(frozenset(ports), FULL)
     with CaptureReader.open(str(path)) as r:
         it = iter(r)
         while a.feed(it, 10000):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from core_support import FULL
 
 from tracer.pipeline import Analyzer
 from tracer.sources.pcapfile import CaptureReader
@@ -184,7 +185,7 @@ def tshark_views(rel: str) -> tuple[dict[Key, View], str]:
 
 def tracer_views(rel: str) -> dict[Key, View]:
     case = CASES[rel]
-    a = Analyzer(frozenset(case.server_ports))
+    a = Analyzer(frozenset(case.server_ports), FULL)
     with CaptureReader.open(str(CAPTURES / rel)) as r:
         it = iter(r)
         while a.feed(it, 10000):

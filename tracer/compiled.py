@@ -17,7 +17,8 @@ import os
 # The modules on the per-packet path, as paths below tracer/ without ".py".
 # Everything else stays interpreted.
 MODULES = (
-    "decode", "pipeline", "record", "tcp/flow", "tcp/state", "http2/frames",
+    "decode", "outbox", "pipeline", "record", "tcp/flow", "tcp/sleepers", "tcp/state",
+    "http2/frames",
     "http2/observer", "http2/tls", "sources/pcapfile",
 )
 

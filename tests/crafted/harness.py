@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from core_support import FULL
 from scapy.utils import PcapWriter
 
 from tracer.pipeline import Analyzer
@@ -90,7 +91,7 @@ def write_pcap(case: Case, path: Path) -> None:
 
 def analyze(case: Case, path: Path) -> tuple[list[dict[str, Any]], list[Any], list[Any]]:
     """Read the capture back through the project's reader and pipeline."""
-    analyzer = Analyzer(frozenset({case.port}), **case.options)
+    analyzer = Analyzer(frozenset({case.port}), FULL.replace(**case.options))
     with CaptureReader.open(str(path)) as reader:
         packets = iter(reader)
         while analyzer.feed(packets, 10000):

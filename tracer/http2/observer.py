@@ -15,12 +15,11 @@ that falls inside a frame's payload costs nothing but that frame.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tracer.events import (
     ORIG,
     RESP,
-    AnomalyFound,
     FramingLost,
     FramingRegained,
     GoawaySent,
@@ -37,7 +36,6 @@ from tracer.events import (
     TlsServerHelloSeen,
     TrailersReceived,
 )
-from tracer.freeze import BIG, BYTE, COUNT, FLAG, FLOAT, REF, SEQ, Layout
 from tracer.http2.frames import (
     CONTINUATION,
     DATA,
@@ -70,9 +68,9 @@ from tracer.http2.tls import (
     looks_like_tls,
     parse_hello,
 )
-
-if TYPE_CHECKING:
-    from tracer.tcp.flow import Connection
+from tracer.outbox import Budget, Outbox
+from tracer.sleep import BIG, BYTE, COUNT, FLAG, FLOAT, REF, SEQ, Layout
+from tracer.tcp.flow import StreamObserver
 
 MAX_BUFFERED = 1 << 16  # largest control frame or header block kept for decoding
 MAX_HTTP1_HEAD = 1 << 14
@@ -97,6 +95,28 @@ HTTP1 = 3  # inside an HTTP/1.x head or body
 TLS = 4  # collecting a TLS hello
 IGNORE = 5  # nothing more to learn from this direction
 TLS_RECORDS = 6  # inside TLS after the hello: record headers counted, bodies skipped
+MODE_NAMES = ("DETECT", "FRAMES", "RESYNC", "HTTP1", "TLS", "IGNORE", "TLS_RECORDS")
+
+# Every mode change a direction's parser makes, and why. A direction starts in DETECT;
+# a change not listed here is a bug (Direction._set_mode asserts it).
+TRANSITIONS: dict[tuple[int, int], str] = {
+    (DETECT, FRAMES): "the client preface, or the server's first frames",
+    (DETECT, HTTP1): "an HTTP/1 request or status line",
+    (DETECT, TLS): "a TLS record",
+    (DETECT, IGNORE): "none of these (or an HTTP/1 body that cannot be followed)",
+    (DETECT, RESYNC): "picked up mid-stream, or bytes lost before the start was read",
+    (FRAMES, RESYNC): "bytes lost across a frame header",
+    (RESYNC, FRAMES): "a segment that starts a plausible chain of frames, or a preface",
+    (RESYNC, DETECT): "a client preface cut across segments",
+    (RESYNC, HTTP1): "a whole HTTP/1 request or status line at a segment start",
+    (RESYNC, TLS_RECORDS): "TLS application data records at a segment start",
+    (HTTP1, DETECT): "after a 101 or a CONNECT's 2xx, or bytes that are not HTTP/1",
+    (HTTP1, IGNORE): "a chunked or unreadable body, a head too long, or bytes lost",
+    (TLS, TLS_RECORDS): "the hello read: the records after it are counted",
+    (TLS, IGNORE): "a hello too long, or not TLS after all",
+    (TLS, RESYNC): "bytes lost inside the hello",
+    (TLS_RECORDS, RESYNC): "bytes lost across a record header, or a header that is not TLS",
+}
 
 # TLS record content types (RFC 8446 section 5.1); application data carries the RPCs.
 TLS_CHANGE_CIPHER_SPEC = 20
@@ -140,10 +160,10 @@ def printable(raw: bytes, limit: int = MAX_TEXT) -> str:
 
 
 class Http2Context:
-    """What all connections of one run share: options, the HPACK memo, the anomaly outbox."""
+    """What all connections of one run share: options, the HPACK memo, the run's outbox."""
 
-    def __init__(self, anomalies: list[AnomalyFound], *, decode_server_headers: bool = True):
-        self.anomalies = anomalies
+    def __init__(self, outbox: Outbox, *, decode_server_headers: bool = False):
+        self.outbox = outbox
         self.decode_server_headers = decode_server_headers
         self.memo = HpackMemo()
         # Decoded request fields -> (method, authority, user-agent) as stored text. The
@@ -181,19 +201,22 @@ class Http2Context:
         self.requests[fields] = text
         return text
 
-    def observer(self, conn: Connection) -> Http2Observer:
-        return Http2Observer(self, conn)
+    def observer(self, budget: Budget) -> Http2Observer:
+        """A new connection's observer (tracer.tcp.flow.ObserverFactory)."""
+        return Http2Observer(self, budget)
 
 
-class Http2Observer:
-    """Both directions of one connection and what they said."""
+class Http2Observer(StreamObserver):
+    """Both directions of one connection and what they said: the summary the record is
+    built from. It holds the run's context and the connection's event budget, and nothing
+    that points back at the connection or the table."""
 
     __slots__ = (
         "authority",
+        "budget",
         "client_settings",
         "client_settings_ack_ts",
         "client_settings_ts",
-        "conn",
         "connect_pending",
         "ctx",
         "data_frames",
@@ -230,9 +253,9 @@ class Http2Observer:
         "window_updates",
     )
 
-    def __init__(self, ctx: Http2Context, conn: Connection) -> None:
+    def __init__(self, ctx: Http2Context, budget: Budget) -> None:
         self.ctx = ctx
-        self.conn = conn
+        self.budget = budget
         self.protocol: str | None = None  # h2c, tls, http1, unknown
         self.preface_ts: float | None = None
         self.client_settings_ts: float | None = None
@@ -268,8 +291,20 @@ class Http2Observer:
         self.tls_records_resp = 0
         self.upgraded = False
         self.connect_pending = False
-        self.orig = Direction(self, True)
-        self.resp = Direction(self, False)
+        self.orig = Direction(True, True)
+        self.resp = Direction(False, ctx.decode_server_headers)
+
+    # -- StreamObserver ---------------------------------------------------------------
+
+    def data(self, from_client: bool, ts: float, payload: bytes) -> bool:
+        return (self.orig if from_client else self.resp).feed(self, ts, payload)
+
+    def gap(self, from_client: bool, ts: float, missed: int) -> None:
+        (self.orig if from_client else self.resp).gap(self, ts, missed)
+
+    def lost_start(self, ts: float) -> None:
+        self.orig.lost_start(ts)
+        self.resp.lost_start(ts)
 
     def finish(self, ts: float) -> None:
         for d in (self.orig, self.resp):
@@ -280,7 +315,7 @@ class Http2Observer:
         return all(not d.pending and not d.skip and d.hblock is None
                    for d in (self.orig, self.resp))
 
-    def freeze(self) -> tuple[bytes, tuple[Any, ...]]:
+    def sleep_state(self) -> tuple[bytes, tuple[Any, ...]]:
         blob, refs = _OBSERVER_LAYOUT.pack(self)
         parts = [blob]
         for d in (self.orig, self.resp):
@@ -291,7 +326,8 @@ class Http2Observer:
             refs += r + ((hp.state if hp is not None and hp.state is not None else hp),)
         return b"".join(parts), refs
 
-    def thaw(self, blob: bytes, offset: int, refs: tuple[Any, ...], ref_offset: int) -> None:
+    def wake_state(self, blob: bytes, offset: int, refs: tuple[Any, ...],
+                   ref_offset: int) -> None:
         offset, ref_offset = _OBSERVER_LAYOUT.unpack(self, blob, offset, refs, ref_offset)
         for d in (self.orig, self.resp):
             offset, ref_offset = _DIRECTION_LAYOUT.unpack(d, blob, offset, refs, ref_offset)
@@ -300,20 +336,9 @@ class Http2Observer:
             if isinstance(hp, TableState):
                 hp = HpackDirection(self.ctx.memo, hp)
             d.hpack = hp
-            d._set_mode(d.mode)
-
-    def release(self) -> None:
-        """Point both directions at a shared placeholder observer: the cycles between this
-        observer and its directions are gone, and all of it is freed by reference counting
-        (the cycle collector can then run rarely)."""
-        placeholder = _placeholder()
-        ignore = placeholder.orig._ignore
-        for d in (self.orig, self.resp):
-            d.obs = placeholder
-            d.data = ignore  # was a method bound to d itself: a cycle too
 
     def anomaly(self, ts: float, reason: str, detail: str = "") -> None:
-        self.ctx.anomalies.append(AnomalyFound(ts, self.conn.uid, reason, detail))
+        self.ctx.outbox.anomaly(ts, self.budget.uid, reason, detail)
 
     def add_method(self, method: str) -> None:
         """Count one request's method. While every request had the first method, no dict
@@ -359,24 +384,11 @@ _DIRECTION_LAYOUT = Layout([
     ("unknown_label", REF),
 ])
 
-_PLACEHOLDER: list[Http2Observer] = []
-
-
-def _placeholder() -> Http2Observer:
-    if not _PLACEHOLDER:
-        from tracer.tcp.flow import Connection
-
-        conn = Connection("released", bytes(12), 0.0, [], 0)
-        _PLACEHOLDER.append(Http2Observer(Http2Context([]), conn))
-    return _PLACEHOLDER[0]
-
-
 class Direction:
     """One direction's parser: mode, partial frame, skip count, header block, HPACK context."""
 
     __slots__ = (
         "body_left",
-        "data",
         "decode_headers",
         "dir",
         "hblock",
@@ -388,7 +400,6 @@ class Direction:
         "last_sid",
         "max_frame",
         "mode",
-        "obs",
         "pending",
         "settings_acked",
         "settings_seen",
@@ -398,11 +409,10 @@ class Direction:
         "unknown_label",
     )
 
-    def __init__(self, obs: Http2Observer, is_client: bool) -> None:
-        self.obs = obs
+    def __init__(self, is_client: bool, decode_headers: bool) -> None:
         self.is_client = is_client
         self.dir = ORIG if is_client else RESP
-        self._set_mode(DETECT)
+        self.mode = DETECT
         self.pending = b""
         self.skip = 0
         self.skip_type = DATA
@@ -410,7 +420,7 @@ class Direction:
         self.max_frame = DEFAULT_MAX_FRAME_SIZE
         self.hpack: HpackDirection | None = None
         self.unknown_label: str | None = None  # None while the HPACK table is known
-        self.decode_headers = is_client or obs.ctx.decode_server_headers
+        self.decode_headers = decode_headers
         self.hblock: bytes | None = None  # header block collected across CONTINUATION
         self.hstream = 0
         self.hflags = 0
@@ -421,35 +431,37 @@ class Direction:
         self.settings_acked = False
         self.size_warned = False
 
-    # -- PayloadSink ------------------------------------------------------------------
-    # ``data`` (the PayloadSink entry point) is an attribute bound to the handler of the
-    # current mode, so the flow table's call lands in the right parser directly.
+    # -- the stream, by mode -------------------------------------------------------------
+
+    def feed(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
+        """In-order bytes of this direction, to the parser of the current mode; True when
+        they were activity (see StreamObserver.data)."""
+        mode = self.mode
+        if mode == FRAMES:
+            return self._frames(obs, ts, data)
+        if mode == TLS_RECORDS:
+            return self._tls_records(obs, ts, data)
+        if mode == DETECT:
+            return self._detect(obs, ts, data)
+        if mode == RESYNC:
+            return self._resync(obs, ts, data)
+        if mode == HTTP1:
+            return self._http1(obs, ts, data)
+        if mode == TLS:
+            return self._tls(obs, ts, data)
+        return False  # IGNORE
 
     def _set_mode(self, mode: int) -> None:
-        self.mode = mode
-        if mode == FRAMES:
-            self.data = self._frames
-        elif mode == DETECT:
-            self.data = self._detect
-        elif mode == RESYNC:
-            self.data = self._resync
-        elif mode == HTTP1:
-            self.data = self._http1
-        elif mode == TLS:
-            self.data = self._tls
-        elif mode == TLS_RECORDS:
-            self.data = self._tls_records
-        else:
-            self.data = self._ignore
-
-    def _ignore(self, ts: float, data: bytes) -> None:
-        return
+        """Change mode: only along TRANSITIONS (a change not listed there is a bug)."""
+        if mode != self.mode:
+            assert (self.mode, mode) in TRANSITIONS, (MODE_NAMES[self.mode], MODE_NAMES[mode])
+            self.mode = mode
 
     def lost_start(self, ts: float) -> None:
         self._set_mode(RESYNC)
         self.unknown_label = UNKNOWN_PRE_EXISTING
 
-    def gap(self, ts: float, missed: int) -> None:
+    def gap(self, obs: Http2Observer, ts: float, missed: int) -> None:
         mode = self.mode
         if mode == FRAMES:
             if self.skip >= missed:
@@ -466,10 +478,10 @@ class Direction:
                     ftype = lt & 0xFF
                     if ftype in (HEADERS, CONTINUATION, PUSH_PROMISE):
                         if ftype == HEADERS and self.is_client:
-                            self._count_request(ts, sid & 0x7FFFFFFF, UNKNOWN_GAP)
-                        self._drop_block(ts, UNKNOWN_GAP)
+                            self._count_request(obs, ts, sid & 0x7FFFFFFF, UNKNOWN_GAP)
+                        self._drop_block(obs, ts, UNKNOWN_GAP)
                     return
-            self._lose_sync(ts)
+            self._lose_sync(obs, ts)
         elif mode == HTTP1:
             if self.body_left >= missed and not self.pending:
                 self.body_left -= missed
@@ -480,10 +492,10 @@ class Direction:
                 self.skip -= missed  # inside one record's body: the records hold
             else:
                 self.pending = b""
-                self._lose_sync(ts)
+                self._lose_sync(obs, ts)
         elif mode in (DETECT, TLS):
             self.pending = b""
-            self._lose_sync(ts)
+            self._lose_sync(obs, ts)
 
     def finish(self, ts: float) -> None:
         self.pending = b""
@@ -495,92 +507,87 @@ class Direction:
             self.hpack.reset()
         self.unknown_label = label
 
-    def _drop_block(self, ts: float, label: str) -> None:
+    def _drop_block(self, obs: Http2Observer, ts: float, label: str) -> None:
         """A header block (or the rest of one) is lost: the request still counts, the HPACK
         table is unknown from here."""
         if self.hblock is not None and self.htype == HEADERS and self.is_client:
-            self._count_request(ts, self.hstream, label)
+            self._count_request(obs, ts, self.hstream, label)
         self.hblock = None
         self._lose_table(label)
 
-    def _lose_sync(self, ts: float) -> None:
+    def _lose_sync(self, obs: Http2Observer, ts: float) -> None:
         self._set_mode(RESYNC)
         self.pending = b""
         self.skip = 0
-        self._drop_block(ts, UNKNOWN_GAP)
-        self.obs.conn.emit_frequent(FramingLost, ts, self.dir)
+        self._drop_block(obs, ts, UNKNOWN_GAP)
+        obs.budget.emit_frequent(FramingLost, ts, self.dir)
 
-    def _decode(self, ts: float, block: bytes) -> Fields | None:
+    def _decode(self, obs: Http2Observer, ts: float, block: bytes) -> Fields | None:
         hp = self.hpack
         if hp is None:
-            hp = self.hpack = HpackDirection(self.obs.ctx.memo)
+            hp = self.hpack = HpackDirection(obs.ctx.memo)
         try:
             return hp.decode(block)
         except HpackError as exc:
             if self.unknown_label is None:
-                self.obs.anomaly(ts, "hpack_error", f"{self.dir} header block: {exc}")
+                obs.anomaly(ts, "hpack_error", f"{self.dir} header block: {exc}")
                 self.unknown_label = UNKNOWN_HPACK
             return None
 
-    def _count_request(self, ts: float, sid: int, method: str) -> bool:
+    def _count_request(self, obs: Http2Observer, ts: float, sid: int, method: str) -> bool:
         """Count client HEADERS that open a new stream; False for trailers on an old one."""
         if sid <= self.last_sid or not sid & 1:
             return False
         self.last_sid = sid
-        obs = self.obs
         obs.streams += 1
         if obs.first_rpc_ts is None:
             obs.first_rpc_ts = ts
         obs.last_rpc_ts = ts
         obs.add_method(method)
-        obs.conn.emit_frequent(RequestStarted, ts, self.dir, sid, method)
+        obs.budget.emit_frequent(RequestStarted, ts, self.dir, sid, method)
         return True
 
     # -- start of stream --------------------------------------------------------------
 
-    def _detect(self, ts: float, data: bytes) -> None:
+    def _detect(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
         buf = self.pending + data if self.pending else data
         self.pending = b""
         if self.is_client:
             if buf.startswith(PREFACE):
-                self._preface(ts)
+                self._preface(obs, ts)
                 self._set_mode(FRAMES)
                 if len(buf) > len(PREFACE):
-                    self._frames(ts, buf[len(PREFACE):])
-                return
+                    return self._frames(obs, ts, buf[len(PREFACE):])
+                return False
             if (PREFACE.startswith(buf) or (len(buf) < 12 and buf.isalpha() and buf.isupper())
                     or (len(buf) < 3 and buf[:1] == b"\x16")):
                 self.pending = buf  # a preface, an HTTP method or a TLS record still arriving
-                return
+                return False
             if _HTTP1_REQUEST.match(buf):
                 self._set_mode(HTTP1)
-                self._http1(ts, buf)
-                return
+                return self._http1(obs, ts, buf)
         else:
             if buf.startswith(b"HTTP/"):
                 self._set_mode(HTTP1)
-                self._http1(ts, buf)
-                return
+                return self._http1(obs, ts, buf)
             if len(buf) < 9 and not looks_like_tls(buf):
                 self.pending = buf  # a frame header or a status line still arriving
-                return
+                return False
             if not looks_like_tls(buf):
                 lt, _flags, sid = FRAME_HEADER.unpack_from(buf, 0)
                 if (lt & 0xFF == SETTINGS and not sid) or plausible_chain(buf, self.max_frame):
                     self._set_mode(FRAMES)
-                    self.obs.saw_frames()
-                    self._frames(ts, buf)
-                    return
+                    obs.saw_frames()
+                    return self._frames(obs, ts, buf)
         if looks_like_tls(buf):
             self._set_mode(TLS)
-            self._tls(ts, buf)
-            return
-        if self.obs.protocol is None:
-            self.obs.protocol = "unknown"
+            return self._tls(obs, ts, buf)
+        if obs.protocol is None:
+            obs.protocol = "unknown"
         self._set_mode(IGNORE)
+        return False
 
-    def _preface(self, ts: float) -> None:
-        obs = self.obs
+    def _preface(self, obs: Http2Observer, ts: float) -> None:
         if obs.preface_ts is None:
             obs.preface_ts = ts
         obs.saw_frames()
@@ -588,51 +595,48 @@ class Direction:
         self.unknown_label = None
         if self.hpack is not None:
             self.hpack.reset()
-        obs.conn.emit(PrefaceReceived, ts, self.dir)
+        obs.budget.emit(PrefaceReceived, ts, self.dir)
 
-    def _resync(self, ts: float, data: bytes) -> None:
+    def _resync(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
         if self.is_client and data.startswith(PREFACE):
-            self._preface(ts)
+            self._preface(obs, ts)
             self._set_mode(FRAMES)
             if len(data) > len(PREFACE):
-                self._frames(ts, data[len(PREFACE):])
-            return
+                return self._frames(obs, ts, data[len(PREFACE):])
+            return False
         if self.is_client and PREFACE.startswith(data):
             self._set_mode(DETECT)  # a preface cut across segments
             self.pending = data
-            return
+            return False
         if (self.is_client and _HTTP1_REQUEST_LINE.match(data)) or (
             not self.is_client and _HTTP1_STATUS_LINE.match(data)
         ):
             # A whole HTTP/1 request or status line at a segment start (an h2c upgrade or
             # a CONNECT picked up mid-stream): it starts a stream of its own.
             self._set_mode(HTTP1)
-            self._http1(ts, data)
-            return
+            return self._http1(obs, ts, data)
         if _plausible_tls_records(data):
             # TLS picked up mid-stream (or after a gap): its records are still counted.
-            self.obs.protocol = "tls"
+            obs.protocol = "tls"
             self._set_mode(TLS_RECORDS)
-            self.obs.conn.emit_frequent(FramingRegained, ts, self.dir)
-            self._tls_records(ts, data)
-            return
+            obs.budget.emit_frequent(FramingRegained, ts, self.dir)
+            return self._tls_records(obs, ts, data)
         if plausible_chain(data, self.max_frame):
             self._set_mode(FRAMES)
-            self.obs.saw_frames()
-            self.obs.conn.emit_frequent(FramingRegained, ts, self.dir)
-            self._frames(ts, data)
+            obs.saw_frames()
+            obs.budget.emit_frequent(FramingRegained, ts, self.dir)
+            return self._frames(obs, ts, data)
+        return False
 
     # -- frames -----------------------------------------------------------------------
 
-    def _frames(self, ts: float, data: bytes) -> None:
+    def _frames(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
         skip = self.skip
         if skip:
             n = len(data)
             if skip >= n:
                 self.skip = skip - n
-                if self.skip_type == DATA:
-                    self.obs.conn.last_activity = ts
-                return
+                return self.skip_type == DATA
             data = data[skip:]
             self.skip = 0
         if self.pending:
@@ -642,7 +646,6 @@ class Direction:
         pos = 0
         unpack = FRAME_HEADER.unpack_from
         active = False
-        obs = self.obs
         max_frame = self.max_frame
         decode_headers = self.decode_headers
         while n - pos >= 9:
@@ -652,9 +655,9 @@ class Direction:
             end = pos + 9 + length
             if length > max_frame or self.hblock is not None:
                 if length > max_frame and not self.size_warned:
-                    self._oversized(ts, ftype, length)
+                    self._oversized(obs, ts, ftype, length)
                 if self.hblock is not None and ftype != CONTINUATION:
-                    self._continuation_broken(ts, ftype)
+                    self._continuation_broken(obs, ts, ftype)
             if ftype == DATA:
                 obs.data_frames += 1
                 active = True
@@ -669,32 +672,32 @@ class Direction:
             elif ftype in _HEADER_BLOCK_TYPES and not decode_headers:
                 active = True
                 if ftype == HEADERS:
-                    self._headers_not_decoded(ts, flags, sid & 0x7FFFFFFF)
+                    self._headers_not_decoded(obs, ts, flags, sid & 0x7FFFFFFF)
             elif length > MAX_BUFFERED:
-                self._too_big(ts, ftype, flags, sid & 0x7FFFFFFF, length)
+                self._too_big(obs, ts, ftype, flags, sid & 0x7FFFFFFF, length)
                 active = True
             elif end > n:
                 break  # a frame we read, still arriving: kept in pending below
             else:
                 if ftype == HEADERS:
-                    self._headers(ts, ftype, flags, sid & 0x7FFFFFFF, data, pos + 9, end)
+                    self._headers(obs, ts, ftype, flags, sid & 0x7FFFFFFF, data, pos + 9, end)
                     active = True
                 elif ftype == PING:
-                    self._ping(ts, flags, data, pos + 9, end)
+                    self._ping(obs, ts, flags, data, pos + 9, end)
                 elif ftype == SETTINGS:
-                    self._settings(ts, flags, data, pos + 9, end)
+                    self._settings(obs, ts, flags, data, pos + 9, end)
                     active = True
                 elif ftype == CONTINUATION:
-                    self._continuation(ts, flags, sid & 0x7FFFFFFF, data[pos + 9:end])
+                    self._continuation(obs, ts, flags, sid & 0x7FFFFFFF, data[pos + 9:end])
                     active = True
                 elif ftype == GOAWAY:
-                    self._goaway(ts, data, pos + 9, end)
+                    self._goaway(obs, ts, data, pos + 9, end)
                     active = True
                 elif ftype == RST_STREAM:
-                    self._rst_stream(ts, sid & 0x7FFFFFFF, data, pos + 9, end)
+                    self._rst_stream(obs, ts, sid & 0x7FFFFFFF, data, pos + 9, end)
                     active = True
                 else:  # PUSH_PROMISE
-                    self._headers(ts, ftype, flags, sid & 0x7FFFFFFF, data, pos + 9, end)
+                    self._headers(obs, ts, ftype, flags, sid & 0x7FFFFFFF, data, pos + 9, end)
                     active = True
                 pos = end
                 continue
@@ -707,43 +710,42 @@ class Direction:
             pos = end
         if pos < n:
             self.pending = data[pos:]
-        if active:
-            obs.conn.last_activity = ts
+        return active
 
-    def _oversized(self, ts: float, ftype: int, length: int) -> None:
+    def _oversized(self, obs: Http2Observer, ts: float, ftype: int, length: int) -> None:
         self.size_warned = True
-        self.obs.anomaly(
+        obs.anomaly(
             ts, "frame_exceeds_max_frame_size",
             f"{self.dir} {FRAME_NAMES.get(ftype, ftype)} frame of {length} bytes, "
             f"peer allows {self.max_frame}",
         )
 
-    def _too_big(self, ts: float, ftype: int, flags: int, sid: int, length: int) -> None:
-        self.obs.anomaly(
+    def _too_big(self, obs: Http2Observer, ts: float, ftype: int, flags: int, sid: int, length: int) -> None:
+        obs.anomaly(
             ts, "frame_too_large_to_inspect",
             f"{self.dir} {FRAME_NAMES.get(ftype, ftype)} frame of {length} bytes skipped",
         )
         if ftype in (HEADERS, CONTINUATION, PUSH_PROMISE):
             if ftype == HEADERS and self.is_client:
-                self._count_request(ts, sid, UNKNOWN_HPACK)
-            self._drop_block(ts, UNKNOWN_HPACK)
+                self._count_request(obs, ts, sid, UNKNOWN_HPACK)
+            self._drop_block(obs, ts, UNKNOWN_HPACK)
 
-    def _continuation_broken(self, ts: float, ftype: int) -> None:
-        self.obs.anomaly(
+    def _continuation_broken(self, obs: Http2Observer, ts: float, ftype: int) -> None:
+        obs.anomaly(
             ts, "continuation_expected",
             f"{self.dir} {FRAME_NAMES.get(ftype, ftype)} frame inside a header block "
             f"on stream {self.hstream}",
         )
-        self._drop_block(ts, UNKNOWN_HPACK)
+        self._drop_block(obs, ts, UNKNOWN_HPACK)
 
     def _headers(
-        self, ts: float, ftype: int, flags: int, sid: int, data: bytes, start: int, end: int
+        self, obs: Http2Observer, ts: float, ftype: int, flags: int, sid: int, data: bytes, start: int, end: int
     ) -> None:
         p = start
         e = end
         if flags & FLAG_PADDED:
             if e - p < 1 or data[p] > e - p - 1:
-                self.obs.anomaly(ts, "bad_padding", f"{self.dir} {FRAME_NAMES[ftype]} padding")
+                obs.anomaly(ts, "bad_padding", f"{self.dir} {FRAME_NAMES[ftype]} padding")
                 self._lose_table(UNKNOWN_HPACK)
                 return
             e -= data[p]
@@ -753,7 +755,7 @@ class Direction:
         elif flags & FLAG_PRIORITY:
             p += 5
         if p > e:
-            self.obs.anomaly(ts, "bad_headers_frame", f"{self.dir} {FRAME_NAMES[ftype]} too short")
+            obs.anomaly(ts, "bad_headers_frame", f"{self.dir} {FRAME_NAMES[ftype]} too short")
             self._lose_table(UNKNOWN_HPACK)
             return
         fragment = data[p:e]
@@ -763,11 +765,11 @@ class Direction:
             self.hflags = flags
             self.htype = ftype
             return
-        self._header_block(ts, ftype, flags, sid, fragment)
+        self._header_block(obs, ts, ftype, flags, sid, fragment)
 
-    def _continuation(self, ts: float, flags: int, sid: int, fragment: bytes) -> None:
+    def _continuation(self, obs: Http2Observer, ts: float, flags: int, sid: int, fragment: bytes) -> None:
         if self.hblock is None or sid != self.hstream:
-            self.obs.anomaly(
+            obs.anomaly(
                 ts, "unexpected_continuation", f"{self.dir} CONTINUATION on stream {sid}"
             )
             self._lose_table(UNKNOWN_HPACK)
@@ -775,26 +777,25 @@ class Direction:
             return
         block = self.hblock + fragment
         if len(block) > MAX_BUFFERED:
-            self.obs.anomaly(
+            obs.anomaly(
                 ts, "frame_too_large_to_inspect",
                 f"{self.dir} header block of over {MAX_BUFFERED} bytes skipped",
             )
-            self._drop_block(ts, UNKNOWN_HPACK)
+            self._drop_block(obs, ts, UNKNOWN_HPACK)
             return
         if flags & FLAG_END_HEADERS:
             self.hblock = None
-            self._header_block(ts, self.htype, self.hflags, sid, block)
+            self._header_block(obs, ts, self.htype, self.hflags, sid, block)
         else:
             self.hblock = block
 
-    def _header_block(self, ts: float, ftype: int, flags: int, sid: int, block: bytes) -> None:
-        fields = self._decode(ts, block)
+    def _header_block(self, obs: Http2Observer, ts: float, ftype: int, flags: int, sid: int, block: bytes) -> None:
+        fields = self._decode(obs, ts, block)
         if ftype == PUSH_PROMISE:
             return
-        obs = self.obs
         if self.is_client:
             if fields is None:
-                self._count_request(ts, sid, self.unknown_label or UNKNOWN_HPACK)
+                self._count_request(obs, ts, sid, self.unknown_label or UNKNOWN_HPACK)
                 return
             request = obs.ctx.requests.get(fields)
             if request is None:
@@ -802,7 +803,7 @@ class Direction:
             method, authority, agent = request
             if flags & FLAG_END_STREAM and method == NO_PATH:
                 return  # client trailers on a stream opened earlier, not a request
-            if self._count_request(ts, sid, method):
+            if self._count_request(obs, ts, sid, method):
                 if obs.authority is None:
                     obs.authority = authority
                 if obs.user_agent is None:
@@ -830,25 +831,24 @@ class Direction:
                 statuses[status] = statuses.get(status, 0) + 1
         if status:
             obs.grpc_errors += 1
-        obs.conn.emit_frequent(TrailersReceived, ts, self.dir, sid, status, message)
+        obs.budget.emit_frequent(TrailersReceived, ts, self.dir, sid, status, message)
 
-    def _headers_not_decoded(self, ts: float, flags: int, sid: int) -> None:
+    def _headers_not_decoded(self, obs: Http2Observer, ts: float, flags: int, sid: int) -> None:
         # Trailers are counted; without decoding there is no status, and no event.
         if flags & FLAG_END_STREAM and not self.is_client:
-            self.obs.trailers += 1
+            obs.trailers += 1
 
-    def _settings(self, ts: float, flags: int, data: bytes, start: int, end: int) -> None:
-        obs = self.obs
+    def _settings(self, obs: Http2Observer, ts: float, flags: int, data: bytes, start: int, end: int) -> None:
         if flags & FLAG_ACK:
             if self.settings_acked:
-                obs.conn.emit_frequent(SettingsAcknowledged, ts, self.dir)
+                obs.budget.emit_frequent(SettingsAcknowledged, ts, self.dir)
                 return
             self.settings_acked = True
             if self.is_client:
                 obs.client_settings_ack_ts = ts
             else:
                 obs.server_settings_ack_ts = ts
-            obs.conn.emit(SettingsAcknowledged, ts, self.dir, True)
+            obs.budget.emit(SettingsAcknowledged, ts, self.dir, True)
             return
         length = end - start
         if length % 6:
@@ -860,7 +860,7 @@ class Direction:
             if key == SETTINGS_MAX_FRAME_SIZE and 16384 <= value <= MAX_FRAME_SIZE_LIMIT:
                 peer.max_frame = value
         if self.settings_seen or self.unknown_label == UNKNOWN_PRE_EXISTING:
-            obs.conn.emit_frequent(SettingsReceived, ts, self.dir, values)
+            obs.budget.emit_frequent(SettingsReceived, ts, self.dir, values)
             return
         # The preface's SETTINGS (a direction picked up mid-stream never saw it).
         self.settings_seen = True
@@ -870,25 +870,23 @@ class Direction:
         else:
             obs.server_settings = values
             obs.server_settings_ts = ts
-        obs.conn.emit(SettingsReceived, ts, self.dir, values, True)
+        obs.budget.emit(SettingsReceived, ts, self.dir, values, True)
 
-    def _ping(self, ts: float, flags: int, data: bytes, start: int, end: int) -> None:
-        obs = self.obs
+    def _ping(self, obs: Http2Observer, ts: float, flags: int, data: bytes, start: int, end: int) -> None:
         if end - start != 8:
             obs.anomaly(ts, "bad_ping_length", f"{self.dir} PING of {end - start} bytes")
             return
         opaque = int.from_bytes(data[start:end], "big")
         if flags & FLAG_ACK:
-            obs.conn.emit_frequent(PingAcknowledged, ts, self.dir, opaque)
+            obs.budget.emit_frequent(PingAcknowledged, ts, self.dir, opaque)
             return
         if self.is_client:
             obs.pings_orig += 1
         else:
             obs.pings_resp += 1
-        obs.conn.emit_frequent(PingSent, ts, self.dir, opaque)
+        obs.budget.emit_frequent(PingSent, ts, self.dir, opaque)
 
-    def _goaway(self, ts: float, data: bytes, start: int, end: int) -> None:
-        obs = self.obs
+    def _goaway(self, obs: Http2Observer, ts: float, data: bytes, start: int, end: int) -> None:
         if end - start < 8:
             obs.anomaly(ts, "bad_goaway_length", f"{self.dir} GOAWAY of {end - start} bytes")
             return
@@ -903,20 +901,19 @@ class Direction:
             obs.goaway_last_stream_id = last
             obs.goaway_error = code
             obs.goaway_debug = debug or None
-        obs.conn.emit(GoawaySent, ts, self.dir, last, code, debug)
+        obs.budget.emit(GoawaySent, ts, self.dir, last, code, debug)
 
-    def _rst_stream(self, ts: float, sid: int, data: bytes, start: int, end: int) -> None:
-        obs = self.obs
+    def _rst_stream(self, obs: Http2Observer, ts: float, sid: int, data: bytes, start: int, end: int) -> None:
         if end - start != 4:
             obs.anomaly(ts, "bad_rst_stream_length", f"{self.dir} RST_STREAM of {end - start}")
             return
         obs.rst_streams += 1
         code = int.from_bytes(data[start:end], "big")
-        obs.conn.emit_frequent(StreamReset, ts, self.dir, sid, code)
+        obs.budget.emit_frequent(StreamReset, ts, self.dir, sid, code)
 
     # -- HTTP/1.x (h2c upgrade, CONNECT tunnels, plain HTTP/1 on the port) --------------
 
-    def _http1(self, ts: float, data: bytes) -> None:
+    def _http1(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
         buf = self.pending + data if self.pending else data
         self.pending = b""
         while buf:
@@ -929,30 +926,28 @@ class Direction:
                 # Not another HTTP/1 message: whatever follows (an HTTP/2 preface after an
                 # upgrade, a server's SETTINGS) starts a stream of its own.
                 self._set_mode(DETECT)
-                self._detect(ts, buf)
-                return
+                return self._detect(obs, ts, buf)
             idx = buf.find(b"\r\n\r\n")
             if idx < 0:
                 if len(buf) > MAX_HTTP1_HEAD:
-                    self.obs.anomaly(
+                    obs.anomaly(
                         ts, "http1_head_too_long", f"{self.dir} head over {MAX_HTTP1_HEAD} bytes"
                     )
                     self._set_mode(IGNORE)
                 else:
                     self.pending = buf
-                return
+                return False
             head, buf = buf[:idx], buf[idx + 4:]
             if self.is_client:
-                self._http1_request(ts, head)
+                self._http1_request(obs, ts, head)
             else:
-                self._http1_response(ts, head)
+                self._http1_response(obs, ts, head)
             if self.mode == IGNORE:
-                return
+                return False
             if self.mode == DETECT:
                 # After a 101 or a CONNECT's 2xx: a new stream starts right here.
-                if buf:
-                    self._detect(ts, buf)
-                return
+                return self._detect(obs, ts, buf) if buf else False
+        return False
 
     def _new_stream(self) -> None:
         """What follows starts a stream of its own (after a 101, in a CONNECT tunnel): its
@@ -978,7 +973,7 @@ class Direction:
             headers[name.strip().lower()] = value.strip()
         return lines[0].split(b" ", 2), headers
 
-    def _body(self, ts: float, headers: dict[bytes, bytes]) -> None:
+    def _body(self, obs: Http2Observer, ts: float, headers: dict[bytes, bytes]) -> None:
         if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
             self._set_mode(IGNORE)
             return
@@ -987,19 +982,18 @@ class Direction:
         except ValueError:
             length = -1
         if length < 0:
-            self.obs.anomaly(ts, "bad_content_length", f"{self.dir} HTTP/1 head")
+            obs.anomaly(ts, "bad_content_length", f"{self.dir} HTTP/1 head")
             self._set_mode(IGNORE)
             return
         self.body_left = length
 
-    def _http1_request(self, ts: float, head: bytes) -> None:
-        obs = self.obs
+    def _http1_request(self, obs: Http2Observer, ts: float, head: bytes) -> None:
         start, headers = self._http1_headers(head)
         method = printable(start[0], 16)
         target = printable(start[1]) if len(start) > 1 else ""
         upgrade = headers.get(b"upgrade", b"").lower()
         h2c = b"h2c" in upgrade
-        obs.conn.emit(Http1RequestSeen, ts, self.dir, method, target, printable(upgrade, 32))
+        obs.budget.emit(Http1RequestSeen, ts, self.dir, method, target, printable(upgrade, 32))
         if obs.protocol is None:
             obs.protocol = "http1"
         if b"host" in headers and obs.authority is None:
@@ -1012,17 +1006,16 @@ class Direction:
         elif h2c:
             # RFC 7540 3.2: the upgraded request is stream 1.
             obs.upgraded = True
-            self._count_request(ts, 1, target)
-        self._body(ts, headers)
+            self._count_request(obs, ts, 1, target)
+        self._body(obs, ts, headers)
 
-    def _http1_response(self, ts: float, head: bytes) -> None:
-        obs = self.obs
+    def _http1_response(self, obs: Http2Observer, ts: float, head: bytes) -> None:
         start, headers = self._http1_headers(head)
         try:
             status = int(start[1]) if len(start) > 1 else 0
         except ValueError:
             status = 0
-        obs.conn.emit(Http1ResponseSeen, ts, self.dir, status)
+        obs.budget.emit(Http1ResponseSeen, ts, self.dir, status)
         if status == 101:
             self._new_stream()  # HTTP/2 frames follow (server preface first)
             return
@@ -1034,11 +1027,11 @@ class Direction:
             return
         if status in (204, 304):
             return
-        self._body(ts, headers)
+        self._body(obs, ts, headers)
 
     # -- TLS --------------------------------------------------------------------------
 
-    def _tls_records(self, ts: float, data: bytes) -> None:
+    def _tls_records(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
         """Walk TLS record headers: application data records are what the connection
         carries (RPCs are encrypted: how many records each way and when is all there is
         to see), and they make it active."""
@@ -1048,7 +1041,7 @@ class Direction:
         if skip:
             if skip >= n:
                 self.skip = skip - n
-                return
+                return False
             pos = skip
             self.skip = 0
         if self.pending:
@@ -1062,9 +1055,9 @@ class Direction:
             length = data[pos + 3] << 8 | data[pos + 4]
             if (not TLS_CHANGE_CIPHER_SPEC <= ctype <= TLS_HEARTBEAT or data[pos + 1] != 3
                     or length > MAX_TLS_RECORD):
-                self.obs.anomaly(ts, "tls_record_desync",
-                                 f"{self.dir} record header {data[pos:pos + 5].hex()}")
-                self._lose_sync(ts)
+                obs.anomaly(ts, "tls_record_desync",
+                            f"{self.dir} record header {data[pos:pos + 5].hex()}")
+                self._lose_sync(obs, ts)
                 break
             if ctype == TLS_APPLICATION_DATA:
                 app += 1
@@ -1077,17 +1070,16 @@ class Direction:
         if pos < n and self.mode == TLS_RECORDS:
             self.pending = data[pos:]
         if app:
-            obs = self.obs
             if self.is_client:
                 obs.tls_records_orig += app
             else:
                 obs.tls_records_resp += app
-            obs.conn.last_activity = ts
+            return True
+        return False
 
-    def _tls(self, ts: float, data: bytes) -> None:
+    def _tls(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
         buf = self.pending + data if self.pending else data
         self.pending = b""
-        obs = self.obs
         obs.protocol = "tls"
         try:
             hello = parse_hello(buf)
@@ -1097,22 +1089,23 @@ class Direction:
                 self._set_mode(IGNORE)
             else:
                 self.pending = buf
-            return
+            return False
         except NotTls as exc:
             obs.anomaly(ts, "bad_tls_hello", f"{self.dir}: {exc}")
             self._set_mode(IGNORE)
-            return
+            return False
         alpn = ",".join(hello.alpn)
         # From the start of what was buffered: the hello's own records are handshake
         # records, the ones after it are counted.
         self._set_mode(TLS_RECORDS)
-        self._tls_records(ts, buf)
+        active = self._tls_records(obs, ts, buf)
         if hello.kind == HANDSHAKE_CLIENT_HELLO:
             obs.tls_sni = hello.sni or None
             if obs.tls_alpn is None:
                 obs.tls_alpn = alpn or None
-            obs.conn.emit(TlsClientHelloSeen, ts, self.dir, hello.sni, alpn)
+            obs.budget.emit(TlsClientHelloSeen, ts, self.dir, hello.sni, alpn)
         else:
             if alpn:
                 obs.tls_alpn = alpn  # the server's choice beats the client's offer
-            obs.conn.emit(TlsServerHelloSeen, ts, self.dir, alpn)
+            obs.budget.emit(TlsServerHelloSeen, ts, self.dir, alpn)
+        return active

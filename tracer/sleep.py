@@ -92,7 +92,7 @@ class Layout:
 
 
 
-class Dormant(tuple):  # type: ignore[type-arg]
+class Sleeper(tuple):  # type: ignore[type-arg]
     """A connection asleep in the flow table: ``(packed numbers, references)`` (see
     ``sleep_pack``), stored under the connection's client-side key. (Kept in this
     interpreted module: a compiled class cannot derive from tuple.)"""
@@ -121,7 +121,7 @@ SHARED_MAX = 1 << 16  # distinct reference tuples remembered for sharing
 
 
 def sleep_pack(blob: bytes, refs: tuple[Any, ...],
-               shared: dict[tuple[Any, ...], tuple[Any, ...]]) -> Dormant:
+               shared: dict[tuple[Any, ...], tuple[Any, ...]]) -> Sleeper:
     """One sleeping connection: its numbers compressed (raw deflate: timestamps and
     sequence numbers of one connection share most of their bytes, about 2.5x smaller),
     and the references that are not None in one tuple, shared with every sleeper that has
@@ -149,22 +149,22 @@ def sleep_pack(blob: bytes, refs: tuple[Any, ...],
             common = None  # equal but not the same (1 and True): keep our own
     squeeze = zlib.compressobj(1, zlib.DEFLATED, -15)
     packed = squeeze.compress(_REF_MASK.pack(mask, len(refs)) + blob) + squeeze.flush()
-    return Dormant((packed, common if common is not None else mine))
+    return Sleeper((packed, common if common is not None else mine))
 
 
-def sleep_peek(dormant: Dormant, offset: int, size: int) -> bytes:
+def sleep_peek(sleeper: Sleeper, offset: int, size: int) -> bytes:
     """``size`` bytes of the blob given to ``sleep_pack``, from ``offset``, decompressing
     no more of it than that (a look at a sleeper without waking it)."""
     start = _REF_MASK.size + offset
-    head = zlib.decompressobj(-15).decompress(dormant[0], start + size)
+    head = zlib.decompressobj(-15).decompress(sleeper[0], start + size)
     return head[start:start + size]
 
 
-def sleep_unpack(dormant: Dormant) -> tuple[bytes, tuple[Any, ...]]:
+def sleep_unpack(sleeper: Sleeper) -> tuple[bytes, tuple[Any, ...]]:
     """``(blob, refs)`` as given to ``sleep_pack``."""
-    raw = zlib.decompress(dormant[0], -15)
+    raw = zlib.decompress(sleeper[0], -15)
     mask, count = _REF_MASK.unpack_from(raw)
-    kept = iter(dormant[1])
+    kept = iter(sleeper[1])
     refs = []
     for i in range(count):
         ref = next(kept) if mask >> i & 1 else None
