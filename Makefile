@@ -98,8 +98,8 @@ demo: $(STAMP)
 
 # The whole suite against the installed (compiled) core, then the core's own tests once
 # more against the plain sources, interpreted: both builds must behave the same.
-PURE_TESTS := tests/test_build.py tests/test_decode.py tests/test_dormant.py tests/test_crafted.py tests/test_hpack.py \
-	tests/test_pcapfile.py tests/test_properties.py tests/test_shared_captures.py
+PURE_TESTS := tests/test_build.py tests/test_decode.py tests/test_sleep.py tests/test_crafted.py tests/test_hpack.py \
+	tests/test_pcapfile.py tests/test_properties.py tests/test_shared_captures.py tests/test_core_structure.py
 
 test: $(STAMP) system-deps node-deps go-peers
 	$(PY) -m pytest -q
