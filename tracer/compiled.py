@@ -18,8 +18,8 @@ import os
 # Everything else stays interpreted.
 MODULES = (
     "decode", "outbox", "pipeline", "record", "tcp/flow", "tcp/sleepers", "tcp/state",
-    "http2/frames",
-    "http2/hpack_memo", "http2/observer", "http2/tls", "sources/pcapfile",
+    "http2/frames", "http2/hpack_memo", "http2/http1", "http2/modes", "http2/observer",
+    "http2/text", "http2/tls", "sources/pcapfile",
 )
 
 # One "<sha256>  <module path>.py" line per compiled module (the format of sha256sum, so

@@ -14,7 +14,6 @@ that falls inside a frame's payload costs nothing but that frame.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from tracer.events import (
@@ -23,8 +22,6 @@ from tracer.events import (
     FramingLost,
     FramingRegained,
     GoawaySent,
-    Http1RequestSeen,
-    Http1ResponseSeen,
     PingAcknowledged,
     PingSent,
     PrefaceReceived,
@@ -32,8 +29,6 @@ from tracer.events import (
     SettingsAcknowledged,
     SettingsReceived,
     StreamReset,
-    TlsClientHelloSeen,
-    TlsServerHelloSeen,
     TrailersReceived,
 )
 from tracer.http2.frames import (
@@ -61,102 +56,45 @@ from tracer.http2.frames import (
     plausible_chain,
 )
 from tracer.http2.hpack_memo import Fields, HpackDirection, HpackError, HpackMemo, TableState
-from tracer.http2.tls import (
-    HANDSHAKE_CLIENT_HELLO,
-    NeedMoreData,
-    NotTls,
-    looks_like_tls,
-    parse_hello,
+from tracer.http2.http1 import (
+    HTTP1_REQUEST,
+    HTTP1_REQUEST_LINE,
+    HTTP1_STATUS_LINE,
+    UNKNOWN_PRE_EXISTING,
+    http1_data,
 )
+from tracer.http2.modes import (
+    DETECT,
+    FRAMES,
+    HTTP1,
+    IGNORE,
+    MODE_NAMES,
+    RESYNC,
+    TLS,
+    TLS_RECORDS,
+    TRANSITIONS,
+)
+from tracer.http2.text import printable
+from tracer.http2.tls import looks_like_tls, plausible_tls_records, tls_hello, tls_records
 from tracer.outbox import Budget, Outbox
 from tracer.sleep import BIG, BYTE, COUNT, FLAG, FLOAT, REF, SEQ, Layout
 from tracer.tcp.flow import StreamObserver
 
 MAX_BUFFERED = 1 << 16  # largest control frame or header block kept for decoding
-MAX_HTTP1_HEAD = 1 << 14
-MAX_TLS_HELLO = 1 << 16
 MAX_METHODS = 32  # distinct methods remembered per connection; the rest are "(other)"
 MAX_STATUSES = 32  # distinct grpc-status values counted per connection (0..16 are defined)
 MAX_REQUEST_TEXTS = 4096
-MAX_TEXT = 256
 GOAWAY_DEBUG_BYTES = 64
 
-UNKNOWN_PRE_EXISTING = "unknown (pre-existing)"
 NO_PATH = "(no :path)"
 UNKNOWN_GAP = "unknown (gap)"
 UNKNOWN_HPACK = "unknown (hpack error)"
 OTHER_METHODS = "(other)"
 
-# Parser modes.
-DETECT = 0  # start of a stream: look at the first bytes
-FRAMES = 1  # in frame sync
-RESYNC = 2  # frame boundaries unknown: wait for a segment that starts on one
-HTTP1 = 3  # inside an HTTP/1.x head or body
-TLS = 4  # collecting a TLS hello
-IGNORE = 5  # nothing more to learn from this direction
-TLS_RECORDS = 6  # inside TLS after the hello: record headers counted, bodies skipped
-MODE_NAMES = ("DETECT", "FRAMES", "RESYNC", "HTTP1", "TLS", "IGNORE", "TLS_RECORDS")
-
-# Every mode change a direction's parser makes, and why. A direction starts in DETECT;
-# a change not listed here is a bug (Direction._set_mode asserts it).
-TRANSITIONS: dict[tuple[int, int], str] = {
-    (DETECT, FRAMES): "the client preface, or the server's first frames",
-    (DETECT, HTTP1): "an HTTP/1 request or status line",
-    (DETECT, TLS): "a TLS record",
-    (DETECT, IGNORE): "none of these (or an HTTP/1 body that cannot be followed)",
-    (DETECT, RESYNC): "picked up mid-stream, or bytes lost before the start was read",
-    (FRAMES, RESYNC): "bytes lost across a frame header",
-    (RESYNC, FRAMES): "a segment that starts a plausible chain of frames, or a preface",
-    (RESYNC, DETECT): "a client preface cut across segments",
-    (RESYNC, HTTP1): "a whole HTTP/1 request or status line at a segment start",
-    (RESYNC, TLS_RECORDS): "TLS application data records at a segment start",
-    (HTTP1, DETECT): "after a 101 or a CONNECT's 2xx, or bytes that are not HTTP/1",
-    (HTTP1, IGNORE): "a chunked or unreadable body, a head too long, or bytes lost",
-    (TLS, TLS_RECORDS): "the hello read: the records after it are counted",
-    (TLS, IGNORE): "a hello too long, or not TLS after all",
-    (TLS, RESYNC): "bytes lost inside the hello",
-    (TLS_RECORDS, RESYNC): "bytes lost across a record header, or a header that is not TLS",
-}
-
-# TLS record content types (RFC 8446 section 5.1); application data carries the RPCs.
-TLS_CHANGE_CIPHER_SPEC = 20
-TLS_HEARTBEAT = 24
-TLS_APPLICATION_DATA = 23
-MAX_TLS_RECORD = (1 << 14) + 2048  # TLSCiphertext.length at most 2^14 + 2048
-
-_HTTP1_REQUEST = re.compile(rb"[A-Z]{3,10} ")
-# While resyncing, a segment must show a whole request or status line to count as HTTP/1:
-# DATA payloads may well begin with a capital word and a space.
-_HTTP1_REQUEST_LINE = re.compile(
-    rb"(?:GET|HEAD|POST|PUT|DELETE|CONNECT|OPTIONS|TRACE|PATCH) \S+ HTTP/1\.[01]\r\n")
-_HTTP1_STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5]\d\d[ \r]")
 # Frame types counted and skipped without reading their payload: PRIORITY, WINDOW_UPDATE
 # and every extension type.
 _COUNTED_ONLY = frozenset([PRIORITY, WINDOW_UPDATE, *range(CONTINUATION + 1, 256)])
 _HEADER_BLOCK_TYPES = frozenset([HEADERS, CONTINUATION, PUSH_PROMISE])
-
-
-def _plausible_tls_records(data: bytes) -> bool:
-    """A segment that starts with a TLS application data record (an HTTP/2 frame header
-    cannot: its length would be over a megabyte), followed by another record or by the
-    end of the segment."""
-    if len(data) < 5 or data[0] != TLS_APPLICATION_DATA or data[1] != 3 or data[2] > 4:
-        return False
-    end = 5 + (data[3] << 8 | data[4])
-    if end > MAX_TLS_RECORD + 5:
-        return False
-    if end >= len(data):
-        return True
-    nxt = data[end:end + 3]
-    return len(nxt) < 3 or (TLS_CHANGE_CIPHER_SPEC <= nxt[0] <= TLS_HEARTBEAT and nxt[1] == 3)
-
-
-def printable(raw: bytes, limit: int = MAX_TEXT) -> str:
-    """Text for storage: UTF-8 where it decodes, control characters escaped, bounded."""
-    text = raw[:limit].decode("utf-8", "replace")
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 class Http2Context:
@@ -440,25 +378,25 @@ class Direction:
         if mode == FRAMES:
             return self._frames(obs, ts, data)
         if mode == TLS_RECORDS:
-            return self._tls_records(obs, ts, data)
+            return tls_records(self, obs, ts, data)
         if mode == DETECT:
-            return self._detect(obs, ts, data)
+            return self.detect(obs, ts, data)
         if mode == RESYNC:
             return self._resync(obs, ts, data)
         if mode == HTTP1:
-            return self._http1(obs, ts, data)
+            return http1_data(self, obs, ts, data)
         if mode == TLS:
-            return self._tls(obs, ts, data)
+            return tls_hello(self, obs, ts, data)
         return False  # IGNORE
 
-    def _set_mode(self, mode: int) -> None:
+    def set_mode(self, mode: int) -> None:
         """Change mode: only along TRANSITIONS (a change not listed there is a bug)."""
         if mode != self.mode:
             assert (self.mode, mode) in TRANSITIONS, (MODE_NAMES[self.mode], MODE_NAMES[mode])
             self.mode = mode
 
     def lost_start(self, ts: float) -> None:
-        self._set_mode(RESYNC)
+        self.set_mode(RESYNC)
         self.unknown_label = UNKNOWN_PRE_EXISTING
 
     def gap(self, obs: Http2Observer, ts: float, missed: int) -> None:
@@ -478,31 +416,31 @@ class Direction:
                     ftype = lt & 0xFF
                     if ftype in (HEADERS, CONTINUATION, PUSH_PROMISE):
                         if ftype == HEADERS and self.is_client:
-                            self._count_request(obs, ts, sid & 0x7FFFFFFF, UNKNOWN_GAP)
+                            self.count_request(obs, ts, sid & 0x7FFFFFFF, UNKNOWN_GAP)
                         self._drop_block(obs, ts, UNKNOWN_GAP)
                     return
-            self._lose_sync(obs, ts)
+            self.lose_sync(obs, ts)
         elif mode == HTTP1:
             if self.body_left >= missed and not self.pending:
                 self.body_left -= missed
             else:
-                self._set_mode(IGNORE)
+                self.set_mode(IGNORE)
         elif mode == TLS_RECORDS:
             if self.skip >= missed and not self.pending:
                 self.skip -= missed  # inside one record's body: the records hold
             else:
                 self.pending = b""
-                self._lose_sync(obs, ts)
+                self.lose_sync(obs, ts)
         elif mode in (DETECT, TLS):
             self.pending = b""
-            self._lose_sync(obs, ts)
+            self.lose_sync(obs, ts)
 
     def finish(self, ts: float) -> None:
         self.pending = b""
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _lose_table(self, label: str) -> None:
+    def lose_table(self, label: str) -> None:
         if self.hpack is not None:
             self.hpack.reset()
         self.unknown_label = label
@@ -511,12 +449,12 @@ class Direction:
         """A header block (or the rest of one) is lost: the request still counts, the HPACK
         table is unknown from here."""
         if self.hblock is not None and self.htype == HEADERS and self.is_client:
-            self._count_request(obs, ts, self.hstream, label)
+            self.count_request(obs, ts, self.hstream, label)
         self.hblock = None
-        self._lose_table(label)
+        self.lose_table(label)
 
-    def _lose_sync(self, obs: Http2Observer, ts: float) -> None:
-        self._set_mode(RESYNC)
+    def lose_sync(self, obs: Http2Observer, ts: float) -> None:
+        self.set_mode(RESYNC)
         self.pending = b""
         self.skip = 0
         self._drop_block(obs, ts, UNKNOWN_GAP)
@@ -534,7 +472,7 @@ class Direction:
                 self.unknown_label = UNKNOWN_HPACK
             return None
 
-    def _count_request(self, obs: Http2Observer, ts: float, sid: int, method: str) -> bool:
+    def count_request(self, obs: Http2Observer, ts: float, sid: int, method: str) -> bool:
         """Count client HEADERS that open a new stream; False for trailers on an old one."""
         if sid <= self.last_sid or not sid & 1:
             return False
@@ -549,13 +487,13 @@ class Direction:
 
     # -- start of stream --------------------------------------------------------------
 
-    def _detect(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
+    def detect(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
         buf = self.pending + data if self.pending else data
         self.pending = b""
         if self.is_client:
             if buf.startswith(PREFACE):
                 self._preface(obs, ts)
-                self._set_mode(FRAMES)
+                self.set_mode(FRAMES)
                 if len(buf) > len(PREFACE):
                     return self._frames(obs, ts, buf[len(PREFACE):])
                 return False
@@ -563,28 +501,28 @@ class Direction:
                     or (len(buf) < 3 and buf[:1] == b"\x16")):
                 self.pending = buf  # a preface, an HTTP method or a TLS record still arriving
                 return False
-            if _HTTP1_REQUEST.match(buf):
-                self._set_mode(HTTP1)
-                return self._http1(obs, ts, buf)
+            if HTTP1_REQUEST.match(buf):
+                self.set_mode(HTTP1)
+                return http1_data(self, obs, ts, buf)
         else:
             if buf.startswith(b"HTTP/"):
-                self._set_mode(HTTP1)
-                return self._http1(obs, ts, buf)
+                self.set_mode(HTTP1)
+                return http1_data(self, obs, ts, buf)
             if len(buf) < 9 and not looks_like_tls(buf):
                 self.pending = buf  # a frame header or a status line still arriving
                 return False
             if not looks_like_tls(buf):
                 lt, _flags, sid = FRAME_HEADER.unpack_from(buf, 0)
                 if (lt & 0xFF == SETTINGS and not sid) or plausible_chain(buf, self.max_frame):
-                    self._set_mode(FRAMES)
+                    self.set_mode(FRAMES)
                     obs.saw_frames()
                     return self._frames(obs, ts, buf)
         if looks_like_tls(buf):
-            self._set_mode(TLS)
-            return self._tls(obs, ts, buf)
+            self.set_mode(TLS)
+            return tls_hello(self, obs, ts, buf)
         if obs.protocol is None:
             obs.protocol = "unknown"
-        self._set_mode(IGNORE)
+        self.set_mode(IGNORE)
         return False
 
     def _preface(self, obs: Http2Observer, ts: float) -> None:
@@ -600,29 +538,29 @@ class Direction:
     def _resync(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
         if self.is_client and data.startswith(PREFACE):
             self._preface(obs, ts)
-            self._set_mode(FRAMES)
+            self.set_mode(FRAMES)
             if len(data) > len(PREFACE):
                 return self._frames(obs, ts, data[len(PREFACE):])
             return False
         if self.is_client and PREFACE.startswith(data):
-            self._set_mode(DETECT)  # a preface cut across segments
+            self.set_mode(DETECT)  # a preface cut across segments
             self.pending = data
             return False
-        if (self.is_client and _HTTP1_REQUEST_LINE.match(data)) or (
-            not self.is_client and _HTTP1_STATUS_LINE.match(data)
+        if (self.is_client and HTTP1_REQUEST_LINE.match(data)) or (
+            not self.is_client and HTTP1_STATUS_LINE.match(data)
         ):
             # A whole HTTP/1 request or status line at a segment start (an h2c upgrade or
             # a CONNECT picked up mid-stream): it starts a stream of its own.
-            self._set_mode(HTTP1)
-            return self._http1(obs, ts, data)
-        if _plausible_tls_records(data):
+            self.set_mode(HTTP1)
+            return http1_data(self, obs, ts, data)
+        if plausible_tls_records(data):
             # TLS picked up mid-stream (or after a gap): its records are still counted.
             obs.protocol = "tls"
-            self._set_mode(TLS_RECORDS)
+            self.set_mode(TLS_RECORDS)
             obs.budget.emit_frequent(FramingRegained, ts, self.dir)
-            return self._tls_records(obs, ts, data)
+            return tls_records(self, obs, ts, data)
         if plausible_chain(data, self.max_frame):
-            self._set_mode(FRAMES)
+            self.set_mode(FRAMES)
             obs.saw_frames()
             obs.budget.emit_frequent(FramingRegained, ts, self.dir)
             return self._frames(obs, ts, data)
@@ -727,7 +665,7 @@ class Direction:
         )
         if ftype in (HEADERS, CONTINUATION, PUSH_PROMISE):
             if ftype == HEADERS and self.is_client:
-                self._count_request(obs, ts, sid, UNKNOWN_HPACK)
+                self.count_request(obs, ts, sid, UNKNOWN_HPACK)
             self._drop_block(obs, ts, UNKNOWN_HPACK)
 
     def _continuation_broken(self, obs: Http2Observer, ts: float, ftype: int) -> None:
@@ -746,7 +684,7 @@ class Direction:
         if flags & FLAG_PADDED:
             if e - p < 1 or data[p] > e - p - 1:
                 obs.anomaly(ts, "bad_padding", f"{self.dir} {FRAME_NAMES[ftype]} padding")
-                self._lose_table(UNKNOWN_HPACK)
+                self.lose_table(UNKNOWN_HPACK)
                 return
             e -= data[p]
             p += 1
@@ -756,7 +694,7 @@ class Direction:
             p += 5
         if p > e:
             obs.anomaly(ts, "bad_headers_frame", f"{self.dir} {FRAME_NAMES[ftype]} too short")
-            self._lose_table(UNKNOWN_HPACK)
+            self.lose_table(UNKNOWN_HPACK)
             return
         fragment = data[p:e]
         if not flags & FLAG_END_HEADERS:
@@ -772,7 +710,7 @@ class Direction:
             obs.anomaly(
                 ts, "unexpected_continuation", f"{self.dir} CONTINUATION on stream {sid}"
             )
-            self._lose_table(UNKNOWN_HPACK)
+            self.lose_table(UNKNOWN_HPACK)
             self.hblock = None
             return
         block = self.hblock + fragment
@@ -795,7 +733,7 @@ class Direction:
             return
         if self.is_client:
             if fields is None:
-                self._count_request(obs, ts, sid, self.unknown_label or UNKNOWN_HPACK)
+                self.count_request(obs, ts, sid, self.unknown_label or UNKNOWN_HPACK)
                 return
             request = obs.ctx.requests.get(fields)
             if request is None:
@@ -803,7 +741,7 @@ class Direction:
             method, authority, agent = request
             if flags & FLAG_END_STREAM and method == NO_PATH:
                 return  # client trailers on a stream opened earlier, not a request
-            if self._count_request(obs, ts, sid, method):
+            if self.count_request(obs, ts, sid, method):
                 if obs.authority is None:
                     obs.authority = authority
                 if obs.user_agent is None:
@@ -911,201 +849,3 @@ class Direction:
         code = int.from_bytes(data[start:end], "big")
         obs.budget.emit_frequent(StreamReset, ts, self.dir, sid, code)
 
-    # -- HTTP/1.x (h2c upgrade, CONNECT tunnels, plain HTTP/1 on the port) --------------
-
-    def _http1(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
-        buf = self.pending + data if self.pending else data
-        self.pending = b""
-        while buf:
-            if self.body_left:
-                take = min(self.body_left, len(buf))
-                self.body_left -= take
-                buf = buf[take:]
-                continue
-            if not self._starts_http1(buf):
-                # Not another HTTP/1 message: whatever follows (an HTTP/2 preface after an
-                # upgrade, a server's SETTINGS) starts a stream of its own.
-                self._set_mode(DETECT)
-                return self._detect(obs, ts, buf)
-            idx = buf.find(b"\r\n\r\n")
-            if idx < 0:
-                if len(buf) > MAX_HTTP1_HEAD:
-                    obs.anomaly(
-                        ts, "http1_head_too_long", f"{self.dir} head over {MAX_HTTP1_HEAD} bytes"
-                    )
-                    self._set_mode(IGNORE)
-                else:
-                    self.pending = buf
-                return False
-            head, buf = buf[:idx], buf[idx + 4:]
-            if self.is_client:
-                self._http1_request(obs, ts, head)
-            else:
-                self._http1_response(obs, ts, head)
-            if self.mode == IGNORE:
-                return False
-            if self.mode == DETECT:
-                # After a 101 or a CONNECT's 2xx: a new stream starts right here.
-                return self._detect(obs, ts, buf) if buf else False
-        return False
-
-    def _new_stream(self) -> None:
-        """What follows starts a stream of its own (after a 101, in a CONNECT tunnel): its
-        beginning is known, even on a connection picked up mid-stream."""
-        self._set_mode(DETECT)
-        self._lose_table(UNKNOWN_PRE_EXISTING)
-        self.unknown_label = None
-
-    def _starts_http1(self, buf: bytes) -> bool:
-        """Whether ``buf`` can be (the start of) the next HTTP/1 message of this side."""
-        if self.is_client:
-            if PREFACE.startswith(buf[:len(PREFACE)]):
-                return False
-            return bool(_HTTP1_REQUEST.match(buf)) or (
-                len(buf) < 11 and buf.isalpha() and buf.isupper())
-        return buf.startswith(b"HTTP/"[:len(buf)]) if len(buf) < 5 else buf.startswith(b"HTTP/")
-
-    def _http1_headers(self, head: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
-        lines = head.split(b"\r\n")
-        headers: dict[bytes, bytes] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        return lines[0].split(b" ", 2), headers
-
-    def _body(self, obs: Http2Observer, ts: float, headers: dict[bytes, bytes]) -> None:
-        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-            self._set_mode(IGNORE)
-            return
-        try:
-            length = int(headers.get(b"content-length", b"0"))
-        except ValueError:
-            length = -1
-        if length < 0:
-            obs.anomaly(ts, "bad_content_length", f"{self.dir} HTTP/1 head")
-            self._set_mode(IGNORE)
-            return
-        self.body_left = length
-
-    def _http1_request(self, obs: Http2Observer, ts: float, head: bytes) -> None:
-        start, headers = self._http1_headers(head)
-        method = printable(start[0], 16)
-        target = printable(start[1]) if len(start) > 1 else ""
-        upgrade = headers.get(b"upgrade", b"").lower()
-        h2c = b"h2c" in upgrade
-        obs.budget.emit(Http1RequestSeen, ts, self.dir, method, target, printable(upgrade, 32))
-        if obs.protocol is None:
-            obs.protocol = "http1"
-        if b"host" in headers and obs.authority is None:
-            obs.authority = printable(headers[b"host"])
-        if b"user-agent" in headers and obs.user_agent is None:
-            obs.user_agent = printable(headers[b"user-agent"])
-        if method == "CONNECT":
-            obs.connect_pending = True
-            self._new_stream()  # the tunnel's first bytes follow
-        elif h2c:
-            # RFC 7540 3.2: the upgraded request is stream 1.
-            obs.upgraded = True
-            self._count_request(obs, ts, 1, target)
-        self._body(obs, ts, headers)
-
-    def _http1_response(self, obs: Http2Observer, ts: float, head: bytes) -> None:
-        start, headers = self._http1_headers(head)
-        try:
-            status = int(start[1]) if len(start) > 1 else 0
-        except ValueError:
-            status = 0
-        obs.budget.emit(Http1ResponseSeen, ts, self.dir, status)
-        if status == 101:
-            self._new_stream()  # HTTP/2 frames follow (server preface first)
-            return
-        if 100 <= status < 200:
-            return  # 100 Continue: the real response follows
-        if obs.connect_pending and 200 <= status < 300:
-            obs.connect_pending = False
-            self._new_stream()  # a tunnel: whatever follows starts a new stream
-            return
-        if status in (204, 304):
-            return
-        self._body(obs, ts, headers)
-
-    # -- TLS --------------------------------------------------------------------------
-
-    def _tls_records(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
-        """Walk TLS record headers: application data records are what the connection
-        carries (RPCs are encrypted: how many records each way and when is all there is
-        to see), and they make it active."""
-        skip = self.skip
-        n = len(data)
-        pos = 0
-        if skip:
-            if skip >= n:
-                self.skip = skip - n
-                return False
-            pos = skip
-            self.skip = 0
-        if self.pending:
-            data = self.pending + data[pos:]
-            self.pending = b""
-            n = len(data)
-            pos = 0
-        app = 0
-        while pos + 5 <= n:
-            ctype = data[pos]
-            length = data[pos + 3] << 8 | data[pos + 4]
-            if (not TLS_CHANGE_CIPHER_SPEC <= ctype <= TLS_HEARTBEAT or data[pos + 1] != 3
-                    or length > MAX_TLS_RECORD):
-                obs.anomaly(ts, "tls_record_desync",
-                            f"{self.dir} record header {data[pos:pos + 5].hex()}")
-                self._lose_sync(obs, ts)
-                break
-            if ctype == TLS_APPLICATION_DATA:
-                app += 1
-            end = pos + 5 + length
-            if end > n:
-                self.skip = end - n
-                pos = n
-                break
-            pos = end
-        if pos < n and self.mode == TLS_RECORDS:
-            self.pending = data[pos:]
-        if app:
-            if self.is_client:
-                obs.tls_records_orig += app
-            else:
-                obs.tls_records_resp += app
-            return True
-        return False
-
-    def _tls(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
-        buf = self.pending + data if self.pending else data
-        self.pending = b""
-        obs.protocol = "tls"
-        try:
-            hello = parse_hello(buf)
-        except NeedMoreData:
-            if len(buf) > MAX_TLS_HELLO:
-                obs.anomaly(ts, "tls_hello_too_long", f"{self.dir} over {MAX_TLS_HELLO} bytes")
-                self._set_mode(IGNORE)
-            else:
-                self.pending = buf
-            return False
-        except NotTls as exc:
-            obs.anomaly(ts, "bad_tls_hello", f"{self.dir}: {exc}")
-            self._set_mode(IGNORE)
-            return False
-        alpn = ",".join(hello.alpn)
-        # From the start of what was buffered: the hello's own records are handshake
-        # records, the ones after it are counted.
-        self._set_mode(TLS_RECORDS)
-        active = self._tls_records(obs, ts, buf)
-        if hello.kind == HANDSHAKE_CLIENT_HELLO:
-            obs.tls_sni = hello.sni or None
-            if obs.tls_alpn is None:
-                obs.tls_alpn = alpn or None
-            obs.budget.emit(TlsClientHelloSeen, ts, self.dir, hello.sni, alpn)
-        else:
-            if alpn:
-                obs.tls_alpn = alpn  # the server's choice beats the client's offer
-            obs.budget.emit(TlsServerHelloSeen, ts, self.dir, alpn)
-        return active
