@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core_support import FULL
 
 from benchmarks.gen_capture import H2, Conversation
-from tracer.http2.observer import (
+from tracer.decode import ACK, FIN, SYN
+from tracer.http2.modes import (
     DETECT,
     FRAMES,
     IGNORE,
@@ -22,9 +23,8 @@ from tracer.http2.observer import (
     RESYNC,
     TLS_RECORDS,
     TRANSITIONS,
-    Direction,
-    Http2Context,
 )
+from tracer.http2.observer import Direction, Http2Context
 from tracer.options import CoreOptions
 from tracer.outbox import Budget, Outbox
 from tracer.pipeline import Analyzer
@@ -143,12 +143,12 @@ def test_a_mode_change_outside_the_table_is_refused() -> None:
     assert all(a != b for a, b in TRANSITIONS)
     assert {name for pair in TRANSITIONS for name in pair} == set(range(len(MODE_NAMES)))
     d = Direction(True, True)
-    d._set_mode(RESYNC)  # DETECT -> RESYNC: listed
+    d.set_mode(RESYNC)  # DETECT -> RESYNC: listed
     with pytest.raises(AssertionError):
-        d._set_mode(IGNORE)  # RESYNC -> IGNORE: not listed
-    d._set_mode(FRAMES)
+        d.set_mode(IGNORE)  # RESYNC -> IGNORE: not listed
+    d.set_mode(FRAMES)
     with pytest.raises(AssertionError):
-        d._set_mode(TLS_RECORDS)
+        d.set_mode(TLS_RECORDS)
     assert d.mode == FRAMES
 
 
@@ -167,3 +167,31 @@ def test_an_observer_reports_activity_by_what_data_returns() -> None:
     assert obs.data(True, 1.3, window_update) is True
     assert [type(e).__name__ for e in outbox.events] == [
         "PrefaceReceived", "SettingsReceived", "PingSent"]
+
+
+def test_a_late_copy_of_a_finished_connections_syn_gets_a_uid_of_its_own() -> None:
+    """The SYN that opened a connection, seen again after the connection finished (same
+    time and sequence numbers: a merged or reordered capture), starts a connection with a
+    uid of its own: the store keeps one row per uid, so both rows survive."""
+    key = bytes([10, 0, 0, 1, 10, 0, 0, 2]) + (1024).to_bytes(2, "big") + (PORT).to_bytes(2, "big")
+    rkey = key[4:8] + key[0:4] + key[10:12] + key[8:10]
+    syn = (key, 1024, PORT, 0, 0, SYN, 65535, b"", 0)
+    analyzer = Analyzer(frozenset([PORT]), FULL)
+    table = analyzer.table
+    for ts, seg in [(1.0, syn), (1.0, (rkey, PORT, 1024, 0, 1, SYN | ACK, 65535, b"", 0)),
+                    (1.0, (key, 1024, PORT, 1, 1, ACK, 65535, b"", 0)),
+                    (2.0, (key, 1024, PORT, 1, 1, FIN | ACK, 65535, b"", 0)),
+                    (2.0, (rkey, PORT, 1024, 1, 2, FIN | ACK, 65535, b"", 0)),
+                    (20.0, (key, 1024, PORT, 2, 2, ACK, 65535, b"", 0)),
+                    (1.0, syn)]:
+        table.segment(ts, seg)
+        table.tick(ts)
+    table.close()
+    drained = analyzer.drain()
+    records = drained.records
+    assert [r["end_reason"] for r in records] == ["closed", "open_at_end"]
+    assert records[0]["uid"] != records[1]["uid"]
+    by_uid: dict[str, list[int]] = {}
+    for e in drained.events:
+        by_uid.setdefault(e.uid, []).append(e.n)
+    assert sorted(by_uid.values()) == [[1], [1, 2, 3, 4, 5]]

@@ -271,11 +271,15 @@ class Connection:
         self.budget.emit_frequent(cls, ts, direction, *args)
 
 
-def connection_uid(orig_key: bytes, ts: float, seq: int = 0, ack: int = 0) -> str:
+def connection_uid(orig_key: bytes, ts: float, seq: int = 0, ack: int = 0,
+                   again: int = 0) -> str:
     """Deterministic id: the same capture read twice gives the same uids. The first
-    packet's sequence numbers tell apart a port reused at the same timestamp."""
-    digest = hashlib.blake2b(orig_key + struct.pack(">dII", ts, seq, ack),
-                             digest_size=10).digest()
+    packet's sequence numbers tell apart a port reused at the same timestamp; ``again``
+    a connection that began with the same packet as the one before it."""
+    material = orig_key + struct.pack(">dII", ts, seq, ack)
+    if again:
+        material += struct.pack(">I", again)
+    digest = hashlib.blake2b(material, digest_size=10).digest()
     return "C" + digest.hex()
 
 
@@ -358,7 +362,9 @@ class FlowTable:
         # End of input under way (close_some): its time, and the awake connections left.
         self._end: float | None = None
         self._ending: deque[Connection] = deque()
-        self._finished_keys: dict[bytes, float] = {}
+        # Keys of connections finished lately: when the last one finished, and the uids of
+        # the last few finished on these addresses (a new one never reuses them: _open).
+        self._finished_keys: dict[bytes, tuple[float, tuple[str, ...]]] = {}
         self._finished_order: deque[tuple[float, bytes]] = deque()
         self._next_sweep: float | None = None
         # Counters.
@@ -543,7 +549,8 @@ class FlowTable:
         memory = self.finished_memory
         while order and (order[0][0] + memory <= ts or len(order) > self.max_connections):
             t, key = order.popleft()
-            if keys.get(key) == t:
+            finished = keys.get(key)
+            if finished is not None and finished[0] == t:
                 del keys[key]
         if self._next_sweep is None:
             self._next_sweep = ts + 60.0
@@ -609,12 +616,11 @@ class FlowTable:
 
     def _open(self, ts: float, seg: SegmentTuple) -> tuple[Connection, Endpoint, Endpoint] | None:
         key, sport, dport, seq, ack, flags, _win, _payload, _wire = seg
-        if not flags & SYN and key in self._finished_keys:
+        finished = self._finished_keys.get(key)
+        if finished is not None and not flags & SYN:
             # A straggler of a connection already finished (retransmitted FIN, last ACK).
             self.late_packets += 1
             return None
-        if self.tracked >= self.max_connections:
-            self._evict(ts)
         rkey = reverse_key(key)
         if flags & SYN:
             sender_is_orig = not flags & ACK
@@ -625,12 +631,22 @@ class FlowTable:
         else:
             sender_is_orig = True
         okey, other = (key, rkey) if sender_is_orig else (rkey, key)
-        conn = self._new_connection(okey, ts, connection_uid(okey, ts, seq, ack))
+        uid = connection_uid(okey, ts, seq, ack)
+        if finished is not None:
+            again = 0
+            while uid in finished[1]:
+                # A connection finished lately on these addresses began with the same
+                # packet (time and sequence numbers: a copy of its SYN delivered late, a
+                # reordered or merged capture): this one gets a uid of its own, so that
+                # both rows are kept.
+                again += 1
+                uid = connection_uid(okey, ts, seq, ack, again)
+        if self.tracked >= self.max_connections:
+            self._evict(ts)
+        conn = self._new_connection(okey, ts, uid)
         orig, resp = conn.orig, conn.resp
         self._flows[okey] = (conn, orig, resp)
         self._flows[other] = (conn, resp, orig)
-        self._finished_keys.pop(okey, None)
-        self._finished_keys.pop(other, None)
         self._attach_observer(conn, ts, mid_stream=not flags & SYN)
         if not flags & SYN:
             conn.mid_stream = True
@@ -955,7 +971,9 @@ class FlowTable:
             if entry is not None and entry[0] is conn:
                 del self._flows[key]
                 if remember:
-                    self._finished_keys[key] = ts
+                    earlier = self._finished_keys.get(key)
+                    uids = (conn.uid,) if earlier is None else (*earlier[1][-7:], conn.uid)
+                    self._finished_keys[key] = (ts, uids)
                     self._finished_order.append((ts, key))
         self.outbox.finished.append(conn)
 
