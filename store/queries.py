@@ -8,6 +8,7 @@ from typing import Any
 import sqlite_utils
 
 from tracer.events import error_name
+from tracer.record import COLUMNS
 
 DEFAULT_PREFACE_TIMEOUT = 20.0  # grpc-go's default dial timeout
 
@@ -701,12 +702,12 @@ def report(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT_PREFAC
     return data
 
 
-CONNECTION_COLUMNS = (
-    "uid", "ts", "orig_h", "orig_p", "resp_h", "resp_p", "duration", "conn_state", "history",
-    "orig_bytes", "resp_bytes", "orig_pkts", "resp_pkts", "missed_bytes", "is_open",
-    "close_kind", "protocol", "preface_ts", "server_settings_ts", "streams", "first_method",
-    "goaway_sender", "goaway_last_stream_id", "goaway_error", "tls_sni", "tls_alpn",
-)
+def connection_columns(db: sqlite_utils.Database) -> list[str]:
+    """The connections table's columns as tracer.record.COLUMNS declares them, in its order:
+    all of them, but for those of a migration a reader can do without that this database
+    lacks (store.schema.READER_OPTIONAL; opening it checked the others are there)."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(connections)").fetchall()}
+    return [c.name for c in COLUMNS if c.name in present]
 
 
 def connections(db: sqlite_utils.Database, *, open_only: bool = False,
@@ -722,7 +723,7 @@ def connections(db: sqlite_utils.Database, *, open_only: bool = False,
     if state:
         where.append("conn_state = ?")
         params.append(state)
-    sql = "SELECT * FROM connections"
+    sql = f"SELECT {', '.join(connection_columns(db))} FROM connections"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY ts, uid"
