@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import tracer, wait_for
 
 from store.queries import server_health, timeline
 from store.retention import prune
@@ -358,8 +359,8 @@ def freeze(tmp_path_factory: pytest.TempPathFactory) -> Freeze:
                                             "leak", "--target", target, "--count", str(leaked),
                                             "--max-lifetime", "60"])
         leaker.wait_for("DONE", time.monotonic() + rt.CLIENTS_TIMEOUT_S)
-        _wait(lambda: len(os.listdir(f"/proc/{server_pid}/fd")) == FD_LIMIT,
-              "the server holds all its descriptors")
+        wait_for(lambda: len(os.listdir(f"/proc/{server_pid}/fd")) == FD_LIMIT,
+                 "the server holds all its descriptors", timeout=10.0)
         dialer = processes.start("dialer", [
             *python, str(rt.PEERS_DIR / "grpcio_client.py"), "dial", "--target", target,
             "--count", str(DIALS), "--interval", "0.3", "--connect-timeout", "1",
@@ -378,23 +379,15 @@ def freeze(tmp_path_factory: pytest.TempPathFactory) -> Freeze:
         os.kill(agent.pid, signal.SIGINT)
         assert agent.wait_exit() == 0, agent.output()
         leaker_pid = leaker.popen.pid
-    report = json.loads(rt.run_tracer("report", "--db", str(db), "--format", "json",
-                                      "--preface-timeout", "0.8"))
-    text = rt.run_tracer("report", "--db", str(db), "--preface-timeout", "0.8")
-    series = json.loads(rt.run_tracer("timeline", "--db", str(db), "--bucket", "2s",
-                                      "--format", "json"))
+    report = json.loads(tracer("report", "--db", str(db), "--format", "json",
+                               "--preface-timeout", "0.8").stdout)
+    text = tracer("report", "--db", str(db), "--preface-timeout", "0.8").stdout
+    series = json.loads(tracer("timeline", "--db", str(db), "--bucket", "2s",
+                               "--format", "json").stdout)
     with open("/proc/sys/net/core/somaxconn") as f:
         somaxconn = int(f.read())
     return Freeze(server_pid, leaker_pid, leaked, db, dial_log.read_text(), report, text,
                   series, somaxconn)
-
-
-def _wait(condition: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.05)
 
 
 @pytest.mark.live
@@ -450,8 +443,6 @@ def test_freeze_timeline_has_the_server_series(freeze: Freeze, tmp_path: Path) -
     assert {v for v in server["fd_limit"] if v is not None} == {FD_LIMIT}
     assert max(v or 0 for v in server["accept_queue"]) >= DIALS
     pytest.importorskip("matplotlib")
-    import realtraffic_support as rt
-
     plot = tmp_path / "freeze.png"
-    rt.run_tracer("timeline", "--db", str(freeze.db), "--bucket", "2s", "--plot", str(plot))
+    tracer("timeline", "--db", str(freeze.db), "--bucket", "2s", "--plot", str(plot))
     assert plot.stat().st_size > 10_000

@@ -15,19 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import shared_captures
 
 from tracer.events import ConnectionEvent
 from tracer.pipeline import Analyzer
 from tracer.sources.pcapfile import CaptureReader
 
-REPO = Path(__file__).resolve().parent.parent
-CAPTURES = (REPO / ".." / "shared" / "captures").resolve()
+CAPTURES = shared_captures()
 EXTERNAL = CAPTURES / "external"
 GENERATED = CAPTURES / "generated"
-
-if not (EXTERNAL.is_dir() and GENERATED.is_dir()):
-    pytest.skip(f"shared captures not found at {CAPTURES} (expected external/ and generated/ "
-                "next to the repository); these tests need them", allow_module_level=True)
 
 # RFC 9113 section 7
 ERRORS = {"NO_ERROR": 0, "INTERNAL_ERROR": 2, "CANCEL": 8, "ENHANCE_YOUR_CALM": 11}

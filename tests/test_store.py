@@ -7,27 +7,18 @@ import json
 import os
 import sqlite3
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
+from support import tracer
 
 PORT = 9090
 CLIENT = "10.9.0.2"
 SERVER = "10.9.0.1"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-def tracer(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
-                          check=False, text=True, cwd=Path(__file__).resolve().parent.parent)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"tracer {' '.join(args)} failed:\n{proc.stderr}")
-    return proc
 
 
 def frame(ts: float, sport: int, seq: int, ack: int, flags: str, payload: bytes = b"",

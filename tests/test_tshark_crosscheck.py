@@ -18,22 +18,19 @@ import subprocess
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
+from support import shared_captures
 
 from tracer.pipeline import Analyzer
 from tracer.sources.pcapfile import CaptureReader
 
-REPO = Path(__file__).resolve().parent.parent
-CAPTURES = (REPO / ".." / "shared" / "captures").resolve()
 TSHARK = shutil.which("tshark")
 
 if TSHARK is None:
     pytest.skip("tshark is not installed (make system-deps installs it)", allow_module_level=True)
-if not (CAPTURES / "external").is_dir() or not (CAPTURES / "generated").is_dir():
-    pytest.skip(f"shared captures not found at {CAPTURES}", allow_module_level=True)
+CAPTURES = shared_captures()
 
 
 @dataclass(frozen=True)
