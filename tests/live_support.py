@@ -186,7 +186,7 @@ def query(db: Path, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]
     try:
         cur = conn.execute(sql, list(params))
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
     finally:
         conn.close()
 

@@ -463,10 +463,10 @@ def run_scenario(workdir: Path, backend: Backend, peers: Sequence[PeerSpec]) -> 
         stack.callback(capture.abort)
         capture.start()
 
-        ips = {peer.name: host.ip for peer, host in zip(peers, hosts)}
+        ips = {peer.name: host.ip for peer, host in zip(peers, hosts, strict=True)}
         clients = [
             (peer, processes.start(peer.name, host.command(peer.argv(f"{host.gateway}:{port}"))))
-            for peer, host in zip(peers, hosts)
+            for peer, host in zip(peers, hosts, strict=True)
         ]
         wait_done([proc for _, proc in clients])
         wait_for_server_sockets(

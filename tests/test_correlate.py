@@ -135,7 +135,7 @@ def test_log_evidence_episodes_and_text(db_path: Path) -> None:
     evidence = log_evidence(db, preface_timeout=20.0)
     # pid 4321: lines at 120 and 125 (one episode), 400 (a new one, > EPISODE_GAP_S later);
     # the remote line (no pid) is an episode of its log; the largest first, then by time
-    assert 400.0 - 125.0 > EPISODE_GAP_S
+    assert EPISODE_GAP_S < 400.0 - 125.0
     assert [(e["pid"], e["lines"]) for e in evidence] == [(4321, 2), (None, 1), (4321, 1)]
     main = evidence[0]
     assert main["preface_timeouts_nearby"] == 1

@@ -74,7 +74,7 @@ def capture(port: int, db: Path, seconds: float, clients: list[list[str]]) -> di
             stop(p)
         stop(agent)
     assert agent.returncode == 0, agent.stderr.read() if agent.stderr else ""
-    return {p.pid: c[0] for p, c in zip(procs, clients)}
+    return {p.pid: c[0] for p, c in zip(procs, clients, strict=True)}
 
 
 def test_recycled_and_pinging_connections_are_not_leaks(server_factory, tmp_path: Path) -> None:

@@ -128,7 +128,8 @@ def test_symlinked_side_file_is_refused(tmp_path: Path, demo_db: Path, suffix: s
     target.write_text("precious\n")
     (tmp_path / ("copy.db" + suffix)).symlink_to(target)
     before, db_hash = snapshot(target), sha256(db)
-    proc = capture_demo(db) if command == "capture" else tracer("report", "--db", str(db), check=False)
+    proc = capture_demo(db) if command == "capture" else tracer("report", "--db", str(db),
+                                                               check=False)
     assert_refused(proc, "refusing to open DB", "copy.db" + suffix, "symbolic link")
     assert snapshot(target) == before
     assert sha256(db) == db_hash
@@ -225,7 +226,7 @@ def test_open_database_raises_store_error(tmp_path: Path) -> None:
     link = tmp_path / "link.db"
     link.symlink_to(tmp_path / "nowhere.db")
     for readonly in (False, True):
-        with pytest.raises(StoreError, match="symbolic link to .*nowhere.db; give the real"):
+        with pytest.raises(StoreError, match=r"symbolic link to .*nowhere\.db; give the real"):
             open_database(str(link), readonly=readonly)
     assert not (tmp_path / "nowhere.db").exists()
     with pytest.raises(StoreError, match="no database at"):
@@ -452,7 +453,7 @@ def test_report_stores_only_when_asked(tmp_path: Path, demo_db: Path) -> None:
     db.close()
     reader = open_database(str(db_path), readonly=True)
     assert report(reader) == marked
-    with pytest.raises(sqlite3.OperationalError, match="readonly|read-only|query_only"):
+    with pytest.raises(sqlite3.OperationalError, match=r"readonly|read-only|query_only"):
         report(reader, store=True, cache=True, preface_timeout=1.0)
     reader.close()
     with contextlib.closing(sqlite3.connect(db_path)) as conn:

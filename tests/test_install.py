@@ -110,9 +110,8 @@ def _binaries(package: Path) -> set[str]:
 def _check_tracer(venv: Path, cwd: Path, kind: str) -> Path:
     """Run the venv's own `tracer` in cwd (a new directory outside the source tree) on the
     shipped capture; the tracer package it imports."""
-    out = _run([venv / "bin" / "python", "-c",
-                "import tracer, tracer.decode; print(tracer.__file__); print(tracer.decode.__file__)"],
-                cwd=cwd)
+    out = _run([venv / "bin" / "python", "-c", "import tracer, tracer.decode; "
+                "print(tracer.__file__); print(tracer.decode.__file__)"], cwd=cwd)
     init, decode = out.split()
     assert decode.endswith(SUFFIXES if kind == "compiled" else ".py"), decode
     package = Path(init).parent

@@ -41,8 +41,8 @@ def instant(wall: str, zone: str = "UTC") -> float:
     return datetime.datetime.fromisoformat(wall).replace(tzinfo=tz).timestamp()
 
 
-def parse_lines(lines: list[str], *, zone: str = "UTC", year: int | None = 2024,
-                fmt: str = "auto", reference: float | None = None) -> list[LogRecord | UnparsedLine]:
+def parse_lines(lines: list[str], *, zone: str = "UTC", year: int | None = 2024, fmt: str = "auto",
+                reference: float | None = None) -> list[LogRecord | UnparsedLine]:
     tz = UTC if zone == "UTC" else ZoneInfo(zone)
     parser = LogParser(TimeBase(tz, year=year, reference=reference), fmt)
     return parser.feed(lines) + parser.finish()
@@ -658,7 +658,8 @@ def test_help_says_how_times_are_read() -> None:
         assert command in out
 
 
-def test_adding_and_removing_logs_refreshes_the_stored_report(tmp_path: Path, tmp_db: Path) -> None:
+def test_adding_and_removing_logs_refreshes_the_stored_report(tmp_path: Path,
+                                                               tmp_db: Path) -> None:
     """Readers never write: the writer that changed the data stores the report again."""
     capture = Path(__file__).resolve().parent.parent / "cli" / "demo-capture.pcapng"
     code, _out, err = invoke("capture", "-q", "--read", str(capture), "--port", "50151",

@@ -146,7 +146,7 @@ def read_until_error(path: Path) -> tuple[list[tuple[float, int, bytes]], Captur
     with CaptureReader.open(str(path)) as reader, pytest.raises(CaptureFileError) as info:
         # one by one: what came before the error must be kept
         for packet in reader:
-            got.append(packet)  # noqa: PERF402
+            got.append(packet)
     return got, info.value
 
 
@@ -388,7 +388,8 @@ def test_info_packets_counts_records_as_they_are_read(kind: str) -> None:
     if kind == "pcap":
         data = pcap_header(le, False) + b"".join(pcap_record(le, i, 0, frame(20)) for i in range(5))
     else:
-        data = shb(le) + idb(le, LINKTYPE_RAW) + b"".join(epb(le, 0, i, frame(20)) for i in range(5))
+        packets = b"".join(epb(le, 0, i, frame(20)) for i in range(5))
+        data = shb(le) + idb(le, LINKTYPE_RAW) + packets
     reader = CaptureReader(io.BytesIO(data), "<memory>")
     it = iter(reader)
     for _ in range(3):
@@ -729,7 +730,8 @@ def test_cli_truncated_file_keeps_what_came_before(tmp_path: Path) -> None:
     last = len(data) - len(conversation()[-1][2]) - 16
     path = _write(tmp_path / "cut.pcap", data[: last + 16 + 10])
     db = tmp_path / "cut.db"
-    out = tracer("capture", "--read", str(path), "--port", str(SERVER_PORT), "--db", str(db), check=False)
+    out = tracer("capture", "--read", str(path), "--port", str(SERVER_PORT), "--db", str(db),
+                 check=False)
     assert out.returncode == 3, out
     assert "Traceback" not in out.stderr
     assert str(path) in out.stderr and f"offset {last}" in out.stderr

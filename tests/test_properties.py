@@ -314,7 +314,8 @@ def link_frames(draw: st.DrawFn, linktype: int) -> tuple[bytes, Any]:
     payload_start = tcp_start + 20 + topts
     # A snap length that cuts the payload short (never into the headers).
     captured = len(frame)
-    if proto == 6 and not whole_capture and not trailer and payload and draw(st.integers(0, 4)) == 0:
+    if proto == 6 and not whole_capture and not trailer and payload \
+            and draw(st.integers(0, 4)) == 0:
         captured = draw(st.integers(payload_start, len(frame) - 1))
         frame = frame[:captured]
     if skip is not None:
@@ -359,7 +360,8 @@ def check_decoded_shape(result: Any, frame: bytes) -> None:
 @pytest.mark.parametrize("linktype", SUPPORTED_LINKTYPES)
 @props(100)
 @given(data=st.data())
-def test_decoder_valid_frames_decode_to_what_was_encoded(linktype: int, data: st.DataObject) -> None:
+def test_decoder_valid_frames_decode_to_what_was_encoded(linktype: int,
+                                                         data: st.DataObject) -> None:
     frame, want = data.draw(link_frames(linktype))
     decoder = make_decoder(linktype, PORTS)
     assert decoder is not None
@@ -414,7 +416,7 @@ def test_shards_partition_segments_without_changing_them(count: int, data: st.Da
         decoder = make_decoder(linktype, PORTS, (index, count))
         assert decoder is not None
         got.append(decode_outcome(decoder, frame))
-    assert all(g == want or g == SKIP_OTHER_SHARD for g in got)
+    assert all(g in (want, SKIP_OTHER_SHARD) for g in got)
     if isinstance(want, tuple) and want[0] != "malformed":
         assert got.count(want) == 1
         assert got.index(want) == (want[1] + want[2]) % count
@@ -496,7 +498,7 @@ def test_reordering_within_the_buffer_and_retransmissions_do_not_change_events(
     body = plan.body(data.draw(run_cuts(runs, "random"), label="cuts"), T0)
     in_order = plan.handshake(T0) + flat(body) + plan.close(close, T_END)
     shuffled = plan.handshake(T0)
-    for run, pieces in zip(runs, body):
+    for run, pieces in zip(runs, body, strict=True):
         i = 0
         while i < len(pieces):
             w = data.draw(st.integers(1, WINDOW), label="window")
@@ -651,9 +653,9 @@ def mutate_frames(conv: Conversation, ops: list[tuple[Any, ...]]) -> Conversatio
             length = len(payload)
         raw[mi][ui] = struct.pack(">IBI", length << 8 | ftype, flags, sid) + payload
     messages = []
-    for m, parts in zip(conv.messages, raw):
+    for m, parts in zip(conv.messages, raw, strict=True):
         units, pos = [], 0
-        for u, part in zip(m.units, parts):
+        for u, part in zip(m.units, parts, strict=True):
             units.append(Unit(pos, len(part), u.plausible, u.preface))
             pos += len(part)
         messages.append(Message(m.dir, b"".join(parts), units))
@@ -854,7 +856,7 @@ def test_gaps_cost_exactly_the_lost_bytes_and_framing_recovers(
     # a hole when the ACK reveals it: test_segment_buffered_behind_a_hole_survives_...)
     gaps: dict[str, list[tuple[int, int]]] = {ORIG: [], RESP: []}
     delivered: list[Piece] = plan.handshake(T0)
-    for i, (run, pieces) in enumerate(zip(runs, body)):
+    for i, (run, pieces) in enumerate(zip(runs, body, strict=True)):
         lose = 0
         if i + 2 < len(runs) and len(pieces) > 1:
             lose = data.draw(st.integers(0, len(pieces) - 1), label=f"run {i} loses")
@@ -1122,7 +1124,8 @@ def test_capture_truncated_at_every_offset_yields_exactly_the_complete_packets(
     assert read_capture(data) == (capture.packets, None)
     for cut in range(len(data)):
         packets, err = read_capture(data[:cut])
-        assert packets == [p for p, end in zip(capture.packets, capture.ends) if end <= cut], cut
+        assert packets == [p for p, end in zip(capture.packets, capture.ends, strict=True)
+                           if end <= cut], cut
         if cut in capture.boundaries:
             assert err is None, cut
             continue
@@ -1144,7 +1147,7 @@ def test_gzip_capture_truncated_at_every_offset_yields_what_can_be_decompressed(
         readable = len(zlib.decompressobj(31).decompress(data[:cut])) if cut > 3 else 0
         packets, err = read_capture(data[:cut])
         assert err is not None, cut
-        assert packets == [p for p, end in zip(capture.packets, capture.ends)
+        assert packets == [p for p, end in zip(capture.packets, capture.ends, strict=True)
                            if end <= readable], cut
 
 
@@ -1161,7 +1164,7 @@ def test_mutated_captures_yield_packets_then_at_most_one_capture_file_error(
     if not compressed and len(ops) == 1:
         # Everything before the first damaged byte is read.
         first = ops[0][1] % (len(raw) + (1 if ops[0][0] in ("truncate", "insert") else 0))
-        before = [p for p, end in zip(capture.packets, capture.ends) if end <= first]
+        before = [p for p, end in zip(capture.packets, capture.ends, strict=True) if end <= first]
         assert packets[:len(before)] == before
 
 

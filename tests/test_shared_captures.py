@@ -320,7 +320,7 @@ def test_generated_connection_lifecycle(name: str, conn: Conn) -> None:
     for kind, expected in (("fin", conn.fin), ("rst", conn.rst)):
         got = timeline(kind)
         assert [d for d, _ in got] == [DIR[who] for who, _ in expected], kind
-        for (_, t_got), (_, t_exp) in zip(got, expected):
+        for (_, t_got), (_, t_exp) in zip(got, expected, strict=True):
             assert abs(t_got - t_exp) <= TIME_TOLERANCE, (kind, t_got, t_exp)
 
     # The first FIN or RST decides; the README lists same-millisecond events in wire order

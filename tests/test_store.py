@@ -38,7 +38,8 @@ def settings_frame() -> bytes:
 def conversation(sport: int, t0: float, close: bool) -> list[Ether]:
     """Handshake, preface + SETTINGS both ways, 3 PINGs spread over time, maybe FIN/FIN."""
     c, s = 1000, 5000
-    pkts = [frame(t0, sport, c, 0, "S"), frame(t0 + 0.001, sport, s, c + 1, "SA", from_client=False),
+    pkts = [frame(t0, sport, c, 0, "S"),
+            frame(t0 + 0.001, sport, s, c + 1, "SA", from_client=False),
             frame(t0 + 0.002, sport, c + 1, s + 1, "A")]
     c += 1
     s += 1

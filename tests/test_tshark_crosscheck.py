@@ -230,7 +230,7 @@ def all_tshark_views() -> dict[str, tuple[dict[Key, View], str]]:
     # tshark runs are independent processes: run them side by side.
     names = sorted(CASES)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(zip(names, pool.map(tshark_views, names)))
+        return dict(zip(names, pool.map(tshark_views, names), strict=True))
 
 
 def _params() -> list[Any]:
@@ -275,7 +275,7 @@ def test_http2_control_frames_match_tshark(rel: str) -> None:
         assert mine.goaways == theirs.goaways, where
         assert mine.resets == theirs.resets, where
         assert [sid for sid, _ in mine.paths] == [sid for sid, _ in theirs.paths], where
-        for (sid, method), (_, path) in zip(mine.paths, theirs.paths):
+        for (sid, method), (_, path) in zip(mine.paths, theirs.paths, strict=True):
             assert _method_matches(method, path), f"{where} stream {sid}: {method!r} vs {path!r}"
         if theirs.tls:
             assert mine.tls == theirs.tls, where
