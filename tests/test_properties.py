@@ -177,6 +177,11 @@ def flat(runs: list[list[Piece]]) -> list[Piece]:
     return [p for run in runs for p in run]
 
 
+def whole_connection(plan: ConnectionPlan, body: list[list[Piece]], close: str) -> list[Piece]:
+    """The handshake at T0, ``body`` in order, and the ``close`` at T_END."""
+    return plan.handshake(T0) + flat(body) + plan.close(close, T_END)
+
+
 # Lifecycle events are compared by name and direction only: their other fields are the
 # flow table's business (its own tests); the model here is about HTTP/2.
 TCP_EVENTS = frozenset(("syn", "syn_ack", "established", "mid_stream", "fin", "rst", "gap",
@@ -437,7 +442,7 @@ def test_h2_events_are_the_same_whole_bytewise_and_cut_at_random(
     runs = conv.runs()
 
     def pieces(cuts: list[list[int]]) -> list[Piece]:
-        return plan.handshake(T0) + flat(plan.body(cuts, T0)) + plan.close(close, T_END)
+        return whole_connection(plan, plan.body(cuts, T0), close)
 
     # Whole runs, through the link-layer decoder: checked against the model.
     whole = deliver(pieces(whole_cuts(runs)), frames=True)
@@ -464,7 +469,7 @@ def test_tls_and_http1_events_are_the_same_whole_bytewise_and_cut_at_random(
     runs = conv.runs()
 
     def pieces(cuts: list[list[int]]) -> list[Piece]:
-        return plan.handshake(T0) + flat(plan.body(cuts, T0)) + plan.close(close, T_END)
+        return whole_connection(plan, plan.body(cuts, T0), close)
 
     whole = deliver(pieces(whole_cuts(runs)), frames=True)
     assert lifecycle_by_name(whole.events) == expected_events(conv, close)
@@ -496,7 +501,7 @@ def test_reordering_within_the_buffer_and_retransmissions_do_not_change_events(
     plan = ConnectionPlan(conv, eps, isn_c, isn_s)
     runs = conv.runs()
     body = plan.body(data.draw(run_cuts(runs, "random"), label="cuts"), T0)
-    in_order = plan.handshake(T0) + flat(body) + plan.close(close, T_END)
+    in_order = whole_connection(plan, body, close)
     shuffled = plan.handshake(T0)
     for run, pieces in zip(runs, body, strict=True):
         i = 0
@@ -672,8 +677,7 @@ def test_mutated_segments_give_only_events_and_anomalies_with_bounded_buffers(
     conv = mutate_frames(conv, frame_ops)
     plan = ConnectionPlan(conv, eps, isn_c, isn_s)
     body = plan.body(data.draw(run_cuts(conv.runs(), "random"), label="cuts"), T0)
-    pieces = plan.handshake(T0) + flat(body) + plan.close(close, T_END)
-    pieces = apply_piece_mutations(pieces, ops)
+    pieces = apply_piece_mutations(whole_connection(plan, body, close), ops)
     out = deliver(pieces, check=check_bounded, reorder_segments=MUT_SEGMENTS,
                   reorder_bytes=MUT_BYTES, max_events=MUT_EVENTS)
     ordinals: dict[str, list[int]] = {}
