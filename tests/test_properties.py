@@ -432,31 +432,39 @@ def test_shards_partition_segments_without_changing_them(count: int, data: st.Da
 # -- 2. HTTP/2 observer under chunking -----------------------------------------------------
 
 
+def whole_and_cut_alike(plan: ConnectionPlan, close: str, data: st.DataObject,
+                        modes: tuple[str, ...]) -> Outcome:
+    """The connection delivered in whole runs through the link-layer decoder, its lifecycle
+    the model's and no anomaly; then cut as each of ``modes`` draws: the same outcome.
+    The whole one, for the caller's own checks."""
+    runs = plan.conv.runs()
+
+    def pieces(cuts: list[list[int]]) -> list[Piece]:
+        return whole_connection(plan, plan.body(cuts, T0), close)
+
+    whole = deliver(pieces(whole_cuts(runs)), frames=True)
+    assert lifecycle_by_name(whole.events) == expected_events(plan.conv, close)
+    assert whole.anomalies == []
+    for mode in modes:
+        cuts = data.draw(run_cuts(runs, mode), label=mode)
+        assert deliver(pieces(cuts)) == whole, mode
+    return whole
+
+
 @props(150)
 @given(conv=conversations(upgrade=None), eps=endpoints, isn_c=isns, isn_s=isns, close=CLOSES,
        data=st.data())
 def test_h2_events_are_the_same_whole_bytewise_and_cut_at_random(
     conv: Conversation, eps: Endpoints, isn_c: int, isn_s: int, close: str, data: st.DataObject
 ) -> None:
-    plan = ConnectionPlan(conv, eps, isn_c, isn_s)
-    runs = conv.runs()
-
-    def pieces(cuts: list[list[int]]) -> list[Piece]:
-        return whole_connection(plan, plan.body(cuts, T0), close)
-
-    # Whole runs, through the link-layer decoder: checked against the model.
-    whole = deliver(pieces(whole_cuts(runs)), frames=True)
-    assert lifecycle_by_name(whole.events) == expected_events(conv, close)
-    assert whole.anomalies == []
+    # One byte at a time, and cut at random points (twice): identical.
+    whole = whole_and_cut_alike(ConnectionPlan(conv, eps, isn_c, isn_s), close, data,
+                                ("bytes", "random", "random"))
     assert len(whole.records) == 1
     check_record(conv, whole.records[0], close)
     requests = [e for e in whole.events if e[0] == "request"]
     assert [e[3] for e in requests] == [conv.paths[e[2]] for e in requests]
     assert [e[3] for e in requests] == list(conv.paths.values())
-    # One byte at a time, and cut at random points (twice): identical.
-    for mode in ("bytes", "random", "random"):
-        cuts = data.draw(run_cuts(runs, mode), label=mode)
-        assert deliver(pieces(cuts)) == whole, mode
 
 
 @props(100)
@@ -465,20 +473,10 @@ def test_h2_events_are_the_same_whole_bytewise_and_cut_at_random(
 def test_tls_and_http1_events_are_the_same_whole_bytewise_and_cut_at_random(
     conv: Conversation, eps: Endpoints, isn_c: int, isn_s: int, close: str, data: st.DataObject
 ) -> None:
-    plan = ConnectionPlan(conv, eps, isn_c, isn_s)
-    runs = conv.runs()
-
-    def pieces(cuts: list[list[int]]) -> list[Piece]:
-        return whole_connection(plan, plan.body(cuts, T0), close)
-
-    whole = deliver(pieces(whole_cuts(runs)), frames=True)
-    assert lifecycle_by_name(whole.events) == expected_events(conv, close)
-    assert whole.anomalies == []
+    whole = whole_and_cut_alike(ConnectionPlan(conv, eps, isn_c, isn_s), close, data,
+                                ("bytes", "random"))
     for key, want in conv.record.items():
         assert whole.records[0][key] == want, key
-    for mode in ("bytes", "random"):
-        cuts = data.draw(run_cuts(runs, mode), label=mode)
-        assert deliver(pieces(cuts)) == whole, mode
 
 
 # -- 3. reordering and retransmission ------------------------------------------------------
