@@ -559,7 +559,7 @@ def test_gzip_stdin_and_parts_store_the_same_lines(tmp_path: Path, tmp_db: Path)
     plain.write_text(text)
     packed = tmp_path / "a.log.1"  # no .gz suffix: recognised by its first bytes
     packed.write_bytes(gzip.compress(text.encode()) + gzip.compress(b"one more 1.2.3.4:5\n"))
-    base = ["--db", tmp_db, "--tz", "UTC", "--year", "2024"]
+    base = ["--db", str(tmp_db), "--tz", "UTC", "--year", "2024"]
     assert invoke("logs", "add", str(plain), *base, "-j", "1")[0] == 0
     reference = stored(tmp_db)
     assert invoke("logs", "remove", "a.log", "--db", tmp_db)[0] == 0
@@ -626,14 +626,15 @@ def test_journal_through_journalctl(tmp_path: Path, tmp_db: Path) -> None:
 
 
 def test_clear_errors_without_tracebacks(tmp_path: Path, tmp_db: Path) -> None:
+    db = str(tmp_db)
     cases = [
-        (["logs", "add", str(tmp_path / "missing.log"), "--db", tmp_db],
+        (["logs", "add", str(tmp_path / "missing.log"), "--db", db],
          "error: cannot read", 1),
-        (["logs", "add", str(tmp_path), "--db", tmp_db], "error: cannot read", 1),
-        (["logs", "add", "--journal", "--db", tmp_db], "--journal needs journalctl", 1),
-        (["logs", "add", "--db", tmp_db], "give FILE(s)", 2),
-        (["logs", "add", "x.log", "--unit", "u", "--db", tmp_db], "only apply with --journal", 2),
-        (["logs", "add", "x.log", "--tz", "Mars/Olympus", "--db", tmp_db], "unknown time zone", 2),
+        (["logs", "add", str(tmp_path), "--db", db], "error: cannot read", 1),
+        (["logs", "add", "--journal", "--db", db], "--journal needs journalctl", 1),
+        (["logs", "add", "--db", db], "give FILE(s)", 2),
+        (["logs", "add", "x.log", "--unit", "u", "--db", db], "only apply with --journal", 2),
+        (["logs", "add", "x.log", "--tz", "Mars/Olympus", "--db", db], "unknown time zone", 2),
         (["logs", "show", "--db", str(tmp_path / "none.db")], "no database at", 1),
     ]
     empty = tmp_path / "empty-bin"
