@@ -119,20 +119,19 @@ def preloaded_tracer_command() -> list[str]:
             f"import {', '.join(LATE_IMPORTS)}; from cli.main import main; main()"]
 
 
-def start_server(processes: rt.Processes, name: str = "server") -> int:
-    """A grpcio Greeter server on 0.0.0.0:free port in this namespace; its port."""
-    server = processes.start(name, [sys.executable, "-u", str(rt.PEERS_DIR / "grpcio_server.py"),
-                                    "0", "--max-lifetime", "120"])
-    return int(server.wait_for("READY ", time.monotonic() + rt.READY_TIMEOUT_S).split()[1])
+def start_server(processes: rt.Processes, *options: str, name: str = "server") -> int:
+    """A grpcio Greeter server on 0.0.0.0:free port in this namespace, started with
+    ``options`` (``--tls-cert PEM --tls-key PEM``, say); its port."""
+    return rt.ready_port(processes.start(name, [*rt.grpcio_peer("server"), "0",
+                                                "--max-lifetime", "120", *options]))
 
 
 def start_grpcgo_server(processes: rt.Processes, *options: str,
                         name: str = "grpcgo-server") -> int:
     """A grpc-go Greeter server (tests/peers/go) on 0.0.0.0:free port, started with
     ``options`` (``--max-connection-age 2s``, say); its port."""
-    server = processes.start(name, [str(rt.GRPCGO_SERVER), "0", "--max-lifetime", "120",
-                                    *options])
-    return int(server.wait_for("READY ", time.monotonic() + rt.READY_TIMEOUT_S).split()[1])
+    return rt.ready_port(processes.start(name, [str(rt.GRPCGO_SERVER), "0", "--max-lifetime",
+                                                "120", *options]))
 
 
 def start_peer(processes: rt.Processes, peer: rt.PeerSpec, target: str,

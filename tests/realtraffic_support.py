@@ -76,12 +76,17 @@ class PeerSpec:
 
     def argv(self, target: str) -> list[str]:
         if self.impl == "grpcio":
-            script = [sys.executable, "-u", str(PEERS_DIR / "grpcio_client.py")]
+            script = grpcio_peer("client")
         elif self.impl == "grpc-go":
             script = [str(GRPCGO_CLIENT)]
         else:
             script = [shutil.which("node") or "node", str(PEERS_DIR / "grpcjs_client.js")]
         return [*script, self.mode, "--target", target, "--count", str(self.count)]
+
+
+def grpcio_peer(role: Literal["client", "server"]) -> list[str]:
+    """The command of tests/peers/grpcio_ROLE.py, its output unbuffered; its arguments follow."""
+    return [sys.executable, "-u", str(PEERS_DIR / f"grpcio_{role}.py")]
 
 
 # Leakers must open at least 3 connections to reach a "leak" verdict (store/queries.py);
@@ -210,6 +215,11 @@ class Process:
                 os.killpg(self.popen.pid, signal.SIGKILL)
         self._reader.join(timeout)
         return self.popen.returncode
+
+
+def ready_port(server: Process) -> int:
+    """The port a tests/peers server listens on, once it said so (its READY line)."""
+    return int(server.wait_for("READY ", time.monotonic() + READY_TIMEOUT_S).split()[1])
 
 
 class Processes:
@@ -454,10 +464,7 @@ def run_scenario(workdir: Path, backend: Backend, peers: Sequence[PeerSpec]) -> 
         # then the namespaces, which must be empty of processes to go away.
         hosts = stack.enter_context(netns.hosts(len(peers)))
         processes = stack.enter_context(started_processes())
-        server = processes.start(
-            "server", [sys.executable, "-u", str(PEERS_DIR / "grpcio_server.py"), "0"]
-        )
-        port = int(server.wait_for("READY ", time.monotonic() + READY_TIMEOUT_S).split()[1])
+        port = ready_port(processes.start("server", [*grpcio_peer("server"), "0"]))
 
         capture = _make_capture(backend, pcap, port, processes, hosts)
         stack.callback(capture.abort)

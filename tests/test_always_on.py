@@ -15,7 +15,6 @@ import signal
 import sqlite3
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,9 +44,9 @@ _processes = ls.processes
 def _pool(processes: rt.Processes, port: int, interval: float = 0.03) -> rt.Process:
     """One pooled grpcio channel calling every ``interval`` seconds: light steady traffic,
     no new connections."""
-    return processes.start("pool", [sys.executable, "-u", str(rt.PEERS_DIR / "grpcio_client.py"),
-                                    "pool", "--target", f"127.0.0.1:{port}", "--count", "3000",
-                                    "--interval", str(interval), "--max-lifetime", "90"])
+    return processes.start("pool", [*rt.grpcio_peer("client"), "pool", "--target",
+                                    f"127.0.0.1:{port}", "--count", "3000", "--interval",
+                                    str(interval), "--max-lifetime", "90"])
 
 
 def _wait_capture_status(db: Path, timeout: float = 15.0) -> dict[str, Any]:

@@ -29,7 +29,6 @@ import resource
 import shutil
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,12 +339,11 @@ def freeze(tmp_path_factory: pytest.TempPathFactory) -> Freeze:
         pytest.skip("util-linux prlimit is not installed")
     work = tmp_path_factory.mktemp("freeze")
     db, dial_log = work / "freeze.db", work / "dialer.log"
-    python = [sys.executable, "-u"]
     with ls.processes() as processes:
         server = processes.start("server", [
-            "prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}", *python,
-            str(rt.PEERS_DIR / "grpcio_server.py"), "0", "--max-lifetime", "60"])
-        port = int(server.wait_for("READY ", time.monotonic() + rt.READY_TIMEOUT_S).split()[1])
+            "prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}", *rt.grpcio_peer("server"), "0",
+            "--max-lifetime", "60"])
+        port = rt.ready_port(server)
         server_pid = server.popen.pid  # setpriv and prlimit exec the server: one pid
         with open(f"/proc/{server_pid}/limits") as f:
             assert parse_limits(f.read()) == (FD_LIMIT, FD_LIMIT)
@@ -355,14 +353,14 @@ def freeze(tmp_path_factory: pytest.TempPathFactory) -> Freeze:
         target = f"127.0.0.1:{port}"
         agent = ls.Agent(processes, db, port, "--iface", "lo", "--duration", f"{AGENT_MAX_S}s")
         agent.wait_ready()
-        leaker = processes.start("leaker", [*python, str(rt.PEERS_DIR / "grpcio_client.py"),
-                                            "leak", "--target", target, "--count", str(leaked),
+        leaker = processes.start("leaker", [*rt.grpcio_peer("client"), "leak", "--target",
+                                            target, "--count", str(leaked),
                                             "--max-lifetime", "60"])
         leaker.wait_for("DONE", time.monotonic() + rt.CLIENTS_TIMEOUT_S)
         wait_for(lambda: len(os.listdir(f"/proc/{server_pid}/fd")) == FD_LIMIT,
                  "the server holds all its descriptors", timeout=10.0)
         dialer = processes.start("dialer", [
-            *python, str(rt.PEERS_DIR / "grpcio_client.py"), "dial", "--target", target,
+            *rt.grpcio_peer("client"), "dial", "--target", target,
             "--count", str(DIALS), "--interval", "0.3", "--connect-timeout", "1",
             "--log", str(dial_log), "--max-lifetime", "0"])
         dialer.wait_for("DONE", time.monotonic() + rt.CLIENTS_TIMEOUT_S)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -219,16 +218,8 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
-def _server(processes: rt.Processes, *extra: str) -> int:
-    server = processes.start("server", [sys.executable, "-u",
-                                        str(rt.PEERS_DIR / "grpcio_server.py"), "0",
-                                        "--max-lifetime", "120", *extra])
-    return int(server.wait_for("READY ", time.monotonic() + rt.READY_TIMEOUT_S).split()[1])
-
-
 def _client(processes: rt.Processes, name: str, *args: str) -> rt.Process:
-    return processes.start(name, [sys.executable, "-u", str(rt.PEERS_DIR / "grpcio_client.py"),
-                                  *args, "--max-lifetime", "90"])
+    return processes.start(name, [*rt.grpcio_peer("client"), *args, "--max-lifetime", "90"])
 
 
 def _entries(db: Path, pids: dict[str, int]) -> dict[str, dict[str, Any]]:
@@ -257,7 +248,7 @@ def test_tls_pool_is_ok_and_tls_leaker_is_a_leak(tmp_path: Path, impl: str,
     cert, key = certificate
     channels = 4 if impl == "grpcio" else 1
     with ls.processes() as processes:
-        port = _server(processes, "--tls-cert", str(cert), "--tls-key", str(key))
+        port = ls.start_server(processes, "--tls-cert", str(cert), "--tls-key", str(key))
         agent = ls.Agent(processes, tmp_path / "tls.db", port, "--iface", "lo",
                          "--duration", "12s")
         agent.wait_ready()
@@ -290,7 +281,7 @@ def test_subscription_streams_are_in_use_and_a_leaker_beside_them_is_a_leak(
     time; beside it a leaker with one finished RPC per channel."""
     ls.need_root()
     with ls.processes() as processes:
-        port = _server(processes)
+        port = ls.start_server(processes)
         agent = ls.Agent(processes, tmp_path / "watch.db", port, "--iface", "lo",
                          "--duration", "8s")
         agent.wait_ready()
@@ -315,7 +306,7 @@ def test_a_sporadic_pool_opened_before_the_capture_is_ok(tmp_path: Path) -> None
     use (their traffic is seen), and their age is at least the capture's length."""
     ls.need_root()
     with ls.processes() as processes:
-        port = _server(processes)
+        port = ls.start_server(processes)
         pool = _client(processes, "pool", "pool", "--target", f"127.0.0.1:{port}",
                        "--count", "8", "--interval", "8", "--channels", "3")
         ls.wait_client_ports(pool.popen.pid, port, 3)
