@@ -135,8 +135,10 @@ FUZZ_SCALE ?= 20
 fuzz: $(STAMP)
 	TRACER_PROPERTY_SCALE=$(FUZZ_SCALE) TRACER_PROPERTY_RANDOM=1 $(PY) -m pytest -q tests/test_properties.py
 
+# ruff over the whole tree (the rules are in pyproject.toml), then mypy strict over the
+# packages pyproject.toml lists.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check tracer store cli tests benchmarks
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 # Drop the compiled modules: the sources run interpreted (for quick edit-and-test loops).

@@ -849,7 +849,8 @@ def probe_notes(leaks: Path, packets: int) -> list[str]:
     out = [(f"    analyzer alone in a fresh process, the same connections arriving 100/s "
             f"(they sleep as the next arrive): RSS +{per:,.0f} B per open connection "
             f"({slow['open']:,} open, {slow['asleep']:,} asleep)")]
-    for when, b in zip(("just arrived", "idle 2 min"), breakdown(leaks, packets, LEAK_RATE)):
+    moments = ("just arrived", "idle 2 min")
+    for when, b in zip(moments, breakdown(leaks, packets, LEAK_RATE), strict=True):
         top = sorted(b.parts.items(), key=lambda kv: -kv[1])
         out.append(f"    in-process analyzer, {b.open:,} connections {when} ({b.asleep:,} "
                    f"asleep): live heap (tracemalloc) {b.traced:,.0f} B per connection: "
@@ -989,7 +990,8 @@ def print_table(rows: list[Row]) -> None:
     cells += [(r.what, r.result, r.target, r.verdict) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(3)]
     for c in cells:
-        print("  ".join(text.ljust(w) for text, w in zip(c, widths)) + "  " + c[3])
+        print("  ".join(text.ljust(w) for text, w in zip(c[:3], widths, strict=True))
+              + "  " + c[3])
 
 
 def main(argv: list[str] | None = None) -> int:

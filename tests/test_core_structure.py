@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core_support import FULL
+from support import FULL
 
 from benchmarks.gen_capture import H2, Conversation
 from tracer.decode import ACK, FIN, SYN
@@ -124,7 +124,7 @@ def test_options_are_typed_with_one_default_each() -> None:
     assert defaults.decode_server_headers is False and defaults.rpc_events is False
     assert defaults.replace(crowd=8).crowd == 8
     with pytest.raises(TypeError, match="unknown core option"):
-        defaults.replace(nap_awake=8)
+        defaults.replace(no_such_option=8)
     with pytest.raises(ValueError, match="max_connections must be at least 1"):
         CoreOptions(max_connections=0)
     with pytest.raises(ValueError, match="close_linger must be >= 0"):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core_support import FULL
+from support import FULL
 
 from benchmarks.gen_capture import H2, Conversation
 from tracer.pipeline import Analyzer, Drained
@@ -31,6 +31,16 @@ def _leaked(i: int, start: float, rng: random.Random, net: int = 6) -> Packets:
     h2.open()
     h2.rpc("/svc.A/Get", bdp_ping=True)
     return conv.packets
+
+
+def _leakers(n: int, rng: random.Random, start: float, every: float) -> Packets:
+    """``n`` leaked connections (``_leaked``), one every ``every`` seconds from ``start``,
+    their packets in time order."""
+    packets: Packets = []
+    for i in range(n):
+        packets.extend(_leaked(i, start + i * every, rng))
+    packets.sort(key=lambda p: p[0])
+    return packets
 
 
 def _mixed(n: int, seed: int) -> Packets:
@@ -169,10 +179,7 @@ def test_drain_with_a_limit_leaves_the_rest_for_the_next() -> None:
 
 def _asleep_at_end(n: int) -> Analyzer:
     rng = random.Random(14)
-    packets: Packets = []
-    for i in range(n):
-        packets.extend(_leaked(i, 1000.0 + i * 0.02, rng))
-    packets.sort(key=lambda p: p[0])
+    packets = _leakers(n, rng, 1000.0, 0.02)
     analyzer = Analyzer(frozenset([PORT]), FULL)
     _feed(analyzer, packets, batch=65536)
     for t in range(0, 200, 10):  # quiet: everyone falls asleep
@@ -238,10 +245,7 @@ def _until_first_eviction(analyzer: Analyzer, packets: Packets) -> tuple[int, in
 
 def test_eviction_wakes_only_its_victims() -> None:
     rng = random.Random(15)
-    packets: Packets = []
-    for i in range(300):
-        packets.extend(_leaked(i, 100.0 + i * 0.2, rng))
-    packets.sort(key=lambda p: p[0])
+    packets = _leakers(300, rng, 100.0, 0.2)
     analyzer = Analyzer(frozenset([PORT]), FULL.replace(max_connections=250, crowd=8))
     awake, asleep = _until_first_eviction(analyzer, packets)
     table = analyzer.table
@@ -267,11 +271,9 @@ def test_eviction_takes_an_awake_connection_idle_longer_than_the_sleepers() -> N
     rng = random.Random(16)
     attempt = Conversation(bytes([10, 9, 0, 1]), 40000, 99.0, rng)
     attempt.handshake()
-    packets: Packets = [attempt.packets[0]]
-    for i in range(300):
-        packets.extend(_leaked(i, 100.0 + i * 0.2, rng))
-    packets.sort(key=lambda p: p[0])
-    analyzer = Analyzer(frozenset([PORT]), FULL.replace(max_connections=250, crowd=8, attempt_timeout=600.0))
+    packets = sorted([attempt.packets[0], *_leakers(300, rng, 100.0, 0.2)], key=lambda p: p[0])
+    analyzer = Analyzer(frozenset([PORT]),
+                        FULL.replace(max_connections=250, crowd=8, attempt_timeout=600.0))
     _until_first_eviction(analyzer, packets)
     evicted = [r for r in analyzer.drain().records if r["end_reason"] == "evicted"]
     assert sorted(r["orig_p"] for r in evicted) == [30000, 40000]
@@ -279,11 +281,9 @@ def test_eviction_takes_an_awake_connection_idle_longer_than_the_sleepers() -> N
 
 def test_eviction_without_sleepers_takes_the_least_recently_active() -> None:
     rng = random.Random(17)
-    packets: Packets = []
-    for i in range(120):
-        packets.extend(_leaked(i, 100.0 + i * 0.2, rng))
-    packets.sort(key=lambda p: p[0])
-    analyzer = Analyzer(frozenset([PORT]), FULL.replace(max_connections=100, sleep_after=float("inf")))
+    packets = _leakers(120, rng, 100.0, 0.2)
+    analyzer = Analyzer(frozenset([PORT]),
+                        FULL.replace(max_connections=100, sleep_after=float("inf")))
     _until_first_eviction(analyzer, packets)
     assert analyzer.table.asleep_count == 0
     evicted = [r for r in analyzer.drain().records if r["end_reason"] == "evicted"]

@@ -247,7 +247,7 @@ def test_the_first_releases_database_upgrades_with_every_row(tmp_path: Path) -> 
     for table, key in FIRST_TABLES.items():
         after = _rows(old, table, key)
         assert len(after) == len(before[table]), table
-        for was, now in zip(before[table], after):
+        for was, now in zip(before[table], after, strict=True):
             assert {k: now[k] for k in was} == was, table
     # The columns added since are empty, but for the defaults.
     for row in _rows(old, "connections", "uid"):

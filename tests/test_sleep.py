@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core_support import FULL
+from support import FULL
 
 from benchmarks.gen_capture import H2, Conversation
 from tracer.pipeline import Analyzer
@@ -108,7 +108,8 @@ def test_a_crowd_puts_idle_connections_to_sleep_within_two_seconds() -> None:
         table.tick(last + step * 0.5)
     assert table.asleep_count >= 40  # over crowd: the idle ones slept
     assert table.open_count == 50
-    again = Analyzer(frozenset([PORT]), FULL.replace(crowd=100, crowd_sleep_after=1.0))  # under: none
+    # Under the crowd: none sleep so soon.
+    again = Analyzer(frozenset([PORT]), FULL.replace(crowd=100, crowd_sleep_after=1.0))
     it = iter((ts, 1, frame) for ts, frame in packets)
     while again.feed(it, 1000):
         again.drain()

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from core_support import FULL
 from scapy.utils import PcapWriter
+from support import FULL
 
 from tracer.pipeline import Analyzer
 from tracer.sources.pcapfile import CaptureReader
