@@ -768,8 +768,10 @@ def _measure(analyzer: Any, base: int) -> Breakdown:
     table = analyzer.table
     flows = table._flows
     asleep = table._sleepers._by_key  # a measurement of the table's own layout
-    shared = (analyzer, table, analyzer.h2, table.outbox.events, table.outbox.anomalies, table.outbox.finished,
-              analyzer.h2.memo, analyzer.stats, flows, asleep, table._shared_refs)
+    outbox = table.outbox
+    shared = (analyzer, table, analyzer.h2, outbox, outbox.events, outbox.anomalies,
+              outbox.finished, analyzer.h2.memo, analyzer.stats, flows, asleep,
+              table._sleepers._shared)
     seen = {id(x) for x in shared}
     stack: list[tuple[object, str]] = []
     awake = 0

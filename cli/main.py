@@ -393,10 +393,12 @@ def print_report(db_path: str, fmt: str = "table",
         return data
     cap = data["capture"]
     span = (cap["last_ts"] - cap["first_ts"]) if cap["first_ts"] is not None else None
+    ports = ",".join(map(str, cap["ports"])) or "-"
+    drops = cap["drops"] if cap["drops"] is not None else "unknown"
     click.echo(
-        f"capture: {len(cap['sources'])} source(s), port {','.join(map(str, cap['ports'])) or '-'}, "
+        f"capture: {len(cap['sources'])} source(s), port {ports}, "
         f"{fmt_ts(cap['first_ts'])} .. {fmt_ts(cap['last_ts'])} ({fmt_age(span)}), "
-        f"{cap['packets']:,} packets, drops {cap['drops'] if cap['drops'] is not None else 'unknown'}"
+        f"{cap['packets']:,} packets, drops {drops}"
         f", anomalies {cap['anomalies']:,}"
     )
     if since is not None or until is not None:
@@ -851,7 +853,8 @@ def _host(h: str) -> str:
     return f"[{h}]" if ":" in h else h
 
 
-from cli.logs import logs
+# Last: cli.logs uses this module's helpers.
+from cli.logs import logs  # noqa: E402
 
 main.add_command(logs)
 

@@ -45,7 +45,8 @@ def preface_timed_out(timeout: float, end: float) -> str:
     that long; one the client closed after exactly that long counts too."""
     return (
         f"(preface_ts IS NOT NULL AND ("
-        f"(server_settings_ts IS NOT NULL AND server_settings_ts - COALESCE(syn_ts, ts) > {timeout!r})"
+        f"(server_settings_ts IS NOT NULL"
+        f" AND server_settings_ts - COALESCE(syn_ts, ts) > {timeout!r})"
         f" OR (server_settings_ts IS NULL AND COALESCE(close_ts, {end!r}) - COALESCE(syn_ts, ts)"
         f" >= {timeout!r})))"
     )
@@ -54,7 +55,7 @@ def preface_timed_out(timeout: float, end: float) -> str:
 def _rows(db: sqlite_utils.Database, sql: str, params: Any = ()) -> list[dict[str, Any]]:
     cur = db.execute(sql, params)
     names = [d[0] for d in cur.description]
-    return [dict(zip(names, row)) for row in cur.fetchall()]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def capture_summary(db: sqlite_utils.Database) -> dict[str, Any]:
@@ -348,8 +349,10 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
                    AS opened_and_left_open,
                SUM(mid_stream AND NOT hc) AS pre_existing,
                SUM(CASE WHEN NOT hc THEN streams ELSE 0 END) AS rpcs,
-               MAX(CASE WHEN open_now THEN COALESCE(last_activity_ts, ts) END) AS last_open_activity,
-               MIN(CASE WHEN open_now THEN COALESCE(last_activity_ts, ts) END) AS first_open_activity
+               MAX(CASE WHEN open_now THEN COALESCE(last_activity_ts, ts) END)
+                   AS last_open_activity,
+               MIN(CASE WHEN open_now THEN COALESCE(last_activity_ts, ts) END)
+                   AS first_open_activity
         FROM c
         GROUP BY pid, process_start, ip
         """,

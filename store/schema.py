@@ -236,7 +236,8 @@ def m014_unmigrated_columns(db: sqlite_utils.Database) -> None:
         "DROP INDEX IF EXISTS connections_open",
         "DROP INDEX IF EXISTS events_capture",
         "DROP INDEX IF EXISTS events_name_ts",
-        "CREATE INDEX IF NOT EXISTS connections_tuple ON connections(orig_p, orig_h, resp_p, resp_h)",
+        "CREATE INDEX IF NOT EXISTS connections_tuple"
+        " ON connections(orig_p, orig_h, resp_p, resp_h)",
         "CREATE INDEX IF NOT EXISTS events_uid ON events(uid)",
     ):
         db.execute(sql)
@@ -282,7 +283,7 @@ def m003_logs(db: sqlite_utils.Database) -> None:
             format TEXT NOT NULL,          -- json, klog, syslog, logfmt, plain; a+b when mixed
             tz TEXT,                       -- the zone of times written without an offset
             added_ts REAL NOT NULL,
-            sha256 TEXT,                   -- of the log's bytes (decompressed); NULL until read whole
+            sha256 TEXT,                   -- of the log's bytes (decompressed), once read whole
             lines INTEGER NOT NULL DEFAULT 0,
             parsed INTEGER NOT NULL DEFAULT 0,
             unparsed INTEGER NOT NULL DEFAULT 0,

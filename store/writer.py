@@ -246,7 +246,7 @@ class CaptureWriter:
             row = cur.fetchone()
             if row is None:
                 return False
-            old = dict(zip([d[0] for d in cur.description], row))
+            old = dict(zip([d[0] for d in cur.description], row, strict=True))
             methods = dict(conn.execute(
                 "SELECT method, count FROM conn_methods WHERE uid = ?", [old["uid"]]
             ).fetchall())

@@ -78,7 +78,7 @@ class Layout:
         values = list(self.struct.unpack_from(blob, offset))
         none_mask = values.pop(0) if self.seqs else 0
         bit = 1
-        for (name, kind), value in zip(self.numbers, values):
+        for (name, kind), value in zip(self.numbers, values, strict=True):
             if kind == FLOAT:
                 setattr(obj, name, None if math.isnan(value) else value)
             elif kind == SEQ:
@@ -112,7 +112,8 @@ def _same_types(a: Any, b: Any) -> bool:
     if type(a) is not type(b):
         return False
     if type(a) is _Items:
-        return all(type(k) is type(j) and type(v) is type(w) for (k, v), (j, w) in zip(a, b))
+        return all(type(k) is type(j) and type(v) is type(w)
+                   for (k, v), (j, w) in zip(a, b, strict=True))
     return True
 
 
@@ -145,7 +146,7 @@ def sleep_pack(blob: bytes, refs: tuple[Any, ...],
             if len(shared) >= SHARED_MAX:
                 shared.clear()
             shared[mine] = mine
-        elif not all(_same_types(a, b) for a, b in zip(common, mine)):
+        elif not all(_same_types(a, b) for a, b in zip(common, mine, strict=True)):
             common = None  # equal but not the same (1 and True): keep our own
     squeeze = zlib.compressobj(1, zlib.DEFLATED, -15)
     packed = squeeze.compress(_REF_MASK.pack(mask, len(refs)) + blob) + squeeze.flush()

@@ -658,7 +658,9 @@ class Direction:
             f"peer allows {self.max_frame}",
         )
 
-    def _too_big(self, obs: Http2Observer, ts: float, ftype: int, flags: int, sid: int, length: int) -> None:
+    def _too_big(
+        self, obs: Http2Observer, ts: float, ftype: int, flags: int, sid: int, length: int
+    ) -> None:
         obs.anomaly(
             ts, "frame_too_large_to_inspect",
             f"{self.dir} {FRAME_NAMES.get(ftype, ftype)} frame of {length} bytes skipped",
@@ -677,7 +679,8 @@ class Direction:
         self._drop_block(obs, ts, UNKNOWN_HPACK)
 
     def _headers(
-        self, obs: Http2Observer, ts: float, ftype: int, flags: int, sid: int, data: bytes, start: int, end: int
+        self, obs: Http2Observer, ts: float, ftype: int, flags: int, sid: int, data: bytes,
+        start: int, end: int,
     ) -> None:
         p = start
         e = end
@@ -705,7 +708,9 @@ class Direction:
             return
         self._header_block(obs, ts, ftype, flags, sid, fragment)
 
-    def _continuation(self, obs: Http2Observer, ts: float, flags: int, sid: int, fragment: bytes) -> None:
+    def _continuation(
+        self, obs: Http2Observer, ts: float, flags: int, sid: int, fragment: bytes
+    ) -> None:
         if self.hblock is None or sid != self.hstream:
             obs.anomaly(
                 ts, "unexpected_continuation", f"{self.dir} CONTINUATION on stream {sid}"
@@ -727,7 +732,9 @@ class Direction:
         else:
             self.hblock = block
 
-    def _header_block(self, obs: Http2Observer, ts: float, ftype: int, flags: int, sid: int, block: bytes) -> None:
+    def _header_block(
+        self, obs: Http2Observer, ts: float, ftype: int, flags: int, sid: int, block: bytes
+    ) -> None:
         fields = self._decode(obs, ts, block)
         if ftype == PUSH_PROMISE:
             return
@@ -776,7 +783,9 @@ class Direction:
         if flags & FLAG_END_STREAM and not self.is_client:
             obs.trailers += 1
 
-    def _settings(self, obs: Http2Observer, ts: float, flags: int, data: bytes, start: int, end: int) -> None:
+    def _settings(
+        self, obs: Http2Observer, ts: float, flags: int, data: bytes, start: int, end: int
+    ) -> None:
         if flags & FLAG_ACK:
             if self.settings_acked:
                 obs.budget.emit_frequent(SettingsAcknowledged, ts, self.dir)
@@ -810,7 +819,9 @@ class Direction:
             obs.server_settings_ts = ts
         obs.budget.emit(SettingsReceived, ts, self.dir, values, True)
 
-    def _ping(self, obs: Http2Observer, ts: float, flags: int, data: bytes, start: int, end: int) -> None:
+    def _ping(
+        self, obs: Http2Observer, ts: float, flags: int, data: bytes, start: int, end: int
+    ) -> None:
         if end - start != 8:
             obs.anomaly(ts, "bad_ping_length", f"{self.dir} PING of {end - start} bytes")
             return
@@ -841,7 +852,9 @@ class Direction:
             obs.goaway_debug = debug or None
         obs.budget.emit(GoawaySent, ts, self.dir, last, code, debug)
 
-    def _rst_stream(self, obs: Http2Observer, ts: float, sid: int, data: bytes, start: int, end: int) -> None:
+    def _rst_stream(
+        self, obs: Http2Observer, ts: float, sid: int, data: bytes, start: int, end: int
+    ) -> None:
         if end - start != 4:
             obs.anomaly(ts, "bad_rst_stream_length", f"{self.dir} RST_STREAM of {end - start}")
             return

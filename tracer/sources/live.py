@@ -14,6 +14,7 @@ the socket buffer. Kernel drop counters come from PACKET_STATISTICS.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -218,10 +219,8 @@ class LiveCapture:
         self.dropped = 0
         self.sockets: list[socket.socket] = []
         loopback = None
-        try:
+        with contextlib.suppress(OSError):
             loopback = socket.if_nametoindex("lo")
-        except OSError:
-            pass
         program = port_filter(ports, snaplen, loopback)
         if user_filter:
             program = chain(program, compile_user_filter(user_filter))
@@ -259,13 +258,11 @@ class LiveCapture:
 
     def close(self) -> None:
         for sock in self.sockets:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
         self.sockets = []
 
-    def __enter__(self) -> LiveCapture:  # noqa: PYI034 - Self needs Python 3.11
+    def __enter__(self) -> LiveCapture:  # not typing.Self: that needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:

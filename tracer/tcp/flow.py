@@ -493,7 +493,7 @@ class FlowTable:
             entry = self._syn_on_existing(ts, entry, seg)
         conn, ep, peer = entry
         ep.pkts += 1
-        if ts > conn.last_ts:  # noqa: PLR1730 - max() costs a call per packet; merged
+        if ts > conn.last_ts:  # not max(): it costs a call per packet; merged
             # captures (several interfaces) are not in order
             conn.last_ts = ts
         if flags & ACK:
@@ -910,7 +910,7 @@ class FlowTable:
         while ep.ooo:
             nxt = ep.next
             assert nxt is not None
-            for i, (seq, payload, wire, _t) in enumerate(ep.ooo):
+            for i, (seq, payload, wire, _t) in enumerate(ep.ooo):  # noqa: B007 - used after
                 rel = (seq - nxt) & MASK
                 if rel == 0 or rel >= HALF:
                     break
