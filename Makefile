@@ -108,18 +108,19 @@ test: $(STAMP) system-deps node-deps go-peers
 	cd build/pure && TRACER_EXPECT_BUILD=interpreted $(abspath $(PY)) -m pytest -q \
 		-p no:cacheprovider --rootdir=$(CURDIR) $(addprefix $(CURDIR)/,$(PURE_TESTS))
 
-# tcpreplay drives the live agent's benchmark (benchmarks/live.py, which needs root).
+# tcpreplay drives the live agent's benchmark (benchmarks/live.py, which needs root);
+# tcptrace is the C floor the file benchmark compares with (benchmarks/run.py).
 bench: $(STAMP) system-deps
-	@if ! command -v tcpreplay >/dev/null; then \
+	@if ! command -v tcpreplay >/dev/null || ! command -v tcptrace >/dev/null; then \
 		if command -v apt-get >/dev/null; then \
-			echo "installing tcpreplay from Debian's packages"; \
+			echo "installing tcpreplay and tcptrace from Debian's packages"; \
 			export DEBIAN_FRONTEND=noninteractive; \
-			$(SUDO) apt-get install -y -q tcpreplay >/dev/null 2>&1 || \
+			$(SUDO) apt-get install -y -q tcpreplay tcptrace >/dev/null 2>&1 || \
 			{ $(SUDO) apt-get update -q >/dev/null && \
-			  $(SUDO) apt-get install -y -q tcpreplay >/dev/null; } || \
-			echo "warning: could not install tcpreplay; the live agent's rate and memory skip"; \
+			  $(SUDO) apt-get install -y -q tcpreplay tcptrace >/dev/null; } || \
+			echo "warning: could not install tcpreplay/tcptrace; the benchmarks that need them skip"; \
 		else \
-			echo "warning: no apt-get; the live agent's rate and memory benchmarks skip"; \
+			echo "warning: no apt-get; the benchmarks that need tcpreplay/tcptrace skip"; \
 		fi; \
 	fi
 	$(PY) benchmarks/run.py

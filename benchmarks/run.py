@@ -7,10 +7,13 @@ benchmarks/gen_capture.py, then runs the real command line on it:
   packets per second, and the peak resident memory of the whole process tree (workers
   included, summed), sampled every 100 ms;
 - where tshark is installed, `tshark -r FILE -d tcp.port==9090,http2 -T fields ...` (the
-  same HTTP/2 dissection, output discarded) on the same file in the same run, and the
-  ratio.
-Each measurement is the median of --repeat runs. Targets (issue 2): >= 400,000 packets/s
-end to end, >= 10x tshark, peak RSS <= 150 MB.
+  same HTTP/2 dissection, output discarded) on the same file in the same run;
+- where tcptrace is installed, `tcptrace -n -b FILE` (C, TCP connections alone, no
+  HTTP/2): the floor of what rebuilding TCP connections costs;
+and the ratios of their CPU time (user + system, the whole process tree) to tracer's.
+Each measurement is the median of --repeat runs. Targets (issue 10): >= 500,000 packets/s
+end to end with the default workers (2 cores), >= 300,000 with one; tshark's CPU >= 15x
+tracer's; tracer's CPU at most 6x tcptrace's.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import contextlib
 import hashlib
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -126,8 +130,31 @@ def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGTERM,
             proc.wait(10)
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every child this process has waited for, theirs
+    included: a delta around one run is that run's whole process tree."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_tool(cmd: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, peak RSS bytes) of one run of another tool, output
+    discarded."""
+    cpu = children_cpu()
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rss = PeakRss(proc.pid)
+    proc.wait()
+    elapsed = time.perf_counter() - started
+    peak = rss.stop()
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed ({proc.returncode})")
+    return elapsed, children_cpu() - cpu, peak
+
+
 def run_tracer(capture: Path, jobs: int | None,
-               sizes: list[tuple[int, int, int]] | None = None) -> tuple[float, int, str]:
+               sizes: list[tuple[int, int, int]] | None = None
+               ) -> tuple[float, int, str, float]:
     tracer = Path(sys.executable).with_name("tracer")
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "bench.db"
@@ -135,6 +162,7 @@ def run_tracer(capture: Path, jobs: int | None,
                "--db", str(db)]
         if jobs:
             cmd += ["--jobs", str(jobs)]
+        cpu = children_cpu()
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         rss = PeakRss(proc.pid)
@@ -145,16 +173,16 @@ def run_tracer(capture: Path, jobs: int | None,
             raise SystemExit(f"tracer failed ({proc.returncode}):\n{err}")
         if sizes is not None:
             sizes.append(database_size(db))
-        return elapsed, peak, err.strip()
+        return elapsed, peak, err.strip(), children_cpu() - cpu
 
 
-def run_tshark(capture: Path) -> float:
-    cmd = ["tshark", "-n", "-r", str(capture), "-d", f"tcp.port=={PORT},http2", "-T", "fields",
-           "-e", "tcp.stream", "-e", "http2.type", "-e", "http2.header.name",
-           "-e", "http2.goaway.error"]
-    started = time.perf_counter()
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - started
+TSHARK = ["tshark", "-n", "-d", f"tcp.port=={PORT},http2", "-T", "fields",
+          "-e", "tcp.stream", "-e", "http2.type", "-e", "http2.header.name",
+          "-e", "http2.goaway.error", "-r"]
+TCPTRACE = ["tcptrace", "-n", "-b"]
+TARGET_RATE = {"default workers": 500_000, "one worker": 300_000}
+TSHARK_CPU_RATIO = 15.0  # tshark's CPU at least this many times tracer's
+TCPTRACE_CPU_RATIO = 6.0  # tracer's CPU at most this many times tcptrace's
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,16 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tracer {__version__} ({build_kind()} core), {os.cpu_count()} CPUs")
     print(f"capture: {capture.name}: {packets:,} packets, {args.connections:,} connections, "
           f"{size_mb:.0f} MB")
-    results: dict[str, float] = {}
+    results: dict[str, tuple[float, float]] = {}
     sizes: list[tuple[int, int, int]] = []
     for label, jobs in (("default workers", None), ("one worker", 1)):
         runs = [run_tracer(capture, jobs, sizes) for _ in range(args.repeat)]
         wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[3] for r in runs)
         peak = max(r[1] for r in runs)
-        results[label] = wall
+        results[label] = (wall, cpu)
+        rate = packets / wall
+        target = TARGET_RATE[label]
         print(f"tracer capture --read ({label}): {wall:.2f} s median of {args.repeat}, "
-              f"{packets / wall:,.0f} packets/s end to end, peak RSS {peak / 1e6:.0f} MB "
-              f"(process tree)")
+              f"{rate:,.0f} packets/s end to end (target >= {target:,}: "
+              f"{'met' if rate >= target else 'MISSED'}), CPU {cpu:.2f} s, peak RSS "
+              f"{peak / 1e6:.0f} MB (process tree)")
         print(f"    last run said: {runs[-1][2].splitlines()[0]}")
     size, connections, rpcs = sizes[-1]
     budget = DB_BYTES_PER_CONNECTION * connections + DB_BYTES_PER_RPC * rpcs
@@ -191,14 +223,31 @@ def main(argv: list[str] | None = None) -> int:
           f"{size / connections:,.0f} bytes per connection all in; target at most "
           f"{DB_BYTES_PER_CONNECTION} per connection + {DB_BYTES_PER_RPC} per RPC = "
           f"{budget / 1e6:.1f} MB: {'met' if size <= budget else 'MISSED'}")
-    if args.no_tshark or not shutil.which("tshark"):
-        print("tshark: not installed, no comparison (Debian package tshark)")
-        return 0
-    tshark = statistics.median(run_tshark(capture) for _ in range(max(1, args.repeat - 1)))
-    print(f"tshark -d tcp.port=={PORT},http2 on the same file: {tshark:.2f} s, "
-          f"{packets / tshark:,.0f} packets/s")
-    for label, wall in results.items():
-        print(f"    tracer ({label}) is {tshark / wall:.1f}x tshark")
+    tools = [("tcptrace", TCPTRACE, "Debian package tcptrace")]
+    if not args.no_tshark:
+        tools.insert(0, ("tshark", TSHARK, "Debian package tshark"))
+    for name, cmd, where in tools:
+        if not shutil.which(cmd[0]):
+            print(f"{name}: not installed, no comparison ({where})")
+            continue
+        runs = [run_tool([*cmd, str(capture)]) for _ in range(max(1, args.repeat - 1))]
+        wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        peak = max(r[2] for r in runs)
+        shown = " ".join(cmd[:4] if name == "tshark" else cmd)
+        print(f"{shown} on the same file: {wall:.2f} s, CPU {cpu:.2f} s, "
+              f"{packets / wall:,.0f} packets/s, peak RSS {peak / 1e6:.0f} MB")
+        for label, (twall, tcpu) in results.items():
+            if name == "tshark":
+                ratio = cpu / tcpu
+                verdict = "met" if ratio >= TSHARK_CPU_RATIO else "MISSED"
+                print(f"    its CPU is {ratio:.1f}x tracer's ({label}; target >= "
+                      f"{TSHARK_CPU_RATIO:.0f}x: {verdict}), its wall {wall / twall:.1f}x")
+            else:
+                ratio = tcpu / cpu
+                verdict = "met" if ratio <= TCPTRACE_CPU_RATIO else "MISSED"
+                print(f"    tracer ({label}) uses {ratio:.1f}x its CPU (target <= "
+                      f"{TCPTRACE_CPU_RATIO:.0f}x: {verdict})")
     return 0
 
 
