@@ -80,7 +80,7 @@ def build(path: Path, connections: int, clients: int, seed: int) -> None:
             server_settings_ts=ts + 0.003, streams=1 if leaky else rng.randint(1, 5),
             first_method="/svc.A/Get", pings_orig=0, pings_resp=0, goaways=0, rst_streams=0,
             trailers=1, grpc_errors=0, data_frames=2, window_updates=0, h2c_upgrade=0,
-            methods={"/svc.A/Get": 1},
+            methods={"/svc.A/Get": 1}, grpc_statuses={},
         )
         rows.append(r)
         if len(rows) == BATCH:
