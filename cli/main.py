@@ -12,10 +12,11 @@ import click
 
 from cli.output import FORMATS, fmt_age, fmt_ts, render
 from cli.times import instant, parse_duration, parse_size
-from store.queries import DEFAULT_PREFACE_TIMEOUT, capture_summary
+from store.queries import capture_summary
 from store.queries import connections as list_connections
 from store.queries import report as build_report
 from store.schema import StoreError, open_database
+from store.sql import DEFAULT_PREFACE_TIMEOUT
 from tracer import __version__, build_kind
 
 DEFAULT_DB = "tracer.db"

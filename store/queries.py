@@ -7,53 +7,17 @@ from typing import Any
 
 import sqlite_utils
 
+from store.correlate import has_logs, log_evidence
+from store.sql import (
+    CLOSED_BY,
+    CLOSED_FIRST_BY,
+    DEFAULT_PREFACE_TIMEOUT,
+    HEALTH_CHECK,
+    preface_timed_out,
+)
+from store.sql import percentile as _percentile
+from store.sql import rows as _rows
 from tracer.events import error_name
-
-DEFAULT_PREFACE_TIMEOUT = 20.0  # grpc-go's default dial timeout
-
-# A connection that connected and closed without ever speaking HTTP/2 (no preface, no
-# stream) is a TCP health check. TLS hides the preface, so TLS connections never count.
-HEALTH_CHECK = (
-    "(close_kind IS NOT NULL AND preface_ts IS NULL AND streams = 0 AND mid_stream = 0"
-    " AND established_ts IS NOT NULL AND COALESCE(protocol, '') != 'tls')"
-)
-
-# Clients are processes where attributed (pid plus start time: pids are reused), else IPs.
-CLIENT_KEY = (
-    "CASE WHEN pid IS NOT NULL THEN 'pid:' || pid || ':' || process_start"
-    " ELSE 'ip:' || orig_h END"
-)
-
-# How a closed connection ended, one kind each: a GOAWAY before the TCP close wins, then
-# a RST, then whoever sent the first FIN.
-CLOSED_BY = """
-    CASE
-        WHEN close_kind IS NULL THEN NULL
-        WHEN goaway_ts IS NOT NULL AND goaway_ts <= COALESCE(close_ts, goaway_ts) THEN 'goaway'
-        WHEN close_kind IN ('client_rst', 'server_rst') THEN 'rst'
-        WHEN close_kind = 'reused' THEN 'port_reused'
-        ELSE close_kind
-    END
-"""
-
-
-def preface_timed_out(timeout: float, end: float) -> str:
-    """SQL: the client sent its preface and the server's SETTINGS did not come within
-    ``timeout`` of the client's dial (its SYN: grpc-go's dial timeout runs from there).
-    A connection still open at ``end`` (the end of the data) counts once it has waited
-    that long; one the client closed after exactly that long counts too."""
-    return (
-        f"(preface_ts IS NOT NULL AND ("
-        f"(server_settings_ts IS NOT NULL AND server_settings_ts - COALESCE(syn_ts, ts) > {timeout!r})"
-        f" OR (server_settings_ts IS NULL AND COALESCE(close_ts, {end!r}) - COALESCE(syn_ts, ts)"
-        f" >= {timeout!r})))"
-    )
-
-
-def _rows(db: sqlite_utils.Database, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-    cur = db.execute(sql, params)
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
 def capture_summary(db: sqlite_utils.Database) -> dict[str, Any]:
@@ -158,19 +122,6 @@ LEFT_BEHIND = f"""(open_now AND NOT {WAITING_FOR_SERVER} AND CASE
     WHEN COALESCE(protocol, '') = 'tls' THEN COALESCE(tls_records_orig, 0) <= {FEW_TLS_RECORDS}
     ELSE streams <= {FEW_RPCS} AND NOT {RPC_IN_PROGRESS}
 END)"""
-
-# Which side began a connection's end: the first GOAWAY's sender when it came before the
-# TCP close, else the side of the first FIN or RST ('orig' is the client).
-CLOSED_FIRST_BY = """
-    CASE
-        WHEN close_kind IS NULL THEN NULL
-        WHEN goaway_ts IS NOT NULL AND goaway_ts <= COALESCE(close_ts, goaway_ts)
-            THEN goaway_sender
-        WHEN close_kind IN ('client_fin', 'client_rst') THEN 'orig'
-        WHEN close_kind IN ('server_fin', 'server_rst') THEN 'resp'
-    END
-"""
-
 
 def _verdict(c: dict[str, Any], span_s: float) -> tuple[str, str]:
     """leak / suspect / ok, and a reason a person can act on. The rules, in order:
@@ -526,14 +477,6 @@ def _add_history(db: sqlite_utils.Database, rows: list[dict[str, Any]],
         methods[key] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    idx = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
-    return values[idx]
-
-
 MAX_TIMEOUT_MOMENTS = 10
 
 
@@ -689,8 +632,6 @@ def report(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT_PREFAC
         "clients": client_report(db, since=since, until=until, client=client),
         "server": server_health(db, preface_timeout=preface_timeout, since=since, until=until),
     }
-    from store.correlate import has_logs, log_evidence
-
     if has_logs(db):
         data["log_evidence"] = log_evidence(db, since=since, until=until,
                                             preface_timeout=preface_timeout)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
-from store.queries import CLIENT_KEY, CLOSED_BY, CLOSED_FIRST_BY, HEALTH_CHECK
 from store.server import drop_before as drop_server_samples_before
+from store.sql import CLIENT_KEY, CLOSED_BY, CLOSED_FIRST_BY, HEALTH_CHECK
 from store.writer import utc_now
 
 STEP = 5000  # connections deleted per transaction (a writer waits at most that long)
