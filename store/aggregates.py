@@ -9,11 +9,10 @@ thousand rows.
 Triggers on ``connections`` and ``conn_methods`` keep the tables right whatever writes
 (the writer's batches and upserts, attribution, a continued connection, retention's
 deletes, a test's own UPDATE): each closed row adds its counts, and takes them back
-when it changes or goes. ``conn_methods`` is written with INSERT, INSERT OR REPLACE,
-UPDATE and DELETE (a REPLACE deletes without firing delete triggers: the BEFORE INSERT
-trigger takes back the row about to be replaced); an upsert or INSERT OR IGNORE on it,
-or ``recursive_triggers``, would count a replaced row twice, and nothing in tracer does
-them.
+when it changes or goes. One way of writing escapes them: an INSERT OR REPLACE deletes
+the row it replaces without firing the delete trigger unless ``recursive_triggers`` is
+on (sqlite-utils turns it on for every connection it opens, as tracer's are); the
+writer writes conn_methods with an upsert instead.
 
 Counts are kept twice: per client (the whole report), and per client and minute of the
 close (``--since``: the minutes after the one it falls in are added up, the connections
@@ -102,8 +101,8 @@ METHODS = "client_closed_methods"
 METHOD_MINUTES = "client_closed_method_minutes"
 TABLES = (TOTALS, MINUTES, METHODS, METHOD_MINUTES)
 TRIGGERS = ("client_closed_insert", "client_closed_update_old", "client_closed_update_new",
-            "client_closed_delete", "client_closed_method_replace", "client_closed_method_insert",
-            "client_closed_method_update", "client_closed_method_delete")
+            "client_closed_delete", "client_closed_method_insert", "client_closed_method_update",
+            "client_closed_method_delete")
 
 
 def _keyed(values: tuple[str, ...] | list[str]) -> str:
@@ -198,17 +197,12 @@ def _connection_methods(row: str, sign: str) -> list[str]:
     ]
 
 
-def _method_row(row: str, sign: str, replaced: bool = False) -> list[str]:
+def _method_row(row: str, sign: str) -> list[str]:
     """Add or take back one conn_methods ``row`` (NEW or OLD), if its connection is
-    closed; ``replaced``: the row that an INSERT OR REPLACE of NEW is about to replace."""
+    closed."""
     c = _keyed([f"c.{k}" for k in KEY])
     minute = _keyed([f"CAST(c.close_ts / {BUCKET_S} AS INTEGER)"])
-    if replaced:
-        picked = ("FROM conn_methods r JOIN connections c ON c.uid = r.uid"
-                  f" WHERE r.uid = {row}.uid AND r.method = {row}.method AND c.is_open = 0")
-        row = "r"
-    else:
-        picked = f"FROM connections c WHERE c.uid = {row}.uid AND c.is_open = 0"
+    picked = f"FROM connections c WHERE c.uid = {row}.uid AND c.is_open = 0"
     return [
         _upsert(METHODS, f"SELECT {c}, {row}.method, {sign}1, {sign}{row}.count {picked}"),
         _upsert(METHOD_MINUTES,
@@ -234,9 +228,6 @@ def _triggers() -> list[str]:
                  _connection_counts("NEW", "") + _connection_methods("NEW", "")),
         _trigger("client_closed_delete", "AFTER DELETE ON connections", "OLD.is_open = 0",
                  _connection_counts("OLD", "-") + _connection_methods("OLD", "-")),
-        # INSERT OR REPLACE deletes the row it replaces without a delete trigger.
-        _trigger("client_closed_method_replace", "BEFORE INSERT ON conn_methods", "",
-                 _method_row("NEW", "-", replaced=True)),
         _trigger("client_closed_method_insert", "AFTER INSERT ON conn_methods", "",
                  _method_row("NEW", "")),
         _trigger("client_closed_method_update", "AFTER UPDATE ON conn_methods", "",
