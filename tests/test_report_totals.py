@@ -19,7 +19,7 @@ from store import aggregates
 from store.queries import report
 from store.retention import prune
 from store.schema import open_database
-from store.writer import CaptureWriter
+from store.writer import Attribution, CaptureWriter
 from tracer.attribution.sockets import ProcessInfo
 
 SPAN = 3600.0
@@ -89,7 +89,7 @@ def _build(path: Path, seed: int, n: int = 400) -> None:
         r["methods"] = {"/a.S/Get": 7, "/c.U/New": 1}
         writer.write([r], [], [])
     pids = [4000 + p for p in range(6)]
-    verdicts = [(r["uid"], "socket", _process(rng.choice(pids)), r["ts"], None)
+    verdicts: list[Attribution] = [(r["uid"], "socket", _process(rng.choice(pids)), r["ts"], None)
                 for r in rng.sample(rows, n // 2)]
     writer.attribute(verdicts)
     writer.finish(status="complete", error=None, first_ts=T0, last_ts=T0 + SPAN, packets=n,
