@@ -135,11 +135,11 @@ def drop_stored(db: Path) -> None:
 
 
 def store_report(db: Path) -> None:
-    from store.queries import report
     from store.schema import open_database
+    from store.stored_report import store_report
 
     database = open_database(str(db))
-    report(database, store=True)
+    store_report(database)
     database.conn.close()
 
 

@@ -759,34 +759,42 @@ def _fingerprint(db: sqlite_utils.Database) -> str:
     return json.dumps([list(caps), list(rows), list(procs), logs])
 
 
+def report_fingerprint(db: sqlite_utils.Database, preface_timeout: float) -> str:
+    """What a stored full report was computed from (store.stored_report keeps it)."""
+    return _fingerprint(db) + f"|{preface_timeout!r}"
+
+
+def stored_report(db: sqlite_utils.Database, fingerprint: str) -> dict[str, Any] | None:
+    """The stored full report if it was computed from the data as it is now (never while
+    a capture runs: its data changes continuously); reads only."""
+    running = db.execute("SELECT COUNT(*) FROM captures WHERE status = 'running'").fetchone()
+    has_cache = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_cache'"
+    ).fetchone()
+    row = db.execute("SELECT fingerprint, report FROM report_cache").fetchone() \
+        if has_cache else None
+    if row is None or row[0] != fingerprint or running[0]:
+        return None
+    cached: dict[str, Any] = json.loads(row[1])
+    return cached
+
+
 def report(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT_PREFACE_TIMEOUT,
            since: float | None = None, until: float | None = None,
            client: str | None = None, cache: bool = True,
-           store: bool = False, totals: bool = True) -> dict[str, Any]:
-    """The whole report, as DESIGN.md's JSON contract.
+           totals: bool = True) -> dict[str, Any]:
+    """The whole report, as DESIGN.md's JSON contract. It only reads.
 
     The full report (no window, no client filter) is kept in the database with a
     fingerprint of the data it was computed from, and served from there until the data
-    changes: a million connections take seconds to aggregate, a stored report a few
-    milliseconds. A running live capture changes the data continuously and is always
-    computed afresh.
-
-    Only writers store it: ``store`` is for the capture runs, which compute the
-    report once at their end (the report_cache table comes with migration
-    m005_report_cache). Every other caller (`tracer report`, on a database opened
-    read-only) only reads a stored report whose fingerprint matches, and never writes."""
-    plain = since is None and until is None and not client
-    fingerprint = ""
-    if cache and plain:
-        fingerprint = _fingerprint(db) + f"|{preface_timeout!r}"
-        running = db.execute("SELECT COUNT(*) FROM captures WHERE status = 'running'").fetchone()
-        has_cache = db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_cache'"
-        ).fetchone()
-        row = db.execute("SELECT fingerprint, report FROM report_cache").fetchone() \
-            if has_cache else None
-        if row is not None and row[0] == fingerprint and not running[0]:
-            cached: dict[str, Any] = json.loads(row[1])
+    changes. Only the writer side stores it (store.stored_report: the capture runs at
+    their end, `tracer logs add/remove`, `tracer prune`; the report_cache table comes with
+    migration m005_report_cache); here it is only read. Computed afresh, the closed
+    connections come from their clients' totals (store.aggregates) where the database
+    has them; ``totals=False`` reads every row (the same report, slower)."""
+    if cache and since is None and until is None and not client:
+        cached = stored_report(db, report_fingerprint(db, preface_timeout))
+        if cached is not None:
             return cached
     data = {
         "capture": capture_summary(db),
@@ -797,10 +805,6 @@ def report(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT_PREFAC
     if has_logs(db):
         data["log_evidence"] = log_evidence(db, since=since, until=until,
                                             preface_timeout=preface_timeout)
-    if fingerprint and store:
-        with db.conn:
-            db.execute("DELETE FROM report_cache")
-            db.execute("INSERT INTO report_cache VALUES (?, ?)", [fingerprint, json.dumps(data)])
     return data
 
 
