@@ -309,6 +309,15 @@ def closed_totals(db: sqlite_utils.Database, *, since: float | None,
     return out, methods
 
 
+def takes_everything(db: sqlite_utils.Database, since: float | None) -> bool:
+    """A window from ``since`` takes every connection (none closed before it): one step
+    down the close_ts index."""
+    if since is None:
+        return False
+    return db.execute("SELECT 1 FROM connections INDEXED BY connections_close"
+                      " WHERE close_ts < ? LIMIT 1", [since]).fetchone() is None
+
+
 def boundary(db: sqlite_utils.Database, since: float) -> tuple[str, list[Any]]:
     """SQL condition (and its parameters) for the closed connections of the minute
     ``since`` falls in, which ``closed_totals`` leaves out, read through connections_close

@@ -255,16 +255,18 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
     end = until if until is not None else (summary["last_ts"] or 0.0)
     start = since if since is not None else (summary["first_ts"] or end)
     span = max(end - start, 0.0)
+    fast = totals and until is None and aggregates.present(db)
+    # A window from before every close takes every connection: read as the whole.
+    cut = None if fast and aggregates.takes_everything(db, since) else since
     where, params = _client_filter(client)
     if until is not None:
         where += " AND ts <= ?"
         params.append(until)
-    if since is not None:
+    if cut is not None:
         where += " AND (close_ts IS NULL OR close_ts >= ?)"  # existed in the window
-        params.append(since)
-    fast = totals and until is None and aggregates.present(db)
+        params.append(cut)
     if fast:
-        rows, methods = _closed_from_totals(db, where, params, start, since, client)
+        rows, methods = _closed_from_totals(db, where, params, start, cut, client)
     else:
         # Open as of the end of the window: no close seen, or a close after it.
         open_expr = "is_open" if until is None else \
@@ -631,16 +633,17 @@ def server_health(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT
     Read through the indexes and totals of store.aggregates where the database has them
     and the window has no ``until`` (``totals=False``: every row, the same answer)."""
     end = until if until is not None else (capture_summary(db)["last_ts"] or 0.0)
+    fast = totals and until is None and aggregates.present(db)
+    cut = None if fast and aggregates.takes_everything(db, since) else since
     window, params = "", []
     if until is not None:
         window += " AND ts <= ?"
         params.append(until)
-    if since is not None:
+    if cut is not None:
         window += " AND (close_ts IS NULL OR close_ts >= ?)"
-        params.append(since)
-    fast = totals and until is None and aggregates.present(db)
+        params.append(cut)
     answered = "preface_ts IS NOT NULL AND server_settings_ts IS NOT NULL"
-    if fast and since is None:
+    if fast and cut is None:
         p50, p99, samples = _latency_percentiles(db)
     else:
         # With a window of the fast kind, the close_ts index holds every column read.
@@ -698,7 +701,7 @@ def server_health(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT
         key = f"{side}:{error_name(code)}"
         by_code[key] = by_code.get(key, 0) + n
     if fast:
-        refused, client_rst, server_rst = _server_counts(db, window, params, since)
+        refused, client_rst, server_rst = _server_counts(db, window, params, cut)
         resets = {"client_rst": client_rst, "server_rst": server_rst}
     else:
         refused = db.execute(
