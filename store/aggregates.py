@@ -55,6 +55,10 @@ CLOSED_COUNTS = {
     "pre_existing": "mid_stream AND NOT hc",
     "rpcs": "CASE WHEN NOT hc THEN streams ELSE 0 END",
 }
+# The counts that take only closed connections (each term says AND NOT open_now): 0 for
+# every open one, so the open connections' row-by-row sums skip them.
+CLOSED_ONLY = ("closed", "closed_by_client", "closed_by_server", "by_client_fin", "by_server_fin",
+               "by_rst", "by_goaway", "by_port_reused")
 # The server's side of the report (store.queries.server_health), over every client.
 SERVER_COUNTS = {
     "refused": "conn_state IN ('REJ', 'RSTOS0')",
@@ -82,9 +86,10 @@ INDEXES = {
     "connections_close": "connections(close_ts, preface_ts, server_settings_ts, syn_ts, ts,"
                          " conn_state, close_kind)",
     # The open connections, the part of a report read row by row, in its grouping order
-    # (with what the server's counts read, and the uid their methods are found by).
-    "connections_open": "connections(pid, process_start, orig_h, conn_state, close_kind, uid)"
-                        " WHERE is_open IS NOT 0",
+    # (with what the server's counts and --since read, and the uid their methods are
+    # found by).
+    "connections_open": "connections(pid, process_start, orig_h, conn_state, close_kind,"
+                        " close_ts, uid) WHERE is_open IS NOT 0",
     "connections_latency": "connections(server_settings_ts - preface_ts)"
                            " WHERE preface_ts IS NOT NULL AND server_settings_ts IS NOT NULL",
     "connections_slow_preface": f"connections(COALESCE(syn_ts, ts)) WHERE {SLOW_PREFACE}",

@@ -69,9 +69,10 @@ def rows(db: sqlite_utils.Database, sql: str, params: Any = ()) -> list[dict[str
     return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
-def percentile(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float, presorted: bool = False) -> float | None:
     if not values:
         return None
-    values = sorted(values)
+    if not presorted:
+        values = sorted(values)
     idx = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
     return values[idx]
