@@ -81,10 +81,9 @@ SLOW_PREFACE = (f"preface_ts IS NOT NULL AND (server_settings_ts IS NULL"
                 f" OR server_settings_ts - COALESCE(syn_ts, ts) > {SLOW_PREFACE_S!r})")
 # What the fast report reads through INDEXED BY (a missing one is an error, not a scan).
 INDEXES = {
-    # --since: the connections of the minute it falls in, and the server's figures over
+    # --since: the connections of the minute it falls in, and the preface latencies over
     # the window without a table row read.
-    "connections_close": "connections(close_ts, preface_ts, server_settings_ts, syn_ts, ts,"
-                         " conn_state, close_kind)",
+    "connections_close": "connections(close_ts, preface_ts, server_settings_ts)",
     # The open connections, the part of a report read row by row, in its grouping order
     # (with what the server's counts and --since read, and the uid their methods are
     # found by).
