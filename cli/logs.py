@@ -486,10 +486,10 @@ def add(files: tuple[str, ...], journal: bool, units: tuple[str, ...], since: st
 def _refresh_report(db: sqlite_utils.Database) -> None:
     """The stored report counts the log evidence too: computed again now, by this writer,
     so that readers (which never write) find it current."""
-    from store.queries import report
+    from store.stored_report import store_report
 
     try:
-        report(db, store=True)
+        store_report(db)
     except sqlite3.Error as exc:
         click.echo(f"warning: the stored report could not be refreshed ({exc}); "
                    "`tracer report` computes it each time", err=True)

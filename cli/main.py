@@ -12,10 +12,11 @@ import click
 
 from cli.output import FORMATS, fmt_age, fmt_ts, render
 from cli.times import instant, parse_duration, parse_size
-from store.queries import DEFAULT_PREFACE_TIMEOUT, capture_summary
+from store.queries import capture_summary
 from store.queries import connections as list_connections
 from store.queries import report as build_report
 from store.schema import StoreError, open_database
+from store.sql import DEFAULT_PREFACE_TIMEOUT
 from tracer import __version__, build_kind
 from tracer.options import CoreOptions
 
@@ -746,7 +747,9 @@ def prune(db_path: str, older_than: str | None, max_db_size: str | None, vacuum:
     out = prune_database(db, older_than_s=older, max_bytes=size, budget_s=float("inf"),
                          vacuum=vacuum)
     if out.connections or out.log_lines:
-        build_report(db, store=True)  # readers never write: store the report as it is now
+        from store.stored_report import store_report
+
+        store_report(db)  # readers never write: store the report as it is now
     db.close()
     if out.connections or out.log_lines:
         click.echo(f"pruned {out.connections:,} closed connections and {out.log_lines:,} log "

@@ -20,7 +20,9 @@ from typing import Any
 
 import sqlite_utils
 
-from store.queries import DEFAULT_PREFACE_TIMEOUT, _percentile, _rows, preface_timed_out
+from store.sql import DEFAULT_PREFACE_TIMEOUT, preface_timed_out
+from store.sql import percentile as _percentile
+from store.sql import rows as _rows
 
 # What gRPC clients and servers print when connections go wrong, in their own words:
 # grpc-go ("failed to receive server preface within timeout", "context deadline

@@ -7,55 +7,19 @@ from typing import Any
 
 import sqlite_utils
 
+from store import aggregates
+from store.correlate import has_logs, log_evidence
+from store.sql import (
+    CLOSED_BY,
+    CLOSED_FIRST_BY,
+    DEFAULT_PREFACE_TIMEOUT,
+    HEALTH_CHECK,
+    preface_timed_out,
+)
+from store.sql import percentile as _percentile
+from store.sql import rows as _rows
 from tracer.events import error_name
 from tracer.record import COLUMNS
-
-DEFAULT_PREFACE_TIMEOUT = 20.0  # grpc-go's default dial timeout
-
-# A connection that connected and closed without ever speaking HTTP/2 (no preface, no
-# stream) is a TCP health check. TLS hides the preface, so TLS connections never count.
-HEALTH_CHECK = (
-    "(close_kind IS NOT NULL AND preface_ts IS NULL AND streams = 0 AND mid_stream = 0"
-    " AND established_ts IS NOT NULL AND COALESCE(protocol, '') != 'tls')"
-)
-
-# Clients are processes where attributed (pid plus start time: pids are reused), else IPs.
-CLIENT_KEY = (
-    "CASE WHEN pid IS NOT NULL THEN 'pid:' || pid || ':' || process_start"
-    " ELSE 'ip:' || orig_h END"
-)
-
-# How a closed connection ended, one kind each: a GOAWAY before the TCP close wins, then
-# a RST, then whoever sent the first FIN.
-CLOSED_BY = """
-    CASE
-        WHEN close_kind IS NULL THEN NULL
-        WHEN goaway_ts IS NOT NULL AND goaway_ts <= COALESCE(close_ts, goaway_ts) THEN 'goaway'
-        WHEN close_kind IN ('client_rst', 'server_rst') THEN 'rst'
-        WHEN close_kind = 'reused' THEN 'port_reused'
-        ELSE close_kind
-    END
-"""
-
-
-def preface_timed_out(timeout: float, end: float) -> str:
-    """SQL: the client sent its preface and the server's SETTINGS did not come within
-    ``timeout`` of the client's dial (its SYN: grpc-go's dial timeout runs from there).
-    A connection still open at ``end`` (the end of the data) counts once it has waited
-    that long; one the client closed after exactly that long counts too."""
-    return (
-        f"(preface_ts IS NOT NULL AND ("
-        f"(server_settings_ts IS NOT NULL"
-        f" AND server_settings_ts - COALESCE(syn_ts, ts) > {timeout!r})"
-        f" OR (server_settings_ts IS NULL AND COALESCE(close_ts, {end!r}) - COALESCE(syn_ts, ts)"
-        f" >= {timeout!r})))"
-    )
-
-
-def _rows(db: sqlite_utils.Database, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-    cur = db.execute(sql, params)
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def capture_summary(db: sqlite_utils.Database) -> dict[str, Any]:
@@ -160,19 +124,6 @@ LEFT_BEHIND = f"""(open_now AND NOT {WAITING_FOR_SERVER} AND CASE
     WHEN COALESCE(protocol, '') = 'tls' THEN COALESCE(tls_records_orig, 0) <= {FEW_TLS_RECORDS}
     ELSE streams <= {FEW_RPCS} AND NOT {RPC_IN_PROGRESS}
 END)"""
-
-# Which side began a connection's end: the first GOAWAY's sender when it came before the
-# TCP close, else the side of the first FIN or RST ('orig' is the client).
-CLOSED_FIRST_BY = """
-    CASE
-        WHEN close_kind IS NULL THEN NULL
-        WHEN goaway_ts IS NOT NULL AND goaway_ts <= COALESCE(close_ts, goaway_ts)
-            THEN goaway_sender
-        WHEN close_kind IN ('client_fin', 'client_rst') THEN 'orig'
-        WHEN close_kind IN ('server_fin', 'server_rst') THEN 'resp'
-    END
-"""
-
 
 def _verdict(c: dict[str, Any], span_s: float) -> tuple[str, str]:
     """leak / suspect / ok, and a reason a person can act on. The rules, in order:
@@ -290,93 +241,46 @@ def _client_filter(client: str | None, table: str = "") -> tuple[str, list[Any]]
 
 
 def client_report(db: sqlite_utils.Database, *, since: float | None = None,
-                  until: float | None = None, client: str | None = None) -> list[dict[str, Any]]:
+                  until: float | None = None, client: str | None = None,
+                  totals: bool = True) -> list[dict[str, Any]]:
     """One entry per client, as DESIGN.md's report contract: a process (pid and its start
     time) where the connection was attributed, else the client IP.
 
     With a window, the connections that existed during [since, until] count; "open" and
-    ages are as of ``until``."""
+    ages are as of ``until``.
+
+    The closed connections are added up from their totals (store.aggregates) where the
+    database has them and the window has no ``until`` (open as of then is not what is
+    open now); ``totals=False`` reads every connection row by row, which gives the same."""
     summary = capture_summary(db)
     end = until if until is not None else (summary["last_ts"] or 0.0)
     start = since if since is not None else (summary["first_ts"] or end)
     span = max(end - start, 0.0)
+    fast = totals and until is None and aggregates.present(db)
+    # A window from before every close takes every connection: read as the whole.
+    cut = None if fast and aggregates.takes_everything(db, since) else since
     where, params = _client_filter(client)
     if until is not None:
         where += " AND ts <= ?"
         params.append(until)
-    if since is not None:
+    if cut is not None:
         where += " AND (close_ts IS NULL OR close_ts >= ?)"  # existed in the window
-        params.append(since)
-    # Open as of the end of the window: no close seen, or a close after it.
-    open_expr = "is_open" if until is None else f"(close_ts IS NULL OR close_ts > {float(end)!r})"
-    rows = _rows(
-        db,
-        f"""
-        WITH o AS (
-            SELECT *, {HEALTH_CHECK} AS hc, {CLOSED_BY} AS closed_by,
-                   {CLOSED_FIRST_BY} AS closed_first_by, {open_expr} AS open_now
-            FROM connections WHERE 1{where}
-        ), c AS (SELECT *, {LEFT_BEHIND} AS left_behind FROM o)
-        SELECT pid, process_start, CASE WHEN pid IS NULL THEN orig_h END AS ip,
-               MIN(orig_h) AS client, COUNT(DISTINCT orig_h) AS addresses,
-               SUM(NOT hc) AS opened,
-               SUM(NOT hc AND NOT open_now) AS closed,
-               SUM(open_now) AS open,
-               SUM(open_now AND streams <= {FEW_RPCS}) AS open_few_rpcs,
-               SUM(left_behind) AS left_behind,
-               SUM(left_behind AND NOT mid_stream) AS left_behind_seen,
-               SUM(left_behind AND NOT mid_stream AND COALESCE(protocol, '') = 'tls')
-                   AS left_behind_tls,
-               SUM(left_behind AND mid_stream) AS left_behind_before,
-               SUM(NOT hc AND NOT open_now AND closed_first_by = 'orig') AS closed_by_client,
-               SUM(NOT hc AND NOT open_now AND closed_first_by = 'resp') AS closed_by_server,
-               SUM(open_now AND COALESCE(protocol, '') = 'tls') AS open_tls,
-               SUM(open_now AND NOT mid_stream AND COALESCE(protocol, '') <> 'tls'
-                   AND {RPC_IN_PROGRESS}) AS open_in_rpc,
-               SUM(open_now AND {WAITING_FOR_SERVER}) AS open_waiting,
-               SUM(open_now AND mid_stream) AS open_before,
-               SUM(CASE WHEN NOT hc THEN COALESCE(tls_records_orig, 0) ELSE 0 END) AS tls_records,
-               SUM(NOT hc AND COALESCE(protocol, '') = 'tls') AS tls_connections,
-               MIN(CASE WHEN open_now AND mid_stream THEN ts END) AS oldest_before_ts,
-               SUM(hc) AS health_checks,
-               SUM(closed_by = 'client_fin' AND NOT hc AND NOT open_now) AS by_client_fin,
-               SUM(closed_by = 'server_fin' AND NOT hc AND NOT open_now) AS by_server_fin,
-               SUM(closed_by = 'rst' AND NOT hc AND NOT open_now) AS by_rst,
-               SUM(closed_by = 'goaway' AND NOT hc AND NOT open_now) AS by_goaway,
-               SUM(closed_by = 'port_reused' AND NOT hc AND NOT open_now) AS by_port_reused,
-               MIN(CASE WHEN open_now THEN COALESCE(syn_ts, ts) END) AS oldest_open_ts,
-               SUM(open_now AND mid_stream = 0 AND ts >= {float(start)!r})
-                   AS opened_and_left_open,
-               SUM(mid_stream AND NOT hc) AS pre_existing,
-               SUM(CASE WHEN NOT hc THEN streams ELSE 0 END) AS rpcs,
-               MAX(CASE WHEN open_now THEN COALESCE(last_activity_ts, ts) END)
-                   AS last_open_activity,
-               MIN(CASE WHEN open_now THEN COALESCE(last_activity_ts, ts) END)
-                   AS first_open_activity
-        FROM c
-        GROUP BY pid, process_start, ip
-        """,
-        params,
-    )
-    methods: dict[tuple[Any, Any, Any], dict[str, int]] = {}
-    for r in _rows(
-        db,
-        f"""
-        SELECT pid, process_start, CASE WHEN pid IS NULL THEN orig_h END AS ip,
-               m.method AS method, SUM(m.count) AS n
-        FROM conn_methods m JOIN connections ON connections.uid = m.uid
-        WHERE 1{where}
-        GROUP BY pid, process_start, ip, m.method
-        ORDER BY n DESC, m.method
-        """,
-        params,
-    ):
-        methods.setdefault((r["pid"], r["process_start"], r["ip"]), {})[r["method"]] = r["n"]
+        params.append(cut)
+    if fast:
+        rows, methods = _closed_from_totals(db, where, params, start, cut, client)
+    else:
+        # Open as of the end of the window: no close seen, or a close after it.
+        open_expr = "is_open" if until is None else \
+            f"(close_ts IS NULL OR close_ts > {float(end)!r})"
+        rows = _client_groups(db, where, params, open_expr, start)
+        methods = {}
+        for pid, process_start, ip, method, n in _client_methods(db, where, params):
+            methods.setdefault((pid, process_start, ip), {})[method] = n
     retained_from = summary.get("retained_from")
     if retained_from is not None and since is None and (until is None or until >= retained_from):
         _add_history(db, rows, methods, client)
     processes = {(r["pid"], r["start_time"]): r for r in _rows(db, "SELECT * FROM processes")}
-    details = _socket_details(db, where, params)
+    details = _socket_details(db, where, params, indexed=fast)
     out = []
     for r in rows:
         opened = r["opened"] or 0
@@ -456,13 +360,166 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
     return out
 
 
+# The columns of a connection the report's per-connection terms read.
+_TERM_COLUMNS = ("pid, process_start, orig_h, ts, syn_ts, last_activity_ts, mid_stream, protocol,"
+                 " streams, trailers, rst_streams, orig_bytes, resp_bytes, tls_records_orig,"
+                 " close_kind, preface_ts, established_ts, goaway_ts, close_ts, goaway_sender,"
+                 " is_open")
+
+
+def _client_groups(db: sqlite_utils.Database, where: str, params: list[Any], open_expr: str,
+                   start: float, *, by_address: bool = False, index: str | None = None,
+                   open_only: bool = False) -> list[dict[str, Any]]:
+    """The report's counts per client over the connections ``where`` says, row by row:
+    per (pid, process_start, client IP if unattributed), or with ``by_address`` per
+    (pid, process_start, orig_h), to be added to the closed connections' totals.
+    ``open_only``: ``where`` takes open connections only (open_now is never 0), whose
+    closed-only counts (aggregates.CLOSED_ONLY) are 0 without a look.
+
+    Each connection's terms are computed once, a layer at a time (OFFSET 0 keeps SQLite
+    from folding the layers into the sums, where hc and left_behind would be computed
+    again in each sum that reads them: half the time)."""
+    group = "pid, process_start, orig_h" if by_address else "pid, process_start, ip"
+    # Per address, the merge counts the addresses (_closed_from_totals).
+    addresses = "NULL" if by_address else "COUNT(DISTINCT orig_h)"
+    indexed = f" INDEXED BY {index}" if index else ""
+    sums = {
+        "open": "open_now",
+        "open_few_rpcs": f"open_now AND streams <= {FEW_RPCS}",
+        "left_behind": "left_behind",
+        "left_behind_seen": "left_behind AND NOT mid_stream",
+        "left_behind_tls": "left_behind AND NOT mid_stream AND COALESCE(protocol, '') = 'tls'",
+        "left_behind_before": "left_behind AND mid_stream",
+        "open_tls": "open_now AND COALESCE(protocol, '') = 'tls'",
+        "open_in_rpc": (f"open_now AND NOT mid_stream AND COALESCE(protocol, '') <> 'tls'"
+                        f" AND {RPC_IN_PROGRESS}"),
+        "open_waiting": f"open_now AND {WAITING_FOR_SERVER}",
+        "open_before": "open_now AND mid_stream",
+        "opened_and_left_open": f"open_now AND mid_stream = 0 AND ts >= {float(start)!r}",
+        **aggregates.CLOSED_COUNTS,
+    }
+    if open_only:
+        sums.update(dict.fromkeys(aggregates.CLOSED_ONLY, "0"))
+    lowest = {
+        "oldest_before_ts": "CASE WHEN open_now AND mid_stream THEN ts END",
+        "oldest_open_ts": "CASE WHEN open_now THEN COALESCE(syn_ts, ts) END",
+        "first_open_activity": "CASE WHEN open_now THEN COALESCE(last_activity_ts, ts) END",
+    }
+    highest = {"last_open_activity": "CASE WHEN open_now THEN COALESCE(last_activity_ts, ts) END"}
+    terms = ", ".join(f"{e} AS {n}" for n, e in {**sums, **lowest, **highest}.items())
+    totals = ",\n               ".join(
+        [f"SUM({n}) AS {n}" for n in sums] + [f"MIN({n}) AS {n}" for n in lowest]
+        + [f"MAX({n}) AS {n}" for n in highest])
+    return _rows(
+        db,
+        f"""
+        SELECT pid, process_start, CASE WHEN pid IS NULL THEN orig_h END AS ip,
+               MIN(orig_h) AS client, {addresses} AS addresses,
+               {totals}
+        FROM (SELECT pid, process_start, orig_h, {terms} FROM (
+            SELECT *, {LEFT_BEHIND} AS left_behind FROM (
+                SELECT {_TERM_COLUMNS}, {HEALTH_CHECK} AS hc, {CLOSED_BY} AS closed_by,
+                       {CLOSED_FIRST_BY} AS closed_first_by, {open_expr} AS open_now
+                FROM connections{indexed} WHERE 1{where} LIMIT -1 OFFSET 0
+            ) LIMIT -1 OFFSET 0
+        ))
+        GROUP BY {group}
+        """,
+        params,
+    )
+
+
+def _client_methods(db: sqlite_utils.Database, where: str, params: list[Any], *,
+                    by_address: bool = False, index: str | None = None) -> list[tuple[Any, ...]]:
+    """(pid, process_start, ip, method, count) over the connections ``where`` says, the
+    most used first (with ``by_address``, the third is orig_h)."""
+    ip = "orig_h" if by_address else "CASE WHEN pid IS NULL THEN orig_h END"
+    indexed = f" INDEXED BY {index}" if index else ""
+    return list(db.execute(
+        f"""
+        SELECT pid, process_start, {ip} AS ip, m.method AS method, SUM(m.count) AS n
+        FROM conn_methods m JOIN connections{indexed} ON connections.uid = m.uid
+        WHERE 1{where}
+        GROUP BY pid, process_start, ip, m.method
+        ORDER BY n DESC, m.method
+        """,
+        params,
+    ).fetchall())
+
+
+_GROUP_MIN = ("oldest_before_ts", "oldest_open_ts", "first_open_activity")
+_GROUP_MAX = ("last_open_activity",)
+_GROUP_SUMS = ("open", "open_few_rpcs", "left_behind", "left_behind_seen", "left_behind_tls",
+               "left_behind_before", "open_tls", "open_in_rpc", "open_waiting", "open_before",
+               "opened_and_left_open", *aggregates.CLOSED_COUNTS)
+
+
+def _closed_from_totals(
+    db: sqlite_utils.Database, where: str, params: list[Any], start: float,
+    since: float | None, client: str | None,
+) -> tuple[list[dict[str, Any]], dict[tuple[Any, Any, Any], dict[str, int]]]:
+    """What _client_groups and _client_methods give over every connection, from the
+    closed connections' totals (store.aggregates) and the open connections row by row;
+    with ``since``, the closed connections of the minute it falls in row by row too."""
+    open_where = where + " AND is_open IS NOT 0"
+    parts = _client_groups(db, open_where, params, "is_open", start, by_address=True,
+                           index="connections_open", open_only=True)
+    method_rows = _client_methods(db, open_where, params, by_address=True,
+                                  index="connections_open")
+    totals, closed_methods = aggregates.closed_totals(db, since=since, client=client)
+    method_rows += closed_methods
+    for t in totals:
+        address = t["orig_h"]
+        part = dict.fromkeys(_GROUP_SUMS, 0) | dict.fromkeys((*_GROUP_MIN, *_GROUP_MAX))
+        part.update({name: t[name] for name in aggregates.CLOSED_COUNTS})
+        part.update(pid=t["pid"], process_start=t["process_start"], client=address,
+                    ip=address if t["pid"] is None else None,
+                    addresses=0 if address is None else 1)
+        parts.append(part)
+    if since is not None:
+        edge, edge_params = aggregates.boundary(db, since)
+        parts += _client_groups(db, where + edge, params + edge_params, "is_open", start,
+                                by_address=True, index="connections_close")
+        method_rows += _client_methods(db, where + edge, params + edge_params,
+                                       by_address=True, index="connections_close")
+    merged: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
+    addresses: dict[tuple[Any, Any, Any], set[str]] = {}
+    for p in parts:
+        key = (p["pid"], p["process_start"], p["ip"])
+        row = merged.get(key)
+        if p["client"] is not None:
+            addresses.setdefault(key, set()).add(p["client"])
+        if row is None:
+            merged[key] = dict(p)
+            continue
+        for name in _GROUP_SUMS:
+            row[name] = (row[name] or 0) + (p[name] or 0)
+        for names, pick in ((_GROUP_MIN, min), (_GROUP_MAX, max), (("client",), min)):
+            for name in names:
+                values = [v for v in (row[name], p[name]) if v is not None]
+                row[name] = pick(values) if values else None
+    for key, row in merged.items():
+        row["addresses"] = len(addresses.get(key, ()))
+    # In the order the row-by-row query groups them (NULL first), as ties are kept.
+    rows = [merged[k] for k in sorted(merged, key=lambda k: [(v is not None, v) for v in k])]
+    counts: dict[tuple[Any, Any, Any, str], int] = {}
+    for pid, process_start, address, method, n in method_rows:
+        key4 = (pid, process_start, address if pid is None else None, method)
+        counts[key4] = counts.get(key4, 0) + n
+    methods: dict[tuple[Any, Any, Any], dict[str, int]] = {}
+    for (pid, process_start, ip, method), n in sorted(counts.items(),
+                                                       key=lambda kv: (-kv[1], kv[0][3])):
+        methods.setdefault((pid, process_start, ip), {})[method] = n
+    return rows, methods
+
+
 _DETAIL_COLUMNS = {"client_user": "user", "client_netns": "netns",
                    "client_container": "container", "client_pod": "pod",
                    "client_cgroup": "cgroup"}
 
 
-def _socket_details(db: sqlite_utils.Database, where: str,
-                    params: list[Any]) -> dict[tuple[Any, Any, Any], dict[str, Any]]:
+def _socket_details(db: sqlite_utils.Database, where: str, params: list[Any],
+                    indexed: bool = False) -> dict[tuple[Any, Any, Any], dict[str, Any]]:
     """Per unattributed client (its address), what the kernel said of most of its client
     sockets: owner user, network namespace, container, pod uid, cgroup (the columns of
     m013_attribution_detail; an older database has none)."""
@@ -474,9 +531,10 @@ def _socket_details(db: sqlite_utils.Database, where: str,
     for r in _rows(
         db,
         f"""
-        SELECT orig_h AS ip, {picks}, COUNT(*) AS n FROM connections
+        SELECT orig_h AS ip, {picks}, COUNT(*) AS n
+        FROM connections{" INDEXED BY connections_socket_detail" if indexed else ""}
         WHERE pid IS NULL AND client_netns IS NOT NULL{where}
-        GROUP BY orig_h, {picks} ORDER BY n DESC
+        GROUP BY orig_h, {picks} ORDER BY n DESC, orig_h, {picks}
         """,
         params,
     ):
@@ -530,43 +588,103 @@ def _add_history(db: sqlite_utils.Database, rows: list[dict[str, Any]],
         methods[key] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    idx = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
-    return values[idx]
-
-
 MAX_TIMEOUT_MOMENTS = 10
 
 
+def _latency_percentiles(db: sqlite_utils.Database) -> tuple[float | None, float | None, int]:
+    """p50 and p99 of every preface latency (ms, as _percentile picks them: the value at
+    rank round(q * (n - 1)) of the sorted latencies, negatives as 0) and how many,
+    through the index of the latencies: three walks of an index, no table row read."""
+    answered = "preface_ts IS NOT NULL AND server_settings_ts IS NOT NULL"
+    source = f"connections INDEXED BY connections_latency WHERE {answered}"
+    n = db.execute(f"SELECT COUNT(*) FROM {source}").fetchone()[0]
+    picked: list[float | None] = []
+    for q in (0.5, 0.99):
+        if not n:
+            picked.append(None)
+            continue
+        rank = min(n - 1, max(0, round(q * (n - 1))))
+        value = db.execute(
+            f"SELECT server_settings_ts - preface_ts FROM {source}"
+            f" ORDER BY server_settings_ts - preface_ts LIMIT 1 OFFSET {int(rank)}").fetchone()[0]
+        picked.append(max(0.0, value) * 1000.0)
+    return picked[0], picked[1], int(n)
+
+
+def _server_counts(db: sqlite_utils.Database, window: str, params: list[Any],
+                   since: float | None) -> tuple[int, int, int]:
+    """Refused connections, client resets and server resets in the window: the closed
+    connections' totals (with ``since``, of the minutes after its own, and that minute's
+    closed connections row by row) and the open ones row by row."""
+    sums = ", ".join(f"COALESCE(SUM({e}), 0)" for e in aggregates.SERVER_COUNTS.values())
+    parts = [db.execute(f"SELECT {sums} FROM connections INDEXED BY connections_open"
+                        f" WHERE is_open IS NOT 0{window}", params).fetchone()]
+    totals = ", ".join(f"COALESCE(SUM({c}), 0)" for c in aggregates.SERVER_COUNTS)
+    if since is None:
+        parts.append(db.execute(f"SELECT {totals} FROM {aggregates.TOTALS}").fetchone())
+    else:
+        parts.append(db.execute(
+            f"SELECT {totals} FROM {aggregates.MINUTES}"
+            f" WHERE minute > CAST(? / {aggregates.BUCKET_S} AS INTEGER)", [since]).fetchone())
+        edge, edge_params = aggregates.boundary(db, since)
+        parts.append(db.execute(f"SELECT {sums} FROM connections INDEXED BY connections_close"
+                                f" WHERE 1{window}{edge}", params + edge_params).fetchone())
+    refused, client_rst, server_rst = (sum(int(p[i]) for p in parts) for i in range(3))
+    return refused, client_rst, server_rst
+
+
 def server_health(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT_PREFACE_TIMEOUT,
-                  since: float | None = None, until: float | None = None) -> dict[str, Any]:
+                  since: float | None = None, until: float | None = None,
+                  totals: bool = True) -> dict[str, Any]:
     """Preface latency and timeouts, GOAWAYs, resets, refusals, over the window; and when
     the server runs on this host (the live agent sampled it: store.server), its process,
     descriptors against RLIMIT_NOFILE, accept queue, and one line saying why it stopped
-    answering (None everywhere when no listener was seen: nothing is guessed)."""
+    answering (None everywhere when no listener was seen: nothing is guessed).
+
+    Read through the indexes and totals of store.aggregates where the database has them
+    and the window has no ``until`` (``totals=False``: every row, the same answer)."""
     end = until if until is not None else (capture_summary(db)["last_ts"] or 0.0)
+    fast = totals and until is None and aggregates.present(db)
+    cut = None if fast and aggregates.takes_everything(db, since) else since
     window, params = "", []
     if until is not None:
         window += " AND ts <= ?"
         params.append(until)
-    if since is not None:
+    if cut is not None:
         window += " AND (close_ts IS NULL OR close_ts >= ?)"
-        params.append(since)
-    latencies = [
-        max(0.0, r[0]) * 1000.0 for r in db.execute(
-            "SELECT server_settings_ts - preface_ts FROM connections"
-            f" WHERE preface_ts IS NOT NULL AND server_settings_ts IS NOT NULL{window}", params
-        )
-    ]
+        params.append(cut)
+    answered = "preface_ts IS NOT NULL AND server_settings_ts IS NOT NULL"
+    if fast and cut is None:
+        p50, p99, samples = _latency_percentiles(db)
+    else:
+        # With a window of the fast kind, the close_ts index holds every column read.
+        indexed = " INDEXED BY connections_close" if fast else ""
+        cur = db.execute(f"SELECT server_settings_ts - preface_ts FROM connections{indexed}"
+                         f" WHERE {answered}{window}", params)
+        if fast:
+            # Sorted once, the two ranks picked, then made ms: the same values (the
+            # change to ms keeps the order), without a second sort.
+            raw = sorted(r[0] for r in cur)
+            p50, p99 = (None if v is None else max(0.0, v) * 1000.0
+                        for v in (_percentile(raw, 0.5, presorted=True),
+                                  _percentile(raw, 0.99, presorted=True)))
+            samples = len(raw)
+        else:
+            latencies = [max(0.0, r[0]) * 1000.0 for r in cur]
+            p50, p99, samples = _percentile(latencies, 0.5), _percentile(latencies, 0.99), \
+                len(latencies)
     # Clients that sent the preface and got no server SETTINGS in time: what grpc-go
     # reports as "failed to receive server preface within timeout".
+    timed_out = preface_timed_out(preface_timeout, end)
+    if fast and preface_timeout >= aggregates.SLOW_PREFACE_S:
+        timed_out = (f"{aggregates.SLOW_PREFACE} AND {timed_out}")
+        source = "connections INDEXED BY connections_slow_preface"
+    else:
+        source = "connections"
     timeout_rows = _rows(
         db,
-        "SELECT uid, orig_h, pid, COALESCE(syn_ts, ts) AS dial_ts FROM connections"
-        f" WHERE {preface_timed_out(preface_timeout, end)}{window} ORDER BY dial_ts",
+        f"SELECT uid, orig_h, pid, COALESCE(syn_ts, ts) AS dial_ts FROM {source}"
+        f" WHERE {timed_out}{window} ORDER BY dial_ts, rowid",
         params,
     )
     moments = []
@@ -599,15 +717,17 @@ def server_health(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT
         goaways[side] += n
         key = f"{side}:{error_name(code)}"
         by_code[key] = by_code.get(key, 0) + n
-    refused = db.execute(
-        f"SELECT COUNT(*) FROM connections WHERE conn_state IN ('REJ', 'RSTOS0'){window}", params
-    ).fetchone()[0]
-    resets = dict(db.execute(
-        "SELECT close_kind, COUNT(*) FROM connections"
-        f" WHERE close_kind IN ('client_rst', 'server_rst'){window} GROUP BY close_kind", params
-    ).fetchall())
-    p50 = _percentile(latencies, 0.5)
-    p99 = _percentile(latencies, 0.99)
+    if fast:
+        refused, client_rst, server_rst = _server_counts(db, window, params, cut)
+        resets = {"client_rst": client_rst, "server_rst": server_rst}
+    else:
+        refused = db.execute(
+            f"SELECT COUNT(*) FROM connections WHERE conn_state IN ('REJ', 'RSTOS0'){window}",
+            params).fetchone()[0]
+        resets = dict(db.execute(
+            "SELECT close_kind, COUNT(*) FROM connections"
+            f" WHERE close_kind IN ('client_rst', 'server_rst'){window} GROUP BY close_kind",
+            params).fetchall())
     from store import server as local_server
 
     state = local_server.summary(db, since, until)
@@ -633,7 +753,7 @@ def server_health(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT
         "preface_latency_ms": {
             "p50": round(p50, 3) if p50 is not None else None,
             "p99": round(p99, 3) if p99 is not None else None,
-            "samples": len(latencies),
+            "samples": samples,
         },
         "goaways": goaways,
         "goaways_by_code": by_code,
@@ -659,49 +779,52 @@ def _fingerprint(db: sqlite_utils.Database) -> str:
     return json.dumps([list(caps), list(rows), list(procs), logs])
 
 
+def report_fingerprint(db: sqlite_utils.Database, preface_timeout: float) -> str:
+    """What a stored full report was computed from (store.stored_report keeps it)."""
+    return _fingerprint(db) + f"|{preface_timeout!r}"
+
+
+def stored_report(db: sqlite_utils.Database, fingerprint: str) -> dict[str, Any] | None:
+    """The stored full report if it was computed from the data as it is now (never while
+    a capture runs: its data changes continuously); reads only."""
+    running = db.execute("SELECT COUNT(*) FROM captures WHERE status = 'running'").fetchone()
+    has_cache = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_cache'"
+    ).fetchone()
+    row = db.execute("SELECT fingerprint, report FROM report_cache").fetchone() \
+        if has_cache else None
+    if row is None or row[0] != fingerprint or running[0]:
+        return None
+    cached: dict[str, Any] = json.loads(row[1])
+    return cached
+
+
 def report(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT_PREFACE_TIMEOUT,
            since: float | None = None, until: float | None = None,
            client: str | None = None, cache: bool = True,
-           store: bool = False) -> dict[str, Any]:
-    """The whole report, as DESIGN.md's JSON contract.
+           totals: bool = True) -> dict[str, Any]:
+    """The whole report, as DESIGN.md's JSON contract. It only reads.
 
     The full report (no window, no client filter) is kept in the database with a
     fingerprint of the data it was computed from, and served from there until the data
-    changes: a million connections take seconds to aggregate, a stored report a few
-    milliseconds. A running live capture changes the data continuously and is always
-    computed afresh.
-
-    Only writers store it: ``store`` is for the capture runs, which compute the
-    report once at their end (the report_cache table comes with migration
-    m005_report_cache). Every other caller (`tracer report`, on a database opened
-    read-only) only reads a stored report whose fingerprint matches, and never writes."""
-    plain = since is None and until is None and not client
-    fingerprint = ""
-    if cache and plain:
-        fingerprint = _fingerprint(db) + f"|{preface_timeout!r}"
-        running = db.execute("SELECT COUNT(*) FROM captures WHERE status = 'running'").fetchone()
-        has_cache = db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_cache'"
-        ).fetchone()
-        row = db.execute("SELECT fingerprint, report FROM report_cache").fetchone() \
-            if has_cache else None
-        if row is not None and row[0] == fingerprint and not running[0]:
-            cached: dict[str, Any] = json.loads(row[1])
+    changes. Only the writer side stores it (store.stored_report: the capture runs at
+    their end, `tracer logs add/remove`, `tracer prune`; the report_cache table comes with
+    migration m005_report_cache); here it is only read. Computed afresh, the closed
+    connections come from their clients' totals (store.aggregates) where the database
+    has them; ``totals=False`` reads every row (the same report, slower)."""
+    if cache and since is None and until is None and not client:
+        cached = stored_report(db, report_fingerprint(db, preface_timeout))
+        if cached is not None:
             return cached
     data = {
         "capture": capture_summary(db),
-        "clients": client_report(db, since=since, until=until, client=client),
-        "server": server_health(db, preface_timeout=preface_timeout, since=since, until=until),
+        "clients": client_report(db, since=since, until=until, client=client, totals=totals),
+        "server": server_health(db, preface_timeout=preface_timeout, since=since, until=until,
+                                totals=totals),
     }
-    from store.correlate import has_logs, log_evidence
-
     if has_logs(db):
         data["log_evidence"] = log_evidence(db, since=since, until=until,
                                             preface_timeout=preface_timeout)
-    if fingerprint and store:
-        with db.conn:
-            db.execute("DELETE FROM report_cache")
-            db.execute("INSERT INTO report_cache VALUES (?, ?)", [fingerprint, json.dumps(data)])
     return data
 
 

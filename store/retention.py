@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
-from store.queries import CLIENT_KEY, CLOSED_BY, CLOSED_FIRST_BY, HEALTH_CHECK
+from store import aggregates
 from store.server import drop_before as drop_server_samples_before
+from store.sql import CLIENT_KEY, CLOSED_BY, CLOSED_FIRST_BY, HEALTH_CHECK
 from store.writer import utc_now
 
 STEP = 5000  # connections deleted per transaction (a writer waits at most that long)
@@ -274,6 +275,7 @@ def _drop_closed_before(db: sqlite_utils.Database, cutoff: float, limit: int) ->
             conn.execute(f"DELETE FROM {table} WHERE uid IN (SELECT uid FROM temp.doomed)")
         conn.execute("DELETE FROM anomalies WHERE uid IS NULL AND ts < ?", [cutoff])
         conn.execute("DROP TABLE temp.doomed")
+        aggregates.drop_empty(db)  # the clients' totals of minutes now empty
     return int(n)
 
 

@@ -12,6 +12,7 @@ import urllib.parse
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
+from store import aggregates
 from tracer.record import COLUMNS
 
 migrations = Migrations("tracer")
@@ -523,6 +524,17 @@ def m013_attribution_detail(db: sqlite_utils.Database) -> None:
         db.execute(f"ALTER TABLE connections ADD COLUMN {column} {kind}")
 
 
+@migrations()
+def m020_client_aggregates(db: sqlite_utils.Database) -> None:
+    """Per-client totals of the closed connections, kept by triggers as rows change
+    (store.aggregates), so that a report adds up a thousand rows instead of a million;
+    with the close_ts index (--since) and one of the open connections. Filled from the
+    rows already there. A reader copes without them (READER_OPTIONAL: the slow way).
+    Frozen like every migration: a change to what the totals count comes with a
+    migration that builds them again."""
+    aggregates.create(db)
+
+
 # -- opening the database ----------------------------------------------------------------
 #
 # The agent runs as root, often in a directory other users can write to. Every name it
@@ -544,7 +556,8 @@ def m013_attribution_detail(db: sqlite_utils.Database) -> None:
 # queries use must not be listed here.
 READER_OPTIONAL = frozenset({"m004_preface_index", "m005_report_cache", "m006_capture_runs",
                              "m007_rpc_counts", "m008_retention", "m009_folded_closes",
-                             "m012_server_samples", "m013_attribution_detail"})
+                             "m012_server_samples", "m013_attribution_detail",
+                             "m020_client_aggregates"})
 # Migrations a reader may find missing when the database has what they add anyway: the
 # releases before m014_unmigrated_columns changed m001_initial in place, so a database
 # made by most of them has its columns (checked against tracer.record.COLUMNS) though

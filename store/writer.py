@@ -54,7 +54,10 @@ def stored(event: ConnectionEvent) -> bool:
     if name in FOLDED_EVENTS:
         return False
     return not (name in _FOLDED_FIRSTS and getattr(event, "first", False))
-_METHOD_SQL = "INSERT OR REPLACE INTO conn_methods (uid, method, count) VALUES (?, ?, ?)"
+# An upsert, not a replace: a replace fires no delete trigger where recursive_triggers is
+# off, and the clients' totals (store.aggregates) must see the count it replaces.
+_METHOD_SQL = ("INSERT INTO conn_methods (uid, method, count) VALUES (?, ?, ?)"
+               " ON CONFLICT (uid, method) DO UPDATE SET count = excluded.count")
 _STATUS_SQL = "INSERT OR REPLACE INTO conn_grpc_status (uid, status, count) VALUES (?, ?, ?)"
 _CONTINUE_SQL = (
     "SELECT * FROM connections WHERE orig_p = ? AND orig_h = ? AND resp_p = ? AND resp_h = ?"

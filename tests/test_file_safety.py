@@ -16,13 +16,17 @@ import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlite_utils
 from support import DEMO_CAPTURE, free_port, requires_root, tmpfs, tracer
 
 from cli.demo import SHIPPED_PORT
+from store import aggregates
 from store.queries import report
 from store.schema import StoreError, migrations, open_database
+from store.stored_report import store_report
 from tracer.sources.pcapfile import CaptureReader
 from tracer.sources.pcapwriter import PcapngWriter, PcapWriteError
 
@@ -433,8 +437,9 @@ def test_readers_never_store_the_report(tmp_path: Path, demo_db: Path,
 
 
 def test_report_stores_only_when_asked(tmp_path: Path, demo_db: Path) -> None:
-    """The cache table comes from a migration; report() writes it only with store=True,
-    and a reader serves what a writer stored while its fingerprint matches."""
+    """The cache table comes from a migration; only the writer side writes it
+    (store_report), and a reader serves what a writer stored while its fingerprint
+    matches."""
     db_path = tmp_path / "copy.db"
     shutil.copyfile(demo_db, db_path)
     db = open_database(str(db_path))
@@ -443,7 +448,7 @@ def test_report_stores_only_when_asked(tmp_path: Path, demo_db: Path) -> None:
     db.conn.commit()
     fresh = report(db)
     assert db.execute("SELECT COUNT(*) FROM report_cache").fetchone()[0] == 0
-    assert report(db, store=True) == fresh
+    assert store_report(db) == fresh
     [(fingerprint, stored)] = db.execute("SELECT fingerprint, report FROM report_cache")
     assert json.loads(stored) == fresh
     # Mark the stored report: a reader that gets the mark read it from the cache.
@@ -454,10 +459,69 @@ def test_report_stores_only_when_asked(tmp_path: Path, demo_db: Path) -> None:
     reader = open_database(str(db_path), readonly=True)
     assert report(reader) == marked
     with pytest.raises(sqlite3.OperationalError, match=r"readonly|read-only|query_only"):
-        report(reader, store=True, cache=True, preface_timeout=1.0)
+        store_report(reader, preface_timeout=1.0)
     reader.close()
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         assert conn.execute("SELECT fingerprint FROM report_cache").fetchone()[0] == fingerprint
+
+
+READ_ONLY_WINDOWS: list[dict[str, Any]] = [
+    {}, {"since": -5.0}, {"client": "10.151.3.2"}, {"since": -5.0, "client": "10.151.1.2"},
+    {"preface_timeout": 0.5}]
+
+
+def _reports(db: Any, last_ts: float) -> list[str]:
+    out = []
+    for window in READ_ONLY_WINDOWS:
+        args = dict(window)
+        if "since" in args:
+            args["since"] += last_ts
+        out.append(json.dumps(report(db, **args)))
+    return out
+
+
+def test_a_read_only_copy_computes_the_same_report(tmp_path: Path, demo_db: Path) -> None:
+    """With no stored report, computed afresh (from the clients' totals): a 0444 copy in
+    a 0555 directory (opened immutable) and a copy opened through a `file:...?mode=ro`
+    URI give what the writable database gives, and nothing is written."""
+    writable = tmp_path / "writable.db"
+    shutil.copyfile(demo_db, writable)
+    with contextlib.closing(sqlite3.connect(writable)) as conn, conn:
+        conn.execute("DELETE FROM report_cache")
+    db = open_database(str(writable))
+    assert aggregates.present(db)
+    last_ts = db.execute("SELECT MAX(last_ts) FROM captures").fetchone()[0]
+    expected = _reports(db, last_ts)
+    assert json.loads(expected[0])["clients"]  # something to compare
+    db.close()
+    sealed = tmp_path / "sealed"
+    sealed.mkdir()
+    copy = sealed / "archived.db"
+    shutil.copyfile(writable, copy)
+    copy.chmod(0o444)
+    sealed.chmod(0o555)
+    try:
+        digest = sha256(copy)
+        reader = open_database(str(copy), readonly=True)
+        assert _reports(reader, last_ts) == expected
+        reader.close()
+        proc = tracer("report", "--db", str(copy), "--format", "json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == json.loads(expected[0])
+        assert sha256(copy) == digest
+        assert side_files(copy) == []
+        # Someone's own read-only connection (SQLite itself may add an empty -wal and a
+        # -shm beside a WAL database, root even in a 0555 directory): nothing written.
+        uri = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+        try:
+            assert _reports(sqlite_utils.Database(uri), last_ts) == expected
+        finally:
+            uri.close()
+        assert sha256(copy) == digest
+        wal = Path(str(copy) + "-wal")
+        assert not wal.exists() or wal.stat().st_size == 0
+    finally:
+        sealed.chmod(0o755)
 
 
 def _forget(db: Path, *names: str, add: str | None = None) -> None:

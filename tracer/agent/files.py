@@ -26,9 +26,9 @@ from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
 from store.lock import StoreBusy, WriterLock
-from store.queries import report
 from store.retention import Retention
 from store.schema import StoreError, open_database
+from store.stored_report import store_report
 from store.writer import CaptureWriter, StoreFull, store_failure
 from tracer import __version__
 from tracer.agent.control import (
@@ -407,7 +407,7 @@ def _close_capture(writer: CaptureWriter, result: RunResult, shards: list[ShardR
                 result.superseded = writer.supersede_same_sources()
             if retention is not None:
                 result.pruned = retention.apply(writer.db).connections
-            report(writer.db, store=True)  # computed once now, read many times
+            store_report(writer.db)  # computed once now, read many times
             return
         except (sqlite3.Error, StoreError, OSError) as exc:
             _failed(result, exc, db_path)

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
-from store.queries import report
 from store.retention import Retention
 from store.schema import StoreError, open_database
 from store.server import ServerSampleWriter
+from store.stored_report import store_report
 from store.writer import Attribution, CaptureWriter, StoreFull, store_failure
 from tracer import __version__
 from tracer.agent.attribution import (
@@ -335,7 +335,7 @@ def serve(inbox: Pipe, outbox: Pipe, inherited: list[Pipe], settings: StoreSetti
     try:
         _loop(inbox, worker)
         summary = worker.close()
-        report(db, store=True)  # computed once now, read many times (store.queries.report)
+        store_report(db)  # computed once now, read many times (store.queries.report)
     except (StoreError, sqlite3.Error, OSError) as exc:
         _tell(outbox, Failed(_fail(worker, exc, settings.db_path), writer.capture_id))
         return
