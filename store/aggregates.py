@@ -20,7 +20,7 @@ of that minute read one by one through the close_ts index). A client is a (pid,
 process_start, orig_h): the report groups by process where attributed, else by address,
 and an attributed process's addresses are counted from these.
 
-The tables, indexes and triggers come with migration m020_client_aggregates, which
+The tables, indexes and triggers come with migration m015_client_aggregates, which
 fills them from the rows already there. A database without them (an older tracer's,
 read without being upgraded, or one whose triggers went with a rebuilt table) is read
 the slow way: ``present`` says which.

@@ -525,7 +525,7 @@ def m013_attribution_detail(db: sqlite_utils.Database) -> None:
 
 
 @migrations()
-def m020_client_aggregates(db: sqlite_utils.Database) -> None:
+def m015_client_aggregates(db: sqlite_utils.Database) -> None:
     """Per-client totals of the closed connections, kept by triggers as rows change
     (store.aggregates), so that a report adds up a thousand rows instead of a million;
     with the close_ts index (--since) and one of the open connections. Filled from the
@@ -557,7 +557,7 @@ def m020_client_aggregates(db: sqlite_utils.Database) -> None:
 READER_OPTIONAL = frozenset({"m004_preface_index", "m005_report_cache", "m006_capture_runs",
                              "m007_rpc_counts", "m008_retention", "m009_folded_closes",
                              "m012_server_samples", "m013_attribution_detail",
-                             "m020_client_aggregates"})
+                             "m015_client_aggregates"})
 # Migrations a reader may find missing when the database has what they add anyway: the
 # releases before m014_unmigrated_columns changed m001_initial in place, so a database
 # made by most of them has its columns (checked against tracer.record.COLUMNS) though

@@ -1,4 +1,4 @@
-"""The report from the clients' totals (store.aggregates, m020_client_aggregates) is the
+"""The report from the clients' totals (store.aggregates, m015_client_aggregates) is the
 report computed row by row: on varied data (attributed and not, TLS, health checks,
 connections open before the capture, resets, GOAWAYs, refusals, slow prefaces), after
 live rewrites, attribution, direct updates and deletes, retention pruning, with
@@ -184,7 +184,7 @@ def test_totals_stay_right_after_pruning(tmp_path: Path) -> None:
 
 
 def _as_written_before(path: Path) -> None:
-    """The database as a tracer without m020_client_aggregates left it."""
+    """The database as a tracer without m015_client_aggregates left it."""
     db = open_database(str(path))
     with db.conn:
         for name in aggregates.TRIGGERS:
@@ -193,7 +193,7 @@ def _as_written_before(path: Path) -> None:
             db.execute(f"DROP TABLE {name}")
         for name in aggregates.INDEXES:
             db.execute(f"DROP INDEX {name}")
-        db.execute("DELETE FROM _sqlite_migrations WHERE name = 'm020_client_aggregates'")
+        db.execute("DELETE FROM _sqlite_migrations WHERE name = 'm015_client_aggregates'")
     db.conn.close()
 
 
