@@ -104,9 +104,17 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
 @click.option("--filter", "user_filter", metavar="EXPR",
               help="Live: an extra BPF filter (tcpdump syntax), ANDed with the port filter. "
                    "Needs libpcap; without it tracer filters on --port by itself.")
-@click.option("--buffer-size", type=click.IntRange(4096), default=32 << 20, show_default=True,
-              metavar="BYTES", help="Live: kernel receive buffer; too small and the kernel "
-                                    "drops packets (counted and reported, never hidden).")
+@click.option("--buffer-size", type=click.IntRange(4096), default=None, metavar="BYTES",
+              help="Live: kernel room for packets not yet read: the size of the "
+                   "memory-mapped receive ring (default 8 MiB, part of the agent's memory "
+                   "from the start), or without the ring the socket's receive buffer "
+                   "(default 32 MiB); too small and the kernel drops packets (counted and "
+                   "reported, never hidden).")
+@click.option("--no-ring", is_flag=True,
+              help="Live: read one packet per system call instead of through the "
+                   "memory-mapped receive ring (follows about half the packet rate; the "
+                   "agent falls back to it by itself, and says so, where the kernel "
+                   "refuses the ring).")
 @click.option("--no-attribution", is_flag=True,
               help="Live: do not look up which process owns each connection.")
 @click.option("--user", metavar="NAME",
@@ -137,8 +145,8 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, status line or summary.")
 def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
             interfaces: tuple[str, ...], duration: str | None, count: int | None,
-            write_path: str | None, snaplen: int, user_filter: str | None, buffer_size: int,
-            no_attribution: bool, user: str | None, grpc_status: bool, events: str,
+            write_path: str | None, snaplen: int, user_filter: str | None,
+            buffer_size: int | None, no_ring: bool, no_attribution: bool, user: str | None, grpc_status: bool, events: str,
             retain: str | None, max_db_size: str | None, jobs: int | None,
             quiet: bool) -> None:
     """Rebuild the gRPC connections on a port into the database: live, or from files.
@@ -173,7 +181,8 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
     retention = _retention(retain, max_db_size)
     if reads:
         live_only = {"--iface": interfaces, "--duration": duration, "--count": count,
-                     "--write": write_path, "--filter": user_filter, "--user": user}
+                     "--write": write_path, "--filter": user_filter, "--user": user,
+                     "--buffer-size": buffer_size, "--no-ring": no_ring}
         given = [name for name, value in live_only.items() if value]
         if given:
             raise click.UsageError(f"{', '.join(given)} only apply to live capture, "
@@ -186,7 +195,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
     settings = LiveSettings(
         ports=frozenset(ports), db_path=db_path, interfaces=list(interfaces) or ["any"],
         duration=parse_duration(duration), count=count, write_path=write_path,
-        snaplen=snaplen, buffer_bytes=buffer_size, user_filter=user_filter,
+        snaplen=snaplen, buffer_bytes=buffer_size, user_filter=user_filter, ring=not no_ring,
         attribution=not no_attribution, user=user, decode_server_headers=grpc_status,
         rpc_events=events == "all", retention=retention,
         wait=lambda line: click.echo(line, err=True),
@@ -206,6 +215,12 @@ def _capture_live(settings: Any, quiet: bool) -> None:
         elif not quiet:
             click.echo(line, err=True)
 
+    def notice(line: str, warning: bool) -> None:
+        # A ring refused by the kernel is said even with --quiet: the rate it costs.
+        if warning or not quiet:
+            click.echo(("warning: " if warning else "") + line, err=True)
+
+    settings.notice = notice
     ports = ",".join(map(str, sorted(settings.ports)))
     if not quiet:
         click.echo(f"capturing TCP port {ports} on {','.join(settings.interfaces)} "

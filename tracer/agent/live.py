@@ -68,7 +68,8 @@ class LiveSettings:
     count: int | None = None
     write_path: str | None = None
     snaplen: int = 262144
-    buffer_bytes: int = 32 << 20
+    buffer_bytes: int | None = None  # the receive ring's size or the socket buffer's
+    ring: bool = True  # the memory-mapped receive ring where the kernel allows it
     user_filter: str | None = None
     attribution: bool = True
     user: str | None = None
@@ -77,6 +78,9 @@ class LiveSettings:
     retention: Retention | None = None
     # Told when a file read is writing the database and this capture waits for it.
     wait: Callable[[str], None] | None = None
+    # Told once how packets are read (the receive ring, or why not), and whether that
+    # is a warning (the ring was wanted and the kernel refused it).
+    notice: Callable[[str, bool], None] | None = None
 
 
 @dataclass
@@ -89,6 +93,7 @@ class LiveResult:
     seeded: int = 0
     received: int = 0
     dropped: int = 0
+    ring_bytes: int = 0  # the receive ring's size (0: one recv per packet)
     attributed: int = 0
     unattributed_closed: int = 0
     remote: int = 0
@@ -190,7 +195,10 @@ def run_live(settings: LiveSettings,
              status: Callable[[str], None] | None = None) -> LiveResult:
     """Capture until the duration, the count or a signal; return the totals."""
     capture = LiveCapture(settings.interfaces, settings.ports, snaplen=settings.snaplen,
-                          buffer_bytes=settings.buffer_bytes, user_filter=settings.user_filter)
+                          buffer_bytes=settings.buffer_bytes, user_filter=settings.user_filter,
+                          ring=settings.ring)
+    if settings.notice is not None:
+        settings.notice(capture.receive, capture.ring_refused)
     try:
         if settings.user:
             _prepare_for(settings.user, settings.db_path)
@@ -339,6 +347,7 @@ def _run(settings: LiveSettings, capture: LiveCapture,
     result.packets = stats.packets
     result.segments = stats.segments
     result.received, result.dropped = capture.received, capture.dropped
+    result.ring_bytes = capture.ring_bytes
     if summary is not None:
         result.capture_id = summary.capture_id
         result.connections = summary.connections
@@ -460,7 +469,8 @@ class _Loop:
         s = self.analyzer.stats
         return Totals(packets=s.packets, segments=s.segments, first_ts=self.started_wall,
                       last_ts=max(time.time(), s.last_ts or 0.0), received=received,
-                      drops=dropped)
+                      drops=dropped, ring_bytes=self.capture.ring_bytes,
+                      ring_full=self.capture.ring_full)
 
     def flush(self) -> None:
         analyzer = self.analyzer

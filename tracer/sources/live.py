@@ -7,9 +7,14 @@ from the watched ports and drops the second copy of each loopback packet (the ou
 one: on `lo` every packet passes twice). A user filter (``--filter``, any BPF text) is
 compiled by libpcap through scapy when libpcap is installed and runs after ours.
 
-Timestamps are taken when a packet is read (microsecond clock, not the kernel's arrival
-time); under load they trail arrival by the time spent in the queue, which is bounded by
-the socket buffer. Kernel drop counters come from PACKET_STATISTICS.
+Packets are read through a memory-mapped receive ring (tracer.sources.ring, TPACKET_V3)
+where the kernel allows one: no system call per packet, and each packet carries its
+arrival time from the kernel (nanoseconds). Where the ring cannot be set up (an old
+kernel, no memory for it) or is turned off (``ring=False``, `tracer capture --no-ring`),
+each packet is one recv() and its timestamp is taken when it is read (microsecond clock);
+under load that trails arrival by the time spent in the queue, bounded by the socket
+buffer. ``receive`` says which path is in use and why. Kernel drop counters come from
+PACKET_STATISTICS either way.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 from collections.abc import Iterator
 
 from tracer.decode import LINKTYPE_RAW
+from tracer.sources.ring import Ring, RingUnavailable, ring_packets
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -47,7 +53,8 @@ SKF_AD_PKTTYPE = 4
 SKF_AD_IFINDEX = 8
 PACKET_OUTGOING = 4
 
-DEFAULT_BUFFER = 32 << 20
+DEFAULT_BUFFER = 32 << 20  # the socket's receive buffer, without the ring
+DEFAULT_RING = 8 << 20  # the receive ring: as many small packets as DEFAULT_BUFFER holds
 READ_SIZE = 1 << 16
 
 Insn = tuple[int, int, int, int]
@@ -210,13 +217,20 @@ class LiveCapture:
         ports: frozenset[int],
         *,
         snaplen: int = 262144,
-        buffer_bytes: int = DEFAULT_BUFFER,
+        buffer_bytes: int | None = None,
         user_filter: str | None = None,
+        ring: bool = True,
     ) -> None:
+        """``buffer_bytes``: the kernel's room for packets not yet read, per socket: the
+        ring's size (default DEFAULT_RING) or the socket's receive buffer (default
+        DEFAULT_BUFFER) without the ring."""
         self.interfaces = interfaces or ["any"]
         self.received = 0
         self.dropped = 0
+        self.ring_full = 0  # times a ring was full (the kernel dropped while it was)
         self.sockets: list[socket.socket] = []
+        self.rings: list[Ring] = []
+        self.ring_refused = False  # the ring was wanted and the kernel refused it
         loopback = None
         try:
             loopback = socket.if_nametoindex("lo")
@@ -225,23 +239,56 @@ class LiveCapture:
         program = port_filter(ports, snaplen, loopback)
         if user_filter:
             program = chain(program, compile_user_filter(user_filter))
+        if ring:
+            try:
+                self._open(program, snaplen, buffer_bytes or DEFAULT_RING, ring=True)
+                size = self.rings[0].size
+                self.receive = (f"receive ring: {len(self.rings) * size / 2**20:g} MiB "
+                                f"({self.rings[0].block_count} blocks of "
+                                f"{self.rings[0].block_size >> 10} KiB"
+                                + (f" on each of {len(self.rings)} sockets" if
+                                   len(self.rings) > 1 else "") + ")")
+            except RingUnavailable as exc:
+                self.close()
+                ring = False
+                self.ring_refused = True
+                self.receive = (f"no receive ring ({exc}): reading one packet per system "
+                                f"call, which follows about half the packet rate")
+        else:
+            self.receive = ("receive ring off: reading one packet per system call, which "
+                            "follows about half the packet rate")
+        if not ring:
+            self._open(program, snaplen, buffer_bytes or DEFAULT_BUFFER, ring=False)
+        self.statistics()  # the kernel counted what came before the filter: start from 0
+        self.received = self.dropped = self.ring_full = 0
+        self._poll = select.poll()
+        for sock in self.sockets:
+            self._poll.register(sock.fileno(), select.POLLIN)
+        self._by_fd = {s.fileno(): s for s in self.sockets}
+
+    def _open(self, program: list[Insn], snaplen: int, buffer_bytes: int, *,
+              ring: bool) -> None:
         try:
             for name in self.interfaces:
                 sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM,
                                      socket.htons(ETH_P_ALL))
                 self.sockets.append(sock)
                 attach(sock, program)
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer_bytes)
-                except PermissionError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
+                if not ring:  # with the ring, the ring holds the packets
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer_bytes)
+                    except PermissionError:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
                 if name != "any":
                     _interface_index(name)
                     sock.bind((name, ETH_P_ALL))
                 sock.setblocking(False)
                 # The socket received from its creation until the filter and the bind:
                 # throw that away (as libpcap does), only filtered packets are read.
+                # (Setting up the ring would also discard them.)
                 _drain(sock)
+                if ring:
+                    self.rings.append(Ring(sock, buffer_bytes, snaplen))
         except PermissionError as exc:
             self.close()
             raise permission_error(exc) from None
@@ -250,14 +297,11 @@ class LiveCapture:
             if exc.errno == errno.ENODEV:
                 raise CaptureError(f"no such interface among {self.interfaces}") from None
             raise CaptureError(f"cannot capture on {self.interfaces}: {exc}") from None
-        self.statistics()  # the kernel counted what came before the filter: start from 0
-        self.received = self.dropped = 0
-        self._poll = select.poll()
-        for sock in self.sockets:
-            self._poll.register(sock.fileno(), select.POLLIN)
-        self._by_fd = {s.fileno(): s for s in self.sockets}
 
     def close(self) -> None:
+        for ring in self.rings:
+            ring.close()
+        self.rings = []
         for sock in self.sockets:
             try:
                 sock.close()
@@ -278,6 +322,13 @@ class LiveCapture:
 
     def statistics(self) -> tuple[int, int]:
         """Packets the filter passed and packets the kernel dropped, since the start."""
+        if self.rings:
+            for ring in self.rings:
+                packets, drops, full = ring.statistics()
+                self.received += packets
+                self.dropped += drops
+                self.ring_full += full
+            return self.received, self.dropped
         for sock in self.sockets:
             raw = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
             packets, drops = struct.unpack("II", raw)  # the kernel resets them on read
@@ -285,11 +336,28 @@ class LiveCapture:
             self.dropped += drops
         return self.received, self.dropped
 
+    @property
+    def ring_bytes(self) -> int:
+        """Bytes of receive ring in use (0: one recv per packet)."""
+        return sum(ring.size for ring in self.rings)
+
     def packets(self, turn: float) -> Iterator[tuple[float, int, bytes] | None]:
         """Packets as they come, and None at least every ``turn`` seconds whatever the
         traffic (none, a trickle or a flood): the caller gets control back on time to
-        flush, tick, show its status and check for signals. The clock is read for each
-        packet's timestamp anyway, so the deadline costs one comparison."""
+        flush, tick, show its status and check for signals."""
+        if self.rings:
+            return ring_packets(self.rings, turn, self._socket_error)
+        return self._received(turn)
+
+    def _socket_error(self, ring: Ring, error: int) -> None:
+        if error == errno.ENETDOWN:
+            raise CaptureError(f"interface {self.interfaces} went down")
+        raise CaptureError(f"capture on {self.interfaces} failed: "
+                           f"{os.strerror(error) if error else 'the socket closed'}")
+
+    def _received(self, turn: float) -> Iterator[tuple[float, int, bytes] | None]:
+        """One recv per packet. The clock is read for each packet's timestamp anyway, so
+        the deadline costs one comparison."""
         clock = time.time
         poll = self._poll.poll
         by_fd = self._by_fd
