@@ -18,6 +18,7 @@ others.
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
 import time
@@ -53,7 +54,11 @@ from tracer.sources.pcapwriter import PcapngWriter
 TURN = 0.05  # seconds: the longest the loop goes without looking at the clock
 FLUSH_INTERVAL = 0.5  # seconds between two batches to the store worker
 STATUS_INTERVAL = 1.0  # seconds between two status lines
+# New connections go to attribution together, at most this long after the first of them
+# (sooner when the source has nothing more to read): one message for a burst of them.
+OPENED_BATCH_S = 0.002
 FEED_LIMIT = 1 << 20  # packets per turn at most (the turn's time bound comes first)
+PIPE_BYTES = 4 << 20  # kernel buffer of the pipe to the store worker
 FINISH_BATCH = 2048  # connections per batch when the capture ends
 WORKER_READY_TIMEOUT = 60.0  # seconds for the store worker to open the database
 WORKER_EXIT_TIMEOUT = 120.0  # seconds for it to write the last batches and finish
@@ -116,6 +121,7 @@ class StoreLink:
     def __init__(self, settings: StoreSettings) -> None:
         ctx = multiprocessing.get_context("fork")
         inbox, self._sender = ctx.Pipe(duplex=False)
+        _widen(self._sender.fileno())
         self._replies, outbox = ctx.Pipe(duplex=False)
         self.rows = ctx.Value("q", 0)
         self.process = ctx.Process(
@@ -189,6 +195,21 @@ class StoreLink:
             self.process.kill()
             self.process.join(5)
         return self.summary
+
+
+def _widen(fd: int) -> None:
+    """Room in the pipe to the store worker for PIPE_BYTES of messages: while the worker
+    digests a batch (a few hundred milliseconds under a flood of new connections), the
+    capture process goes on reading packets instead of waiting to hand over the next
+    message. Bounded by the kernel (its pipe-max-size for users without
+    CAP_SYS_RESOURCE); where even that is refused the pipe keeps its 64 KiB and only
+    speed suffers."""
+    for size in (PIPE_BYTES, 1 << 20):
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+            return
+        except OSError:
+            continue
 
 
 def run_live(settings: LiveSettings,
@@ -403,8 +424,11 @@ def _seed(analyzer: Analyzer, ports: frozenset[int]) -> int:
 def _this_turn(packets: Iterator[tuple[float, int, bytes] | None],
                pcap: PcapngWriter | None,
                opened: list[Any] | None) -> Iterator[tuple[float, int, bytes]]:
-    """Packets until the source ends the turn (None) or a new connection appears (it goes
-    to attribution at once), teed to --write."""
+    """Packets until the source ends the turn (None: the turn is over, or the source has
+    nothing more for now) or OPENED_BATCH_S after a new connection appeared (the new
+    ones go to attribution together), teed to --write."""
+    clock = time.monotonic
+    due = 0.0
     for item in packets:
         if item is None:
             return
@@ -412,7 +436,19 @@ def _this_turn(packets: Iterator[tuple[float, int, bytes] | None],
             pcap.write(item[0], item[2])
         yield item
         if opened:
-            return
+            now = clock()
+            if not due:
+                due = now + OPENED_BATCH_S
+            elif now >= due:
+                return
+
+
+def opened_record(conn: Any) -> dict[str, Any]:
+    """What attribution needs of a new connection (the whole record comes with the next
+    batch): a fraction of build_record to build and pickle."""
+    orig_h, orig_p, resp_h, resp_p = conn.addresses()
+    return {"uid": conn.uid, "ts": conn.ts, "end_reason": None, "orig_h": orig_h,
+            "orig_p": orig_p, "resp_h": resp_h, "resp_p": resp_p}
 
 
 class _Loop:
@@ -450,7 +486,7 @@ class _Loop:
             analyzer.feed(_this_turn(packets, self.pcap, table.opened), limit)
             opened = table.opened
             if opened:
-                link.send(Opened([build_record(c) for c in opened if not c.done]))
+                link.send(Opened([opened_record(c) for c in opened if not c.done]))
                 opened.clear()
             now = clock()
             if now >= next_flush:

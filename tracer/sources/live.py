@@ -344,7 +344,8 @@ class LiveCapture:
     def packets(self, turn: float) -> Iterator[tuple[float, int, bytes] | None]:
         """Packets as they come, and None at least every ``turn`` seconds whatever the
         traffic (none, a trickle or a flood): the caller gets control back on time to
-        flush, tick, show its status and check for signals."""
+        flush, tick, show its status and check for signals. Also None before each wait for
+        the kernel: the caller acts at once on what it has (new connections to attribute)."""
         if self.rings:
             return ring_packets(self.rings, turn, self._socket_error)
         return self._received(turn)
@@ -383,6 +384,9 @@ class LiveCapture:
                         raise CaptureError(f"interface {self.interfaces} went down") from None
                     raise
             now = clock()
+            if now < next_turn:
+                yield None  # nothing more for now (the turn goes on)
+                now = clock()
             if now >= next_turn or not poll(max(1, int((next_turn - now) * 1000) + 1)):
                 next_turn = clock() + turn
                 yield None

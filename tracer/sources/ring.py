@@ -110,7 +110,7 @@ class Ring:
 def ring_packets(rings: list[Ring], turn: float,
                  on_error: Callable[[Ring, int], None]) -> Iterator[tuple[float, int, bytes] | None]:
     """Packets of every ring as (arrival time, LINKTYPE_RAW, IP packet), and None at least
-    every ``turn`` seconds whatever the traffic. The clock is read once per block and at
+    every ``turn`` seconds whatever the traffic, and before every wait for the kernel. The clock is read once per block and at
     every wait; a block holds at most block_size / 64 packets, so a turn is late by one
     block's work at most. ``on_error`` is told of a socket error (an interface gone down)
     with the socket's error number, and raises."""
@@ -125,6 +125,7 @@ def ring_packets(rings: list[Ring], turn: float,
     unpack_block = BLOCK_HEADER.unpack_from
     raw = LINKTYPE_RAW
     status_at = BLOCK_STATUS_AT
+    header = PACKET_HEADER.size
     kernel = _KERNEL
     next_turn = clock() + turn
     while True:
@@ -150,7 +151,7 @@ def ring_packets(rings: list[Ring], turn: float,
                     if not step:
                         break
                     at += step
-                    if at + PACKET_HEADER.size > end:
+                    if at + header > end:
                         ring.malformed += 1
                         break
                 mm[base + status_at:base + status_at + 4] = kernel
@@ -166,6 +167,10 @@ def ring_packets(rings: list[Ring], turn: float,
             continue
         if any(_ready(ring) for ring in rings):
             continue
+        yield None  # nothing more for now: the caller acts on what it has before the wait
+        if any(_ready(ring) for ring in rings):
+            continue
+        now = clock()
         for fd, events in poll(max(1, int((next_turn - now) * 1000) + 1)):
             if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                 ring = by_fd[fd]
