@@ -300,3 +300,39 @@ def _stop(dump: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             dump.kill()
             dump.wait(5.0)
+
+
+def test_sigterm_stops_the_agent_under_a_flood(tmp_path: Path) -> None:
+    """Loopback flooded (small segments as fast as they go) through the ring: SIGTERM
+    still ends the agent within a second and a half, the capture complete."""
+    ls.need_root()
+    port = ls.free_port()
+    stop = threading.Event()
+
+    def flood() -> None:
+        deadline = time.monotonic() + 20.0
+        with socket.create_connection(("127.0.0.1", port), timeout=5.0) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while not stop.is_set() and time.monotonic() < deadline:
+                s.sendall(b"x" * 64)
+
+    with ls.processes() as processes, ls.tcp_sink(port):
+        agent = ls.Agent(processes, tmp_path / "flood.db", port, "--iface", "lo")
+        agent.wait_ready()
+        sender = threading.Thread(target=flood, daemon=True)
+        sender.start()
+        try:
+            agent.wait_for_rows("SELECT packets FROM captures", [],
+                                lambda rows: rows and (rows[0]["packets"] or 0) > 10_000,
+                                "the flood is being captured")
+            sent = time.monotonic()
+            agent.proc.popen.send_signal(signal.SIGTERM)
+            code = agent.wait_exit(timeout=30)
+            took = time.monotonic() - sent
+        finally:
+            stop.set()
+            sender.join(10.0)
+    assert code == 0, agent.output()
+    assert took < 1.5, f"SIGTERM took {took:.2f}s to stop the agent under a flood"
+    assert "receive ring: 8 MiB" in agent.output()
+    assert ls.capture_row(agent.db)["status"] == "complete"

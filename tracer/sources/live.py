@@ -93,7 +93,15 @@ def _assemble(program: list[tuple[int, object, object, int]]) -> list[Insn]:
 
 def port_filter(ports: frozenset[int], snaplen: int, loopback_ifindex: int | None) -> list[Insn]:
     """BPF for cooked packets: TCP to or from any of ``ports``, IPv4 or IPv6, minus the
-    outgoing copy of loopback packets."""
+    outgoing copy of loopback packets.
+
+    Nothing more is dropped in the kernel, because every remaining packet can change a
+    result: pure ACKs move the TCP state and count zero windows, keepalives and
+    retransmits; payload bytes carry the HTTP/2 frames (cut short, they count as missed
+    bytes and lose frame boundaries); outgoing packets on other interfaces are the
+    local client's own. What only the analyzer can tell (a packet seen twice on "any",
+    on a bridge and on its port, say) needs connection state a classic BPF program
+    does not have."""
     accept = "accept"
     prog: list[tuple[int, object, object, int]] = []
     if loopback_ifindex is not None:
@@ -199,6 +207,10 @@ def _interface_index(name: str) -> int:
         ) from None
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 1 << 20 else f"{n / 1024:g} KiB"
+
+
 def permission_error(exc: OSError) -> CaptureError:
     return CaptureError(
         f"cannot open a packet socket ({exc.strerror}): live capture needs root or the "
@@ -242,10 +254,9 @@ class LiveCapture:
         if ring:
             try:
                 self._open(program, snaplen, buffer_bytes or DEFAULT_RING, ring=True)
-                size = self.rings[0].size
-                self.receive = (f"receive ring: {len(self.rings) * size / 2**20:g} MiB "
-                                f"({self.rings[0].block_count} blocks of "
-                                f"{self.rings[0].block_size >> 10} KiB"
+                first = self.rings[0]
+                self.receive = (f"receive ring: {_size(len(self.rings) * first.size)} "
+                                f"({first.block_count} blocks of {_size(first.block_size)}"
                                 + (f" on each of {len(self.rings)} sockets" if
                                    len(self.rings) > 1 else "") + ")")
             except RingUnavailable as exc:
@@ -316,7 +327,8 @@ class LiveCapture:
         self.close()
 
     def set_buffer(self, size: int) -> None:
-        """Shrink or grow the kernel receive buffer (tests make it tiny to force drops)."""
+        """Shrink or grow the socket's receive buffer (the recv path; a ring's size is set
+        when it is made)."""
         for sock in self.sockets:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
