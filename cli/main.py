@@ -112,9 +112,9 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
                    "reported, never hidden).")
 @click.option("--no-ring", is_flag=True,
               help="Live: read one packet per system call instead of through the "
-                   "memory-mapped receive ring (follows about half the packet rate; the "
-                   "agent falls back to it by itself, and says so, where the kernel "
-                   "refuses the ring).")
+                   "memory-mapped receive ring (more CPU per packet: drops start at a "
+                   "lower rate; the agent falls back to it by itself, and says so, where "
+                   "the kernel refuses the ring).")
 @click.option("--no-attribution", is_flag=True,
               help="Live: do not look up which process owns each connection.")
 @click.option("--user", metavar="NAME",

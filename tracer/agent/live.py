@@ -506,7 +506,8 @@ class _Loop:
         return Totals(packets=s.packets, segments=s.segments, first_ts=self.started_wall,
                       last_ts=max(time.time(), s.last_ts or 0.0), received=received,
                       drops=dropped, ring_bytes=self.capture.ring_bytes,
-                      ring_full=self.capture.ring_full)
+                      ring_full=self.capture.ring_full,
+                      ring_malformed=self.capture.ring_malformed)
 
     def flush(self) -> None:
         analyzer = self.analyzer

@@ -264,10 +264,10 @@ class LiveCapture:
                 ring = False
                 self.ring_refused = True
                 self.receive = (f"no receive ring ({exc}): reading one packet per system "
-                                f"call, which follows about half the packet rate")
+                                f"call, which takes more CPU per packet")
         else:
             self.receive = ("receive ring off: reading one packet per system call, which "
-                            "follows about half the packet rate")
+                            "takes more CPU per packet")
         if not ring:
             self._open(program, snaplen, buffer_bytes or DEFAULT_BUFFER, ring=False)
         self.statistics()  # the kernel counted what came before the filter: start from 0
@@ -347,6 +347,11 @@ class LiveCapture:
             self.received += packets
             self.dropped += drops
         return self.received, self.dropped
+
+    @property
+    def ring_malformed(self) -> int:
+        """Blocks of a ring cut short at a packet header pointing outside the block."""
+        return sum(ring.malformed for ring in self.rings)
 
     @property
     def ring_bytes(self) -> int:

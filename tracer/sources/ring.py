@@ -10,6 +10,11 @@ offset of the network header), copies each packet out and hands the block back b
 writing TP_STATUS_KERNEL into its status. When every block is the reader's, the kernel
 drops what arrives and counts it (PACKET_STATISTICS, tpacket_stats_v3).
 
+At light traffic a block is handed over RETIRE_MS after its first packet however full
+it is, so the ring holds at least block_count * RETIRE_MS of traffic (64 * 5 ms with the
+default 8 MiB) before a reader that stalls loses packets; under a flood blocks fill
+first and it holds ring size / packet bytes.
+
 Memory is fixed when the ring is made: the kernel allocates every block then, and maps
 them all into this process (they count in its resident size from the start).
 """
@@ -94,7 +99,7 @@ class Ring:
                 from None
         self.sock = sock
         self.current = 0  # the next block to read, in the kernel's order
-        self.malformed = 0  # packet headers pointing outside their block (never seen)
+        self.malformed = 0  # blocks cut short: a packet header pointing outside its block
 
     def statistics(self) -> tuple[int, int, int]:
         """Packets the filter passed, packets dropped, times the ring was full (the
@@ -110,10 +115,15 @@ class Ring:
 def ring_packets(rings: list[Ring], turn: float,
                  on_error: Callable[[Ring, int], None]) -> Iterator[tuple[float, int, bytes] | None]:
     """Packets of every ring as (arrival time, LINKTYPE_RAW, IP packet), and None at least
-    every ``turn`` seconds whatever the traffic, and before every wait for the kernel. The clock is read once per block and at
-    every wait; a block holds at most block_size / 64 packets, so a turn is late by one
-    block's work at most. ``on_error`` is told of a socket error (an interface gone down)
-    with the socket's error number, and raises."""
+    every ``turn`` seconds whatever the traffic, and before every wait for the kernel.
+
+    The clock is read once per block and at every wait; a block holds at most
+    block_size / 64 packets, so a turn is late by one block's work at most. A packet
+    header that points outside its block (never seen from a kernel) is counted in
+    ``Ring.malformed`` and the rest of that block skipped. ``on_error`` is told of a
+    socket error (an interface gone down) with the socket's error number, and raises.
+    The block status is read before the packets it covers: x86's store order makes the
+    kernel's writes visible in that order."""
     clock = time.time
     poller = select.poll()
     by_fd = {}
