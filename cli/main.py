@@ -104,12 +104,12 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
 @click.option("--filter", "user_filter", metavar="EXPR",
               help="Live: an extra BPF filter (tcpdump syntax), ANDed with the port filter. "
                    "Needs libpcap; without it tracer filters on --port by itself.")
-@click.option("--buffer-size", type=click.IntRange(4096), default=None, metavar="BYTES",
+@click.option("--buffer-size", type=click.IntRange(4096), default=32 << 20, show_default=True,
+              metavar="BYTES",
               help="Live: kernel room for packets not yet read: the size of the "
-                   "memory-mapped receive ring (default 8 MiB, part of the agent's memory "
-                   "from the start), or without the ring the socket's receive buffer "
-                   "(default 32 MiB); too small and the kernel drops packets (counted and "
-                   "reported, never hidden).")
+                   "memory-mapped receive ring (part of the agent's resident memory from "
+                   "the start), or without the ring the socket's receive buffer; too small "
+                   "and the kernel drops packets (counted and reported, never hidden).")
 @click.option("--no-ring", is_flag=True,
               help="Live: read one packet per system call instead of through the "
                    "memory-mapped receive ring (more CPU per packet: drops start at a "
@@ -145,9 +145,9 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, status line or summary.")
 def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
             interfaces: tuple[str, ...], duration: str | None, count: int | None,
-            write_path: str | None, snaplen: int, user_filter: str | None,
-            buffer_size: int | None, no_ring: bool, no_attribution: bool, user: str | None, grpc_status: bool, events: str,
-            retain: str | None, max_db_size: str | None, jobs: int | None,
+            write_path: str | None, snaplen: int, user_filter: str | None, buffer_size: int,
+            no_ring: bool, no_attribution: bool, user: str | None, grpc_status: bool,
+            events: str, retain: str | None, max_db_size: str | None, jobs: int | None,
             quiet: bool) -> None:
     """Rebuild the gRPC connections on a port into the database: live, or from files.
 
@@ -182,7 +182,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
     if reads:
         live_only = {"--iface": interfaces, "--duration": duration, "--count": count,
                      "--write": write_path, "--filter": user_filter, "--user": user,
-                     "--buffer-size": buffer_size, "--no-ring": no_ring}
+                     "--no-ring": no_ring}
         given = [name for name, value in live_only.items() if value]
         if given:
             raise click.UsageError(f"{', '.join(given)} only apply to live capture, "

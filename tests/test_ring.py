@@ -97,8 +97,8 @@ def _exchange(srv: socket.socket, port: int, count: int) -> None:
 def test_ring_is_used_on_loopback() -> None:
     ls.need_root()
     with LiveCapture(["lo"], frozenset([ls.free_port()])) as capture:
-        assert capture.ring_bytes == live_source.DEFAULT_RING
-        assert capture.receive.startswith("receive ring: 8 MiB"), capture.receive
+        assert capture.ring_bytes == live_source.DEFAULT_BUFFER
+        assert capture.receive.startswith("receive ring: 32 MiB"), capture.receive
         assert not capture.ring_refused
 
 
@@ -236,7 +236,7 @@ def test_refused_ring_falls_back_to_recv_and_says_so(tmp_path: Path,
     ls.need_root()
 
     def refuse(*_args: object) -> None:
-        raise RingUnavailable("TPACKET_V3 receive ring of 8,388,608 bytes refused "
+        raise RingUnavailable("TPACKET_V3 receive ring of 33,554,432 bytes refused "
                               "(Invalid argument)")
 
     monkeypatch.setattr(live_source, "Ring", refuse)
@@ -254,7 +254,7 @@ def test_refused_ring_falls_back_to_recv_and_says_so(tmp_path: Path,
                                 duration=2.0, attribution=False, notice=notice)
         result = run_live(settings)
         sender.join(10.0)
-    said = ("no receive ring (TPACKET_V3 receive ring of 8,388,608 bytes refused (Invalid "
+    said = ("no receive ring (TPACKET_V3 receive ring of 33,554,432 bytes refused (Invalid "
             "argument)): reading one packet per system call, which takes more CPU per "
             "packet")
     assert told == [(said, True)]
@@ -267,7 +267,7 @@ def test_refused_ring_falls_back_to_recv_and_says_so(tmp_path: Path,
 
 def test_agent_records_its_ring(tmp_path: Path) -> None:
     ls.need_root()
-    for extra, ring_bytes, said in (((), 8 << 20, "receive ring: 8 MiB"),
+    for extra, ring_bytes, said in (((), 32 << 20, "receive ring: 32 MiB"),
                                     (("--no-ring",), 0, "receive ring off")):
         db = tmp_path / f"ring-{ring_bytes}.db"
         with ls.processes() as processes:
@@ -335,7 +335,7 @@ def test_sigterm_stops_the_agent_under_a_flood(tmp_path: Path) -> None:
             sender.join(10.0)
     assert code == 0, agent.output()
     assert took < 1.5, f"SIGTERM took {took:.2f}s to stop the agent under a flood"
-    assert "receive ring: 8 MiB" in agent.output()
+    assert "receive ring: 32 MiB" in agent.output()
     assert ls.capture_row(agent.db)["status"] == "complete"
 
 

@@ -73,7 +73,7 @@ class LiveSettings:
     count: int | None = None
     write_path: str | None = None
     snaplen: int = 262144
-    buffer_bytes: int | None = None  # the receive ring's size or the socket buffer's
+    buffer_bytes: int = 32 << 20  # the receive ring's size, or the socket buffer's
     ring: bool = True  # the memory-mapped receive ring where the kernel allows it
     user_filter: str | None = None
     attribution: bool = True

@@ -11,8 +11,8 @@ writing TP_STATUS_KERNEL into its status. When every block is the reader's, the 
 drops what arrives and counts it (PACKET_STATISTICS, tpacket_stats_v3).
 
 At light traffic a block is handed over RETIRE_MS after its first packet however full
-it is, so the ring holds at least block_count * RETIRE_MS of traffic (64 * 5 ms with the
-default 8 MiB) before a reader that stalls loses packets; under a flood blocks fill
+it is, so the ring holds at least block_count * RETIRE_MS of traffic (256 * 5 ms with the
+default 32 MiB) before a reader that stalls loses packets; under a flood blocks fill
 first and it holds ring size / packet bytes.
 
 Memory is fixed when the ring is made: the kernel allocates every block then, and maps
