@@ -98,8 +98,8 @@ demo: $(STAMP)
 
 # The whole suite against the installed (compiled) core, then the core's own tests once
 # more against the plain sources, interpreted: both builds must behave the same.
-PURE_TESTS := tests/test_build.py tests/test_decode.py tests/test_dormant.py tests/test_crafted.py tests/test_hpack.py \
-	tests/test_pcapfile.py tests/test_properties.py tests/test_shared_captures.py
+PURE_TESTS := tests/test_build.py tests/test_decode.py tests/test_sleep.py tests/test_crafted.py tests/test_hpack.py \
+	tests/test_pcapfile.py tests/test_properties.py tests/test_shared_captures.py tests/test_core_structure.py
 
 test: $(STAMP) system-deps node-deps go-peers
 	$(PY) -m pytest -q
@@ -135,8 +135,10 @@ FUZZ_SCALE ?= 20
 fuzz: $(STAMP)
 	TRACER_PROPERTY_SCALE=$(FUZZ_SCALE) TRACER_PROPERTY_RANDOM=1 $(PY) -m pytest -q tests/test_properties.py
 
+# ruff over the whole tree (the rules are in pyproject.toml), then mypy strict over the
+# packages pyproject.toml lists.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check tracer store cli tests benchmarks
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 # Drop the compiled modules: the sources run interpreted (for quick edit-and-test loops).

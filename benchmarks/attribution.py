@@ -196,7 +196,7 @@ def _query(db: Path, sql: str) -> list[dict[str, Any]]:
     try:
         cur = conn.execute(sql)
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
     finally:
         conn.close()
 
@@ -347,16 +347,16 @@ def main() -> int:
                     results.append(r)
                     if args.json:
                         print(json.dumps({**asdict(r), "share": r.share}))
-    print(f"{'where':6} {'client':7} {'bg/s':>4} {'calls':>5} {'conns':>5} {'right':>6} {'share':>6} "
-          f"{'wrong':>5} {'closed':>6} {'other':>5} {'worker cpu':>14} {'capture cpu':>14}"
-          f"  detail on unattributed")
+    print(f"{'where':6} {'client':7} {'bg/s':>4} {'calls':>5} {'conns':>5} {'right':>6} "
+          f"{'share':>6} {'wrong':>5} {'closed':>6} {'other':>5} {'worker cpu':>14} "
+          f"{'capture cpu':>14}  detail on unattributed")
     for r in results:
         share = f"{100 * r.share:.0f}%"
         wcpu = f"{r.worker_cpu_s:.2f}s {100 * r.worker_cpu_s / r.window_s:.0f}%"
         ccpu = f"{r.capture_cpu_s:.2f}s {100 * r.capture_cpu_s / r.window_s:.0f}%"
         detail = ", ".join(f"{k} {v}" for k, v in sorted(r.detail.items())) or "-"
-        print(f"{r.where:6} {r.client:7} {r.background:>4.0f} {r.calls:>5} {r.connections:>5} {r.right:>6} "
-              f"{share:>6} {r.wrong:>5} {r.closed_before:>6} {r.other:>5} {wcpu:>14} "
+        print(f"{r.where:6} {r.client:7} {r.background:>4.0f} {r.calls:>5} {r.connections:>5} "
+              f"{r.right:>6} {share:>6} {r.wrong:>5} {r.closed_before:>6} {r.other:>5} {wcpu:>14} "
               f"{ccpu:>14}  {detail}")
     if args.repeat > 1:
         for where in places:

@@ -21,7 +21,7 @@ CPU is the median of the clean runs (other work on the host makes single runs no
 verdict also needs the target rate itself to take at most one core. Memory is the RSS
 growth of the capture process (which tracks the connections; the store worker's growth is
 shown beside it) over the open connections after replaying 50,000 leaked connections, and again
-once its sweep has put them to sleep (tracer/freeze.py), with a tracemalloc and
+once its sweep has put them to sleep (tracer/sleep.py), with a tracemalloc and
 per-object breakdown of an in-process Analyzer fed the same packets. Attribution runs the
 agent on `lo` next to 2,000 held loopback sockets while grpcio clients (cli/demo_peers.py)
 open connections, and reads attributed_ts - ts from the database.
@@ -85,7 +85,7 @@ LEAK_VERSION = 1  # bump when leak_capture() changes what it writes
 LEAK_RATE = 50_000  # every packet of a new connection: heavier than the rate capture
 TARGET_BYTES = 1024
 SLEEP_WAIT_S = 85.0  # tracer sweeps every 60 s and puts connections idle 30 s to sleep
-# (sooner under a burst: tracer/tcp/flow.py, nap_awake)
+# (sooner under a burst: tracer/options.py, crowd)
 HELD_CONNECTIONS = 1_000  # two sockets each
 TARGET_SOCKETS = 2 * HELD_CONNECTIONS
 TARGET_LATENCY_S = 1.0
@@ -670,7 +670,7 @@ from tracer.sources.pcapfile import CaptureReader
 
 quiet_cycle_collector()  # as the live agent
 me = psutil.Process()
-analyzer = Analyzer(frozenset({int(sys.argv[2])}), decode_server_headers=False)
+analyzer = Analyzer(frozenset({int(sys.argv[2])}))
 before = me.memory_info().rss
 with CaptureReader.open(sys.argv[1], digest=False) as reader:
     packets = iter(reader)
@@ -678,8 +678,8 @@ with CaptureReader.open(sys.argv[1], digest=False) as reader:
         analyzer.drain()
 analyzer.drain()
 table = analyzer.table
-print(json.dumps({"rss": me.memory_info().rss - before, "open": table.open_count,
-                  "asleep": getattr(table, "dormant", 0)}))
+print(json.dumps({"rss": me.memory_info().rss - before, "open": table.tracked,
+                  "asleep": table.asleep_count}))
 """
 
 
@@ -751,7 +751,7 @@ def leak_capture(connections: int) -> Path:
 # -- memory breakdown in this process -----------------------------------------------------
 
 COMPONENTS = {"Connection", "Endpoint", "Http2Observer", "Direction", "HpackDirection",
-              "DynamicTable", "TableState", "Dormant"}
+              "DynamicTable", "TableState", "Sleeper"}
 BREAKDOWN_CONNECTIONS = 10_000  # tracemalloc slows the analyzer down about 10x
 
 
@@ -774,9 +774,11 @@ def _measure(analyzer: Any, base: int) -> Breakdown:
     traced = tracemalloc.get_traced_memory()[0] - base
     table = analyzer.table
     flows = table._flows
-    asleep = table._asleep
-    shared = (analyzer, table, analyzer.h2, table.events, table.anomalies, table.finished,
-              analyzer.h2.memo, analyzer.stats, flows, asleep, table._shared_refs)
+    asleep = table._sleepers._by_key  # a measurement of the table's own layout
+    outbox = table.outbox
+    shared = (analyzer, table, analyzer.h2, outbox, outbox.events, outbox.anomalies,
+              outbox.finished, analyzer.h2.memo, analyzer.stats, flows, asleep,
+              table._sleepers._shared)
     seen = {id(x) for x in shared}
     stack: list[tuple[object, str]] = []
     awake = 0
@@ -784,9 +786,9 @@ def _measure(analyzer: Any, base: int) -> Breakdown:
         if entry[1] is entry[0].orig:
             stack.append((entry[0], "Connection"))
             awake += 1
-    # Asleep (tracer.freeze.Dormant): packed numbers and a references tuple, that tuple
+    # Asleep (tracer.sleep.Sleeper): packed numbers and a references tuple, that tuple
     # shared by the sleepers that hold the same references (counted once).
-    stack.extend((entry, "Dormant") for entry in asleep.values())
+    stack.extend((entry, "Sleeper") for entry in asleep.values())
     n = max(awake + len(asleep), 1)
     sizes: dict[str, float] = {}
     while stack:
@@ -833,7 +835,7 @@ def breakdown(path: Path, packets: int, rate: int) -> tuple[Breakdown, Breakdown
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        analyzer = Analyzer(frozenset({PORT}), decode_server_headers=False)
+        analyzer = Analyzer(frozenset({PORT}))
         with CaptureReader.open(str(path), digest=False) as reader:
             stream = restamped(reader)
             while analyzer.feed(stream, 50_000) == 50_000:
@@ -856,7 +858,8 @@ def probe_notes(leaks: Path, packets: int) -> list[str]:
     out = [(f"    analyzer alone in a fresh process, the same connections arriving 100/s "
             f"(they sleep as the next arrive): RSS +{per:,.0f} B per open connection "
             f"({slow['open']:,} open, {slow['asleep']:,} asleep)")]
-    for when, b in zip(("just arrived", "idle 2 min"), breakdown(leaks, packets, LEAK_RATE)):
+    moments = ("just arrived", "idle 2 min")
+    for when, b in zip(moments, breakdown(leaks, packets, LEAK_RATE), strict=True):
         top = sorted(b.parts.items(), key=lambda kv: -kv[1])
         out.append(f"    in-process analyzer, {b.open:,} connections {when} ({b.asleep:,} "
                    f"asleep): live heap (tracemalloc) {b.traced:,.0f} B per connection: "
@@ -996,7 +999,8 @@ def print_table(rows: list[Row]) -> None:
     cells += [(r.what, r.result, r.target, r.verdict) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(3)]
     for c in cells:
-        print("  ".join(text.ljust(w) for text, w in zip(c, widths)) + "  " + c[3])
+        print("  ".join(text.ljust(w) for text, w in zip(c[:3], widths, strict=True))
+              + "  " + c[3])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -346,7 +346,9 @@ def slope_per_hour(samples: list[Sample], value: Callable[[Sample], float]) -> f
     ys = [float(value(s)) for s in samples]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     den = sum((x - mx) ** 2 for x in xs)
-    return 3600 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+    if not den:
+        return 0.0
+    return 3600 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den
 
 
 def wal_tolerance(slack: float) -> int:
@@ -443,9 +445,10 @@ def checks(run: Run) -> list[Check]:
     out.append(Check(
         "leaked connections all open in the database", bool(run.leak_kernel) and not missing,
         "not checked: the run did not reach its end" if not run.leak_checked else
-        f"the leaker opened {run.leak_opened} and holds {len(run.leak_kernel)} (kernel), {len(run.leak_in_db)} of them open "
-        f"in the database ({run.leak_attributed} attributed to its pid), {len(missing)} "
-        f"missing ({len(run.leak_closed_in_db)} stored as closed); ss: {run.ss_established if run.ss_established is not None else '?'} "
+        f"the leaker opened {run.leak_opened} and holds {len(run.leak_kernel)} (kernel), "
+        f"{len(run.leak_in_db)} of them open in the database ({run.leak_attributed} "
+        f"attributed to its pid), {len(missing)} missing ({len(run.leak_closed_in_db)} stored "
+        f"as closed); ss: {'?' if run.ss_established is None else run.ss_established} "
         f"established to the port in all"))
     max_lag = max(s.lag for s in samples)
     out.append(Check("agent never stalled", max_lag <= MAX_LAG_S,
@@ -484,7 +487,7 @@ def row(s: Sample, prev: Sample | None) -> str:
     cells = [f"{s.t:.0f}s", mib(s.capture_rss), mib(s.worker_rss), mib(s.db_bytes),
              mib(s.wal_bytes), f"{s.open:,}", f"{s.closed:,}", f"{s.pruned:,}",
              f"{s.packets:,}", rates[0], rates[1], f"{s.leaked}", rates[2]]
-    return "  ".join(c.rjust(w) for c, (_name, w) in zip(cells, COLUMNS))
+    return "  ".join(c.rjust(w) for c, (_name, w) in zip(cells, COLUMNS, strict=True))
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -703,7 +706,8 @@ def report(run: Run, args: argparse.Namespace) -> int:
         return 1
     last = samples[-1]
     length = max(run.length, 1e-9)
-    print(f"traffic: {last.rpcs / length:,.0f} RPC/s from all clients over {length:.0f}s ({last.rpcs:,} RPCs, "
+    print(f"traffic: {last.rpcs / length:,.0f} RPC/s from all clients over {length:.0f}s "
+          f"({last.rpcs:,} RPCs, "
           f"{last.errors:,} failed; {args.rpc_rate:,} asked from {args.pools} pooled clients), "
           f"{last.churned / length:.1f} new connections/s closed after one call "
           f"({last.churned:,}), {last.leaked} leaked and held open")

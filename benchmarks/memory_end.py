@@ -3,7 +3,7 @@
 Generates (once, cached in benchmarks/.cache/) a pcap of leaked connections: each one a
 real TCP handshake, the HTTP/2 preface and SETTINGS both ways, one RPC (with a BDP PING),
 then silence until the end of the capture. They open evenly over a few minutes of packet
-time, so most of them are asleep (tracer.freeze) by the end. The packets of a handful of
+time, so most of them are asleep (tracer.sleep) by the end. The packets of a handful of
 conversations made with benchmarks/gen_capture.py are copied for every connection, with
 its own addresses, ports and sequence numbers.
 
@@ -179,16 +179,16 @@ def sleepers_heap(table: Any) -> tuple[float, float]:
     """(bytes per sleeper, share of sleepers whose references tuple is shared): the entry,
     its packed numbers, its key, its slot in the table's dict, and the references tuples
     counted once (what they point to is mostly shared: strings, SETTINGS, HPACK states)."""
-    asleep = table._asleep  # a measurement of the table's own layout
+    asleep = table._sleepers._by_key  # a measurement of the table's own layout
     if not asleep:
         return 0.0, 0.0
     users: dict[int, int] = {}
     total = sys.getsizeof(asleep)
     refs: dict[int, Any] = {}
-    for key, dormant in asleep.items():
-        total += sys.getsizeof(key) + sys.getsizeof(dormant) + sys.getsizeof(dormant[0])
-        users[id(dormant[1])] = users.get(id(dormant[1]), 0) + 1
-        refs[id(dormant[1])] = dormant[1]
+    for key, sleeper in asleep.items():
+        total += sys.getsizeof(key) + sys.getsizeof(sleeper) + sys.getsizeof(sleeper[0])
+        users[id(sleeper[1])] = users.get(id(sleeper[1]), 0) + 1
+        refs[id(sleeper[1])] = sleeper[1]
     total += sum(sys.getsizeof(r) for r in refs.values())
     shared = sum(n for n in users.values() if n > 1)
     return total / len(asleep), shared / len(asleep)
@@ -199,6 +199,7 @@ def measure(path: Path, end: str, batch: int, writer_kind: str,
     import tracer
     from store.schema import open_database
     from store.writer import CaptureWriter
+    from tracer.options import CoreOptions
     from tracer.pipeline import Analyzer
     from tracer.sources.fallback import scapy_decoder
     from tracer.sources.pcapfile import CaptureReader
@@ -218,7 +219,7 @@ def measure(path: Path, end: str, batch: int, writer_kind: str,
                 writer.write(records, events, anomalies)
 
         quiet_cycle_collector()
-        analyzer = Analyzer(frozenset([PORT]), fallback=scapy_decoder, **options)
+        analyzer = Analyzer(frozenset([PORT]), CoreOptions(**options), fallback=scapy_decoder)
         table = analyzer.table
         started = time.perf_counter()
         with CaptureReader.open(str(path)) as reader:
@@ -231,8 +232,8 @@ def measure(path: Path, end: str, batch: int, writer_kind: str,
                     break
         read_s = time.perf_counter() - started
         reading = peak_rss()
-        open_before_end = table.open_count
-        asleep_before_end = table.dormant
+        open_before_end = table.tracked
+        asleep_before_end = table.asleep_count
         per_sleeper, shared = sleepers_heap(table)
         largest = 0
         started = time.perf_counter()

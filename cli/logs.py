@@ -341,7 +341,7 @@ def _address(text: str) -> tuple[str, int | None]:
     elif text.count(":") == 1:
         host, port = text.split(":")
     ip = normal_ip(host)
-    if ip is None or port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+    if ip is None or (port is not None and not (port.isdigit() and 0 < int(port) < 65536)):
         raise click.BadParameter(f"{text!r}: use an IP address, with :PORT if you like",
                                  param_hint="--address")
     return ip, None if port is None else int(port)

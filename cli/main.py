@@ -17,6 +17,7 @@ from store.queries import connections as list_connections
 from store.queries import report as build_report
 from store.schema import StoreError, open_database
 from tracer import __version__, build_kind
+from tracer.options import CoreOptions
 
 DEFAULT_DB = "tracer.db"
 
@@ -179,6 +180,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
     is interrupted (what was read is kept).
     """
     retention = _retention(retain, max_db_size)
+    core = CoreOptions(decode_server_headers=grpc_status, rpc_events=events == "all")
     if reads:
         live_only = {"--iface": interfaces, "--duration": duration, "--count": count,
                      "--write": write_path, "--filter": user_filter, "--user": user,
@@ -187,8 +189,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
         if given:
             raise click.UsageError(f"{', '.join(given)} only apply to live capture, "
                                    "not with --read")
-        _capture_files(reads, ports, db_path, grpc_status, events == "all", jobs, retention,
-                       quiet)
+        _capture_files(reads, ports, db_path, core, jobs, retention, quiet)
         return
     from tracer.agent.live import LiveSettings
 
@@ -196,8 +197,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
         ports=frozenset(ports), db_path=db_path, interfaces=list(interfaces) or ["any"],
         duration=parse_duration(duration), count=count, write_path=write_path,
         snaplen=snaplen, buffer_bytes=buffer_size, user_filter=user_filter, ring=not no_ring,
-        attribution=not no_attribution, user=user, decode_server_headers=grpc_status,
-        rpc_events=events == "all", retention=retention,
+        attribution=not no_attribution, user=user, core=core, retention=retention,
         wait=lambda line: click.echo(line, err=True),
     )
     _capture_live(settings, quiet)
@@ -261,8 +261,7 @@ def _capture_live(settings: Any, quiet: bool) -> None:
 
 
 def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
-                   grpc_status: bool, rpc_events: bool, jobs: int | None, retention: Any,
-                   quiet: bool) -> None:
+                   core: CoreOptions, jobs: int | None, retention: Any, quiet: bool) -> None:
     from tracer.agent.files import read_files
 
     show_progress = not quiet and sys.stderr.isatty()
@@ -284,8 +283,7 @@ def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
 
     try:
         result = read_files(list(reads), frozenset(ports), db_path,
-                            decode_server_headers=grpc_status, rpc_events=rpc_events,
-                            progress=progress, jobs=jobs, retention=retention,
+                            options=core, progress=progress, jobs=jobs, retention=retention,
                             wait=lambda line: click.echo(line, err=True))
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
@@ -410,10 +408,12 @@ def print_report(db_path: str, fmt: str = "table",
         return data
     cap = data["capture"]
     span = (cap["last_ts"] - cap["first_ts"]) if cap["first_ts"] is not None else None
+    ports = ",".join(map(str, cap["ports"])) or "-"
+    drops = cap["drops"] if cap["drops"] is not None else "unknown"
     click.echo(
-        f"capture: {len(cap['sources'])} source(s), port {','.join(map(str, cap['ports'])) or '-'}, "
+        f"capture: {len(cap['sources'])} source(s), port {ports}, "
         f"{fmt_ts(cap['first_ts'])} .. {fmt_ts(cap['last_ts'])} ({fmt_age(span)}), "
-        f"{cap['packets']:,} packets, drops {cap['drops'] if cap['drops'] is not None else 'unknown'}"
+        f"{cap['packets']:,} packets, drops {drops}"
         f", anomalies {cap['anomalies']:,}"
     )
     if since is not None or until is not None:
@@ -868,7 +868,8 @@ def _host(h: str) -> str:
     return f"[{h}]" if ":" in h else h
 
 
-from cli.logs import logs
+# Last: cli.logs uses this module's helpers.
+from cli.logs import logs  # noqa: E402
 
 main.add_command(logs)
 

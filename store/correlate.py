@@ -129,7 +129,7 @@ def _matching_lines(db: sqlite_utils.Database, regex: re.Pattern[str], *,
     )
     names = ("id", "ts", "level", "pid", "process", "message", "source", "phrase")
     for row in cur:
-        yield dict(zip(names, row))
+        yield dict(zip(names, row, strict=True))
 
 
 def _untimed_matches(db: sqlite_utils.Database, regex: re.Pattern[str],

@@ -48,7 +48,7 @@ def running_captures(db: sqlite_utils.Database) -> list[dict[str, object]]:
         " WHERE status = 'running'"
         " ORDER BY id DESC")
     names = [d[0] for d in cur.description]
-    return [dict(zip(names, row)) for row in cur.fetchall()]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def describe(capture: dict[str, object] | None) -> str:

@@ -239,7 +239,7 @@ def log_lines(db: sqlite_utils.Database, f: LineFilter) -> Iterator[dict[str, An
     columns = [d[0] for d in cur.description]
     address_sql = "SELECT ip, port FROM log_addresses WHERE line_id = ? ORDER BY rowid"
     for row in cur:
-        line = dict(zip(columns, row))
+        line = dict(zip(columns, row, strict=True))
         if f.grep is not None and not f.grep.search(line["message"]):
             continue
         line["addresses"] = [(ip, port) for ip, port in

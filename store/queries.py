@@ -8,6 +8,7 @@ from typing import Any
 import sqlite_utils
 
 from tracer.events import error_name
+from tracer.record import COLUMNS
 
 DEFAULT_PREFACE_TIMEOUT = 20.0  # grpc-go's default dial timeout
 
@@ -44,7 +45,8 @@ def preface_timed_out(timeout: float, end: float) -> str:
     that long; one the client closed after exactly that long counts too."""
     return (
         f"(preface_ts IS NOT NULL AND ("
-        f"(server_settings_ts IS NOT NULL AND server_settings_ts - COALESCE(syn_ts, ts) > {timeout!r})"
+        f"(server_settings_ts IS NOT NULL"
+        f" AND server_settings_ts - COALESCE(syn_ts, ts) > {timeout!r})"
         f" OR (server_settings_ts IS NULL AND COALESCE(close_ts, {end!r}) - COALESCE(syn_ts, ts)"
         f" >= {timeout!r})))"
     )
@@ -53,7 +55,7 @@ def preface_timed_out(timeout: float, end: float) -> str:
 def _rows(db: sqlite_utils.Database, sql: str, params: Any = ()) -> list[dict[str, Any]]:
     cur = db.execute(sql, params)
     names = [d[0] for d in cur.description]
-    return [dict(zip(names, row)) for row in cur.fetchall()]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def capture_summary(db: sqlite_utils.Database) -> dict[str, Any]:
@@ -347,8 +349,10 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
                    AS opened_and_left_open,
                SUM(mid_stream AND NOT hc) AS pre_existing,
                SUM(CASE WHEN NOT hc THEN streams ELSE 0 END) AS rpcs,
-               MAX(CASE WHEN open_now THEN COALESCE(last_activity_ts, ts) END) AS last_open_activity,
-               MIN(CASE WHEN open_now THEN COALESCE(last_activity_ts, ts) END) AS first_open_activity
+               MAX(CASE WHEN open_now THEN COALESCE(last_activity_ts, ts) END)
+                   AS last_open_activity,
+               MIN(CASE WHEN open_now THEN COALESCE(last_activity_ts, ts) END)
+                   AS first_open_activity
         FROM c
         GROUP BY pid, process_start, ip
         """,
@@ -701,12 +705,12 @@ def report(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT_PREFAC
     return data
 
 
-CONNECTION_COLUMNS = (
-    "uid", "ts", "orig_h", "orig_p", "resp_h", "resp_p", "duration", "conn_state", "history",
-    "orig_bytes", "resp_bytes", "orig_pkts", "resp_pkts", "missed_bytes", "is_open",
-    "close_kind", "protocol", "preface_ts", "server_settings_ts", "streams", "first_method",
-    "goaway_sender", "goaway_last_stream_id", "goaway_error", "tls_sni", "tls_alpn",
-)
+def connection_columns(db: sqlite_utils.Database) -> list[str]:
+    """The connections table's columns as tracer.record.COLUMNS declares them, in its order:
+    all of them, but for those of a migration a reader can do without that this database
+    lacks (store.schema.READER_OPTIONAL; opening it checked the others are there)."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(connections)").fetchall()}
+    return [c.name for c in COLUMNS if c.name in present]
 
 
 def connections(db: sqlite_utils.Database, *, open_only: bool = False,
@@ -722,7 +726,7 @@ def connections(db: sqlite_utils.Database, *, open_only: bool = False,
     if state:
         where.append("conn_state = ?")
         params.append(state)
-    sql = "SELECT * FROM connections"
+    sql = f"SELECT {', '.join(connection_columns(db))} FROM connections"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY ts, uid"

@@ -21,6 +21,7 @@ once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sqlite3
 import time
@@ -301,10 +302,8 @@ def _give_back(db: sqlite_utils.Database) -> None:
         # Each step of this pragma frees one page, and the sqlite3 module's execute()
         # takes one step of a statement without columns: executescript steps to the end.
         db.conn.executescript("PRAGMA incremental_vacuum;")
-    try:
+    with contextlib.suppress(sqlite3.OperationalError):
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-    except sqlite3.OperationalError:
-        pass
 
 
 def retained(db: sqlite_utils.Database) -> dict[str, float | int | None]:

@@ -12,50 +12,23 @@ import urllib.parse
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
+from tracer.record import COLUMNS
+
 migrations = Migrations("tracer")
 
-# Column types of the connections table; anything not listed is INTEGER.
-_REAL = {
-    "ts", "syn_ts", "synack_ts", "established_ts", "close_ts", "end_ts", "duration",
-    "last_activity_ts", "preface_ts", "client_settings_ts", "server_settings_ts", "goaway_ts",
-    "client_settings_ack_ts", "server_settings_ack_ts",
-}
-_TEXT = {
-    "uid", "orig_h", "resp_h", "conn_state", "history", "close_kind", "end_reason", "protocol",
-    "orig_state", "resp_state",
-    "client_settings", "server_settings", "first_method", "authority", "user_agent",
-    "goaway_sender", "goaway_debug", "tls_sni", "tls_alpn",
-}
-
-
-def _column_type(name: str) -> str:
-    if name in _REAL:
-        return "REAL"
-    if name in _TEXT:
-        return "TEXT"
-    return "INTEGER"
-
-
-# The connections table as the first release created it. Frozen: a column added later
-# comes with a migration of its own (an older database is upgraded, never left short).
-_FIRST_CONNECTION_COLUMNS = (
-    "uid", "ts", "syn_ts", "synack_ts", "established_ts", "close_ts", "end_ts", "duration",
-    "ip_version", "orig_h", "orig_p", "resp_h", "resp_p", "conn_state", "history",
-    "orig_state", "resp_state", "orig_seq_first", "orig_seq_next", "resp_seq_first",
-    "resp_seq_next", "orig_pkts", "orig_bytes", "resp_pkts", "resp_bytes", "missed_bytes",
-    "syn_retries", "retransmits", "keepalives", "zero_windows", "mid_stream", "from_snapshot",
-    "is_open", "close_kind", "end_reason", "last_activity_ts", "events_dropped", "protocol",
-    "preface_ts", "client_settings_ts", "server_settings_ts", "client_settings",
-    "server_settings", "client_settings_ack_ts", "server_settings_ack_ts", "streams",
-    "first_method", "authority", "user_agent", "pings_orig", "pings_resp", "goaways",
-    "goaway_sender", "goaway_ts", "goaway_last_stream_id", "goaway_error", "goaway_debug",
-    "rst_streams", "trailers", "grpc_errors", "data_frames", "window_updates", "tls_sni",
-    "tls_alpn", "h2c_upgrade",
-)
+# Every migration is frozen: it does what it did when it was released, whatever the code
+# around it says today. The connections table's columns are declared once, in
+# tracer.record.COLUMNS (each with the migration that adds it); the migrations below hold
+# their own literal copies, and tests/test_schema_history.py checks that a database they
+# make has exactly the declared columns, and that a database of every earlier release
+# upgrades to the same schema.
 
 
 @migrations()
 def m001_initial(db: sqlite_utils.Database) -> None:
+    """The schema of the first release, as it made it. Later releases changed this function
+    in place (until m014_unmigrated_columns took those changes over): a database made by
+    one of them has some of what m014 adds already."""
     db.execute(
         """
         CREATE TABLE captures (
@@ -106,12 +79,26 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         )
         """
     )
-    cols = ",\n".join(
-        f"{name} {_column_type(name)}" + (" PRIMARY KEY" if name == "uid" else "")
-        for name in _FIRST_CONNECTION_COLUMNS
-    )
     db.execute(
-        f"CREATE TABLE connections (\n{cols},\ncapture_id INTEGER NOT NULL REFERENCES captures(id))"
+        """
+        CREATE TABLE connections (
+            uid TEXT PRIMARY KEY, ts REAL, syn_ts REAL, synack_ts REAL, established_ts REAL,
+            close_ts REAL, end_ts REAL, duration REAL, ip_version INTEGER, orig_h TEXT,
+            orig_p INTEGER, resp_h TEXT, resp_p INTEGER, conn_state TEXT, history TEXT,
+            orig_pkts INTEGER, orig_bytes INTEGER, resp_pkts INTEGER, resp_bytes INTEGER,
+            missed_bytes INTEGER, syn_retries INTEGER, retransmits INTEGER, keepalives INTEGER,
+            zero_windows INTEGER, mid_stream INTEGER, is_open INTEGER, close_kind TEXT,
+            end_reason TEXT, last_activity_ts REAL, events_dropped INTEGER, protocol TEXT,
+            preface_ts REAL, client_settings_ts REAL, server_settings_ts REAL,
+            client_settings TEXT, server_settings TEXT, streams INTEGER, first_method TEXT,
+            authority TEXT, user_agent TEXT, pings_orig INTEGER, pings_resp INTEGER,
+            goaways INTEGER, goaway_sender TEXT, goaway_ts REAL, goaway_last_stream_id INTEGER,
+            goaway_error INTEGER, goaway_debug TEXT, rst_streams INTEGER, trailers INTEGER,
+            grpc_errors INTEGER, data_frames INTEGER, window_updates INTEGER, tls_sni TEXT,
+            tls_alpn TEXT, h2c_upgrade INTEGER,
+            capture_id INTEGER NOT NULL REFERENCES captures(id)
+        )
+        """
     )
     db.execute(
         """
@@ -123,30 +110,104 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         ) WITHOUT ROWID
         """
     )
-    # Append-only: the timeline of each connection's control frames and lifecycle. The
-    # once-per-connection moments (SYN, SYN-ACK, handshake, preface, each side's first
-    # SETTINGS and its ACK) live in the connection row's *_ts columns instead; the
-    # timeline view puts both together.
     db.execute(
         """
         CREATE TABLE events (
-            id INTEGER PRIMARY KEY,
-            capture_id INTEGER NOT NULL,
             uid TEXT NOT NULL,
-            n INTEGER NOT NULL,            -- ordinal of the event within its connection
+            n INTEGER NOT NULL,
+            capture_id INTEGER NOT NULL,
             ts REAL NOT NULL,
             name TEXT NOT NULL,
-            dir TEXT,                      -- orig (client side) | resp (server side)
+            dir TEXT,
             stream_id INTEGER,
             code INTEGER,
             value INTEGER,
-            detail TEXT
-        )
+            detail TEXT,
+            PRIMARY KEY (uid, n)
+        ) WITHOUT ROWID
         """
     )
     db.execute(
         """
-        CREATE VIEW timeline AS
+        CREATE TABLE anomalies (
+            id INTEGER PRIMARY KEY,
+            capture_id INTEGER NOT NULL,
+            ts REAL,
+            uid TEXT,
+            reason TEXT NOT NULL,
+            detail TEXT
+        )
+        """
+    )
+    for sql in (
+        "CREATE INDEX connections_orig_h ON connections(orig_h)",
+        "CREATE INDEX connections_capture ON connections(capture_id)",
+        "CREATE INDEX connections_ts ON connections(ts)",
+        "CREATE INDEX connections_open ON connections(is_open)",
+        "CREATE INDEX events_capture ON events(capture_id)",
+        "CREATE INDEX events_name_ts ON events(name, ts)",
+        "CREATE INDEX anomalies_capture ON anomalies(capture_id, reason)",
+    ):
+        db.execute(sql)
+
+
+# Registered right after m001_initial, whose in-place changes it carries: the migrations
+# after it were written against a database that had them (m009 replaces the timeline view
+# and the 4-tuple index m014 makes). A database that has m002 and later already gets it
+# last, where it finds all or most of it done.
+@migrations()
+def m014_unmigrated_columns(db: sqlite_utils.Database) -> None:
+    """What later releases added to m001_initial in place instead of in a migration of their
+    own, for the databases an earlier m001 made (an upgraded database silently lacked it):
+    nine connection columns (each endpoint's TCP state and sequence bounds, whether the
+    connection came from the socket table snapshot, each side's first SETTINGS ACK); the
+    events table with a rowid (it was keyed by uid and ordinal, WITHOUT ROWID) and its uid
+    index; the timeline view; the 4-tuple index; and not the indexes on ts, is_open,
+    events' capture and (name, ts), which releases since do without. Each step only where
+    it is missing, so a database made since has nothing to do."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(connections)").fetchall()}
+    for column, kind in (("orig_state", "TEXT"), ("resp_state", "TEXT"),
+                         ("orig_seq_first", "INTEGER"), ("orig_seq_next", "INTEGER"),
+                         ("resp_seq_first", "INTEGER"), ("resp_seq_next", "INTEGER"),
+                         ("from_snapshot", "INTEGER"), ("client_settings_ack_ts", "REAL"),
+                         ("server_settings_ack_ts", "REAL")):
+        if column not in present:
+            db.execute(f"ALTER TABLE connections ADD COLUMN {column} {kind}")
+    events = {row[1] for row in db.execute("PRAGMA table_info(events)").fetchall()}
+    if "id" not in events:
+        # The first release's events table: no view reads it yet (the timeline view comes
+        # below), and its two indexes go with it.
+        db.execute("ALTER TABLE events RENAME TO events_m001")
+        db.execute(
+            """
+            CREATE TABLE events (
+                id INTEGER PRIMARY KEY,
+                capture_id INTEGER NOT NULL,
+                uid TEXT NOT NULL,
+                n INTEGER NOT NULL,            -- ordinal of the event within its connection
+                ts REAL NOT NULL,
+                name TEXT NOT NULL,
+                dir TEXT,                      -- orig (client side) | resp (server side)
+                stream_id INTEGER,
+                code INTEGER,
+                value INTEGER,
+                detail TEXT
+            )
+            """
+        )
+        db.execute(
+            "INSERT INTO events (capture_id, uid, n, ts, name, dir, stream_id, code, value,"
+            " detail) SELECT capture_id, uid, n, ts, name, dir, stream_id, code, value, detail"
+            " FROM events_m001 ORDER BY capture_id, ts, uid, n"
+        )
+        db.execute("DROP TABLE events_m001")
+    # The timeline of each connection: its events, and the once-per-connection moments
+    # (SYN, SYN-ACK, handshake, preface, each side's first SETTINGS and its ACK) that are
+    # columns of the connection row. Rows the first release wrote have those moments as
+    # events too: they show twice.
+    db.execute(
+        """
+        CREATE VIEW IF NOT EXISTS timeline AS
             SELECT uid, ts, name, dir, stream_id, code, value, detail FROM events
             UNION ALL SELECT uid, syn_ts, 'syn', 'orig', NULL, NULL, NULL, NULL
                 FROM connections WHERE syn_ts IS NOT NULL
@@ -170,24 +231,14 @@ def m001_initial(db: sqlite_utils.Database) -> None:
                 FROM connections WHERE server_settings_ack_ts IS NOT NULL
         """
     )
-    db.execute(
-        """
-        CREATE TABLE anomalies (
-            id INTEGER PRIMARY KEY,
-            capture_id INTEGER NOT NULL,
-            ts REAL,
-            uid TEXT,
-            reason TEXT NOT NULL,
-            detail TEXT
-        )
-        """
-    )
     for sql in (
-        "CREATE INDEX connections_orig_h ON connections(orig_h)",
-        "CREATE INDEX connections_tuple ON connections(orig_p, orig_h, resp_p, resp_h)",
-        "CREATE INDEX connections_capture ON connections(capture_id)",
-        "CREATE INDEX events_uid ON events(uid)",
-        "CREATE INDEX anomalies_capture ON anomalies(capture_id, reason)",
+        "DROP INDEX IF EXISTS connections_ts",
+        "DROP INDEX IF EXISTS connections_open",
+        "DROP INDEX IF EXISTS events_capture",
+        "DROP INDEX IF EXISTS events_name_ts",
+        "CREATE INDEX IF NOT EXISTS connections_tuple"
+        " ON connections(orig_p, orig_h, resp_p, resp_h)",
+        "CREATE INDEX IF NOT EXISTS events_uid ON events(uid)",
     ):
         db.execute(sql)
 
@@ -232,7 +283,7 @@ def m003_logs(db: sqlite_utils.Database) -> None:
             format TEXT NOT NULL,          -- json, klog, syslog, logfmt, plain; a+b when mixed
             tz TEXT,                       -- the zone of times written without an offset
             added_ts REAL NOT NULL,
-            sha256 TEXT,                   -- of the log's bytes (decompressed); NULL until read whole
+            sha256 TEXT,                   -- of the log's bytes (decompressed), once read whole
             lines INTEGER NOT NULL DEFAULT 0,
             parsed INTEGER NOT NULL DEFAULT 0,
             unparsed INTEGER NOT NULL DEFAULT 0,
@@ -494,6 +545,13 @@ def m013_attribution_detail(db: sqlite_utils.Database) -> None:
 READER_OPTIONAL = frozenset({"m004_preface_index", "m005_report_cache", "m006_capture_runs",
                              "m007_rpc_counts", "m008_retention", "m009_folded_closes",
                              "m012_server_samples", "m013_attribution_detail"})
+# Migrations a reader may find missing when the database has what they add anyway: the
+# releases before m014_unmigrated_columns changed m001_initial in place, so a database
+# made by most of them has its columns (checked against tracer.record.COLUMNS) though
+# not the migration. (The rest of m014, the events table and the timeline view, only a
+# database the first release made lacks, and no release could take one past m009: it
+# lacks m010 too.)
+_READER_CHECKS_TABLES = frozenset({"m014_unmigrated_columns"})
 WAL_SIZE_LIMIT = 16 << 20
 
 # The files SQLite keeps beside a database, and opens by name (following symbolic links).
@@ -635,12 +693,21 @@ def _check_reader_schema(path: str, db: sqlite_utils.Database) -> None:
         raise StoreError(
             f"{path} was written by a newer tracer (schema {', '.join(newer)} unknown to "
             f"this one): read it with that version")
-    missing = [name for name in known if name not in applied and name not in READER_OPTIONAL]
+    upgrade = ("upgrade it by running any `tracer capture` (or `tracer logs add`) on it with "
+               "this version, or on a copy somewhere writable if it is archived")
+    missing = [name for name in known if name not in applied
+               and name not in READER_OPTIONAL and name not in _READER_CHECKS_TABLES]
     if missing:
         raise StoreError(
-            f"{path} was written by an older tracer (it lacks {', '.join(missing)}): "
-            f"upgrade it by running any `tracer capture` (or `tracer logs add`) on it with "
-            f"this version, or on a copy somewhere writable if it is archived")
+            f"{path} was written by an older tracer (it lacks {', '.join(missing)}): {upgrade}")
+    present = {row[1] for row in db.execute("PRAGMA table_info(connections)").fetchall()}
+    lacking = [c for c in COLUMNS if c.name not in present
+               and (c.since in applied or c.since not in READER_OPTIONAL)]
+    if lacking:
+        since = sorted({c.since for c in lacking})
+        raise StoreError(
+            f"{path} was written by an older tracer: its connections table lacks "
+            f"{', '.join(c.name for c in lacking)} (added by {', '.join(since)}): {upgrade}")
 
 
 def _open_file(path: str, *, write: bool) -> tuple[int, os.stat_result, bool]:

@@ -7,6 +7,7 @@ import errno
 import json
 import sqlite3
 from collections.abc import Iterable
+from operator import itemgetter
 from typing import Any
 
 import sqlite_utils
@@ -14,20 +15,29 @@ import sqlite_utils
 from store.schema import StoreError
 from tracer.attribution.sockets import ProcessInfo, SocketDetail
 from tracer.events import AnomalyFound, ConnectionEvent
-from tracer.record import RECORD_FIELDS, continued_record
+from tracer.record import COLUMNS, RECORD_FIELDS, WRITTEN_COLUMNS, continued_record
 
 # Anomaly rows kept per reason per capture; the counts in capture_stats stay exact.
 MAX_ANOMALY_ROWS_PER_REASON = 1000
 
-_CONN_COLUMNS = RECORD_FIELDS + ("capture_id",)
 # An upsert, not a replace: a live capture writes an open connection again as it changes,
 # and the attribution columns (written separately) must survive that.
 _CONN_SQL = (
-    f"INSERT INTO connections ({', '.join(_CONN_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _CONN_COLUMNS)}) "
+    f"INSERT INTO connections ({', '.join(WRITTEN_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in WRITTEN_COLUMNS)}) "
     f"ON CONFLICT (uid) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _CONN_COLUMNS if c != "uid")
+    + ", ".join(f"{c} = excluded.{c}" for c in WRITTEN_COLUMNS if c != "uid")
 )
+# A record's values in WRITTEN_COLUMNS order, but for the last one: the capture's id.
+_record_values = itemgetter(*RECORD_FIELDS)
+assert WRITTEN_COLUMNS == RECORD_FIELDS + ("capture_id",)
+# What attribution writes into a connection's row, once its client socket's owner is known.
+_ATTRIBUTION_COLUMNS = tuple(c.name for c in COLUMNS if c.source == "attribution")
+_ATTRIBUTION_SQL = (
+    f"UPDATE connections SET {', '.join(f'{c} = ?' for c in _ATTRIBUTION_COLUMNS)}"
+    " WHERE uid = ?"
+)
+_attribution_values = itemgetter(*_ATTRIBUTION_COLUMNS)
 _EVENT_SQL = (
     "INSERT INTO events (uid, n, capture_id, ts, name, dir, stream_id, code, value, detail)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -165,13 +175,14 @@ class CaptureWriter:
                          info.pod_name, info.cgroup],
                     )
                 d = detail or _NO_DETAIL
-                cur = db.execute(
-                    "UPDATE connections SET pid = ?, process_start = ?, attribution = ?,"
-                    " attributed_ts = ?, client_uid = ?, client_user = ?, client_netns = ?,"
-                    " client_cgroup = ?, client_container = ?, client_pod = ? WHERE uid = ?",
-                    [info.pid if info else None, info.start_time if info else None, verdict,
-                     ts, d.uid, d.user, d.netns, d.cgroup, d.container, d.pod, uid],
-                )
+                row = {
+                    "pid": info.pid if info else None,
+                    "process_start": info.start_time if info else None,
+                    "attribution": verdict, "attributed_ts": ts, "client_uid": d.uid,
+                    "client_user": d.user, "client_netns": d.netns, "client_cgroup": d.cgroup,
+                    "client_container": d.container, "client_pod": d.pod,
+                }
+                cur = db.execute(_ATTRIBUTION_SQL, [*_attribution_values(row), uid])
                 if cur.rowcount == 0:
                     missing.append((uid, verdict, info, ts, detail))
         return missing
@@ -205,9 +216,7 @@ class CaptureWriter:
             if records:
                 # After events and anomalies: a continued connection moves its rows to the old uid.
                 records = [r for r in records if not (r["mid_stream"] and self._continue(r))]
-                conn.executemany(
-                    _CONN_SQL, [tuple(r[k] for k in RECORD_FIELDS) + (cid,) for r in records]
-                )
+                conn.executemany(_CONN_SQL, [_record_values(r) + (cid,) for r in records])
                 conn.executemany(
                     _METHOD_SQL,
                     [(r["uid"], m, c) for r in records for m, c in r["methods"].items()],
@@ -237,7 +246,7 @@ class CaptureWriter:
             row = cur.fetchone()
             if row is None:
                 return False
-            old = dict(zip([d[0] for d in cur.description], row))
+            old = dict(zip([d[0] for d in cur.description], row, strict=True))
             methods = dict(conn.execute(
                 "SELECT method, count FROM conn_methods WHERE uid = ?", [old["uid"]]
             ).fetchall())

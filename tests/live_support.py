@@ -1,8 +1,9 @@
 """The live agent under test: `tracer capture` started as a process, its database read back.
 
 Builds on realtraffic_support.py (processes in their own session with a parent-death
-signal, stopped by process group; the grpcio and grpc-js peers; running the tracer
-command line) and netns.py (client hosts in network namespaces). What is added here:
+signal, stopped by process group; the grpcio and grpc-js peers), support.py (running the
+tracer command line, waiting with a deadline) and netns.py (client hosts in network
+namespaces). What is added here:
 starting the agent and knowing when it listens, reading its database while it runs,
 the client sockets each peer process holds (the ground truth attribution is checked
 against), and running a command as another user.
@@ -29,7 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 import realtraffic_support as rt
+import support
+from support import in_background, skip_if, tracer, tracer_command, wait_for
 
 AGENT_READY_TIMEOUT_S = 15.0  # the agent's packet sockets are open, its database exists
 AGENT_EXIT_TIMEOUT_S = 20.0  # the agent ends after its --duration, or after a signal
@@ -39,11 +43,15 @@ NOBODY = "nobody"
 
 def need_root() -> None:
     """Skip the test, saying why, where live capture cannot run."""
-    import pytest
+    support.need_root("live capture (AF_PACKET)")
+    if shutil.which("setpriv") is None:
+        pytest.skip("util-linux setpriv is not installed")
 
-    reason = root_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+
+def need_nobody() -> None:
+    """Skip the test, saying why, where tracer cannot run live as user nobody."""
+    need_root()
+    skip_if(nobody_unavailable_reason())
 
 
 @contextlib.contextmanager
@@ -51,14 +59,6 @@ def processes() -> Iterator[rt.Processes]:
     """Processes stopped when the block ends, and a check that nothing outlived them."""
     with rt.nothing_left_behind(), rt.started_processes() as group:
         yield group
-
-
-def root_unavailable_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "live capture (AF_PACKET) needs root"
-    if shutil.which("setpriv") is None:
-        return "util-linux setpriv is not installed"
-    return None
 
 
 def nobody_group() -> str:
@@ -83,7 +83,7 @@ def nobody_unavailable_reason() -> str | None:
     except KeyError:
         return "there is no user nobody"
     probe = subprocess.run(
-        as_nobody([*rt.tracer_command(), "--version"]), check=False, capture_output=True,
+        as_nobody([*tracer_command(), "--version"]), check=False, capture_output=True,
         text=True, cwd="/", timeout=30, stdin=subprocess.DEVNULL,
     )
     if probe.returncode != 0:
@@ -119,27 +119,19 @@ def preloaded_tracer_command() -> list[str]:
             f"import {', '.join(LATE_IMPORTS)}; from cli.main import main; main()"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def start_server(processes: rt.Processes, name: str = "server") -> int:
-    """A grpcio Greeter server on 0.0.0.0:free port in this namespace; its port."""
-    server = processes.start(name, [sys.executable, "-u", str(rt.PEERS_DIR / "grpcio_server.py"),
-                                    "0", "--max-lifetime", "120"])
-    return int(server.wait_for("READY ", time.monotonic() + rt.READY_TIMEOUT_S).split()[1])
+def start_server(processes: rt.Processes, *options: str, name: str = "server") -> int:
+    """A grpcio Greeter server on 0.0.0.0:free port in this namespace, started with
+    ``options`` (``--tls-cert PEM --tls-key PEM``, say); its port."""
+    return rt.ready_port(processes.start(name, [*rt.grpcio_peer("server"), "0",
+                                                "--max-lifetime", "120", *options]))
 
 
 def start_grpcgo_server(processes: rt.Processes, *options: str,
                         name: str = "grpcgo-server") -> int:
     """A grpc-go Greeter server (tests/peers/go) on 0.0.0.0:free port, started with
     ``options`` (``--max-connection-age 2s``, say); its port."""
-    server = processes.start(name, [str(rt.GRPCGO_SERVER), "0", "--max-lifetime", "120",
-                                    *options])
-    return int(server.wait_for("READY ", time.monotonic() + rt.READY_TIMEOUT_S).split()[1])
+    return rt.ready_port(processes.start(name, [str(rt.GRPCGO_SERVER), "0", "--max-lifetime",
+                                                "120", *options]))
 
 
 def start_peer(processes: rt.Processes, peer: rt.PeerSpec, target: str,
@@ -148,12 +140,6 @@ def start_peer(processes: rt.Processes, peer: rt.PeerSpec, target: str,
     someone else (``as_nobody``)."""
     argv = [*peer.argv(target), "--max-lifetime", "90"]
     return processes.start(peer.name, [*prefix, *argv])
-
-
-def wait_done(procs: Sequence[rt.Process], timeout: float = rt.CLIENTS_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        proc.wait_for("DONE", deadline)
 
 
 def client_ports(pid: int, server_port: int) -> set[int]:
@@ -184,15 +170,10 @@ def client_ports(pid: int, server_port: int) -> set[int]:
 def wait_client_ports(pid: int, server_port: int, count: int,
                       timeout: float = rt.SOCKETS_TIMEOUT_S) -> set[int]:
     """The client ports of ``pid`` once it holds exactly ``count`` of them."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ports = client_ports(pid, server_port)
-        if len(ports) == count:
-            return ports
-        if time.monotonic() >= deadline:
-            raise rt.PeerFailed(f"pid {pid} holds {len(ports)} connections to port "
-                                f"{server_port}, expected {count}")
-        time.sleep(0.05)
+    return wait_for(lambda: client_ports(pid, server_port),
+                    f"pid {pid} holds {count} connections to port {server_port}",
+                    until=lambda ports: len(ports) == count, timeout=timeout,
+                    error=rt.PeerFailed)
 
 
 # -- the database ----------------------------------------------------------------------
@@ -204,7 +185,7 @@ def query(db: Path, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]
     try:
         cur = conn.execute(sql, list(params))
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
     finally:
         conn.close()
 
@@ -222,7 +203,7 @@ def try_query(db: Path, sql: str, params: Sequence[Any] = ()) -> list[dict[str, 
 def report(db: Path) -> dict[str, Any]:
     import json
 
-    data: dict[str, Any] = json.loads(rt.run_tracer("report", "--db", str(db), "--format", "json"))
+    data: dict[str, Any] = json.loads(tracer("report", "--db", str(db), "--format", "json").stdout)
     return data
 
 
@@ -237,7 +218,7 @@ class Agent:
                  command: Sequence[str] | None = None) -> None:
         self.db = db
         self.port = port
-        argv = [*prefix, *(command or rt.tracer_command()), "capture", "--port", str(port),
+        argv = [*prefix, *(command or tracer_command()), "capture", "--port", str(port),
                 "--db", str(db), *args]
         self.proc = processes.start(name, argv)
         self.started = time.monotonic()
@@ -255,17 +236,15 @@ class Agent:
     def wait_ready(self, timeout: float = AGENT_READY_TIMEOUT_S) -> None:
         """Until the agent's capture row exists: its store worker runs, and so its packet
         sockets are open (they are opened first) and queue what comes from now on."""
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = try_query(self.db, "SELECT id FROM captures WHERE kind = 'live'")
-            if rows:
-                return
+        def ready() -> bool:
+            if try_query(self.db, "SELECT id FROM captures WHERE kind = 'live'"):
+                return True
             if self.proc.popen.poll() is not None:
                 raise self.fail(f"the agent exited ({self.proc.popen.returncode}) before "
                                 "it was ready")
-            if time.monotonic() >= deadline:
-                raise self.fail("the agent was not ready in time")
-            time.sleep(0.05)
+            return False
+
+        wait_for(ready, "the agent was ready", timeout=timeout, error=self.fail)
 
     def require_time_left(self, duration: float, margin: float = 1.0) -> float:
         """Fail clearly when the agent's --duration (started at its launch, so this
@@ -288,17 +267,18 @@ class Agent:
     def wait_for_rows(self, sql: str, params: Sequence[Any], predicate: Any,
                       what: str, timeout: float = CONDITION_TIMEOUT_S) -> list[dict[str, Any]]:
         """Poll ``sql`` until ``predicate(rows)`` holds; the rows."""
-        deadline = time.monotonic() + timeout
-        rows: list[dict[str, Any]] | None = None
-        while True:
+        def sample() -> tuple[bool, list[dict[str, Any]] | None]:
             rows = try_query(self.db, sql, params)
             if rows is not None and predicate(rows):
-                return rows
+                return True, rows
             if self.proc.popen.poll() is not None:
                 raise self.fail(f"the agent exited before {what}; last rows: {rows}")
-            if time.monotonic() >= deadline:
-                raise self.fail(f"timed out waiting until {what}; last rows: {rows}")
-            time.sleep(0.1)
+            return False, rows
+
+        _, rows = wait_for(sample, what, until=lambda got: got[0], timeout=timeout,
+                           interval=0.1, error=self.fail)
+        assert rows is not None
+        return rows
 
     def descendants(self) -> list[psutil.Process]:
         try:
@@ -328,9 +308,8 @@ def tcp_sink(port: int) -> Iterator[None]:
     srv.bind(("127.0.0.1", port))
     srv.listen(16)
     srv.settimeout(0.2)
-    stop = threading.Event()
 
-    def serve() -> None:
+    def serve(stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 conn, _ = srv.accept()
@@ -347,14 +326,8 @@ def tcp_sink(port: int) -> Iterator[None]:
                     except OSError:
                         break
 
-    thread = threading.Thread(target=serve, name=f"sink-{port}", daemon=True)
-    thread.start()
-    try:
+    with contextlib.closing(srv), in_background(serve, f"sink-{port}"):
         yield
-    finally:
-        stop.set()
-        thread.join(5.0)
-        srv.close()
 
 
 def flood(port: int, total_bytes: int, timeout: float = 10.0) -> None:

@@ -31,8 +31,8 @@ from typing import Any, Literal, Protocol
 
 import netns
 import psutil
+from support import REPO, tracer, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
 PEERS_DIR = REPO / "tests" / "peers"
 GRPCJS_PACKAGE = PEERS_DIR / "node_modules" / "@grpc" / "grpc-js" / "package.json"
 GRPCGO_BIN = PEERS_DIR / "go" / "bin"  # `make go-peers` builds grpcgo-server and -client here
@@ -44,7 +44,6 @@ READY_TIMEOUT_S = 15.0  # server up, capture listening
 CLIENTS_TIMEOUT_S = 30.0  # every client printed DONE
 SOCKETS_TIMEOUT_S = 10.0  # the server's socket table shows what the clients left open
 STOP_TIMEOUT_S = 10.0  # a process or the sniffer ends after being asked to
-TRACER_TIMEOUT_S = 60.0
 # After the socket table is right the last ACKs are on the wire; leave the capture a
 # moment to take them from the kernel before stopping it.
 SETTLE_S = 0.3
@@ -77,12 +76,17 @@ class PeerSpec:
 
     def argv(self, target: str) -> list[str]:
         if self.impl == "grpcio":
-            script = [sys.executable, "-u", str(PEERS_DIR / "grpcio_client.py")]
+            script = grpcio_peer("client")
         elif self.impl == "grpc-go":
             script = [str(GRPCGO_CLIENT)]
         else:
             script = [shutil.which("node") or "node", str(PEERS_DIR / "grpcjs_client.js")]
         return [*script, self.mode, "--target", target, "--count", str(self.count)]
+
+
+def grpcio_peer(role: Literal["client", "server"]) -> list[str]:
+    """The command of tests/peers/grpcio_ROLE.py, its output unbuffered; its arguments follow."""
+    return [sys.executable, "-u", str(PEERS_DIR / f"grpcio_{role}.py")]
 
 
 # Leakers must open at least 3 connections to reach a "leak" verdict (store/queries.py);
@@ -213,6 +217,11 @@ class Process:
         return self.popen.returncode
 
 
+def ready_port(server: Process) -> int:
+    """The port a tests/peers server listens on, once it said so (its READY line)."""
+    return int(server.wait_for("READY ", time.monotonic() + READY_TIMEOUT_S).split()[1])
+
+
 class Processes:
     """The processes of one run; see ``started_processes()`` for their end."""
 
@@ -234,6 +243,13 @@ def started_processes() -> Iterator[Processes]:
     finally:
         for proc in reversed(group.started):
             proc.stop()
+
+
+def wait_done(procs: Sequence[Process], timeout: float = CLIENTS_TIMEOUT_S) -> None:
+    """Until every one of ``procs`` printed DONE (its work), within ``timeout`` in all."""
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.wait_for("DONE", deadline)
 
 
 class Capture(Protocol):
@@ -376,16 +392,9 @@ def wait_for_server_sockets(port: int, expected: dict[str, int], timeout: float)
     failure names the peer that misbehaved rather than blaming tracer.
     """
     want = {ip: n for ip, n in expected.items() if n}
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = server_sockets_by_client(port)
-        if seen == want:
-            return
-        if time.monotonic() >= deadline:
-            raise PeerFailed(
-                f"server sockets on port {port} per client: expected {want}, got {seen}"
-            )
-        time.sleep(0.05)
+    wait_for(lambda: server_sockets_by_client(port),
+             f"the server sockets on port {port} per client are {want}",
+             until=lambda seen: seen == want, timeout=timeout, error=PeerFailed)
 
 
 def pcap_linktype_and_count(path: Path) -> tuple[int, int]:
@@ -405,29 +414,6 @@ def pcap_linktype_and_count(path: Path) -> tuple[int, int]:
         pos += 16 + caplen
         count += 1
     return linktype & 0x0FFFFFFF, count  # the top bits may carry FCS information
-
-
-def tracer_command() -> list[str]:
-    """The installed console script next to this interpreter, else the module (also with
-    TRACER_TEST_SOURCES=1: the sources in the working directory, as they are)."""
-    script = Path(sys.executable).parent / "tracer"
-    if script.exists() and os.environ.get("TRACER_TEST_SOURCES") != "1":
-        return [str(script)]
-    return [sys.executable, "-m", "cli.main"]
-
-
-def run_tracer(*args: str) -> str:
-    """Run ``tracer ARGS``; its standard output, or an assertion error with everything."""
-    proc = subprocess.run(
-        [*tracer_command(), *args], check=False, capture_output=True, text=True, cwd=REPO,
-        timeout=TRACER_TIMEOUT_S, stdin=subprocess.DEVNULL,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"tracer {' '.join(args)} exited with {proc.returncode}\n"
-            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-        )
-    return proc.stdout
 
 
 @dataclass
@@ -478,23 +464,18 @@ def run_scenario(workdir: Path, backend: Backend, peers: Sequence[PeerSpec]) -> 
         # then the namespaces, which must be empty of processes to go away.
         hosts = stack.enter_context(netns.hosts(len(peers)))
         processes = stack.enter_context(started_processes())
-        server = processes.start(
-            "server", [sys.executable, "-u", str(PEERS_DIR / "grpcio_server.py"), "0"]
-        )
-        port = int(server.wait_for("READY ", time.monotonic() + READY_TIMEOUT_S).split()[1])
+        port = ready_port(processes.start("server", [*grpcio_peer("server"), "0"]))
 
         capture = _make_capture(backend, pcap, port, processes, hosts)
         stack.callback(capture.abort)
         capture.start()
 
-        ips = {peer.name: host.ip for peer, host in zip(peers, hosts)}
+        ips = {peer.name: host.ip for peer, host in zip(peers, hosts, strict=True)}
         clients = [
             (peer, processes.start(peer.name, host.command(peer.argv(f"{host.gateway}:{port}"))))
-            for peer, host in zip(peers, hosts)
+            for peer, host in zip(peers, hosts, strict=True)
         ]
-        deadline = time.monotonic() + CLIENTS_TIMEOUT_S
-        for _, proc in clients:
-            proc.wait_for("DONE", deadline)
+        wait_done([proc for _, proc in clients])
         wait_for_server_sockets(
             port, {ips[peer.name]: peer.open_at_end for peer in peers}, SOCKETS_TIMEOUT_S
         )
@@ -505,18 +486,9 @@ def run_scenario(workdir: Path, backend: Backend, peers: Sequence[PeerSpec]) -> 
         outputs = {proc.name: proc.output() for proc in processes.started}
 
     linktype, file_packets = pcap_linktype_and_count(pcap)
-    log = subprocess.run(  # for the stderr summary; run_tracer only keeps stdout
-        [*tracer_command(), "capture", "--read", str(pcap), "--port", str(port),
-         "--db", str(db)],
-        check=False, capture_output=True, text=True, cwd=REPO, timeout=TRACER_TIMEOUT_S,
-        stdin=subprocess.DEVNULL,
-    )
-    if log.returncode != 0:
-        raise AssertionError(
-            f"tracer capture exited with {log.returncode}\n{log.stdout}\n{log.stderr}"
-        )
-    report = json.loads(run_tracer("report", "--db", str(db), "--format", "json"))
-    connections = json.loads(run_tracer("connections", "--db", str(db), "--format", "json"))
+    log = tracer("capture", "--read", str(pcap), "--port", str(port), "--db", str(db))
+    report = json.loads(tracer("report", "--db", str(db), "--format", "json").stdout)
+    connections = json.loads(tracer("connections", "--db", str(db), "--format", "json").stdout)
     return ScenarioResult(
         backend=backend, port=port, pcap=pcap, db=db, ips=ips,
         capture_summary=summary, capture_lost=lost, capture_log=log.stderr.strip(),

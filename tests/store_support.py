@@ -3,14 +3,14 @@ takes them, every field set the way a capture would."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from tracer.record import RECORD_FIELDS
+import sqlite_utils
 
-REPO = Path(__file__).resolve().parent.parent
+from store.schema import open_database
+from store.writer import CaptureWriter
+from tracer.record import RECORD_FIELDS
 
 T0 = 1_790_000_000.0
 SERVER = ("10.0.0.1", 9090)
@@ -40,9 +40,15 @@ def record(uid: str, ts: float, orig: tuple[str, int], *, close: float | None,
     return r
 
 
-def tracer(*args: str) -> str:
-    """Run the command line; its standard output (it must succeed)."""
-    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, check=False,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+def stored(path: Path, rows: list[dict[str, Any]], *, first_ts: float, last_ts: float,
+           packets: int, elapsed_s: float = 1.0, kind: str = "file") -> sqlite_utils.Database:
+    """A new database at ``path`` holding one complete capture of ``rows`` on the server's
+    port, with these totals; left open for what a test adds to it."""
+    db = open_database(str(path))
+    writer = CaptureWriter.start(db, kind=kind, ports=[SERVER[1]])
+    writer.write(rows, [], [])
+    writer.finish(status="complete", error=None, first_ts=first_ts, last_ts=last_ts,
+                  packets=packets, segments=packets, connections=len(rows),
+                  open_at_end=sum(r["is_open"] for r in rows), anomaly_counts={}, drops=0,
+                  elapsed_s=elapsed_s, stats={})
+    return db

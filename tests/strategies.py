@@ -14,6 +14,7 @@ import string
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import hpack
@@ -245,7 +246,7 @@ class H2Builder:
         cuts = {c for c in splits if 0 < c < len(block)}
         cuts |= set(range(MAX_FRAGMENT, len(block), MAX_FRAGMENT))  # frames stay <= 16 KiB
         points = sorted(cuts)
-        pieces = [block[a:b] for a, b in zip([0] + points, points + [len(block)])]
+        pieces = [block[a:b] for a, b in pairwise([0, *points, len(block)])]
         flags = END_STREAM if end_stream else 0
         if len(pieces) == 1:
             flags |= END_HEADERS
@@ -583,7 +584,7 @@ def server_hello(alpn: str | None, *, session_id: bytes = b"") -> bytes:
 def in_records(message: bytes, cuts: list[int], minor: int = 1) -> bytes:
     """``message`` split into handshake records at ``cuts`` (no empty records)."""
     points = sorted({c for c in cuts if 0 < c < len(message)})
-    parts = [message[a:b] for a, b in zip([0] + points, points + [len(message)])]
+    parts = [message[a:b] for a, b in pairwise([0, *points, len(message)])]
     return b"".join(tls_record(p, minor=minor) for p in parts)
 
 
@@ -617,7 +618,8 @@ def hellos(draw: st.DrawFn) -> tuple[bytes, int, tuple[int, str, tuple[str, ...]
                       minor=draw(st.sampled_from([1, 3])))
     end = len(data)
     # What follows the hello: nothing, or a ChangeCipherSpec / application data record.
-    data += draw(st.sampled_from([b"", tls_record(b"\x01", ctype=20), tls_record(b"x" * 9, ctype=23)]))
+    data += draw(st.sampled_from([b"", tls_record(b"\x01", ctype=20),
+                                  tls_record(b"x" * 9, ctype=23)]))
     return data, end, want
 
 
@@ -740,11 +742,12 @@ class ConnectionPlan:
         sent = {ORIG: 0, RESP: 0}
         for i, run in enumerate(self.conv.runs()):
             other = RESP if run.dir == ORIG else ORIG
-            points = sorted({c for c in (cuts[i] if i < len(cuts) else []) if 0 < c < len(run.data)})
+            given = cuts[i] if i < len(cuts) else []
+            points = sorted({c for c in given if 0 < c < len(run.data)})
             ts = ts0 + 0.001 * (i + 1)
             pieces = [
                 self.data_piece(ts, run.dir, run.start + a, run.start + b, sent[other])
-                for a, b in zip([0] + points, points + [len(run.data)])
+                for a, b in pairwise([0, *points, len(run.data)])
             ]
             sent[run.dir] += len(run.data)
             out.append(pieces)
@@ -796,7 +799,8 @@ def tcp_header(sport: int, dport: int, seq: int, ack: int, flags: int, window: i
     assert len(options) % 4 == 0
     doff = (20 + len(options)) // 4
     offx = doff << 4 | (1 if flags & NS else 0)
-    return struct.pack(">HHIIBBHHH", sport, dport, seq, ack, offx, flags & 0xFF, window, 0, 0) + options
+    return struct.pack(">HHIIBBHHH", sport, dport, seq, ack, offx, flags & 0xFF, window, 0,
+                       0) + options
 
 
 def ipv4_packet(src: bytes, dst: bytes, proto: int, l4: bytes, *, options: bytes = b"",
@@ -813,7 +817,7 @@ def ipv6_packet(src: bytes, dst: bytes, proto: int, l4: bytes, *,
     """``ext``: (header type, body) pairs; bodies are padded to the header's unit."""
     chain = b""
     types = [t for t, _ in ext] + [proto]
-    for (etype, body), nxt in zip(ext, types[1:]):
+    for (etype, body), nxt in zip(ext, types[1:], strict=True):
         if etype == 51:  # AH: length in 4-byte units minus 2
             body = body.ljust(6, b"\0")
             body = body + b"\0" * (-(len(body) + 2) % 4)

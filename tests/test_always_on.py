@@ -15,9 +15,7 @@ import signal
 import sqlite3
 import struct
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +23,18 @@ import live_support as ls
 import psutil
 import pytest
 import realtraffic_support as rt
+from support import (
+    DEMO_CAPTURE,
+    FULL,
+    REPO,
+    free_port,
+    poll,
+    tmpfs,
+    tracer,
+    tracer_command,
+    wait_for,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO_CAPTURE = REPO / "cli" / "demo-capture.pcapng"
 DEMO_PORT = 50151
 
 
@@ -35,29 +42,21 @@ _need_root = ls.need_root
 _processes = ls.processes
 
 
-def _tracer(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*rt.tracer_command(), *args], check=False, capture_output=True,
-                          text=True, cwd=REPO, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
 def _pool(processes: rt.Processes, port: int, interval: float = 0.03) -> rt.Process:
     """One pooled grpcio channel calling every ``interval`` seconds: light steady traffic,
     no new connections."""
-    return processes.start("pool", [sys.executable, "-u", str(rt.PEERS_DIR / "grpcio_client.py"),
-                                    "pool", "--target", f"127.0.0.1:{port}", "--count", "3000",
-                                    "--interval", str(interval), "--max-lifetime", "90"])
+    return processes.start("pool", [*rt.grpcio_peer("client"), "pool", "--target",
+                                    f"127.0.0.1:{port}", "--count", "3000", "--interval",
+                                    str(interval), "--max-lifetime", "90"])
 
 
 def _wait_capture_status(db: Path, timeout: float = 15.0) -> dict[str, Any]:
     """The newest capture row once it is no longer running."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = ls.try_query(db, "SELECT * FROM captures ORDER BY id DESC LIMIT 1")
-        if rows and rows[0]["status"] != "running":
-            return rows[0]
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"the capture is still running after {timeout}s: {rows}")
-        time.sleep(0.05)
+    rows = wait_for(lambda: ls.try_query(db, "SELECT * FROM captures ORDER BY id DESC LIMIT 1"),
+                    "the capture is no longer running",
+                    until=lambda rows: rows and rows[0]["status"] != "running", timeout=timeout)
+    assert rows is not None
+    return rows[0]
 
 
 # -- deadlines under steady light traffic --------------------------------------------------
@@ -115,7 +114,7 @@ def test_kill_9_loses_at_most_the_last_second(tmp_path: Path) -> None:
         agent.wait_ready()
         leak = ls.start_peer(processes, rt.PeerSpec("leak", "grpcio", "leak", 10),
                              f"127.0.0.1:{port}")
-        ls.wait_done([leak])
+        rt.wait_done([leak])
         leaked = ls.wait_client_ports(leak.popen.pid, port, 10)
         time.sleep(1.0)
         os.kill(agent.pid, signal.SIGKILL)
@@ -135,11 +134,11 @@ def test_status_line_counts_sleeping_connections() -> None:
     from tracer.agent.live import status_line
     from tracer.pipeline import Analyzer
 
-    analyzer = Analyzer(frozenset([9090]), dormant_after=1.0)
+    analyzer = Analyzer(frozenset([9090]), FULL.replace(sleep_after=1.0))
     analyzer.feed(iter(_handshakes(200, t0=1000.0)), 1 << 20)
     analyzer.table.tick(1000.5)
     analyzer.table.tick(1100.0)  # a sweep: idle for 100 s, asleep
-    assert analyzer.table.dormant == 200
+    assert analyzer.table.asleep_count == 200
     line = status_line(analyzer, 0.0, 0, 0)
     assert "200 open connections from 1 client address" in line, line
 
@@ -175,14 +174,11 @@ def _ipv4_tcp(src: str, dst: str, sport: int, dport: int, flags: int, seq: int,
 
 
 def test_user_who_cannot_write_the_database_folder_exits_4(tmp_path: Path) -> None:
-    _need_root()
-    reason = ls.nobody_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    ls.need_nobody()
     folder = tmp_path / "root-only"
     folder.mkdir(mode=0o755)
-    proc = _tracer("capture", "--port", str(ls.free_port()), "--iface", "lo", "--duration", "2s",
-                   "--user", ls.NOBODY, "--db", str(folder / "t.db"))
+    proc = tracer("capture", "--port", str(free_port()), "--iface", "lo", "--duration", "2s",
+                  "--user", ls.NOBODY, "--db", str(folder / "t.db"), check=False)
     assert proc.returncode == 4, proc.stderr
     assert "Traceback" not in proc.stderr
     assert f"--user {ls.NOBODY} cannot write in {folder}" in proc.stderr, proc.stderr
@@ -237,18 +233,15 @@ def big_capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _start_read(processes: rt.Processes, capture: Path, db: Path, *args: str,
                 name: str = "read") -> rt.Process:
-    return processes.start(name, [*rt.tracer_command(), "capture", "--read", str(capture),
+    return processes.start(name, [*tracer_command(), "capture", "--read", str(capture),
                                   "--port", str(DEMO_PORT), "--db", str(db), *args])
 
 
 def _wait_running(db: Path, timeout: float = 15.0) -> None:
     """Until the read has stored its first batch."""
-    deadline = time.monotonic() + timeout
-    while not ls.try_query(db, "SELECT id FROM captures WHERE status = 'running'"
-                               " AND packets > 0"):
-        if time.monotonic() >= deadline:
-            raise AssertionError("the read did not store a batch in time")
-        time.sleep(0.02)
+    wait_for(lambda: ls.try_query(db, "SELECT id FROM captures WHERE status = 'running'"
+                                      " AND packets > 0"),
+             "the read stored a batch", timeout=timeout, interval=0.02)
 
 
 def test_sigterm_stops_a_file_read_cleanly(tmp_path: Path, big_capture: Path) -> None:
@@ -269,7 +262,7 @@ def test_sigterm_stops_a_file_read_cleanly(tmp_path: Path, big_capture: Path) ->
 def test_sigterm_stops_a_read_from_a_pipe(tmp_path: Path) -> None:
     """Standard input that stays open and silent: the signal still gets it out."""
     db = tmp_path / "p.db"
-    argv = [*rt.tracer_command(), "capture", "--read", "-", "--port", str(DEMO_PORT), "--db",
+    argv = [*tracer_command(), "capture", "--read", "-", "--port", str(DEMO_PORT), "--db",
             str(db)]
     with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, cwd=REPO) as proc:
@@ -289,11 +282,8 @@ def test_sigterm_stops_a_read_from_a_pipe(tmp_path: Path) -> None:
 
 
 def _wait_running_row(db: Path, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not ls.try_query(db, "SELECT id FROM captures WHERE status = 'running'"):
-        if time.monotonic() >= deadline:
-            raise AssertionError("the read did not start in time")
-        time.sleep(0.02)
+    wait_for(lambda: ls.try_query(db, "SELECT id FROM captures WHERE status = 'running'"),
+             "the read started", timeout=timeout, interval=0.02)
 
 
 def test_kill_9_of_a_file_read_takes_its_workers_along(tmp_path: Path,
@@ -311,30 +301,29 @@ def test_kill_9_of_a_file_read_takes_its_workers_along(tmp_path: Path,
         took = time.monotonic() - killed
     assert not alive, f"workers still running after kill -9 of their parent: {alive}"
     assert took < 1.0, f"the workers outlived their parent by {took:.2f}s"
-    data = json.loads(_tracer("report", "--db", str(db), "--format", "json").stdout)
+    data = json.loads(tracer("report", "--db", str(db), "--format", "json").stdout)
     [partial] = data["capture"]["partial"]
     assert partial["status"] == "unfinished" and "is gone" in partial["reason"], partial
     assert data["capture"]["sources"] == [str(big_capture)]
     for c in data["clients"]:
         assert (c["oldest_open_s"] or 0) >= 0
         assert c["idle_s"] is None or c["idle_s"]["min"] >= 0
-    text = _tracer("report", "--db", str(db)).stdout
+    text = tracer("report", "--db", str(db)).stdout
     assert "never finished: its process" in text and "-1" not in text.split("\n\n")[1]
 
 
 def _running(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
     """Those of ``procs`` still running after up to ``timeout`` seconds (a zombie waiting
     to be reaped runs no more)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def running() -> list[psutil.Process]:
         alive = []
         for p in procs:
             with contextlib.suppress(psutil.NoSuchProcess):
                 if p.status() != psutil.STATUS_ZOMBIE:
                     alive.append(p)
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.01)
+        return alive
+
+    return poll(running, until=lambda alive: not alive, timeout=timeout, interval=0.01)
 
 
 def test_a_second_file_read_waits_for_the_first(tmp_path: Path, big_capture: Path) -> None:
@@ -370,7 +359,7 @@ def test_rotated_files_are_read_in_time_order(tmp_path: Path) -> None:
     given = [str(parts[0]), str(parts[2]), str(parts[1])]
     db = tmp_path / "o.db"
     reads = [arg for p in given for arg in ("--read", p)]
-    proc = _tracer("capture", "--port", "9090", "--db", str(db), *reads)
+    proc = tracer("capture", "--port", "9090", "--db", str(db), *reads, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "read in the time order of their first packets" in proc.stderr
     rows = ls.query(db, "SELECT conn_state, history FROM connections")
@@ -380,26 +369,11 @@ def test_rotated_files_are_read_in_time_order(tmp_path: Path) -> None:
 # -- a full disk -------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _small_tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
-    _need_root()
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                           str(mount)], check=False, capture_output=True, text=True, timeout=10)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=10)
-
-
 def test_disk_full_during_a_file_read(tmp_path: Path, big_capture: Path) -> None:
-    with _small_tmpfs(tmp_path, "3m") as mount:
+    with tmpfs(tmp_path / "small", "3m") as mount:
         db = mount / "t.db"
-        proc = _tracer("capture", "--read", str(big_capture), "--port", str(DEMO_PORT),
-                       "--db", str(db), "-j", "1")
+        proc = tracer("capture", "--read", str(big_capture), "--port", str(DEMO_PORT),
+                      "--db", str(db), "-j", "1", check=False)
         assert proc.returncode == 5, proc.stderr
         assert "Traceback" not in proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -412,13 +386,14 @@ def test_disk_full_during_a_file_read(tmp_path: Path, big_capture: Path) -> None
         conn.close()
         assert status in ("failed", "running"), status
         assert kept > 0
-        report = _tracer("report", "--db", str(db))
+        report = tracer("report", "--db", str(db), check=False)
         assert report.returncode == 0, report.stderr
 
 
 def test_disk_full_while_capturing_live(tmp_path: Path) -> None:
     """The store worker cannot write: the agent says so in one line and exits 5."""
-    with _small_tmpfs(tmp_path, "4m") as mount, _processes() as processes:
+    _need_root()
+    with tmpfs(tmp_path / "small", "4m") as mount, _processes() as processes:
         port = ls.start_server(processes)
         db = mount / "live.db"
         agent = ls.Agent(processes, db, port, "--iface", "lo", "--events", "all")

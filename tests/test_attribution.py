@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from support import poll
 
 from store.schema import open_database
 from store.writer import CaptureWriter
@@ -95,11 +96,8 @@ def test_local_addresses_know_their_namespaces() -> None:
 def test_this_hosts_addresses_read_from_proc() -> None:
     own = os.stat("/proc/self/ns/net").st_ino
     later = time.time() + 0.0
-    deadline = time.monotonic() + 5.0
-    owners = None
-    while owners is None and time.monotonic() < deadline:  # one look a second at most
-        owners = address_owners("127.0.0.1", seen_at=later)
-        time.sleep(0.1)
+    owners = poll(lambda: address_owners("127.0.0.1", seen_at=later),  # a look a second
+                  until=lambda owners: owners is not None, timeout=5.0, interval=0.1)
     assert owners is not None and own in owners
     assert address_owners("198.51.100.77", seen_at=later) == set()
 
@@ -112,11 +110,14 @@ def _record(uid: str, client: tuple[str, int], server: tuple[str, int],
 
 def _settle(attributor: Attributor, seconds: float = 5.0) -> dict[str, tuple[str, Any]]:
     got: dict[str, tuple[str, Any]] = {}
-    deadline = time.monotonic() + seconds
-    while attributor.pending and time.monotonic() < deadline:
+
+    def scan() -> bool:
         for settled in attributor.scan(time.time()):
             got[settled.uid] = (settled.verdict, settled.process)
-        time.sleep(0.05)
+        return not attributor.pending
+
+    if attributor.pending:
+        poll(scan, timeout=seconds)
     return got
 
 
@@ -286,9 +287,7 @@ def test_the_processes_of_a_namespace_are_known() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
                              stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 5.0
-        while child.pid not in namespace_processes(own, 0) and time.monotonic() < deadline:
-            time.sleep(0.05)  # quick looks are rationed
+        poll(lambda: child.pid in namespace_processes(own, 0), timeout=5.0)  # looks are rationed
         assert child.pid in namespace_processes(own, 0)
         assert child.pid in namespace_processes(own, 1 << 20)
     finally:

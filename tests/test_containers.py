@@ -24,6 +24,7 @@ import live_support as ls
 import netns
 import pytest
 import realtraffic_support as rt
+from support import skip_if, tracer
 
 from tracer.attribution.sockdiag import INET_DIAG_CGROUP_ID, parse_message
 from tracer.attribution.sockets import (
@@ -230,9 +231,7 @@ def _in_cgroup(cgroup: Path, argv: list[str]) -> list[str]:
 @pytest.mark.live
 def test_clients_in_a_namespace_and_crafted_cgroups(tmp_path: Path) -> None:
     ls.need_root()
-    reason = netns.unavailable_reason() or rt.grpcjs_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    skip_if(netns.unavailable_reason() or rt.grpcjs_unavailable_reason())
     root = _cgroup2_root()
     if root is None or not os.access(root, os.W_OK):
         pytest.skip("no writable cgroup v2 hierarchy to craft a container's cgroup in")
@@ -262,7 +261,7 @@ def test_clients_in_a_namespace_and_crafted_cgroups(tmp_path: Path) -> None:
             "--max-lifetime", "60"])))
         closer = processes.start(close.name, _in_cgroup(closer_dir, host.command([
             *close.argv(target), "--interval", "0.05", "--max-lifetime", "60"])))
-        ls.wait_done([leaker, closer])
+        rt.wait_done([leaker, closer])
         ls.wait_client_ports(leaker.popen.pid, port, leak.count)
         agent.wait_for_rows(
             "SELECT COUNT(*) AS n FROM connections WHERE attribution IS NOT NULL", [],
@@ -299,7 +298,7 @@ def test_clients_in_a_namespace_and_crafted_cgroups(tmp_path: Path) -> None:
     assert sum(e["opened"] for e in entries) == close.count
     assert set(pids) >= {e["pid"] for e in data["clients"] if e["pid"] is not None}
     # The text report says where each one runs.
-    text = rt.run_tracer("report", "--db", str(db))
+    text = tracer("report", "--db", str(db)).stdout
     assert f"pid {leaker.popen.pid}: container {leaker_id[:12]}, pod checkout-7d9f8c-x2v4q " \
         f"(uid {pod})" in " ".join(text.split()), text
     assert all(len(line) <= 100 for line in text.split("\n\n")[1].splitlines()[-2:]), text

@@ -9,12 +9,11 @@ Every expectation below is worked out by hand from that timeline.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from store_support import SERVER, T0, record, tracer
+from store_support import SERVER, T0, record, stored
+from support import tracer
 
 from store.correlate import (
     DEFAULT_PATTERN,
@@ -25,9 +24,7 @@ from store.correlate import (
     log_evidence,
 )
 from store.schema import open_database
-from store.writer import CaptureWriter
 
-REPO = Path(__file__).resolve().parent.parent
 PREFACE_TIMEOUT_LINE = ("transport: failed to receive server preface within timeout "
                         "(dialing 10.0.0.1:9090)")
 
@@ -35,18 +32,13 @@ PREFACE_TIMEOUT_LINE = ("transport: failed to receive server preface within time
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     path = tmp_path / "corr.db"
-    db = open_database(str(path))
-    writer = CaptureWriter.start(db, kind="file", ports=[9090])
     rows = [record(f"Cleak{i}", float(i), ("10.0.0.7", 40000 + i), close=None,
                    preface=i + 0.002, settings=i + 0.003) for i in range(50)]
     rows.append(record("Cstuck", 100.0, ("10.0.0.7", 50000), close=120.0, preface=100.002,
                        settings=None))
     rows.append(record("Cremote", 10.0, ("10.0.0.9", 33333), close=150.0, preface=10.002,
                        settings=10.012))
-    writer.write(rows, [], [])
-    writer.finish(status="complete", error=None, first_ts=T0, last_ts=T0 + 200.0,
-                  packets=1000, segments=1000, connections=len(rows), open_at_end=50,
-                  anomaly_counts={}, drops=0, elapsed_s=1.0, stats={})
+    db = stored(path, rows, first_ts=T0, last_ts=T0 + 200.0, packets=1000)
     with db.conn:
         db.conn.executemany(
             "INSERT INTO processes (pid, start_time, comm, cmdline) VALUES (?, ?, ?, ?)",
@@ -143,7 +135,7 @@ def test_log_evidence_episodes_and_text(db_path: Path) -> None:
     evidence = log_evidence(db, preface_timeout=20.0)
     # pid 4321: lines at 120 and 125 (one episode), 400 (a new one, > EPISODE_GAP_S later);
     # the remote line (no pid) is an episode of its log; the largest first, then by time
-    assert 400.0 - 125.0 > EPISODE_GAP_S
+    assert EPISODE_GAP_S < 400.0 - 125.0
     assert [(e["pid"], e["lines"]) for e in evidence] == [(4321, 2), (None, 1), (4321, 1)]
     main = evidence[0]
     assert main["preface_timeouts_nearby"] == 1
@@ -154,25 +146,23 @@ def test_log_evidence_episodes_and_text(db_path: Path) -> None:
     assert evidence[2]["text"].endswith("outside the captured time")
     assert evidence[1]["text"].startswith(
         "1 'connection reset by peer' line from log dialer.log at ")
-    report = json.loads(tracer("report", "--db", str(db_path), "--format", "json"))
+    report = json.loads(tracer("report", "--db", str(db_path), "--format", "json").stdout)
     assert report["log_evidence"] == json.loads(json.dumps(evidence))
-    table = tracer("report", "--db", str(db_path))
+    table = tracer("report", "--db", str(db_path)).stdout
     assert "log evidence" in table and main["text"] in table
 
 
 def test_cli_table_json_and_errors(db_path: Path) -> None:
-    out = tracer("correlate", "--db", str(db_path), "--window", "5s")
+    out = tracer("correlate", "--db", str(db_path), "--window", "5s").stdout
     assert "4 matching log line(s), 1 more without a time (not lined up)" in out
     assert "Cstuck" in out and "no server preface after 20.0s" in out
     assert "server then: 51 open (50 pid 700 leaker" in out
     data = json.loads(tracer("correlate", "--db", str(db_path), "--format", "json",
-                             "--limit", "1"))
+                             "--limit", "1").stdout)
     assert data["matched"] == 4 and len(data["lines"]) == 1
-    csv = tracer("correlate", "--db", str(db_path), "--format", "csv")
+    csv = tracer("correlate", "--db", str(db_path), "--format", "csv").stdout
     assert csv.splitlines()[0].startswith("TS,SOURCE,PID")
-    bad = subprocess.run([sys.executable, "-m", "cli.main", "correlate", "--db", str(db_path),
-                          "--pattern", "("], cwd=REPO, capture_output=True, text=True,
-                         check=False)
+    bad = tracer("correlate", "--db", str(db_path), "--pattern", "(", check=False)
     assert bad.returncode == 2 and "not a regular expression" in bad.stderr
     with pytest.raises(PatternError):
         compile_pattern("[")
@@ -233,8 +223,6 @@ def late_start(tmp_path: Path) -> Path:
     client's log has an error five seconds before the start and a grpc-go INFO line
     "transport is closing" (printed at every normal close) after it."""
     path = tmp_path / "late.db"
-    db = open_database(str(path))
-    writer = CaptureWriter.start(db, kind="live", ports=[9090])
     rows = []
     for i in range(3):
         r = record(f"Cold{i}", 100.0, ("10.0.0.7", 41000 + i), close=None, preface=None,
@@ -242,10 +230,8 @@ def late_start(tmp_path: Path) -> Path:
         r.update(syn_ts=None, established_ts=None, mid_stream=1, from_snapshot=1,
                  streams=124 if i == 0 else 0, history="")
         rows.append(r)
-    writer.write(rows, [], [])
-    writer.finish(status="complete", error=None, first_ts=T0 + 100.0, last_ts=T0 + 200.0,
-                  packets=10, segments=10, connections=3, open_at_end=3, anomaly_counts={},
-                  drops=0, elapsed_s=100.0, stats={})
+    db = stored(path, rows, first_ts=T0 + 100.0, last_ts=T0 + 200.0, packets=10,
+                elapsed_s=100.0, kind="live")
     with db.conn:
         db.conn.execute("INSERT INTO processes (pid, start_time, comm, cmdline)"
                         " VALUES (700, ?, 'pool', 'pool')", [T0 - 1000.0])
@@ -276,7 +262,7 @@ def test_a_line_before_the_capture_says_what_its_start_found(late_start: Path) -
     situations = {c["uid"]: c["at_line"] for c in line["connections"]}
     assert situations["Cold0"] == ("open when the capture began 5.0s after (opened then "
                                    "or before: not seen)")
-    text = tracer("correlate", "--db", str(late_start))
+    text = tracer("correlate", "--db", str(late_start)).stdout
     assert "before the capture (it began 5.0s later): its start found 3 open (3 pid 700 " \
            "pool), opened before it" in text, text
 

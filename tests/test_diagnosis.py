@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,19 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import realtraffic_support as rt
+from support import REPO, free_port, need_root, skip_if, tracer, tracer_command
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.live]
 
-if os.geteuid() != 0:
-    pytest.skip("live capture needs root", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+need_root("live capture")
 
 
 def peer(*args: str) -> subprocess.Popen[str]:
@@ -45,14 +37,6 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-
-
-def tracer(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, check=False,
-                          capture_output=True, text=True, timeout=120)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"tracer {args} failed: {proc.stderr}")
-    return proc
 
 
 @pytest.fixture
@@ -78,8 +62,8 @@ def server_factory() -> Iterator[object]:
 def capture(port: int, db: Path, seconds: float, clients: list[list[str]]) -> dict[int, str]:
     """Run the agent for ``seconds`` while ``clients`` run; return pid -> mode."""
     agent = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "capture", "--port", str(port), "--iface", "lo",
-         "--db", str(db), "--duration", f"{seconds}s", "-q"], cwd=REPO,
+        [*tracer_command(), "capture", "--port", str(port), "--iface", "lo", "--db", str(db),
+         "--duration", f"{seconds}s", "-q"], cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
     procs = [peer(*c) for c in clients]
@@ -90,7 +74,7 @@ def capture(port: int, db: Path, seconds: float, clients: list[list[str]]) -> di
             stop(p)
         stop(agent)
     assert agent.returncode == 0, agent.stderr.read() if agent.stderr else ""
-    return {p.pid: c[0] for p, c in zip(procs, clients)}
+    return {p.pid: c[0] for p, c in zip(procs, clients, strict=True)}
 
 
 def test_recycled_and_pinging_connections_are_not_leaks(server_factory, tmp_path: Path) -> None:
@@ -148,9 +132,6 @@ def test_leaker_among_pooled_closing_and_health_checks(server_factory, tmp_path:
     assert tracer("report", "--db", str(db), "--fail-on-leak", check=False).returncode == 1
 
 
-PEERS = REPO / "tests" / "peers"
-
-
 def test_stopped_server_preface_timeouts_lined_up_with_client_logs(server_factory,
                                                                     tmp_path: Path) -> None:
     """The server process is SIGSTOPped: the kernel still completes handshakes, clients send
@@ -158,30 +139,27 @@ def test_stopped_server_preface_timeouts_lined_up_with_client_logs(server_factor
     @grpc/grpc-js client (1.5 s deadline) dial and log the failures in their library's own
     words. The report finds the preface timeouts, and `tracer correlate` lines every log
     line up with a connection of the same process that never got the server's preface."""
-    from shutil import which
-
-    if which("node") is None or not (PEERS / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        pytest.skip("node and tests/peers/node_modules (make node-deps) are needed")
+    skip_if(rt.grpcjs_unavailable_reason())
     port = server_factory()
     target = f"127.0.0.1:{port}"
     db = tmp_path / "stopped.db"
     py_log, js_log = tmp_path / "dialer-py.log", tmp_path / "dialer-js.log"
     server_pid = _listener_pid(port)
     agent = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "capture", "--port", str(port), "--iface", "lo",
-         "--db", str(db), "--duration", "9s", "-q"], cwd=REPO,
+        [*tracer_command(), "capture", "--port", str(port), "--iface", "lo", "--db", str(db),
+         "--duration", "9s", "-q"], cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     clients: list[subprocess.Popen[str]] = []
     try:
         time.sleep(1.0)
         os.kill(server_pid, signal.SIGSTOP)
         clients = [
-            subprocess.Popen([sys.executable, str(PEERS / "grpcio_client.py"), "dial",
+            subprocess.Popen([sys.executable, str(rt.PEERS_DIR / "grpcio_client.py"), "dial",
                               "--target", target, "--count", "3", "--interval", "0.3",
                               "--connect-timeout", "1", "--log", str(py_log),
                               "--max-lifetime", "0"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True),
-            subprocess.Popen(["node", str(PEERS / "grpcjs_client.js"), "dial",
+            subprocess.Popen(["node", str(rt.PEERS_DIR / "grpcjs_client.js"), "dial",
                               "--target", target, "--count", "3", "--interval", "0.3",
                               "--deadline", "1.5", "--log", str(js_log),
                               "--max-lifetime", "0"],

@@ -14,11 +14,11 @@ import shutil
 import sqlite3
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import DEMO_CAPTURE, free_port, requires_root, tmpfs, tracer
 
 from cli.demo import SHIPPED_PORT
 from store.queries import report
@@ -26,22 +26,13 @@ from store.schema import StoreError, migrations, open_database
 from tracer.sources.pcapfile import CaptureReader
 from tracer.sources.pcapwriter import PcapngWriter, PcapWriteError
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO_CAPTURE = REPO / "cli" / "demo-capture.pcapng"
-IS_ROOT = os.geteuid() == 0
 SIDE_FILES = ("-wal", "-shm", "-journal")
 NOBODY = 65534  # an unprivileged uid that owns no file here
 
 
-def tracer(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, check=False,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-
-
 def capture_demo(db: Path) -> subprocess.CompletedProcess[str]:
     return tracer("capture", "-q", "--read", str(DEMO_CAPTURE), "--port", str(SHIPPED_PORT),
-                  "--db", str(db))
+                  "--db", str(db), check=False)
 
 
 def assert_refused(proc: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -81,7 +72,7 @@ def demo_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def report_json(demo_db: Path) -> str:
     """`tracer report --format json` on the original database."""
-    proc = tracer("report", "--db", str(demo_db), "--format", "json")
+    proc = tracer("report", "--db", str(demo_db), "--format", "json", check=False)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -113,7 +104,7 @@ def test_symlinked_db_is_refused(tmp_path: Path, case: str, command: str) -> Non
     if command == "capture":
         proc = capture_demo(link)
     else:
-        proc = tracer("report", "--db", str(link))
+        proc = tracer("report", "--db", str(link), check=False)
     assert_refused(proc, "refusing to open DB", "symbolic link to", str(target.name),
                    "give the real path")
     if before is None:
@@ -137,7 +128,8 @@ def test_symlinked_side_file_is_refused(tmp_path: Path, demo_db: Path, suffix: s
     target.write_text("precious\n")
     (tmp_path / ("copy.db" + suffix)).symlink_to(target)
     before, db_hash = snapshot(target), sha256(db)
-    proc = capture_demo(db) if command == "capture" else tracer("report", "--db", str(db))
+    proc = capture_demo(db) if command == "capture" else tracer("report", "--db", str(db),
+                                                               check=False)
     assert_refused(proc, "refusing to open DB", "copy.db" + suffix, "symbolic link")
     assert snapshot(target) == before
     assert sha256(db) == db_hash
@@ -160,7 +152,7 @@ def test_db_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str,
         words = ["a device"]
     # A FIFO opened for reading would block: the timeout catches a hang.
     proc = capture_demo(db) if command == "capture" else tracer("report", "--db", str(db),
-                                                               timeout=60)
+                                                               timeout=60, check=False)
     assert_refused(proc, "refusing to open DB", "not a regular file", *words)
     if kind == "directory":
         assert list(db.iterdir()) == []
@@ -170,8 +162,8 @@ def test_a_file_that_is_not_a_database_never_becomes_one(tmp_path: Path) -> None
     db = tmp_path / "notes.txt"
     db.write_text("not a database, and it stays so\n")
     before = snapshot(db)
-    for proc in (capture_demo(db), tracer("report", "--db", str(db)),
-                 tracer("logs", "list", "--db", str(db))):
+    for proc in (capture_demo(db), tracer("report", "--db", str(db), check=False),
+                 tracer("logs", "list", "--db", str(db), check=False)):
         assert_refused(proc, str(db), "file is not a database")
         assert snapshot(db) == before
     assert side_files(db) == []
@@ -184,10 +176,10 @@ def test_an_empty_file_of_ours_becomes_a_private_database(tmp_path: Path) -> Non
     proc = capture_demo(db)
     assert proc.returncode == 0, proc.stderr
     assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
-    assert tracer("report", "--db", str(db)).returncode == 0
+    assert tracer("report", "--db", str(db), check=False).returncode == 0
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="giving a file to another user needs root")
+@requires_root("giving a file to another user")
 def test_an_empty_file_of_another_user_is_refused(tmp_path: Path) -> None:
     """Planted in a shared directory for root's agent to fill: its owner could read it."""
     db = tmp_path / "planted.db"
@@ -201,7 +193,7 @@ def test_an_empty_file_of_another_user_is_refused(tmp_path: Path) -> None:
     assert side_files(db) == []
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="giving a file to another user needs root")
+@requires_root("giving a file to another user")
 def test_a_side_file_of_another_user_is_refused(tmp_path: Path, demo_db: Path) -> None:
     """A -wal someone else owns would receive the database's pages, readable by them."""
     db = tmp_path / "copy.db"
@@ -234,7 +226,7 @@ def test_open_database_raises_store_error(tmp_path: Path) -> None:
     link = tmp_path / "link.db"
     link.symlink_to(tmp_path / "nowhere.db")
     for readonly in (False, True):
-        with pytest.raises(StoreError, match="symbolic link to .*nowhere.db; give the real"):
+        with pytest.raises(StoreError, match=r"symbolic link to .*nowhere\.db; give the real"):
             open_database(str(link), readonly=readonly)
     assert not (tmp_path / "nowhere.db").exists()
     with pytest.raises(StoreError, match="no database at"):
@@ -285,16 +277,7 @@ def test_pcapng_writer_creates_a_new_private_file(tmp_path: Path) -> None:
         (1_790_000_000.25, 40)]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@pytest.mark.skipif(not IS_ROOT, reason="a live capture needs root (packet sockets)")
+@requires_root("a live capture (packet sockets)")
 @pytest.mark.parametrize("case", ["existing file", "symlink"])
 def test_capture_write_refuses_an_existing_name(tmp_path: Path, case: str) -> None:
     pcap = tmp_path / "dump.pcapng"
@@ -310,9 +293,9 @@ def test_capture_write_refuses_an_existing_name(tmp_path: Path, case: str) -> No
         words = ["already exists", "choose another name or remove it"]
     watched = target if case == "symlink" else pcap
     before = snapshot(watched)
-    proc = tracer("capture", "-q", "--iface", "lo", "--port", str(_free_port()),
+    proc = tracer("capture", "-q", "--iface", "lo", "--port", str(free_port()),
                   "--duration", "1s", "--write", str(pcap), "--db", str(tmp_path / "t.db"),
-                  timeout=60)
+                  timeout=60, check=False)
     if proc.returncode == 4 and str(pcap) not in proc.stderr:
         pytest.skip(f"live capture cannot start here: {proc.stderr.strip()}")
     assert_refused(proc, str(pcap), *words)
@@ -325,25 +308,14 @@ def test_capture_write_refuses_an_existing_name(tmp_path: Path, case: str) -> No
 @contextlib.contextmanager
 def read_only_mount(tmp_path: Path, *files: Path) -> Iterator[Path]:
     """A small tmpfs holding copies of ``files``, then remounted read-only."""
-    if not IS_ROOT:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "media"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs",
-                           str(mnt)], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "media", "16m", mode="0755") as mnt:
         for f in files:
             shutil.copy2(f, mnt / f.name)
         proc = subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True,
-                              text=True, check=False)
+                              text=True, check=False, timeout=10)
         if proc.returncode != 0:
             pytest.skip(f"cannot remount the tmpfs read-only: {proc.stderr.strip()}")
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 READER_COMMANDS = [
@@ -360,7 +332,7 @@ READER_COMMANDS = [
 def run_readers(db: Path) -> list[str]:
     outputs = []
     for command in READER_COMMANDS:
-        proc = tracer(*command, "--db", str(db))
+        proc = tracer(*command, "--db", str(db), check=False)
         assert proc.returncode == 0, (command, proc.stderr)
         outputs.append(proc.stdout)
     return outputs
@@ -373,7 +345,7 @@ def test_report_on_a_read_only_copy(tmp_path: Path, demo_db: Path, report_json: 
     shutil.copyfile(demo_db, copy)
     copy.chmod(0o444)
     digest = sha256(copy)
-    proc = tracer("report", "--db", str(copy), "--format", "json")
+    proc = tracer("report", "--db", str(copy), "--format", "json", check=False)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == json.loads(report_json)
     assert proc.stdout == report_json
@@ -387,7 +359,7 @@ def test_report_on_a_read_only_mount(tmp_path: Path, demo_db: Path, report_json:
     with read_only_mount(tmp_path, demo_db) as mnt:
         copy = mnt / demo_db.name
         digest = sha256(copy)
-        proc = tracer("report", "--db", str(copy), "--format", "json")
+        proc = tracer("report", "--db", str(copy), "--format", "json", check=False)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout == report_json
         assert run_readers(copy) == run_readers(demo_db)
@@ -428,12 +400,12 @@ def test_changes_in_a_wal_are_never_ignored(tmp_path: Path, demo_db: Path) -> No
     for leftover in db.parent.glob("busy.db-shm"):
         leftover.unlink()
     with read_only_mount(tmp_path, db, wal) as mnt:
-        proc = tracer("report", "--db", str(mnt / db.name))
+        proc = tracer("report", "--db", str(mnt / db.name), check=False)
         assert_refused(proc, "busy.db-wal", "copy both files somewhere writable")
 
 
 def report_packets(db: Path) -> str:
-    proc = tracer("report", "--db", str(db), "--format", "json")
+    proc = tracer("report", "--db", str(db), "--format", "json", check=False)
     assert proc.returncode == 0, proc.stderr
     return json.dumps(json.loads(proc.stdout)["capture"]["packets"])
 
@@ -451,7 +423,7 @@ def test_readers_never_store_the_report(tmp_path: Path, demo_db: Path,
         (tmp_path / leftover).unlink()
     db.chmod(0o444)
     digest = sha256(db)
-    proc = tracer("report", "--db", str(db), "--format", "json")
+    proc = tracer("report", "--db", str(db), "--format", "json", check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == report_json
     assert sha256(db) == digest
@@ -481,7 +453,7 @@ def test_report_stores_only_when_asked(tmp_path: Path, demo_db: Path) -> None:
     db.close()
     reader = open_database(str(db_path), readonly=True)
     assert report(reader) == marked
-    with pytest.raises(sqlite3.OperationalError, match="readonly|read-only|query_only"):
+    with pytest.raises(sqlite3.OperationalError, match=r"readonly|read-only|query_only"):
         report(reader, store=True, cache=True, preface_timeout=1.0)
     reader.close()
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
@@ -513,7 +485,7 @@ def test_reader_of_a_database_from_an_older_tracer(tmp_path: Path, demo_db: Path
     _forget(old, "m004_preface_index", "m005_report_cache")
     old.chmod(0o444)
     digest = sha256(old)
-    proc = tracer("report", "--db", str(old), "--format", "json")
+    proc = tracer("report", "--db", str(old), "--format", "json", check=False)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == json.loads(report_json)
     assert sha256(old) == digest and side_files(old) == []
@@ -523,7 +495,7 @@ def test_reader_of_a_database_from_an_older_tracer(tmp_path: Path, demo_db: Path
     _forget(older, "m003_logs")
     older.chmod(0o444)
     digest = sha256(older)
-    assert_refused(tracer("report", "--db", str(older)), "written by an older tracer",
+    assert_refused(tracer("report", "--db", str(older), check=False), "written by an older tracer",
                    "m003_logs", "tracer capture")
     assert sha256(older) == digest
 
@@ -533,7 +505,7 @@ def test_reader_of_a_database_from_a_newer_tracer(tmp_path: Path, demo_db: Path)
     shutil.copyfile(demo_db, newer)
     _forget(newer, add="m999_from_the_future")
     digest = sha256(newer)
-    assert_refused(tracer("report", "--db", str(newer)), "written by a newer tracer",
+    assert_refused(tracer("report", "--db", str(newer), check=False), "written by a newer tracer",
                    "m999_from_the_future")
     assert sha256(newer) == digest
 

@@ -29,13 +29,13 @@ import resource
 import shutil
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import tracer, wait_for
 
 from store.queries import server_health, timeline
 from store.retention import prune
@@ -81,10 +81,10 @@ TCP6 = """  sl  local_address                         remote_address            
    0: 00000000000000000000000000000000:91A7 00000000000000000000000000000000:0000 0A 00000000:00000006 00:00000000 00000000     0        0 607121 1 0000000019d1827c 100 0 0 10 0
    1: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000002 00:00000000 00000000     0        0 607122 1 0000000019d1827c 100 0 0 10 0
   57: 0000000000000000FFFF00000100007F:91A7 0000000000000000FFFF00000100007F:89FE 01 00000000:00000009 00:00000000 00000000     0        0 611423 1 00000000b1ca8be0 20 4 23 15 -1
-"""
+"""  # noqa: E501 - /proc/net/tcp6 as the kernel writes it
 TCP4 = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 0100007F:91A7 00000000:0000 0A 00000000:00000081 00:00000000 00000000     0        0 5001 1 0000000000000000 100 0 0 10 0
-"""
+"""  # noqa: E501 - /proc/net/tcp as the kernel writes it
 
 
 def test_parse_listen_queue_from_proc_net_tcp() -> None:
@@ -339,12 +339,11 @@ def freeze(tmp_path_factory: pytest.TempPathFactory) -> Freeze:
         pytest.skip("util-linux prlimit is not installed")
     work = tmp_path_factory.mktemp("freeze")
     db, dial_log = work / "freeze.db", work / "dialer.log"
-    python = [sys.executable, "-u"]
     with ls.processes() as processes:
         server = processes.start("server", [
-            "prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}", *python,
-            str(rt.PEERS_DIR / "grpcio_server.py"), "0", "--max-lifetime", "60"])
-        port = int(server.wait_for("READY ", time.monotonic() + rt.READY_TIMEOUT_S).split()[1])
+            "prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}", *rt.grpcio_peer("server"), "0",
+            "--max-lifetime", "60"])
+        port = rt.ready_port(server)
         server_pid = server.popen.pid  # setpriv and prlimit exec the server: one pid
         with open(f"/proc/{server_pid}/limits") as f:
             assert parse_limits(f.read()) == (FD_LIMIT, FD_LIMIT)
@@ -354,14 +353,14 @@ def freeze(tmp_path_factory: pytest.TempPathFactory) -> Freeze:
         target = f"127.0.0.1:{port}"
         agent = ls.Agent(processes, db, port, "--iface", "lo", "--duration", f"{AGENT_MAX_S}s")
         agent.wait_ready()
-        leaker = processes.start("leaker", [*python, str(rt.PEERS_DIR / "grpcio_client.py"),
-                                            "leak", "--target", target, "--count", str(leaked),
+        leaker = processes.start("leaker", [*rt.grpcio_peer("client"), "leak", "--target",
+                                            target, "--count", str(leaked),
                                             "--max-lifetime", "60"])
         leaker.wait_for("DONE", time.monotonic() + rt.CLIENTS_TIMEOUT_S)
-        _wait(lambda: len(os.listdir(f"/proc/{server_pid}/fd")) == FD_LIMIT,
-              "the server holds all its descriptors")
+        wait_for(lambda: len(os.listdir(f"/proc/{server_pid}/fd")) == FD_LIMIT,
+                 "the server holds all its descriptors", timeout=10.0)
         dialer = processes.start("dialer", [
-            *python, str(rt.PEERS_DIR / "grpcio_client.py"), "dial", "--target", target,
+            *rt.grpcio_peer("client"), "dial", "--target", target,
             "--count", str(DIALS), "--interval", "0.3", "--connect-timeout", "1",
             "--log", str(dial_log), "--max-lifetime", "0"])
         dialer.wait_for("DONE", time.monotonic() + rt.CLIENTS_TIMEOUT_S)
@@ -378,23 +377,15 @@ def freeze(tmp_path_factory: pytest.TempPathFactory) -> Freeze:
         os.kill(agent.pid, signal.SIGINT)
         assert agent.wait_exit() == 0, agent.output()
         leaker_pid = leaker.popen.pid
-    report = json.loads(rt.run_tracer("report", "--db", str(db), "--format", "json",
-                                      "--preface-timeout", "0.8"))
-    text = rt.run_tracer("report", "--db", str(db), "--preface-timeout", "0.8")
-    series = json.loads(rt.run_tracer("timeline", "--db", str(db), "--bucket", "2s",
-                                      "--format", "json"))
+    report = json.loads(tracer("report", "--db", str(db), "--format", "json",
+                               "--preface-timeout", "0.8").stdout)
+    text = tracer("report", "--db", str(db), "--preface-timeout", "0.8").stdout
+    series = json.loads(tracer("timeline", "--db", str(db), "--bucket", "2s",
+                               "--format", "json").stdout)
     with open("/proc/sys/net/core/somaxconn") as f:
         somaxconn = int(f.read())
     return Freeze(server_pid, leaker_pid, leaked, db, dial_log.read_text(), report, text,
                   series, somaxconn)
-
-
-def _wait(condition: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.05)
 
 
 @pytest.mark.live
@@ -450,8 +441,6 @@ def test_freeze_timeline_has_the_server_series(freeze: Freeze, tmp_path: Path) -
     assert {v for v in server["fd_limit"] if v is not None} == {FD_LIMIT}
     assert max(v or 0 for v in server["accept_queue"]) >= DIALS
     pytest.importorskip("matplotlib")
-    import realtraffic_support as rt
-
     plot = tmp_path / "freeze.png"
-    rt.run_tracer("timeline", "--db", str(freeze.db), "--bucket", "2s", "--plot", str(plot))
+    tracer("timeline", "--db", str(freeze.db), "--bucket", "2s", "--plot", str(plot))
     assert plot.stat().st_size > 10_000

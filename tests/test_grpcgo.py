@@ -23,6 +23,7 @@ from typing import Any
 import live_support as ls
 import pytest
 import realtraffic_support as rt
+from support import in_background, skip_if
 
 pytestmark = [pytest.mark.live]
 
@@ -44,9 +45,7 @@ CROSS_RPCS = 8
 
 def _need_peers() -> None:
     ls.need_root()
-    reason = rt.grpcgo_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    skip_if(rt.grpcgo_unavailable_reason())
 
 
 def _start_client(processes: rt.Processes, peer: rt.PeerSpec, target: str,
@@ -62,27 +61,18 @@ def _entry(report: dict[str, Any], pid: int) -> dict[str, Any] | None:
 
 class PortWatch:
     """The kernel's count of one process's established connections to the server port,
-    sampled (wall clock, count) in a thread from start() to stop()."""
+    sampled (wall clock, count) by ``sample`` on a thread of its own."""
 
     def __init__(self, pid: int, server_port: int) -> None:
         self.pid, self.server_port = pid, server_port
         self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"ports-{pid}", daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def sample(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             before = time.time()
             count = len(ls.client_ports(self.pid, self.server_port))
             self.samples.append(((before + time.time()) / 2, count))
-            self._stop.wait(0.005)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
+            stop.wait(0.005)
 
     def around(self, ts: float, window: float) -> list[int]:
         return [n for t, n in self.samples if abs(t - ts) <= window]
@@ -118,16 +108,13 @@ def churn(tmp_path_factory: pytest.TempPathFactory) -> ChurnRun:
             POOL.name: _start_client(processes, POOL, target, "--interval", POOL_INTERVAL_S),
             CLOSE.name: _start_client(processes, CLOSE, target),
         }
-        ls.wait_done(list(clients.values()))
+        rt.wait_done(list(clients.values()))
         pids = {name: proc.popen.pid for name, proc in clients.items()}
         ls.wait_client_ports(pids[LEAK.name], port, LEAK.count)
         watch = PortWatch(pids[LEAK.name], port)
-        watch.start()
-        try:
+        with in_background(watch.sample, f"ports-{watch.pid}"):
             agent.require_time_left(CHURN_DURATION_S)
             code = agent.wait_exit()
-        finally:
-            watch.stop()
         outputs = {proc.name: proc.output() for proc in processes.started}
     report = ls.report(db)
     end = report["capture"]["last_ts"]
@@ -209,7 +196,7 @@ def test_cross_implementation_pools_are_ok(tmp_path: Path, server_impl: str) -> 
                          "--duration", f"{CROSS_DURATION_S}s")
         agent.wait_ready()
         client = ls.start_peer(processes, peer, f"127.0.0.1:{port}")
-        ls.wait_done([client])
+        rt.wait_done([client])
         pid = client.popen.pid
         ls.wait_client_ports(pid, port, 1)
         agent.require_time_left(CROSS_DURATION_S)

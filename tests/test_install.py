@@ -25,13 +25,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import REPO
 
 from cli.demo import SHIPPED_PORT
 from tracer import compiled
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 SUFFIXES = tuple(importlib.machinery.EXTENSION_SUFFIXES)
 SUFFIX = SUFFIXES[0]
 # The shipped capture's three clients, each on its own address (cli/demo.py).
@@ -45,7 +45,7 @@ NOT_COPIED = {".venv", ".git", "node_modules", "__pycache__", ".mypy_cache", ".p
 
 def _ignore(directory: str, names: list[str]) -> set[str]:
     ignored = {n for n in names if n in NOT_COPIED or n.endswith((*SUFFIXES, ".egg-info"))}
-    if Path(directory) == ROOT:
+    if Path(directory) == REPO:
         ignored |= {n for n in names if n == "build" or n.endswith((".db", ".db-wal", ".db-shm"))}
     return ignored
 
@@ -73,7 +73,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def source(work: Path) -> Path:
     src = work / "src"
-    shutil.copytree(ROOT, src, ignore=_ignore, symlinks=True)
+    shutil.copytree(REPO, src, ignore=_ignore, symlinks=True)
     return src
 
 
@@ -110,9 +110,8 @@ def _binaries(package: Path) -> set[str]:
 def _check_tracer(venv: Path, cwd: Path, kind: str) -> Path:
     """Run the venv's own `tracer` in cwd (a new directory outside the source tree) on the
     shipped capture; the tracer package it imports."""
-    out = _run([venv / "bin" / "python", "-c",
-                "import tracer, tracer.decode; print(tracer.__file__); print(tracer.decode.__file__)"],
-                cwd=cwd)
+    out = _run([venv / "bin" / "python", "-c", "import tracer, tracer.decode; "
+                "print(tracer.__file__); print(tracer.decode.__file__)"], cwd=cwd)
     init, decode = out.split()
     assert decode.endswith(SUFFIXES if kind == "compiled" else ".py"), decode
     package = Path(init).parent

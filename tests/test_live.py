@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ import netns
 import psutil
 import pytest
 import realtraffic_support as rt
+from support import free_port, in_background, poll, skip_if, tracer, tracer_command
 
 from store.queries import MANY_LEFT_BEHIND
 
@@ -52,16 +54,7 @@ _need_root = ls.need_root
 
 
 def _need_netns() -> None:
-    reason = netns.unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-
-
-def _need_nobody() -> None:
-    _need_root()
-    reason = ls.nobody_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    skip_if(netns.unavailable_reason())
 
 
 _processes = ls.processes
@@ -111,7 +104,7 @@ def loopback(tmp_path_factory: pytest.TempPathFactory) -> LoopbackRun:
                          "--duration", f"{LOOPBACK_DURATION_S}s", "--write", str(pcap))
         agent.wait_ready()
         clients = {p.name: ls.start_peer(processes, p, f"127.0.0.1:{port}") for p in peers}
-        ls.wait_done(list(clients.values()))
+        rt.wait_done(list(clients.values()))
         pids = {name: proc.popen.pid for name, proc in clients.items()}
         ports = {p.name: ls.wait_client_ports(pids[p.name], port, p.open_at_end)
                  for p in peers if p.mode != "close"}
@@ -212,8 +205,8 @@ def test_written_pcapng_reads_back_to_the_same_connections(
     assert loopback.pcap.exists(), loopback.agent_output
     assert loopback.pcap.stat().st_mode & 0o777 == 0o600, oct(loopback.pcap.stat().st_mode)
     replay = tmp_path / "replay.db"
-    rt.run_tracer("capture", "--read", str(loopback.pcap), "--port", str(loopback.port),
-                  "--db", str(replay), "-q")
+    tracer("capture", "--read", str(loopback.pcap), "--port", str(loopback.port),
+           "--db", str(replay), "-q")
 
     def shape(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], tuple[Any, ...]]:
         return {(r["orig_h"], r["orig_p"], r["resp_h"], r["resp_p"]):
@@ -237,7 +230,7 @@ def test_connections_open_before_the_agent_are_seeded(tmp_path: Path) -> None:
     with _processes() as processes:
         port = ls.start_server(processes)
         leaker = ls.start_peer(processes, peer, f"127.0.0.1:{port}")
-        ls.wait_done([leaker])
+        rt.wait_done([leaker])
         ports = ls.wait_client_ports(leaker.popen.pid, port, peer.count)
         agent = ls.Agent(processes, db, port, "--iface", "lo", "--duration", "2s")
         assert agent.wait_exit() == 0, agent.output()
@@ -281,7 +274,7 @@ def test_client_in_another_namespace(tmp_path: Path) -> None:
         inside.wait_ready()
         client = ls.start_peer(processes, peer, f"{host.gateway}:{port}",
                                prefix=host.command([]))
-        ls.wait_done([client])
+        rt.wait_done([client])
         pid = client.popen.pid
         ports = ls.wait_client_ports(pid, port, peer.count)
         outside.require_time_left(NETNS_DURATION_S)
@@ -311,7 +304,7 @@ def test_signal_stops_the_agent_cleanly(tmp_path: Path, sig: int) -> None:
         agent = ls.Agent(processes, db, port, "--iface", "lo")
         agent.wait_ready()
         leaker = ls.start_peer(processes, peer, f"127.0.0.1:{port}")
-        ls.wait_done([leaker])
+        rt.wait_done([leaker])
         agent.wait_for_rows("SELECT pid FROM connections WHERE attribution = 'local'", [],
                             lambda rows: len(rows) == peer.count, "the leaks are attributed")
         os.kill(agent.pid, sig)  # the main process, as `kill PID` or docker stop does
@@ -329,7 +322,7 @@ def test_sigterm_to_the_process_group_stops_the_agent_cleanly(tmp_path: Path) ->
     _need_root()
     db = tmp_path / "pgrp.db"
     with _processes() as processes:
-        agent = ls.Agent(processes, db, ls.free_port(), "--iface", "lo")
+        agent = ls.Agent(processes, db, free_port(), "--iface", "lo")
         agent.wait_ready()
         os.killpg(agent.pid, signal.SIGTERM)  # its own session: pgid == pid
         code = agent.wait_exit()
@@ -412,7 +405,7 @@ def test_store_worker_ends_after_kill_9(killed: KilledRun) -> None:
 def test_kernel_drops_are_counted_and_reported(tmp_path: Path) -> None:
     _need_root()
     db = tmp_path / "drops.db"
-    port = ls.free_port()
+    port = free_port()
     with _processes() as processes, ls.tcp_sink(port):
         agent = ls.Agent(processes, db, port, "--iface", "lo", "--buffer-size", "4096")
         agent.wait_ready()
@@ -430,7 +423,7 @@ def test_kernel_drops_are_counted_and_reported(tmp_path: Path) -> None:
     assert ls.report(db)["capture"]["drops"] == drops
     match = re.search(r"([\d,]+) dropped", agent.output())
     assert match and int(match.group(1).replace(",", "")) == drops, agent.output()
-    table = rt.run_tracer("report", "--db", str(db))
+    table = tracer("report", "--db", str(db)).stdout
     assert f"drops {drops}" in table, table
 
 
@@ -438,9 +431,9 @@ def test_kernel_drops_are_counted_and_reported(tmp_path: Path) -> None:
 
 
 def test_not_root_exits_4_with_the_fix(tmp_path: Path) -> None:
-    _need_nobody()
+    ls.need_nobody()
     proc = subprocess.run(
-        ls.as_nobody([*rt.tracer_command(), "capture", "--port", str(ls.free_port()),
+        ls.as_nobody([*tracer_command(), "capture", "--port", str(free_port()),
                       "--db", str(tmp_path / "never.db"), "--duration", "1s"]),
         check=False, capture_output=True, text=True, cwd="/", timeout=30,
         stdin=subprocess.DEVNULL,
@@ -466,10 +459,10 @@ def _nobody_dir() -> Iterator[Path]:
 
 def test_user_nobody_agent_runs(request: pytest.FixtureRequest) -> None:
     """`tracer capture --user nobody`, as a user runs it."""
-    _need_nobody()
+    ls.need_nobody()
     with _nobody_dir() as work, _processes() as processes:
         db = work / "user.db"
-        agent = ls.Agent(processes, db, ls.free_port(), "--iface", "lo", "--user", ls.NOBODY,
+        agent = ls.Agent(processes, db, free_port(), "--iface", "lo", "--user", ls.NOBODY,
                          "--duration", "1s")
         code = agent.wait_exit()
         assert code == 0, agent.output()
@@ -485,7 +478,7 @@ def test_user_drops_privileges_and_still_captures() -> None:
 
     Where nobody cannot read the interpreter's standard library (the bug above), the
     agent is started with the modules it imports late already imported."""
-    _need_nobody()
+    ls.need_nobody()
     command = ls.preloaded_tracer_command() if ls.stdlib_hidden_from_nobody() else None
     as_root = rt.PeerSpec("grpcio-leak-root", "grpcio", "leak", 3)
     as_nobody = rt.PeerSpec("grpcio-leak-nobody", "grpcio", "leak", 3)
@@ -499,7 +492,7 @@ def test_user_drops_privileges_and_still_captures() -> None:
         root_client = ls.start_peer(processes, as_root, target)
         nobody_client = ls.start_peer(processes, as_nobody, target,
                                       prefix=ls.as_nobody([]))
-        ls.wait_done([root_client, nobody_client])
+        rt.wait_done([root_client, nobody_client])
         root_ports = ls.wait_client_ports(root_client.popen.pid, port, as_root.count)
         nobody_ports = ls.wait_client_ports(nobody_client.popen.pid, port, as_nobody.count)
         agent.require_time_left(USER_DURATION_S)
@@ -533,9 +526,7 @@ def test_demo_names_the_leaking_pid(tmp_path: Path) -> None:
     _need_root()
     db = tmp_path / "demo.db"
     with rt.nothing_left_behind():
-        proc = subprocess.run([*rt.tracer_command(), "demo", "--duration", "8", "--db", str(db)],
-                              check=False, capture_output=True, text=True, cwd=rt.REPO,
-                              timeout=60, stdin=subprocess.DEVNULL)
+        proc = tracer("demo", "--duration", "8", "--db", str(db), check=False, timeout=60)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     match = re.search(r"found it: pid (\d+) \(([^)]*)\)", out)
@@ -564,41 +555,37 @@ def test_no_packet_of_another_port_is_captured() -> None:
     _need_root()
     from tracer.sources.live import LiveCapture
 
-    port, busy = ls.free_port(), ls.free_port()
+    port, busy = free_port(), free_port()
     foreign: list[tuple[int, int]] = []
+
+    def capture_once() -> list[tuple[int, int]]:
+        """One capture opened and drained: the packets of other ports it let through."""
+        with LiveCapture(["lo"], frozenset([port])) as capture:
+            for item in capture.packets(0.01):
+                if item is None:
+                    break
+                ports = _ports_of(item[2])
+                if ports is None or port not in ports:
+                    foreign.append(ports or (0, 0))
+        return foreign
+
     with ls.tcp_sink(busy), socket.create_connection(("127.0.0.1", busy)) as noise, \
             _noise_thread(noise):
-        deadline = time.monotonic() + 4.0
-        while not foreign and time.monotonic() < deadline:
-            with LiveCapture(["lo"], frozenset([port])) as capture:
-                for item in capture.packets(0.01):
-                    if item is None:
-                        break
-                    ports = _ports_of(item[2])
-                    if ports is None or port not in ports:
-                        foreign.append(ports or (0, 0))
+        poll(capture_once, timeout=4.0, interval=0.0)  # a new capture each time, 4 s long
     assert not foreign, f"{len(foreign)} packets of other ports, e.g. {foreign[:3]}"
 
 
 @contextlib.contextmanager
 def _noise_thread(sock: socket.socket) -> Iterator[None]:
     """Small segments on another loopback port as fast as they go, until the block ends."""
-    import threading
-
-    stop = threading.Event()
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def run() -> None:
+    def run(stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 sock.send(b"x" * 16)
             except OSError:
                 return
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
+    with in_background(run, "noise"):
         yield
-    finally:
-        stop.set()
-        thread.join(5.0)

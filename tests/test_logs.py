@@ -14,8 +14,6 @@ import json
 import os
 import sqlite3
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support import tracer
 
 from cli.main import main
 from tracer.logs import MAX_LINE, LineSplitter, LogParser, LogRecord, TimeBase, UnparsedLine
@@ -34,7 +33,6 @@ from tracer.logs.records import MAX_MESSAGE
 from tracer.sources.logfile import LocalZone, plan_parts, read_range
 
 UTC = datetime.timezone.utc
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def instant(wall: str, zone: str = "UTC") -> float:
@@ -43,8 +41,8 @@ def instant(wall: str, zone: str = "UTC") -> float:
     return datetime.datetime.fromisoformat(wall).replace(tzinfo=tz).timestamp()
 
 
-def parse_lines(lines: list[str], *, zone: str = "UTC", year: int | None = 2024,
-                fmt: str = "auto", reference: float | None = None) -> list[LogRecord | UnparsedLine]:
+def parse_lines(lines: list[str], *, zone: str = "UTC", year: int | None = 2024, fmt: str = "auto",
+                reference: float | None = None) -> list[LogRecord | UnparsedLine]:
     tz = UTC if zone == "UTC" else ZoneInfo(zone)
     parser = LogParser(TimeBase(tz, year=year, reference=reference), fmt)
     return parser.feed(lines) + parser.finish()
@@ -468,19 +466,15 @@ SAMPLE = [case[1] for case in FORMAT_CASES
 ]
 
 
-def invoke(*args: str, env: dict[str, str] | None = None,
+def invoke(*args: str | Path, env: dict[str, str] | None = None,
            stdin: bytes | None = None) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args), env=env, input=stdin,
+    """``tracer ARGS`` run in this process (quicker than ``support.tracer``)."""
+    result = CliRunner().invoke(main, [str(a) for a in args], env=env, input=stdin,
                                 catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> str:
-    return str(tmp_path / "tracer.db")
-
-
-def stored(db_path: str) -> list[tuple[object, ...]]:
+def stored(db_path: str | Path) -> list[tuple[object, ...]]:
     """Every stored line with its addresses, in source order (ids aside)."""
     conn = sqlite3.connect(db_path)
     rows = conn.execute(
@@ -492,18 +486,18 @@ def stored(db_path: str) -> list[tuple[object, ...]]:
     return rows
 
 
-def test_add_list_show_and_add_again(tmp_path: Path, db: str) -> None:
+def test_add_list_show_and_add_again(tmp_path: Path, tmp_db: Path) -> None:
     log = tmp_path / "client.log"
     log.write_text("\n".join(SAMPLE) + "\n")
-    code, _out, err = invoke("logs", "add", str(log), "--db", db, "--tz", "UTC",
+    code, _out, err = invoke("logs", "add", str(log), "--db", tmp_db, "--tz", "UTC",
                              "--year", "2024")
     assert code == 0, err
     parsed = len(SAMPLE) - 3
     assert f"client.log: {len(SAMPLE):,} lines: {parsed} parsed" in err
     assert "2 unparsed (no_format 1, continuation 1), 1 blank" in err
     assert "(log source 1)" in err
-    assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
-    rows = stored(db)
+    assert stat.S_IMODE(os.stat(tmp_db).st_mode) == 0o600
+    rows = stored(tmp_db)
     assert len(rows) == len(SAMPLE) - 1
     unparsed = [r for r in rows if r[6] is not None]
     assert [(r[0], r[1], r[6], r[5], r[7]) for r in unparsed] == [
@@ -515,13 +509,13 @@ def test_add_list_show_and_add_again(tmp_path: Path, db: str) -> None:
             ip, _port = pair.split(" ")
             assert ip.split(":")[0] in str(row[5]) or ip in SAMPLE[int(str(row[0])) - 1]
 
-    code, _out, err = invoke("logs", "add", str(log), "--db", db, "--tz", "UTC",
+    code, _out, err = invoke("logs", "add", str(log), "--db", tmp_db, "--tz", "UTC",
                              "--year", "2024")
     assert code == 0, err
     assert "replaced log source 1 (client.log" in err and "(log source 2)" in err
-    assert stored(db) == rows  # the same lines, once
+    assert stored(tmp_db) == rows  # the same lines, once
 
-    code, out, _err = invoke("logs", "list", "--db", db, "--format", "json")
+    code, out, _err = invoke("logs", "list", "--db", tmp_db, "--format", "json")
     sources = json.loads(out)
     assert [(s["id"], s["name"], s["format"], s["tz"], s["lines"], s["parsed"],
              s["unparsed"]) for s in sources] == [
@@ -529,79 +523,79 @@ def test_add_list_show_and_add_again(tmp_path: Path, db: str) -> None:
     assert set(sources[0]["format"].split("+")) == {"json", "klog", "syslog", "logfmt",
                                                     "plain"}
     assert sources[0]["first_ts"] == pytest.approx(instant("2024-11-04T09:02:03"))
-    code, out, _err = invoke("logs", "list", "--db", db)
+    code, out, _err = invoke("logs", "list", "--db", tmp_db)
     assert "client.log" in out and "UTC" in out
 
-    code, out, _err = invoke("logs", "show", "--db", db, "--format", "json",
+    code, out, _err = invoke("logs", "show", "--db", tmp_db, "--format", "json",
                              "--address", "10.0.0.5:9090", "--pid", "4321")
     shown = json.loads(out)
     logrus = next(i + 1 for i, line in enumerate(SAMPLE) if line.startswith('time="'))
     assert [s["line_no"] for s in shown] == [logrus, 1]  # in time order: .000 then .123
     assert shown[1]["addresses"] == [{"ip": "10.0.0.5", "port": 9090}]
     assert shown[1]["time"] == "2024-11-24 10:02:03.123Z"
-    code, out, _err = invoke("logs", "show", "--db", db, "--grep", "(?i)goaway", "--format",
+    code, out, _err = invoke("logs", "show", "--db", tmp_db, "--grep", "(?i)goaway", "--format",
                              "csv")
     assert out.splitlines()[0].startswith("TIME (UTC),SOURCE,LINE,LEVEL,PID")
     assert len(out.splitlines()) == 2 and "GOAWAY" in out
-    code, out, _err = invoke("logs", "show", "--db", db, "--unparsed")
+    code, out, _err = invoke("logs", "show", "--db", tmp_db, "--unparsed")
     assert "no_format" in out and "continuation" in out and "10.0.0.9:9090" in out
-    code, out, _err = invoke("logs", "show", "--db", db, "--since", "2024-11-24T10:02:03.2Z",
+    code, out, _err = invoke("logs", "show", "--db", tmp_db, "--since", "2024-11-24T10:02:03.2Z",
                              "--until", "1732442523.3")
     assert len(out.splitlines()) == 2 and "connect failed" in out  # the abseil line, .25
-    code, out, _err = invoke("logs", "show", "--db", db, "--since", "-1s", "--limit", "2",
+    code, out, _err = invoke("logs", "show", "--db", tmp_db, "--since", "-1s", "--limit", "2",
                              "--format", "json")
     assert len(json.loads(out)) == 2
-    code, out, _err = invoke("logs", "show", "--db", db, "--source", "client.log",
+    code, out, _err = invoke("logs", "show", "--db", tmp_db, "--source", "client.log",
                              "--limit", "1")
     assert code == 0 and len(out.splitlines()) == 2
 
-    code, _out, err = invoke("logs", "remove", "2", "--db", db)
-    assert code == 0 and "removed log source 2" in err and stored(db) == []
+    code, _out, err = invoke("logs", "remove", "2", "--db", tmp_db)
+    assert code == 0 and "removed log source 2" in err and stored(tmp_db) == []
 
 
-def test_gzip_stdin_and_parts_store_the_same_lines(tmp_path: Path, db: str) -> None:
+def test_gzip_stdin_and_parts_store_the_same_lines(tmp_path: Path, tmp_db: Path) -> None:
     text = ("\n".join(SAMPLE) + "\n") * 50
     plain = tmp_path / "a.log"
     plain.write_text(text)
     packed = tmp_path / "a.log.1"  # no .gz suffix: recognised by its first bytes
     packed.write_bytes(gzip.compress(text.encode()) + gzip.compress(b"one more 1.2.3.4:5\n"))
-    base = ["--db", db, "--tz", "UTC", "--year", "2024"]
+    base = ["--db", str(tmp_db), "--tz", "UTC", "--year", "2024"]
     assert invoke("logs", "add", str(plain), *base, "-j", "1")[0] == 0
-    reference = stored(db)
-    assert invoke("logs", "remove", "a.log", "--db", db)[0] == 0
+    reference = stored(tmp_db)
+    assert invoke("logs", "remove", "a.log", "--db", tmp_db)[0] == 0
     code, _out, err = invoke("logs", "add", str(plain), *base, "-j", "3")
     assert code == 0, err
     assert "3 workers" in err
-    assert stored(db) == reference
-    assert invoke("logs", "remove", str(plain), "--db", db)[0] == 0
+    assert stored(tmp_db) == reference
+    assert invoke("logs", "remove", str(plain), "--db", tmp_db)[0] == 0
     code, _out, err = invoke("logs", "add", str(packed), *base)
     assert code == 0, err
-    assert stored(db)[:-1] == reference
-    assert stored(db)[-1][5] == "one more 1.2.3.4:5"
-    assert invoke("logs", "remove", "a.log.1", "--db", db)[0] == 0
+    assert stored(tmp_db)[:-1] == reference
+    assert stored(tmp_db)[-1][5] == "one more 1.2.3.4:5"
+    assert invoke("logs", "remove", "a.log.1", "--db", tmp_db)[0] == 0
     code, _out, err = invoke("logs", "add", "-", *base, stdin=text.encode())
     assert code == 0, err
-    assert "stdin:" in err and stored(db) == reference
+    assert "stdin:" in err and stored(tmp_db) == reference
     # The same bytes from a file: replaced, not added twice.
     code, _out, err = invoke("logs", "add", str(plain), *base)
-    assert "replaced log source 1 (stdin" in err and stored(db) == reference
-    assert invoke("logs", "remove", "stdin", "--db", db)[0] == 1  # gone already
+    assert "replaced log source 1 (stdin" in err and stored(tmp_db) == reference
+    assert invoke("logs", "remove", "stdin", "--db", tmp_db)[0] == 1  # gone already
 
 
-def test_damaged_gzip_keeps_the_lines_before_it(tmp_path: Path, db: str) -> None:
+def test_damaged_gzip_keeps_the_lines_before_it(tmp_path: Path, tmp_db: Path) -> None:
     text = "".join(f"2024-11-24T10:02:{i % 60:02d}Z line {i}\n" for i in range(20000))
     packed = gzip.compress(text.encode())
     bad = tmp_path / "bad.log.gz"
     bad.write_bytes(packed[:len(packed) // 2])
-    code, _out, err = invoke("logs", "add", str(bad), "--db", db, "--tz", "UTC")
+    code, _out, err = invoke("logs", "add", str(bad), "--db", tmp_db, "--tz", "UTC")
     assert code == 3
     assert "damaged" in err and "Traceback" not in err
-    kept = stored(db)
+    kept = stored(tmp_db)
     assert 0 < len(kept) < 20000
     assert [r[0] for r in kept] == list(range(1, len(kept) + 1))
 
 
-def test_journal_through_journalctl(tmp_path: Path, db: str) -> None:
+def test_journal_through_journalctl(tmp_path: Path, tmp_db: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     entries = tmp_path / "entries.json"
@@ -618,25 +612,21 @@ def test_journal_through_journalctl(tmp_path: Path, db: str) -> None:
     fake.chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
     code, _out, err = invoke("logs", "add", "--journal", "--unit", "capmvm.service",
-                             "--since", "-1h", "--db", db, env=env)
+                             "--since", "-1h", "--db", tmp_db, env=env)
     assert code == 0, err
     assert "journal:capmvm.service: 2 lines: 2 parsed (json 2)" in err
     assert "-o json" in args_seen.read_text() and "--unit capmvm.service --since -1h" in \
         args_seen.read_text()
-    assert [(r[1], r[3], r[4], r[2]) for r in stored(db)] == [
+    assert [(r[1], r[3], r[4], r[2]) for r in stored(tmp_db)] == [
         (1732442523.123456, 812, "capmvm", "error"), (1732442524.0, 813, "other", None)]
 
     fake.write_text("#!/bin/sh\necho 'Failed to parse timestamp: x' >&2\nexit 1\n")
-    code, _out, err = invoke("logs", "add", "--journal", "--db", db, env=env)
+    code, _out, err = invoke("logs", "add", "--journal", "--db", tmp_db, env=env)
     assert code == 1 and "journalctl failed (exit status 1): Failed to parse timestamp" in err
 
 
-def run_tracer(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, **(env or {})}, check=False)
-
-
-def test_clear_errors_without_tracebacks(tmp_path: Path, db: str) -> None:
+def test_clear_errors_without_tracebacks(tmp_path: Path, tmp_db: Path) -> None:
+    db = str(tmp_db)
     cases = [
         (["logs", "add", str(tmp_path / "missing.log"), "--db", db],
          "error: cannot read", 1),
@@ -650,7 +640,8 @@ def test_clear_errors_without_tracebacks(tmp_path: Path, db: str) -> None:
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     for args, message, status in cases:
-        proc = run_tracer(*args, env={"PATH": str(empty)} if "--journal" in args else None)
+        proc = tracer(*args, env={"PATH": str(empty)} if "--journal" in args else None,
+                      check=False)
         assert proc.returncode == status, (args, proc.stderr)
         assert message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
@@ -668,15 +659,16 @@ def test_help_says_how_times_are_read() -> None:
         assert command in out
 
 
-def test_adding_and_removing_logs_refreshes_the_stored_report(tmp_path: Path, db: str) -> None:
+def test_adding_and_removing_logs_refreshes_the_stored_report(tmp_path: Path,
+                                                               tmp_db: Path) -> None:
     """Readers never write: the writer that changed the data stores the report again."""
     capture = Path(__file__).resolve().parent.parent / "cli" / "demo-capture.pcapng"
     code, _out, err = invoke("capture", "-q", "--read", str(capture), "--port", "50151",
-                             "--db", db)
+                             "--db", tmp_db)
     assert code == 0, err
 
     def stored_report() -> dict[str, object]:
-        conn = sqlite3.connect(db)
+        conn = sqlite3.connect(tmp_db)
         [(text,)] = conn.execute("SELECT report FROM report_cache").fetchall()
         conn.close()
         data: dict[str, object] = json.loads(text)
@@ -685,10 +677,10 @@ def test_adding_and_removing_logs_refreshes_the_stored_report(tmp_path: Path, db
     assert "log_evidence" not in stored_report()
     log = tmp_path / "client.log"
     log.write_text("\n".join(SAMPLE) + "\n")
-    code, _out, err = invoke("logs", "add", str(log), "--db", db, "--tz", "UTC",
+    code, _out, err = invoke("logs", "add", str(log), "--db", tmp_db, "--tz", "UTC",
                              "--year", "2024")
     assert code == 0, err
     assert "log_evidence" in stored_report()
-    code, _out, err = invoke("logs", "remove", "1", "--db", db)
+    code, _out, err = invoke("logs", "remove", "1", "--db", tmp_db)
     assert code == 0, err
     assert "log_evidence" not in stored_report()

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from support import FULL
+
 from benchmarks.gen_capture import H2, Conversation
 from tracer.pipeline import Analyzer, Drained
 
@@ -29,6 +31,16 @@ def _leaked(i: int, start: float, rng: random.Random, net: int = 6) -> Packets:
     h2.open()
     h2.rpc("/svc.A/Get", bdp_ping=True)
     return conv.packets
+
+
+def _leakers(n: int, rng: random.Random, start: float, every: float) -> Packets:
+    """``n`` leaked connections (``_leaked``), one every ``every`` seconds from ``start``,
+    their packets in time order."""
+    packets: Packets = []
+    for i in range(n):
+        packets.extend(_leaked(i, start + i * every, rng))
+    packets.sort(key=lambda p: p[0])
+    return packets
 
 
 def _mixed(n: int, seed: int) -> Packets:
@@ -78,7 +90,7 @@ def _flatten(drained: list[Drained]) -> tuple[list[dict[str, Any]], list[Any], l
 
 
 def _awake(analyzer: Analyzer) -> int:
-    return analyzer.table.open_count - analyzer.table.dormant
+    return analyzer.table.tracked - analyzer.table.asleep_count
 
 
 # -- the end of a capture ----------------------------------------------------------------
@@ -86,15 +98,15 @@ def _awake(analyzer: Analyzer) -> int:
 
 def test_finish_batches_gives_what_finish_and_drain_give() -> None:
     packets = _mixed(300, seed=11)
-    whole = Analyzer(frozenset([PORT]), nap_awake=8)
+    whole = Analyzer(frozenset([PORT]), FULL.replace(crowd=8))
     read_whole = _feed(whole, packets)
     whole.finish()
     end_whole = whole.drain()
 
-    batched = Analyzer(frozenset([PORT]), nap_awake=8)
+    batched = Analyzer(frozenset([PORT]), FULL.replace(crowd=8))
     read_batched = _feed(batched, packets)
     assert _flatten(read_batched) == _flatten(read_whole)
-    assert batched.table.dormant > 60  # the end has sleepers to wake
+    assert batched.table.asleep_count > 60  # the end has sleepers to wake
     awake_before = _awake(batched)
     assert awake_before > 5  # and connections awake
     batches = []
@@ -111,8 +123,8 @@ def test_finish_batches_gives_what_finish_and_drain_give() -> None:
     assert len({r["uid"] for r in records}) == len(records)
     reasons = {r["end_reason"] for r in records}
     assert {"open_at_end", "closed", "closing_at_end"} <= reasons
-    assert batched.table.open_count == 0
-    assert batched.table.finished == [] and batched.table.events == []
+    assert batched.table.tracked == 0
+    assert batched.table.outbox.finished == [] and batched.table.outbox.events == []
     assert list(batched.finish_batches(batch=7)) == [Drained()]  # nothing left
 
 
@@ -135,15 +147,15 @@ def test_finish_batches_splits_what_the_closing_tick_finishes() -> None:
     packets.extend(keeper.packets)
     packets.sort(key=lambda p: p[0])
 
-    whole = Analyzer(frozenset([PORT]))
+    whole = Analyzer(frozenset([PORT]), FULL)
     _feed(whole, packets, batch=1000)
     whole.finish()
     expected = whole.drain().records
     assert sum(r["end_reason"] == "closed" for r in expected) == 20
 
-    batched = Analyzer(frozenset([PORT]))
+    batched = Analyzer(frozenset([PORT]), FULL)
     _feed(batched, packets, batch=1000)
-    assert batched.table.open_count == 21  # nothing finished before the end
+    assert batched.table.tracked == 21  # nothing finished before the end
     batches = list(batched.finish_batches(batch=3))
     assert all(len(d.records) <= 3 for d in batches)
     assert [r for d in batches for r in d.records] == expected
@@ -151,13 +163,13 @@ def test_finish_batches_splits_what_the_closing_tick_finishes() -> None:
 
 def test_drain_with_a_limit_leaves_the_rest_for_the_next() -> None:
     packets = _mixed(30, seed=13)
-    analyzer = Analyzer(frozenset([PORT]))
+    analyzer = Analyzer(frozenset([PORT]), FULL)
     _feed(analyzer, packets)
     analyzer.finish()
-    pending = len(analyzer.table.finished)
+    pending = len(analyzer.table.outbox.finished)
     assert pending > 10
     got = []
-    while analyzer.table.finished:
+    while analyzer.table.outbox.finished:
         d = analyzer.drain(4)
         assert 1 <= len(d.records) <= 4
         got += d.records
@@ -167,16 +179,13 @@ def test_drain_with_a_limit_leaves_the_rest_for_the_next() -> None:
 
 def _asleep_at_end(n: int) -> Analyzer:
     rng = random.Random(14)
-    packets: Packets = []
-    for i in range(n):
-        packets.extend(_leaked(i, 1000.0 + i * 0.02, rng))
-    packets.sort(key=lambda p: p[0])
-    analyzer = Analyzer(frozenset([PORT]))
+    packets = _leakers(n, rng, 1000.0, 0.02)
+    analyzer = Analyzer(frozenset([PORT]), FULL)
     _feed(analyzer, packets, batch=65536)
     for t in range(0, 200, 10):  # quiet: everyone falls asleep
         analyzer.table.tick(packets[-1][0] + t)
     analyzer.drain()
-    assert analyzer.table.dormant == n
+    assert analyzer.table.asleep_count == n
     return analyzer
 
 
@@ -229,18 +238,15 @@ def _until_first_eviction(analyzer: Analyzer, packets: Packets) -> tuple[int, in
     table = analyzer.table
     awake = asleep = 0
     while table.evicted == 0:
-        awake, asleep = _awake(analyzer), table.dormant
+        awake, asleep = _awake(analyzer), table.asleep_count
         assert analyzer.feed(it, 1) == 1
     return awake, asleep
 
 
 def test_eviction_wakes_only_its_victims() -> None:
     rng = random.Random(15)
-    packets: Packets = []
-    for i in range(300):
-        packets.extend(_leaked(i, 100.0 + i * 0.2, rng))
-    packets.sort(key=lambda p: p[0])
-    analyzer = Analyzer(frozenset([PORT]), max_connections=250, nap_awake=8)
+    packets = _leakers(300, rng, 100.0, 0.2)
+    analyzer = Analyzer(frozenset([PORT]), FULL.replace(max_connections=250, crowd=8))
     awake, asleep = _until_first_eviction(analyzer, packets)
     table = analyzer.table
     victims = table.evicted
@@ -248,7 +254,7 @@ def test_eviction_wakes_only_its_victims() -> None:
     assert asleep > 200 and awake < 40
     # Only the victims were woken (and finished); the new connection is awake.
     assert _awake(analyzer) <= awake + 1
-    assert table.dormant >= asleep - victims
+    assert table.asleep_count >= asleep - victims
     d = analyzer.drain()
     evicted = [r for r in d.records if r["end_reason"] == "evicted"]
     assert len(evicted) == victims
@@ -265,12 +271,9 @@ def test_eviction_takes_an_awake_connection_idle_longer_than_the_sleepers() -> N
     rng = random.Random(16)
     attempt = Conversation(bytes([10, 9, 0, 1]), 40000, 99.0, rng)
     attempt.handshake()
-    packets: Packets = [attempt.packets[0]]
-    for i in range(300):
-        packets.extend(_leaked(i, 100.0 + i * 0.2, rng))
-    packets.sort(key=lambda p: p[0])
-    analyzer = Analyzer(frozenset([PORT]), max_connections=250, nap_awake=8,
-                        attempt_timeout=600.0)
+    packets = sorted([attempt.packets[0], *_leakers(300, rng, 100.0, 0.2)], key=lambda p: p[0])
+    analyzer = Analyzer(frozenset([PORT]),
+                        FULL.replace(max_connections=250, crowd=8, attempt_timeout=600.0))
     _until_first_eviction(analyzer, packets)
     evicted = [r for r in analyzer.drain().records if r["end_reason"] == "evicted"]
     assert sorted(r["orig_p"] for r in evicted) == [30000, 40000]
@@ -278,12 +281,10 @@ def test_eviction_takes_an_awake_connection_idle_longer_than_the_sleepers() -> N
 
 def test_eviction_without_sleepers_takes_the_least_recently_active() -> None:
     rng = random.Random(17)
-    packets: Packets = []
-    for i in range(120):
-        packets.extend(_leaked(i, 100.0 + i * 0.2, rng))
-    packets.sort(key=lambda p: p[0])
-    analyzer = Analyzer(frozenset([PORT]), max_connections=100, dormant_after=float("inf"))
+    packets = _leakers(120, rng, 100.0, 0.2)
+    analyzer = Analyzer(frozenset([PORT]),
+                        FULL.replace(max_connections=100, sleep_after=float("inf")))
     _until_first_eviction(analyzer, packets)
-    assert analyzer.table.dormant == 0
+    assert analyzer.table.asleep_count == 0
     evicted = [r for r in analyzer.drain().records if r["end_reason"] == "evicted"]
     assert [r["orig_p"] for r in evicted] == [30000]

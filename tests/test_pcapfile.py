@@ -25,6 +25,7 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
+from support import tracer
 
 from tracer.sources.pcapfile import CaptureFileError, CaptureReader
 
@@ -145,7 +146,7 @@ def read_until_error(path: Path) -> tuple[list[tuple[float, int, bytes]], Captur
     with CaptureReader.open(str(path)) as reader, pytest.raises(CaptureFileError) as info:
         # one by one: what came before the error must be kept
         for packet in reader:
-            got.append(packet)  # noqa: PERF402
+            got.append(packet)
     return got, info.value
 
 
@@ -154,23 +155,8 @@ def frame(n: int) -> bytes:
     return bytes((n * 7 + i) & 0xFF for i in range(n))
 
 
-def tracer_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("tracer")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "cli.main"]
-
-
-def run_tracer(*args: str, stdin: Any = None,
-               input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(tracer_cmd() + list(args), stdin=stdin, input=input,
-                          capture_output=True, timeout=60, check=False)
-    return subprocess.CompletedProcess(proc.args, proc.returncode,
-                                       proc.stdout.decode(), proc.stderr.decode())
-
-
 def stored_connections(db: Path) -> list[dict[str, Any]]:
-    out = run_tracer("connections", "--format", "json", "--db", str(db))
+    out = tracer("connections", "--format", "json", "--db", str(db), check=False)
     assert out.returncode == 0, out.stderr
     rows: list[dict[str, Any]] = json.loads(out.stdout)
     return rows
@@ -402,7 +388,8 @@ def test_info_packets_counts_records_as_they_are_read(kind: str) -> None:
     if kind == "pcap":
         data = pcap_header(le, False) + b"".join(pcap_record(le, i, 0, frame(20)) for i in range(5))
     else:
-        data = shb(le) + idb(le, LINKTYPE_RAW) + b"".join(epb(le, 0, i, frame(20)) for i in range(5))
+        packets = b"".join(epb(le, 0, i, frame(20)) for i in range(5))
+        data = shb(le) + idb(le, LINKTYPE_RAW) + packets
     reader = CaptureReader(io.BytesIO(data), "<memory>")
     it = iter(reader)
     for _ in range(3):
@@ -643,8 +630,8 @@ def test_cli_not_a_capture_exits_nonzero_without_traceback(tmp_path: Path, name:
     path = tmp_path / name
     if name in NOT_CAPTURES:
         path.write_bytes(NOT_CAPTURES[name][0])
-    out = run_tracer("capture", "--read", str(path), "--port", str(SERVER_PORT),
-                     "--db", str(tmp_path / "t.db"), "-q")
+    out = tracer("capture", "--read", str(path), "--port", str(SERVER_PORT),
+                 "--db", str(tmp_path / "t.db"), "-q", check=False)
     assert out.returncode == 3, out
     assert "Traceback" not in out.stderr
     assert str(path) in out.stderr and "error" in out.stderr.lower()
@@ -682,8 +669,8 @@ def test_cli_reads_a_pipe(tmp_path: Path, compress: bool) -> None:
         stdout=subprocess.PIPE)
     assert writer.stdout is not None
     try:
-        out = run_tracer("capture", "--read", "-", "--port", str(SERVER_PORT), "--db", str(db),
-                         stdin=writer.stdout)
+        out = tracer("capture", "--read", "-", "--port", str(SERVER_PORT), "--db", str(db),
+                     stdin=writer.stdout, check=False)
     finally:
         writer.stdout.close()
         writer.wait(timeout=30)
@@ -743,7 +730,8 @@ def test_cli_truncated_file_keeps_what_came_before(tmp_path: Path) -> None:
     last = len(data) - len(conversation()[-1][2]) - 16
     path = _write(tmp_path / "cut.pcap", data[: last + 16 + 10])
     db = tmp_path / "cut.db"
-    out = run_tracer("capture", "--read", str(path), "--port", str(SERVER_PORT), "--db", str(db))
+    out = tracer("capture", "--read", str(path), "--port", str(SERVER_PORT), "--db", str(db),
+                 check=False)
     assert out.returncode == 3, out
     assert "Traceback" not in out.stderr
     assert str(path) in out.stderr and f"offset {last}" in out.stderr
@@ -763,8 +751,8 @@ def test_cli_corrupt_pcapng_keeps_what_came_before(tmp_path: Path) -> None:
     bad[len(data) + 4:len(data) + 8] = struct.pack(le + "I", 0x7FFFFFFF)
     path = _write(tmp_path / "bad.pcapng", bytes(bad))
     db = tmp_path / "bad.db"
-    out = run_tracer("capture", "--read", str(path), "--port", str(SERVER_PORT),
-                     "--db", str(db), "-q")
+    out = tracer("capture", "--read", str(path), "--port", str(SERVER_PORT),
+                 "--db", str(db), "-q", check=False)
     assert out.returncode == 3 and "Traceback" not in out.stderr
     assert f"offset {len(data)}" in out.stderr
     _expected_conversation_rows(stored_connections(db))
@@ -774,10 +762,10 @@ def test_cli_reads_the_same_capture_from_file_and_pipe_alike(tmp_path: Path) -> 
     data = conversation_pcap(">")
     path = _write(tmp_path / "be.pcap", data)
     a, b = tmp_path / "a.db", tmp_path / "b.db"
-    assert run_tracer("capture", "--read", str(path), "--port", str(SERVER_PORT),
-                      "--db", str(a), "-q").returncode == 0
-    assert run_tracer("capture", "--read", "-", "--port", str(SERVER_PORT), "--db", str(b), "-q",
-                      input=data).returncode == 0
+    assert tracer("capture", "--read", str(path), "--port", str(SERVER_PORT),
+                  "--db", str(a), "-q", check=False).returncode == 0
+    assert tracer("capture", "--read", "-", "--port", str(SERVER_PORT), "--db", str(b), "-q",
+                  input=data, check=False).returncode == 0
 
     def strip(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{k: v for k, v in r.items() if k != "capture_id"} for r in rows]

@@ -65,6 +65,7 @@ from strategies import (
     tls_record,
     whole_cuts,
 )
+from support import FULL
 
 from tracer.decode import (
     ACK,
@@ -148,7 +149,7 @@ def deliver(
 ) -> Outcome:
     """Feed segments through a real Analyzer (flow table + HTTP/2 observer): as segment
     tuples straight into the flow table, or as Ethernet frames through the decoder."""
-    an = Analyzer(PORTS, **options)
+    an = Analyzer(PORTS, FULL.replace(**options))
     if frames:
         an.feed(iter([(p.ts, LINKTYPE_ETHERNET, segment_frame(p.seg)) for p in pieces]), 1 << 30)
         an.finish()
@@ -175,6 +176,11 @@ def deliver(
 
 def flat(runs: list[list[Piece]]) -> list[Piece]:
     return [p for run in runs for p in run]
+
+
+def whole_connection(plan: ConnectionPlan, body: list[list[Piece]], close: str) -> list[Piece]:
+    """The handshake at T0, ``body`` in order, and the ``close`` at T_END."""
+    return plan.handshake(T0) + flat(body) + plan.close(close, T_END)
 
 
 # Lifecycle events are compared by name and direction only: their other fields are the
@@ -314,7 +320,8 @@ def link_frames(draw: st.DrawFn, linktype: int) -> tuple[bytes, Any]:
     payload_start = tcp_start + 20 + topts
     # A snap length that cuts the payload short (never into the headers).
     captured = len(frame)
-    if proto == 6 and not whole_capture and not trailer and payload and draw(st.integers(0, 4)) == 0:
+    if proto == 6 and not whole_capture and not trailer and payload \
+            and draw(st.integers(0, 4)) == 0:
         captured = draw(st.integers(payload_start, len(frame) - 1))
         frame = frame[:captured]
     if skip is not None:
@@ -359,7 +366,8 @@ def check_decoded_shape(result: Any, frame: bytes) -> None:
 @pytest.mark.parametrize("linktype", SUPPORTED_LINKTYPES)
 @props(100)
 @given(data=st.data())
-def test_decoder_valid_frames_decode_to_what_was_encoded(linktype: int, data: st.DataObject) -> None:
+def test_decoder_valid_frames_decode_to_what_was_encoded(linktype: int,
+                                                         data: st.DataObject) -> None:
     frame, want = data.draw(link_frames(linktype))
     decoder = make_decoder(linktype, PORTS)
     assert decoder is not None
@@ -414,7 +422,7 @@ def test_shards_partition_segments_without_changing_them(count: int, data: st.Da
         decoder = make_decoder(linktype, PORTS, (index, count))
         assert decoder is not None
         got.append(decode_outcome(decoder, frame))
-    assert all(g == want or g == SKIP_OTHER_SHARD for g in got)
+    assert all(g in (want, SKIP_OTHER_SHARD) for g in got)
     if isinstance(want, tuple) and want[0] != "malformed":
         assert got.count(want) == 1
         assert got.index(want) == (want[1] + want[2]) % count
@@ -425,31 +433,39 @@ def test_shards_partition_segments_without_changing_them(count: int, data: st.Da
 # -- 2. HTTP/2 observer under chunking -----------------------------------------------------
 
 
+def whole_and_cut_alike(plan: ConnectionPlan, close: str, data: st.DataObject,
+                        modes: tuple[str, ...]) -> Outcome:
+    """The connection delivered in whole runs through the link-layer decoder, its lifecycle
+    the model's and no anomaly; then cut as each of ``modes`` draws: the same outcome.
+    The whole one, for the caller's own checks."""
+    runs = plan.conv.runs()
+
+    def pieces(cuts: list[list[int]]) -> list[Piece]:
+        return whole_connection(plan, plan.body(cuts, T0), close)
+
+    whole = deliver(pieces(whole_cuts(runs)), frames=True)
+    assert lifecycle_by_name(whole.events) == expected_events(plan.conv, close)
+    assert whole.anomalies == []
+    for mode in modes:
+        cuts = data.draw(run_cuts(runs, mode), label=mode)
+        assert deliver(pieces(cuts)) == whole, mode
+    return whole
+
+
 @props(150)
 @given(conv=conversations(upgrade=None), eps=endpoints, isn_c=isns, isn_s=isns, close=CLOSES,
        data=st.data())
 def test_h2_events_are_the_same_whole_bytewise_and_cut_at_random(
     conv: Conversation, eps: Endpoints, isn_c: int, isn_s: int, close: str, data: st.DataObject
 ) -> None:
-    plan = ConnectionPlan(conv, eps, isn_c, isn_s)
-    runs = conv.runs()
-
-    def pieces(cuts: list[list[int]]) -> list[Piece]:
-        return plan.handshake(T0) + flat(plan.body(cuts, T0)) + plan.close(close, T_END)
-
-    # Whole runs, through the link-layer decoder: checked against the model.
-    whole = deliver(pieces(whole_cuts(runs)), frames=True)
-    assert lifecycle_by_name(whole.events) == expected_events(conv, close)
-    assert whole.anomalies == []
+    # One byte at a time, and cut at random points (twice): identical.
+    whole = whole_and_cut_alike(ConnectionPlan(conv, eps, isn_c, isn_s), close, data,
+                                ("bytes", "random", "random"))
     assert len(whole.records) == 1
     check_record(conv, whole.records[0], close)
     requests = [e for e in whole.events if e[0] == "request"]
     assert [e[3] for e in requests] == [conv.paths[e[2]] for e in requests]
     assert [e[3] for e in requests] == list(conv.paths.values())
-    # One byte at a time, and cut at random points (twice): identical.
-    for mode in ("bytes", "random", "random"):
-        cuts = data.draw(run_cuts(runs, mode), label=mode)
-        assert deliver(pieces(cuts)) == whole, mode
 
 
 @props(100)
@@ -458,20 +474,10 @@ def test_h2_events_are_the_same_whole_bytewise_and_cut_at_random(
 def test_tls_and_http1_events_are_the_same_whole_bytewise_and_cut_at_random(
     conv: Conversation, eps: Endpoints, isn_c: int, isn_s: int, close: str, data: st.DataObject
 ) -> None:
-    plan = ConnectionPlan(conv, eps, isn_c, isn_s)
-    runs = conv.runs()
-
-    def pieces(cuts: list[list[int]]) -> list[Piece]:
-        return plan.handshake(T0) + flat(plan.body(cuts, T0)) + plan.close(close, T_END)
-
-    whole = deliver(pieces(whole_cuts(runs)), frames=True)
-    assert lifecycle_by_name(whole.events) == expected_events(conv, close)
-    assert whole.anomalies == []
+    whole = whole_and_cut_alike(ConnectionPlan(conv, eps, isn_c, isn_s), close, data,
+                                ("bytes", "random"))
     for key, want in conv.record.items():
         assert whole.records[0][key] == want, key
-    for mode in ("bytes", "random"):
-        cuts = data.draw(run_cuts(runs, mode), label=mode)
-        assert deliver(pieces(cuts)) == whole, mode
 
 
 # -- 3. reordering and retransmission ------------------------------------------------------
@@ -494,9 +500,9 @@ def test_reordering_within_the_buffer_and_retransmissions_do_not_change_events(
     plan = ConnectionPlan(conv, eps, isn_c, isn_s)
     runs = conv.runs()
     body = plan.body(data.draw(run_cuts(runs, "random"), label="cuts"), T0)
-    in_order = plan.handshake(T0) + flat(body) + plan.close(close, T_END)
+    in_order = whole_connection(plan, body, close)
     shuffled = plan.handshake(T0)
-    for run, pieces in zip(runs, body):
+    for run, pieces in zip(runs, body, strict=True):
         i = 0
         while i < len(pieces):
             w = data.draw(st.integers(1, WINDOW), label="window")
@@ -594,7 +600,7 @@ def apply_piece_mutations(pieces: list[Piece], ops: list[tuple[Any, ...]]) -> li
 def check_bounded(an: Analyzer, _piece: Piece) -> None:
     """Every buffer has a cap, after every segment."""
     table = an.table
-    for conn in table.connections():
+    for conn in table.awake():
         assert conn.n <= 2 * table.max_events
         for ep in (conn.orig, conn.resp):
             ooo = ep.ooo or []
@@ -607,7 +613,7 @@ def check_bounded(an: Analyzer, _piece: Piece) -> None:
             assert len(d.pending) <= MAX_BUFFERED + 9
             assert d.hblock is None or len(d.hblock) <= MAX_BUFFERED
             assert d.skip >= 0
-    assert len(table.anomalies) < 10_000
+    assert len(table.outbox.anomalies) < 10_000
 
 
 frame_mutations = st.lists(
@@ -651,9 +657,9 @@ def mutate_frames(conv: Conversation, ops: list[tuple[Any, ...]]) -> Conversatio
             length = len(payload)
         raw[mi][ui] = struct.pack(">IBI", length << 8 | ftype, flags, sid) + payload
     messages = []
-    for m, parts in zip(conv.messages, raw):
+    for m, parts in zip(conv.messages, raw, strict=True):
         units, pos = [], 0
-        for u, part in zip(m.units, parts):
+        for u, part in zip(m.units, parts, strict=True):
             units.append(Unit(pos, len(part), u.plausible, u.preface))
             pos += len(part)
         messages.append(Message(m.dir, b"".join(parts), units))
@@ -670,8 +676,7 @@ def test_mutated_segments_give_only_events_and_anomalies_with_bounded_buffers(
     conv = mutate_frames(conv, frame_ops)
     plan = ConnectionPlan(conv, eps, isn_c, isn_s)
     body = plan.body(data.draw(run_cuts(conv.runs(), "random"), label="cuts"), T0)
-    pieces = plan.handshake(T0) + flat(body) + plan.close(close, T_END)
-    pieces = apply_piece_mutations(pieces, ops)
+    pieces = apply_piece_mutations(whole_connection(plan, body, close), ops)
     out = deliver(pieces, check=check_bounded, reorder_segments=MUT_SEGMENTS,
                   reorder_bytes=MUT_BYTES, max_events=MUT_EVENTS)
     ordinals: dict[str, list[int]] = {}
@@ -759,16 +764,16 @@ def test_mid_stream_pickup_regains_sync_and_reports_no_false_frames(
             p = plan.data_piece(p.ts, p.dir, start[p.dir], p.end, acked_of(plan, p))
         pieces.append(p)
 
-    an = Analyzer(PORTS)
+    an = Analyzer(PORTS, FULL)
     table = an.table
     regained: dict[str, int] = {}  # direction -> index of the piece that regained sync
     seen = 0
     for i, p in enumerate(pieces):
         table.segment(p.ts, p.seg)
-        for e in table.events[seen:]:
+        for e in table.outbox.events[seen:]:
             if e.name in ("framing_regained", "preface") and e.dir not in regained:
                 regained[e.dir] = i
-        seen = len(table.events)
+        seen = len(table.outbox.events)
     table.close(T_END)
     events = [event_key(e) for e in an.drain().events]
 
@@ -854,7 +859,7 @@ def test_gaps_cost_exactly_the_lost_bytes_and_framing_recovers(
     # a hole when the ACK reveals it: test_segment_buffered_behind_a_hole_survives_...)
     gaps: dict[str, list[tuple[int, int]]] = {ORIG: [], RESP: []}
     delivered: list[Piece] = plan.handshake(T0)
-    for i, (run, pieces) in enumerate(zip(runs, body)):
+    for i, (run, pieces) in enumerate(zip(runs, body, strict=True)):
         lose = 0
         if i + 2 < len(runs) and len(pieces) > 1:
             lose = data.draw(st.integers(0, len(pieces) - 1), label=f"run {i} loses")
@@ -864,16 +869,16 @@ def test_gaps_cost_exactly_the_lost_bytes_and_framing_recovers(
             gaps[run.dir].append((kept[-1].end, pieces[-1].end))
     delivered += plan.close(close, T_END)
 
-    an = Analyzer(PORTS)
+    an = Analyzer(PORTS, FULL)
     table = an.table
     regained_at: dict[str, list[int]] = {ORIG: [], RESP: []}
     seen = 0
     for p in delivered:
         table.segment(p.ts, p.seg)
-        for e in table.events[seen:]:
+        for e in table.outbox.events[seen:]:
             if e.name == "framing_regained":
                 regained_at[e.dir].append(p.start)
-        seen = len(table.events)
+        seen = len(table.outbox.events)
     table.close(T_END)
     drained = an.drain()
     events = [event_key(e) for e in drained.events]
@@ -965,7 +970,7 @@ def test_hpack_mid_stream_methods_are_exact_or_unknown(
         pieces_a.append(p)
     plan_b = ConnectionPlan(conv, Endpoints(False, 40002), isn ^ 0x5555, 9)
     pieces_b = [p for p in flat(plan_b.body(cuts, T0)) if p.start >= offsets[k]]
-    an = Analyzer(PORTS)
+    an = Analyzer(PORTS, FULL)
     for p in (pieces_a + pieces_b) if fresh_first else (pieces_b + pieces_a):
         an.table.segment(p.ts, p.seg)
     an.table.close(T_END)
@@ -1122,7 +1127,8 @@ def test_capture_truncated_at_every_offset_yields_exactly_the_complete_packets(
     assert read_capture(data) == (capture.packets, None)
     for cut in range(len(data)):
         packets, err = read_capture(data[:cut])
-        assert packets == [p for p, end in zip(capture.packets, capture.ends) if end <= cut], cut
+        assert packets == [p for p, end in zip(capture.packets, capture.ends, strict=True)
+                           if end <= cut], cut
         if cut in capture.boundaries:
             assert err is None, cut
             continue
@@ -1144,7 +1150,7 @@ def test_gzip_capture_truncated_at_every_offset_yields_what_can_be_decompressed(
         readable = len(zlib.decompressobj(31).decompress(data[:cut])) if cut > 3 else 0
         packets, err = read_capture(data[:cut])
         assert err is not None, cut
-        assert packets == [p for p, end in zip(capture.packets, capture.ends)
+        assert packets == [p for p, end in zip(capture.packets, capture.ends, strict=True)
                            if end <= readable], cut
 
 
@@ -1161,7 +1167,7 @@ def test_mutated_captures_yield_packets_then_at_most_one_capture_file_error(
     if not compressed and len(ops) == 1:
         # Everything before the first damaged byte is read.
         first = ops[0][1] % (len(raw) + (1 if ops[0][0] in ("truncate", "insert") else 0))
-        before = [p for p, end in zip(capture.packets, capture.ends) if end <= first]
+        before = [p for p, end in zip(capture.packets, capture.ends, strict=True) if end <= first]
         assert packets[:len(before)] == before
 
 
@@ -1207,7 +1213,7 @@ def test_pipelined_http1_requests_do_not_overflow_the_stack() -> None:
 def test_reorder_buffer_never_holds_more_than_reorder_bytes() -> None:
     conv = H2Builder().conversation()
     plan = ConnectionPlan(conv, Endpoints(False, 40000), 0, 500)
-    table = FlowTable(PORTS, reorder_segments=8, reorder_bytes=100)
+    table = FlowTable(PORTS, None, FULL.replace(reorder_segments=8, reorder_bytes=100))
     for p in plan.handshake(T0):
         table.segment(p.ts, p.seg)
 
@@ -1217,7 +1223,7 @@ def test_reorder_buffer_never_holds_more_than_reorder_bytes() -> None:
     table.segment(T0, seg(10, 10))  # [10, 20): waits for [0, 10)
     table.segment(T0, seg(30, 80))  # [30, 110): 90 bytes buffered
     table.segment(T0, seg(200, 100))  # 190 > 100: the hole before 10 is skipped, once
-    ep = table.connections()[0].orig
+    ep = table.awake()[0].orig
     assert ep.ooo_bytes <= table.reorder_bytes
 
 

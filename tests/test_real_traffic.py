@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 import realtraffic_support as rt
+from support import skip_if
 
 pytestmark = [pytest.mark.live]
 
@@ -38,9 +39,7 @@ def scenario(request: pytest.FixtureRequest,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[rt.ScenarioResult]:
     """One real-traffic run per capture backend, shared by the tests of this module."""
     backend: rt.Backend = request.param
-    reason = rt.unavailable_reason(backend)
-    if reason is not None:
-        pytest.skip(reason)
+    skip_if(rt.unavailable_reason(backend))
     if backend == "scapy":
         pytest.importorskip("scapy.all")
     peers = [p for p in rt.PEERS

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from store_support import T0, record, tracer
+from store_support import T0, record, stored
+from support import tracer
 
 from store.queries import report
 from store.retention import Retention, database_bytes, prune
@@ -59,14 +60,8 @@ def _owned(r: dict[str, Any], pid: int) -> dict[str, Any]:
 
 
 def _build(path: Path) -> None:
-    db = open_database(str(path))
-    writer = CaptureWriter.start(db, kind="file", ports=[9090])
     rows = _rows()
-    writer.write(rows, [], [])
-    writer.finish(status="complete", error=None, first_ts=T0, last_ts=T0 + DAY,
-                  packets=1, segments=1, connections=len(rows),
-                  open_at_end=sum(r["is_open"] for r in rows), anomaly_counts={}, drops=0,
-                  elapsed_s=1.0, stats={})
+    db = stored(path, rows, first_ts=T0, last_ts=T0 + DAY, packets=1)
     with db.conn:  # attribution is written apart from the rows, as a live capture does
         for r in rows:
             if r.get("pid"):
@@ -124,7 +119,7 @@ def test_age_keeps_open_connections_and_every_client_total(db_path: Path) -> Non
 
 def test_the_text_report_says_from_when_the_data_is_retained(db_path: Path) -> None:
     tracer("prune", "--db", str(db_path), "--older-than", "6h")
-    text = tracer("report", "--db", str(db_path))
+    text = tracer("report", "--db", str(db_path)).stdout
     assert "retained from " in text and "1,188 older closed connections were pruned" in text
 
 
@@ -161,21 +156,16 @@ def _wal(path: Path) -> int:
 
 
 def test_open_connections_alone_over_the_limit_are_kept_and_said(db_path: Path) -> None:
-    out = tracer("prune", "--db", str(db_path), "--max-db-size", "64K")
+    out = tracer("prune", "--db", str(db_path), "--max-db-size", "64K").stdout
     assert "what is left is open connections" in out, out
     assert _count(db_path, "SELECT COUNT(*) FROM connections WHERE is_open = 1") == 147
     assert _count(db_path, "SELECT COUNT(*) FROM connections WHERE is_open = 0") == 0
-    data = json.loads(tracer("report", "--db", str(db_path), "--format", "json"))
+    data = json.loads(tracer("report", "--db", str(db_path), "--format", "json").stdout)
     assert _by_client(data)[800]["verdict"] == "ok"
 
 
 def test_prune_needs_a_limit(db_path: Path) -> None:
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "prune", "--db", str(db_path)],
-                          capture_output=True, text=True, cwd=Path(__file__).parent.parent,
-                          timeout=60, check=False)
+    proc = tracer("prune", "--db", str(db_path), check=False)
     assert proc.returncode == 2 and "give --older-than, --max-db-size or both" in proc.stderr
 
 
@@ -189,7 +179,7 @@ def test_a_database_without_incremental_vacuum_is_converted_once(tmp_path: Path)
     conn.execute("VACUUM")
     assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
     conn.close()
-    out = tracer("prune", "--db", str(path), "--older-than", "6h")
+    out = tracer("prune", "--db", str(path), "--older-than", "6h").stdout
     assert "rewrote the database once" in out
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import live_support as ls
 import pytest
+from support import free_port
 
 from tracer.agent.live import LiveSettings, run_live
 from tracer.decode import LINKTYPE_RAW
@@ -96,7 +97,7 @@ def _exchange(srv: socket.socket, port: int, count: int) -> None:
 
 def test_ring_is_used_on_loopback() -> None:
     ls.need_root()
-    with LiveCapture(["lo"], frozenset([ls.free_port()])) as capture:
+    with LiveCapture(["lo"], frozenset([free_port()])) as capture:
         assert capture.ring_bytes == live_source.DEFAULT_BUFFER
         assert capture.receive.startswith("receive ring: 32 MiB"), capture.receive
         assert not capture.ring_refused
@@ -104,7 +105,7 @@ def test_ring_is_used_on_loopback() -> None:
 
 def test_ring_off_reads_with_recv() -> None:
     ls.need_root()
-    with LiveCapture(["lo"], frozenset([ls.free_port()]), ring=False) as capture:
+    with LiveCapture(["lo"], frozenset([free_port()]), ring=False) as capture:
         assert capture.ring_bytes == 0 and not capture.rings
         assert capture.receive.startswith("receive ring off"), capture.receive
         assert not capture.ring_refused
@@ -116,7 +117,7 @@ def test_ring_and_recv_see_the_same_packets_with_the_kernels_timestamps(tmp_path
     (tcpdump's, though the ring is read QUIET_S after the traffic ended), the recv path's
     are read times, never earlier."""
     ls.need_root()
-    port = ls.free_port()
+    port = free_port()
     tcpdump = shutil.which("tcpdump")
     with _server(port) as srv, contextlib.ExitStack() as stack:
         ring = stack.enter_context(LiveCapture(["lo"], frozenset([port])))
@@ -167,7 +168,7 @@ def test_a_full_ring_counts_every_drop() -> None:
     to 64 KiB): the kernel drops most of them and says so; what it passed is exactly what
     was read plus what it dropped."""
     ls.need_root()
-    port = ls.free_port()
+    port = free_port()
     block, count = geometry(1, 262144)
     assert (block, count) == (4096, 1)
     block, _ = geometry(8 << 20, 262144)
@@ -187,7 +188,7 @@ def test_a_full_ring_counts_every_drop() -> None:
 def test_turns_come_on_time_idle_and_under_a_flood() -> None:
     """None at least every turn, with no traffic and with loopback flooded."""
     ls.need_root()
-    port = ls.free_port()
+    port = free_port()
     turn = 0.05
     with ls.tcp_sink(port), LiveCapture(["lo"], frozenset([port])) as capture:
         packets = capture.packets(turn)
@@ -241,7 +242,7 @@ def test_refused_ring_falls_back_to_recv_and_says_so(tmp_path: Path,
 
     monkeypatch.setattr(live_source, "Ring", refuse)
     told: list[tuple[str, bool]] = []
-    port = ls.free_port()
+    port = free_port()
     db = tmp_path / "fallback.db"
     with _server(port) as srv:
         sender = threading.Thread(target=_exchange, args=(srv, port, 20), daemon=True)
@@ -271,7 +272,7 @@ def test_agent_records_its_ring(tmp_path: Path) -> None:
                                     (("--no-ring",), 0, "receive ring off")):
         db = tmp_path / f"ring-{ring_bytes}.db"
         with ls.processes() as processes:
-            agent = ls.Agent(processes, db, ls.free_port(), "--iface", "lo", "--duration",
+            agent = ls.Agent(processes, db, free_port(), "--iface", "lo", "--duration",
                              "1s", *extra)
             assert agent.wait_exit() == 0, agent.output()
         assert said in agent.output(), agent.output()
@@ -307,7 +308,7 @@ def test_sigterm_stops_the_agent_under_a_flood(tmp_path: Path) -> None:
     """Loopback flooded (small segments as fast as they go) through the ring: SIGTERM
     still ends the agent within a second and a half, the capture complete."""
     ls.need_root()
-    port = ls.free_port()
+    port = free_port()
     stop = threading.Event()
 
     def flood() -> None:

@@ -15,19 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import FULL, shared_captures
 
 from tracer.events import ConnectionEvent
 from tracer.pipeline import Analyzer
 from tracer.sources.pcapfile import CaptureReader
 
-REPO = Path(__file__).resolve().parent.parent
-CAPTURES = (REPO / ".." / "shared" / "captures").resolve()
+CAPTURES = shared_captures()
 EXTERNAL = CAPTURES / "external"
 GENERATED = CAPTURES / "generated"
-
-if not (EXTERNAL.is_dir() and GENERATED.is_dir()):
-    pytest.skip(f"shared captures not found at {CAPTURES} (expected external/ and generated/ "
-                "next to the repository); these tests need them", allow_module_level=True)
 
 # RFC 9113 section 7
 ERRORS = {"NO_ERROR": 0, "INTERNAL_ERROR": 2, "CANCEL": 8, "ENHANCE_YOUR_CALM": 11}
@@ -80,7 +76,7 @@ class Result:
 
 @functools.cache
 def analyze(path: Path, ports: tuple[int, ...]) -> Result:
-    a = Analyzer(frozenset(ports))
+    a = Analyzer(frozenset(ports), FULL)
     with CaptureReader.open(str(path)) as r:
         it = iter(r)
         while a.feed(it, 10000):
@@ -324,7 +320,7 @@ def test_generated_connection_lifecycle(name: str, conn: Conn) -> None:
     for kind, expected in (("fin", conn.fin), ("rst", conn.rst)):
         got = timeline(kind)
         assert [d for d, _ in got] == [DIR[who] for who, _ in expected], kind
-        for (_, t_got), (_, t_exp) in zip(got, expected):
+        for (_, t_got), (_, t_exp) in zip(got, expected, strict=True):
             assert abs(t_got - t_exp) <= TIME_TOLERANCE, (kind, t_got, t_exp)
 
     # The first FIN or RST decides; the README lists same-millisecond events in wire order

@@ -7,27 +7,18 @@ import json
 import os
 import sqlite3
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
+from support import tracer
 
 PORT = 9090
 CLIENT = "10.9.0.2"
 SERVER = "10.9.0.1"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-def tracer(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
-                          check=False, text=True, cwd=Path(__file__).resolve().parent.parent)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"tracer {' '.join(args)} failed:\n{proc.stderr}")
-    return proc
 
 
 def frame(ts: float, sport: int, seq: int, ack: int, flags: str, payload: bytes = b"",
@@ -47,7 +38,8 @@ def settings_frame() -> bytes:
 def conversation(sport: int, t0: float, close: bool) -> list[Ether]:
     """Handshake, preface + SETTINGS both ways, 3 PINGs spread over time, maybe FIN/FIN."""
     c, s = 1000, 5000
-    pkts = [frame(t0, sport, c, 0, "S"), frame(t0 + 0.001, sport, s, c + 1, "SA", from_client=False),
+    pkts = [frame(t0, sport, c, 0, "S"),
+            frame(t0 + 0.001, sport, s, c + 1, "SA", from_client=False),
             frame(t0 + 0.002, sport, c + 1, s + 1, "A")]
     c += 1
     s += 1

@@ -15,21 +15,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from store_support import T0, record, tracer
+from store_support import T0, record, stored
+from support import REPO, tracer
 
 from store.queries import timeline
 from store.schema import open_database
-from store.writer import CaptureWriter
 
-REPO = Path(__file__).resolve().parent.parent
 MINUTES = 10
 
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     path = tmp_path / "timeline.db"
-    db = open_database(str(path))
-    writer = CaptureWriter.start(db, kind="file", ports=[9090])
     rows = [record("Cpool", 1.0, ("10.0.0.9", 30000), close=None, preface=1.002,
                    settings=1.003)]
     for k in range(MINUTES):
@@ -41,10 +38,7 @@ def db_path(tmp_path: Path) -> Path:
                            preface=t + 10.002, settings=t + 10.003))
     rows.append(record("Cstuck", 300.0, ("10.0.0.8", 42000), close=320.0, preface=300.002,
                        settings=None))
-    writer.write(rows, [], [])
-    writer.finish(status="complete", error=None, first_ts=T0, last_ts=T0 + 600.0,
-                  packets=100, segments=100, connections=len(rows), open_at_end=11,
-                  anomaly_counts={}, drops=0, elapsed_s=1.0, stats={})
+    db = stored(path, rows, first_ts=T0, last_ts=T0 + 600.0, packets=100)
     with db.conn:
         db.conn.execute("UPDATE connections SET pid = 700, process_start = 1.0"
                         " WHERE uid LIKE 'Cleak%'")
@@ -86,12 +80,12 @@ def test_client_filter_and_window(db_path: Path) -> None:
 
 
 def test_text_table_and_json(db_path: Path) -> None:
-    out = tracer("timeline", "--db", str(db_path), "--bucket", "1m").splitlines()
+    out = tracer("timeline", "--db", str(db_path), "--bucket", "1m").stdout.splitlines()
     assert out[0].split()[:4] == ["TIME", "(UTC)", "pid", "700"]
     assert "PREFACE TIMEOUTS" in out[0] and "PREFACE p50/p99 ms" in out[0]
     [row6] = [line for line in out if line.startswith("2026-09-21 14:19:20")]  # T0 + 6 min
     assert row6.split()[2:6] == ["6", "1", "0", "1"], row6  # pid 700, pool, 800, a timeout
-    data = json.loads(tracer("timeline", "--db", str(db_path), "--format", "json"))
+    data = json.loads(tracer("timeline", "--db", str(db_path), "--format", "json").stdout)
     assert data["clients"]["pid 700"][9] == 10
 
 
@@ -109,9 +103,7 @@ def test_plots(db_path: Path, tmp_path: Path, suffix: str, magic: bytes) -> None
 
 
 def test_bad_options(db_path: Path) -> None:
-    bad = subprocess.run([sys.executable, "-m", "cli.main", "timeline", "--db", str(db_path),
-                          "--plot", "x.gif"], cwd=REPO, capture_output=True, text=True,
-                         check=False)
+    bad = tracer("timeline", "--db", str(db_path), "--plot", "x.gif", check=False)
     assert bad.returncode == 2 and ".png, .svg or .html" in bad.stderr
 
 
@@ -121,9 +113,9 @@ def test_preface_timeout_option_agrees_with_the_report(db_path: Path, timeout: s
     """The stuck dial gave up after 20 s: a timeout under a 5 s limit, none under 30 s; the
     timeline counts what the report counts with the same --preface-timeout."""
     data = json.loads(tracer("timeline", "--db", str(db_path), "--format", "json",
-                             "--preface-timeout", timeout))
+                             "--preface-timeout", timeout).stdout)
     report = json.loads(tracer("report", "--db", str(db_path), "--format", "json",
-                               "--preface-timeout", timeout))
+                               "--preface-timeout", timeout).stdout)
     assert sum(data["markers"]["preface_timeouts"]) == expected
     assert report["server"]["preface_timeouts"] == expected
 

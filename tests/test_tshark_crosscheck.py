@@ -18,22 +18,19 @@ import subprocess
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
+from support import FULL, shared_captures
 
 from tracer.pipeline import Analyzer
 from tracer.sources.pcapfile import CaptureReader
 
-REPO = Path(__file__).resolve().parent.parent
-CAPTURES = (REPO / ".." / "shared" / "captures").resolve()
 TSHARK = shutil.which("tshark")
 
 if TSHARK is None:
     pytest.skip("tshark is not installed (make system-deps installs it)", allow_module_level=True)
-if not (CAPTURES / "external").is_dir() or not (CAPTURES / "generated").is_dir():
-    pytest.skip(f"shared captures not found at {CAPTURES}", allow_module_level=True)
+CAPTURES = shared_captures()
 
 
 @dataclass(frozen=True)
@@ -184,7 +181,7 @@ def tshark_views(rel: str) -> tuple[dict[Key, View], str]:
 
 def tracer_views(rel: str) -> dict[Key, View]:
     case = CASES[rel]
-    a = Analyzer(frozenset(case.server_ports))
+    a = Analyzer(frozenset(case.server_ports), FULL)
     with CaptureReader.open(str(CAPTURES / rel)) as r:
         it = iter(r)
         while a.feed(it, 10000):
@@ -233,7 +230,7 @@ def all_tshark_views() -> dict[str, tuple[dict[Key, View], str]]:
     # tshark runs are independent processes: run them side by side.
     names = sorted(CASES)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(zip(names, pool.map(tshark_views, names)))
+        return dict(zip(names, pool.map(tshark_views, names), strict=True))
 
 
 def _params() -> list[Any]:
@@ -278,7 +275,7 @@ def test_http2_control_frames_match_tshark(rel: str) -> None:
         assert mine.goaways == theirs.goaways, where
         assert mine.resets == theirs.resets, where
         assert [sid for sid, _ in mine.paths] == [sid for sid, _ in theirs.paths], where
-        for (sid, method), (_, path) in zip(mine.paths, theirs.paths):
+        for (sid, method), (_, path) in zip(mine.paths, theirs.paths, strict=True):
             assert _method_matches(method, path), f"{where} stream {sid}: {method!r} vs {path!r}"
         if theirs.tls:
             assert mine.tls == theirs.tls, where

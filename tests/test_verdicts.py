@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import live_support as ls
 import pytest
 import realtraffic_support as rt
+from support import tracer
 
 from store.queries import FEW_RPCS, FEW_TLS_RECORDS, MANY_LEFT_BEHIND, _verdict
 
@@ -156,14 +156,10 @@ def test_few_rpcs_boundary_is_what_the_query_counts() -> None:
 def test_connections_the_server_never_answered_are_not_left_behind(tmp_path: Path) -> None:
     """A closing client caught by a frozen server: its last calls' connections sent the
     preface and got nothing back; open at the end, yet the client left nothing behind."""
-    from store_support import record
+    from store_support import record, stored
 
     from store.queries import client_report
-    from store.schema import open_database
-    from store.writer import CaptureWriter
 
-    db = open_database(str(tmp_path / "waiting.db"))
-    writer = CaptureWriter.start(db, kind="file", ports=[9090])
     rows = [record(f"Cc{i}", 1.0 + i, ("10.0.0.7", 41000 + i), close=1.5 + i,
                    preface=1.001 + i, settings=1.002 + i) for i in range(10)]
     for i in range(3):
@@ -171,10 +167,8 @@ def test_connections_the_server_never_answered_are_not_left_behind(tmp_path: Pat
                    preface=12.001 + i, settings=None)
         r.update(streams=0, trailers=0, resp_bytes=0, resp_pkts=1, methods={})
         rows.append(r)
-    writer.write(rows, [], [])
-    writer.finish(status="complete", error=None, first_ts=rows[0]["ts"],
-                  last_ts=rows[0]["ts"] + 20.0, packets=30, segments=30, connections=13,
-                  open_at_end=3, anomaly_counts={}, drops=0, elapsed_s=20.0, stats={})
+    db = stored(tmp_path / "waiting.db", rows, first_ts=rows[0]["ts"],
+                last_ts=rows[0]["ts"] + 20.0, packets=30, elapsed_s=20.0)
     [c] = client_report(db)
     assert (c["verdict"], c["left_behind"], c["open_waiting_for_server"]) == ("ok", 0, 3), c
     assert c["reason"] == ("10 closed; 3 open waiting for the server's answer (it never sent "
@@ -188,24 +182,18 @@ def test_a_connection_with_an_rpc_in_progress_is_in_use(tmp_path: Path, ended: i
     """Three connections opened in the capture, one RPC each, never closed: a leak when
     each RPC ended (the server's trailers), connections in use when each RPC still runs
     (a watch or subscription stream: one RPC as long as the connection)."""
-    from store_support import T0, record
+    from store_support import T0, record, stored
 
     from store.queries import client_report
-    from store.schema import open_database
-    from store.writer import CaptureWriter
 
-    db = open_database(str(tmp_path / "streams.db"))
-    writer = CaptureWriter.start(db, kind="file", ports=[9090])
     rows = []
     for i in range(3):
         r = record(f"Cw{i}", 1.0 + i, ("10.0.0.7", 41000 + i), close=None, preface=1.001 + i,
                    settings=1.002 + i)
         r.update(trailers=ended, last_activity_ts=T0 + 19.0)
         rows.append(r)
-    writer.write(rows, [], [])
-    writer.finish(status="complete", error=None, first_ts=T0, last_ts=T0 + 20.0, packets=30,
-                  segments=30, connections=3, open_at_end=3, anomaly_counts={}, drops=0,
-                  elapsed_s=20.0, stats={})
+    db = stored(tmp_path / "streams.db", rows, first_ts=T0, last_ts=T0 + 20.0, packets=30,
+                elapsed_s=20.0)
     [c] = client_report(db)
     assert c["verdict"] == verdict, c
     assert (c["left_behind"], c["open_rpc_in_progress"]) == ((3, 0) if ended else (0, 3))
@@ -230,16 +218,8 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
-def _server(processes: rt.Processes, *extra: str) -> int:
-    server = processes.start("server", [sys.executable, "-u",
-                                        str(rt.PEERS_DIR / "grpcio_server.py"), "0",
-                                        "--max-lifetime", "120", *extra])
-    return int(server.wait_for("READY ", time.monotonic() + rt.READY_TIMEOUT_S).split()[1])
-
-
 def _client(processes: rt.Processes, name: str, *args: str) -> rt.Process:
-    return processes.start(name, [sys.executable, "-u", str(rt.PEERS_DIR / "grpcio_client.py"),
-                                  *args, "--max-lifetime", "90"])
+    return processes.start(name, [*rt.grpcio_peer("client"), *args, "--max-lifetime", "90"])
 
 
 def _entries(db: Path, pids: dict[str, int]) -> dict[str, dict[str, Any]]:
@@ -268,7 +248,7 @@ def test_tls_pool_is_ok_and_tls_leaker_is_a_leak(tmp_path: Path, impl: str,
     cert, key = certificate
     channels = 4 if impl == "grpcio" else 1
     with ls.processes() as processes:
-        port = _server(processes, "--tls-cert", str(cert), "--tls-key", str(key))
+        port = ls.start_server(processes, "--tls-cert", str(cert), "--tls-key", str(key))
         agent = ls.Agent(processes, tmp_path / "tls.db", port, "--iface", "lo",
                          "--duration", "12s")
         agent.wait_ready()
@@ -278,7 +258,7 @@ def test_tls_pool_is_ok_and_tls_leaker_is_a_leak(tmp_path: Path, impl: str,
                      *(["--channels", str(channels)] if impl == "grpcio" else []))
         leak = _peer(processes, impl, "leak", "leak", "--target", target, "--count", "6",
                      "--tls-ca", str(cert))
-        ls.wait_done([leak])
+        rt.wait_done([leak])
         ls.wait_client_ports(leak.popen.pid, port, 6)
         assert agent.wait_exit(30) == 0, agent.output()
         entries = _entries(agent.db, {"pool": pool.popen.pid, "leak": leak.popen.pid})
@@ -301,7 +281,7 @@ def test_subscription_streams_are_in_use_and_a_leaker_beside_them_is_a_leak(
     time; beside it a leaker with one finished RPC per channel."""
     ls.need_root()
     with ls.processes() as processes:
-        port = _server(processes)
+        port = ls.start_server(processes)
         agent = ls.Agent(processes, tmp_path / "watch.db", port, "--iface", "lo",
                          "--duration", "8s")
         agent.wait_ready()
@@ -309,7 +289,7 @@ def test_subscription_streams_are_in_use_and_a_leaker_beside_them_is_a_leak(
         watch = _client(processes, "watch", "watch", "--target", target, "--count", "2",
                         "--channels", "3")
         leak = _client(processes, "leak", "leak", "--target", target, "--count", "4")
-        ls.wait_done([watch, leak])
+        rt.wait_done([watch, leak])
         assert agent.wait_exit(30) == 0, agent.output()
         entries = _entries(agent.db, {"watch": watch.popen.pid, "leak": leak.popen.pid})
         everyone = ls.report(agent.db)["clients"]
@@ -326,7 +306,7 @@ def test_a_sporadic_pool_opened_before_the_capture_is_ok(tmp_path: Path) -> None
     use (their traffic is seen), and their age is at least the capture's length."""
     ls.need_root()
     with ls.processes() as processes:
-        port = _server(processes)
+        port = ls.start_server(processes)
         pool = _client(processes, "pool", "pool", "--target", f"127.0.0.1:{port}",
                        "--count", "8", "--interval", "8", "--channels", "3")
         ls.wait_client_ports(pool.popen.pid, port, 3)
@@ -340,6 +320,6 @@ def test_a_sporadic_pool_opened_before_the_capture_is_ok(tmp_path: Path) -> None
     assert entry["left_behind"] == 0
     assert entry["oldest_open_before_capture"] is True
     assert entry["oldest_open_s"] >= 19.0
-    text = rt.run_tracer("report", "--db", str(agent.db))
+    text = tracer("report", "--db", str(agent.db)).stdout
     [row] = [line for line in text.splitlines() if f" {pool.popen.pid} " in line]
     assert f">={entry['oldest_open_s']:.1f}s" in row, text

@@ -17,8 +17,9 @@ import os
 # The modules on the per-packet path, as paths below tracer/ without ".py".
 # Everything else stays interpreted.
 MODULES = (
-    "decode", "pipeline", "record", "tcp/flow", "tcp/state", "http2/frames",
-    "http2/observer", "http2/tls", "sources/pcapfile",
+    "decode", "outbox", "pipeline", "record", "tcp/flow", "tcp/sleepers", "tcp/state",
+    "http2/frames", "http2/hpack_memo", "http2/http1", "http2/modes", "http2/observer",
+    "http2/text", "http2/tls", "sources/pcapfile",
 )
 
 # One "<sha256>  <module path>.py" line per compiled module (the format of sha256sum, so

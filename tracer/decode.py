@@ -158,10 +158,7 @@ def make_decoder(
         p = t + doff
         if p > end:
             raise Malformed("tcp_header_beyond_ip_length", f"header {doff}, segment {end - t}")
-        if addr_end == t:
-            key = frame[ip:t + 4]
-        else:
-            key = frame[ip:addr_end] + frame[t:t + 4]
+        key = frame[ip:t + 4] if addr_end == t else frame[ip:addr_end] + frame[t:t + 4]
         if offx & 1:
             flags |= NS
         if p == end:

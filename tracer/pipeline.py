@@ -20,6 +20,8 @@ from tracer.decode import (
 )
 from tracer.events import AnomalyFound, ConnectionEvent
 from tracer.http2.observer import Http2Context
+from tracer.options import CoreOptions
+from tracer.outbox import Outbox
 from tracer.record import build_record
 from tracer.tcp.flow import FlowTable
 
@@ -57,20 +59,22 @@ class Analyzer:
     def __init__(
         self,
         ports: frozenset[int],
+        options: CoreOptions | None = None,
         *,
-        decode_server_headers: bool = True,
         fallback: FallbackFactory | None = None,
         shard: tuple[int, int] = (0, 1),
-        **table_options: Any,
     ) -> None:
         """``shard`` = (index, count): analyse only the connections this worker owns (see
         tracer.decode.make_decoder). Worker 0 also owns everything that belongs to no
         connection: malformed frames are reported by it alone."""
         self.ports = frozenset(ports)
+        self.options = options if options is not None else CoreOptions()
         self.shard = shard
-        self.table = FlowTable(self.ports, None, **table_options)
-        self.h2 = Http2Context(self.table.anomalies, decode_server_headers=decode_server_headers)
-        self.table.observer_factory = self.h2.observer
+        # The run's one outbox: the table and the HTTP/2 layer append, drain empties it.
+        self.outbox = Outbox()
+        self.h2 = Http2Context(self.outbox,
+                               decode_server_headers=self.options.decode_server_headers)
+        self.table = FlowTable(self.ports, self.h2.observer, self.options, self.outbox)
         self.fallback = fallback
         self.stats = Stats()
         self._decoders: dict[int, Decoder] = {}
@@ -139,7 +143,7 @@ class Analyzer:
             return  # worker 0 reports it
         m = self.stats.malformed
         m[exc.reason] = m.get(exc.reason, 0) + 1
-        self.table.anomalies.append(AnomalyFound(ts, None, exc.reason, exc.detail))
+        self.outbox.anomaly(ts, None, exc.reason, exc.detail)
 
     def finish(self) -> None:
         """End of input: every connection still open is finished as open at the end, all
@@ -156,20 +160,22 @@ class Analyzer:
         if batch < 1:
             raise ValueError(f"batch must be at least 1, not {batch}")
         table = self.table
+        finished = self.outbox.finished
         more = table.close_some(0, self.stats.last_ts)  # the end's tick alone, first
         while True:
-            if more and len(table.finished) < batch:
-                more = table.close_some(batch - len(table.finished))
+            if more and len(finished) < batch:
+                more = table.close_some(batch - len(finished))
             yield self.drain(batch)  # at least once: events and anomalies not drained yet
-            if not more and not table.finished:
+            if not more and not finished:
                 return
 
     def drain(self, limit: int | None = None) -> Drained:
         """Take what the core produced since the last drain: every finished connection's
         record, or the first ``limit`` of them (the others wait for the next drain)."""
-        table = self.table
-        # The lists are shared with every connection and observer: empty them in place.
-        finished = table.finished
+        outbox = self.outbox
+        # The lists are the outbox's, appended to by the table and the observers:
+        # emptied in place.
+        finished = outbox.finished
         if limit is None or len(finished) <= limit:
             done = finished[:]
             finished.clear()
@@ -177,9 +183,7 @@ class Analyzer:
             done = finished[:limit]
             del finished[:limit]
         records = [build_record(c) for c in done]
-        for conn in done:
-            conn.release()
-        out = Drained(table.events[:], records, table.anomalies[:])
-        table.events.clear()
-        table.anomalies.clear()
+        out = Drained(outbox.events[:], records, outbox.anomalies[:])
+        outbox.events.clear()
+        outbox.anomalies.clear()
         return out

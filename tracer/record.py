@@ -1,90 +1,148 @@
-"""The connection record: one finished (or still open) connection as the row the store keeps."""
+"""The connection record: the connections table's declared columns, and how a connection fills them.
+
+COLUMNS is the one list of the table's columns: the store builds its INSERT, its readers'
+column lists and its schema checks from it. build_record turns one finished (or still
+open) connection into the row the store keeps."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from tracer.events import settings_text
 from tracer.http2.observer import Http2Observer
 from tracer.tcp.flow import Connection
 from tracer.tcp.state import STATE_NAMES, conn_state
 
-# Column order of the connections table (store/schema.py creates it from this list).
-RECORD_FIELDS = (
-    "uid",
-    "ts",
-    "syn_ts",
-    "synack_ts",
-    "established_ts",
-    "close_ts",
-    "end_ts",
-    "duration",
-    "ip_version",
-    "orig_h",
-    "orig_p",
-    "resp_h",
-    "resp_p",
-    "conn_state",
-    "history",
-    "orig_state",
-    "resp_state",
-    "orig_seq_first",
-    "orig_seq_next",
-    "resp_seq_first",
-    "resp_seq_next",
-    "orig_pkts",
-    "orig_bytes",
-    "resp_pkts",
-    "resp_bytes",
-    "missed_bytes",
-    "syn_retries",
-    "retransmits",
-    "keepalives",
-    "zero_windows",
-    "mid_stream",
-    "from_snapshot",
-    "is_open",
-    "close_kind",
-    "end_reason",
-    "last_activity_ts",
-    "events_dropped",
-    "protocol",
-    "preface_ts",
-    "client_settings_ts",
-    "server_settings_ts",
-    "client_settings",
-    "server_settings",
-    "client_settings_ack_ts",
-    "server_settings_ack_ts",
-    "streams",
-    "first_method",
-    "authority",
-    "user_agent",
-    "pings_orig",
-    "pings_resp",
-    "goaways",
-    "goaway_sender",
-    "goaway_ts",
-    "goaway_last_stream_id",
-    "goaway_error",
-    "goaway_debug",
-    "rst_streams",
-    "trailers",
-    "grpc_errors",
-    "data_frames",
-    "window_updates",
-    "tls_sni",
-    "tls_alpn",
-    "h2c_upgrade",
-    "first_rpc_ts",
-    "last_rpc_ts",
-    "orig_fin_ts",
-    "resp_fin_ts",
-    "orig_rst_ts",
-    "resp_rst_ts",
-    "tls_records_orig",
-    "tls_records_resp",
+
+class Column(NamedTuple):
+    """One column of the connections table.
+
+    ``source`` says what fills it: ``tcp`` (the flow table's Connection) and ``http2`` (its
+    Http2Observer; ``build_record``) make the record; ``capture`` is the writer's (which
+    capture run wrote the row); ``attribution`` is written separately, when the owner of
+    the client socket is known (store.writer.CaptureWriter.attribute). ``since`` is the
+    migration that adds it to a database (store/schema.py; the migrations hold their own
+    frozen lists, a test checks they agree with this table). ``nullable``: the record may
+    hold None there; an ``http2`` column that is not nullable is 0 without an observer.
+    ``default`` is the column's SQL DEFAULT. ``merge`` says what a connection continued
+    from an earlier capture's row keeps (continued_record): ``kept`` the earlier row's
+    value, ``sum`` both added, ``first`` the earlier row's unless it had none, ``last``
+    the continuation's, ``newer`` the continuation's unless it has none, ``goaway`` the
+    continuation's when it saw a GOAWAY, ``min``/``max`` of the two, ``computed`` worked
+    out in continued_record itself."""
+
+    name: str
+    sql: str  # INTEGER, REAL or TEXT
+    source: str
+    since: str
+    nullable: bool = True
+    default: str | None = None
+    merge: str = "kept"
+
+
+_TCP, _H2, _CAPTURE, _ATTR = "tcp", "http2", "capture", "attribution"
+_M001 = "m001_initial"
+_M014 = "m014_unmigrated_columns"
+_I, _R, _T = "INTEGER", "REAL", "TEXT"
+
+# Every column of the connections table, in the order a reader lists them (the order of a
+# table made by the release before this table: `tracer connections --format json` keeps
+# its key order).
+COLUMNS = (
+    Column("uid", _T, _TCP, _M001, nullable=False),
+    Column("ts", _R, _TCP, _M001, nullable=False),
+    Column("syn_ts", _R, _TCP, _M001),
+    Column("synack_ts", _R, _TCP, _M001),
+    Column("established_ts", _R, _TCP, _M001),
+    Column("close_ts", _R, _TCP, _M001, merge="last"),
+    Column("end_ts", _R, _TCP, _M001, nullable=False, merge="last"),
+    Column("duration", _R, _TCP, _M001, nullable=False, merge="computed"),
+    Column("ip_version", _I, _TCP, _M001, nullable=False),
+    Column("orig_h", _T, _TCP, _M001, nullable=False),
+    Column("orig_p", _I, _TCP, _M001, nullable=False),
+    Column("resp_h", _T, _TCP, _M001, nullable=False),
+    Column("resp_p", _I, _TCP, _M001, nullable=False),
+    Column("conn_state", _T, _TCP, _M001, nullable=False, merge="computed"),
+    Column("history", _T, _TCP, _M001, nullable=False, merge="computed"),
+    Column("orig_state", _T, _TCP, _M014, nullable=False, merge="computed"),
+    Column("resp_state", _T, _TCP, _M014, nullable=False, merge="computed"),
+    Column("orig_seq_first", _I, _TCP, _M014),
+    Column("orig_seq_next", _I, _TCP, _M014, merge="last"),
+    Column("resp_seq_first", _I, _TCP, _M014),
+    Column("resp_seq_next", _I, _TCP, _M014, merge="last"),
+    Column("orig_pkts", _I, _TCP, _M001, nullable=False, merge="sum"),
+    Column("orig_bytes", _I, _TCP, _M001, nullable=False, merge="sum"),
+    Column("resp_pkts", _I, _TCP, _M001, nullable=False, merge="sum"),
+    Column("resp_bytes", _I, _TCP, _M001, nullable=False, merge="sum"),
+    Column("missed_bytes", _I, _TCP, _M001, nullable=False, merge="sum"),
+    Column("syn_retries", _I, _TCP, _M001, nullable=False, merge="sum"),
+    Column("retransmits", _I, _TCP, _M001, nullable=False, merge="sum"),
+    Column("keepalives", _I, _TCP, _M001, nullable=False, merge="sum"),
+    Column("zero_windows", _I, _TCP, _M001, nullable=False, merge="sum"),
+    Column("mid_stream", _I, _TCP, _M001, nullable=False),
+    Column("from_snapshot", _I, _TCP, _M014, nullable=False),
+    Column("is_open", _I, _TCP, _M001, nullable=False, merge="last"),
+    Column("close_kind", _T, _TCP, _M001, merge="last"),
+    Column("end_reason", _T, _TCP, _M001, merge="last"),
+    Column("last_activity_ts", _R, _TCP, _M001, merge="max"),
+    Column("events_dropped", _I, _TCP, _M001, nullable=False, merge="sum"),
+    Column("protocol", _T, _H2, _M001, merge="first"),
+    Column("preface_ts", _R, _H2, _M001, merge="first"),
+    Column("client_settings_ts", _R, _H2, _M001, merge="first"),
+    Column("server_settings_ts", _R, _H2, _M001, merge="first"),
+    Column("client_settings", _T, _H2, _M001, merge="first"),
+    Column("server_settings", _T, _H2, _M001, merge="first"),
+    Column("client_settings_ack_ts", _R, _H2, _M014, merge="first"),
+    Column("server_settings_ack_ts", _R, _H2, _M014, merge="first"),
+    Column("streams", _I, _H2, _M001, nullable=False, merge="sum"),
+    Column("first_method", _T, _H2, _M001, merge="first"),
+    Column("authority", _T, _H2, _M001, merge="first"),
+    Column("user_agent", _T, _H2, _M001, merge="first"),
+    Column("pings_orig", _I, _H2, _M001, nullable=False, merge="sum"),
+    Column("pings_resp", _I, _H2, _M001, nullable=False, merge="sum"),
+    Column("goaways", _I, _H2, _M001, nullable=False, merge="sum"),
+    Column("goaway_sender", _T, _H2, _M001, merge="goaway"),
+    Column("goaway_ts", _R, _H2, _M001, merge="goaway"),
+    Column("goaway_last_stream_id", _I, _H2, _M001, merge="goaway"),
+    Column("goaway_error", _I, _H2, _M001, merge="goaway"),
+    Column("goaway_debug", _T, _H2, _M001, merge="goaway"),
+    Column("rst_streams", _I, _H2, _M001, nullable=False, merge="sum"),
+    Column("trailers", _I, _H2, _M001, nullable=False, merge="sum"),
+    Column("grpc_errors", _I, _H2, _M001, nullable=False, merge="sum"),
+    Column("data_frames", _I, _H2, _M001, nullable=False, merge="sum"),
+    Column("window_updates", _I, _H2, _M001, nullable=False, merge="sum"),
+    Column("tls_sni", _T, _H2, _M001, merge="first"),
+    Column("tls_alpn", _T, _H2, _M001, merge="first"),
+    Column("h2c_upgrade", _I, _H2, _M001, nullable=False),
+    Column("capture_id", _I, _CAPTURE, _M001, nullable=False),
+    Column("pid", _I, _ATTR, "m002_attribution"),
+    Column("process_start", _R, _ATTR, "m002_attribution"),
+    Column("attribution", _T, _ATTR, "m002_attribution"),
+    Column("attributed_ts", _R, _ATTR, "m002_attribution"),
+    Column("first_rpc_ts", _R, _H2, "m007_rpc_counts", merge="min"),
+    Column("last_rpc_ts", _R, _H2, "m007_rpc_counts", merge="max"),
+    Column("orig_fin_ts", _R, _TCP, "m009_folded_closes", merge="newer"),
+    Column("resp_fin_ts", _R, _TCP, "m009_folded_closes", merge="newer"),
+    Column("orig_rst_ts", _R, _TCP, "m009_folded_closes", merge="newer"),
+    Column("resp_rst_ts", _R, _TCP, "m009_folded_closes", merge="newer"),
+    Column("tls_records_orig", _I, _H2, "m010_tls_records", nullable=False, default="0",
+           merge="sum"),
+    Column("tls_records_resp", _I, _H2, "m010_tls_records", nullable=False, default="0",
+           merge="sum"),
+    Column("client_uid", _I, _ATTR, "m013_attribution_detail"),
+    Column("client_user", _T, _ATTR, "m013_attribution_detail"),
+    Column("client_netns", _I, _ATTR, "m013_attribution_detail"),
+    Column("client_cgroup", _T, _ATTR, "m013_attribution_detail"),
+    Column("client_container", _T, _ATTR, "m013_attribution_detail"),
+    Column("client_pod", _T, _ATTR, "m013_attribution_detail"),
 )
+
+# The record's own columns (what build_record fills), in the order the writer sends them.
+RECORD_FIELDS = tuple(c.name for c in COLUMNS if c.source == _TCP or c.source == _H2)
+# What the writer inserts: the record, then the capture run that wrote it.
+WRITTEN_COLUMNS = RECORD_FIELDS + tuple(c.name for c in COLUMNS if c.source == _CAPTURE)
+# What build_record puts beside the columns: method -> count, grpc-status -> count.
+RECORD_EXTRAS = ("methods", "grpc_statuses")
 
 
 _settings_text_cache: dict[tuple[tuple[int, int], ...], str] = {}
@@ -194,35 +252,25 @@ def build_record(conn: Connection) -> dict[str, Any]:
     return rec
 
 
+# A connection without an HTTP/2 observer (never spoke HTTP/2, or not followed): its
+# counters are 0 and everything else unknown.
 _NO_HTTP2: dict[str, Any] = {
-    key: 0 if key in ("streams", "pings_orig", "pings_resp", "goaways", "rst_streams",
-                      "trailers", "grpc_errors", "data_frames", "window_updates",
-                      "h2c_upgrade", "tls_records_orig", "tls_records_resp") else None
-    for key in (*RECORD_FIELDS[RECORD_FIELDS.index("protocol"):RECORD_FIELDS.index("h2c_upgrade") + 1],
-                "first_rpc_ts", "last_rpc_ts", "tls_records_orig", "tls_records_resp")
+    c.name: None if c.nullable else 0 for c in COLUMNS if c.source == _H2
 }
 
 
-# Counters of a continued connection that add up across the two rows.
-_SUMMED = (
-    "tls_records_orig", "tls_records_resp",
-    "orig_pkts", "orig_bytes", "resp_pkts", "resp_bytes", "missed_bytes", "syn_retries",
-    "retransmits", "keepalives", "zero_windows", "events_dropped", "streams", "pings_orig",
-    "pings_resp", "goaways", "rst_streams", "trailers", "grpc_errors", "data_frames",
-    "window_updates",
-)
-# Facts of the connection's start: the earlier row knows them; the continuation only
-# fills what the earlier one lacked.
-_FIRST_KNOWN = (
-    "protocol", "preface_ts", "client_settings_ts", "server_settings_ts", "client_settings",
-    "server_settings", "client_settings_ack_ts", "server_settings_ack_ts", "first_method",
-    "authority", "user_agent", "tls_sni", "tls_alpn",
-)
-# How it ended: the continuation says.
-_LAST_KNOWN = ("close_ts", "close_kind", "end_reason", "is_open", "end_ts", "orig_seq_next",
-               "resp_seq_next")
-_GOAWAY = ("goaway_sender", "goaway_ts", "goaway_last_stream_id", "goaway_error",
-           "goaway_debug")
+def _merged(kind: str) -> tuple[str, ...]:
+    return tuple(c.name for c in COLUMNS if c.merge == kind and c.source != _ATTR)
+
+
+# How a continued connection's columns come from its two rows (Column.merge).
+_SUMMED = _merged("sum")
+_FIRST_KNOWN = _merged("first")  # facts of its start: the earlier row knows them
+_LAST_KNOWN = _merged("last")  # how it ended: the continuation says
+_NEWER = _merged("newer")
+_GOAWAY = _merged("goaway")
+_EARLIEST = _merged("min")
+_LATEST = _merged("max")
 _STATE_BY_NAME = {name: i for i, name in enumerate(STATE_NAMES)}
 _CONTINUITY_WINDOW = 1 << 30
 
@@ -230,7 +278,8 @@ _CONTINUITY_WINDOW = 1 << 30
 def continued_record(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | None:
     """The columns of ``old`` (a stored connection left open at its capture's end) after
     ``new`` (a connection picked up mid-stream on the same 4-tuple later) continues it, or
-    None when the sequence numbers say ``new`` is another connection."""
+    None when the sequence numbers say ``new`` is another connection. Columns whose merge
+    is ``kept`` are not in it: the stored row keeps them."""
     between: dict[str, int] = {}
     for side in ("orig", "resp"):
         last, first = old[f"{side}_seq_next"], new[f"{side}_seq_first"]
@@ -248,20 +297,18 @@ def continued_record(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]
         out[k] = old[k] if old[k] is not None else new[k]
     for k in _LAST_KNOWN:
         out[k] = new[k]
-    firsts = [t for t in (old.get("first_rpc_ts"), new["first_rpc_ts"]) if t is not None]
-    out["first_rpc_ts"] = min(firsts, default=None)
-    lasts = [t for t in (old.get("last_rpc_ts"), new["last_rpc_ts"]) if t is not None]
-    out["last_rpc_ts"] = max(lasts, default=None)
-    for k in ("orig_fin_ts", "resp_fin_ts", "orig_rst_ts", "resp_rst_ts"):
+    for k in _EARLIEST:
+        firsts = [t for t in (old.get(k), new[k]) if t is not None]
+        out[k] = min(firsts, default=None)
+    for k in _LATEST:
+        lasts = [t for t in (old.get(k), new[k]) if t is not None]
+        out[k] = max(lasts, default=None)
+    for k in _NEWER:
         out[k] = new[k] if new[k] is not None else old.get(k)
     if new["goaways"]:
         for k in _GOAWAY:
             out[k] = new[k]
     out["duration"] = new["end_ts"] - old["ts"]
-    out["last_activity_ts"] = max(
-        (t for t in (old["last_activity_ts"], new["last_activity_ts"]) if t is not None),
-        default=None,
-    )
     out["history"] = (old["history"] or "") + (new["history"] or "")
     states = []
     for side in ("orig", "resp"):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from scapy.utils import PcapWriter
+from support import FULL
 
 from tracer.pipeline import Analyzer
 from tracer.sources.pcapfile import CaptureReader
@@ -90,7 +91,7 @@ def write_pcap(case: Case, path: Path) -> None:
 
 def analyze(case: Case, path: Path) -> tuple[list[dict[str, Any]], list[Any], list[Any]]:
     """Read the capture back through the project's reader and pipeline."""
-    analyzer = Analyzer(frozenset({case.port}), **case.options)
+    analyzer = Analyzer(frozenset({case.port}), FULL.replace(**case.options))
     with CaptureReader.open(str(path)) as reader:
         packets = iter(reader)
         while analyzer.feed(packets, 10000):

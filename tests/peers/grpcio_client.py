@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import threading
 import time
-from types import FrameType
 
 import grpc
+from grpcio_common import encode_string, stop_on_signals
 
 METHOD = "/helloworld.Greeter/SayHello"
 WATCH = "/helloworld.Greeter/Watch"  # server streaming (tests/peers/grpcio_server.py)
@@ -41,22 +40,9 @@ CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.enable_http_pro
 RPC_TIMEOUT_S = 5.0
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def hello_request(name: str) -> bytes:
     """A serialized HelloRequest{name}: field 1, length-delimited."""
-    raw = name.encode()
-    return b"\x0a" + _varint(len(raw)) + raw
+    return encode_string(1, name)
 
 
 def say_hello(channel: grpc.Channel, name: str) -> None:
@@ -114,13 +100,7 @@ def main() -> int:
         with open(args.tls_ca, "rb") as f:
             TLS_CA = f.read()
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
 
     kept: list[grpc.Channel] = []  # referenced until exit so nothing is garbage-collected
     if args.mode == "leak":

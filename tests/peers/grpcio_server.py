@@ -11,62 +11,14 @@ test run killed hard never leaves a server behind.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 import time
 from concurrent import futures
-from types import FrameType
 
 import grpc
+from grpcio_common import encode_string, stop_on_signals, string_field
 
 SERVICE = "helloworld.Greeter"
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def string_field(data: bytes, number: int) -> str:
-    """Field ``number`` (a string) of a protobuf message, or "" when absent."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _read_varint(data, pos)
-        wire_type = key & 7
-        if wire_type == 0:
-            _, pos = _read_varint(data, pos)
-        elif wire_type == 2:
-            length, pos = _read_varint(data, pos)
-            if key >> 3 == number:
-                return data[pos:pos + length].decode("utf-8", "replace")
-            pos += length
-        else:  # fixed32/64 never occur in this service; stop rather than misparse
-            break
-    return ""
-
-
-def encode_string(number: int, text: str) -> bytes:
-    raw = text.encode()
-    return _varint(number << 3 | 2) + _varint(len(raw)) + raw
 
 
 def say_hello(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -96,13 +48,7 @@ def main() -> int:
     parser.add_argument("--tls-key", help="...and this private key (PEM)")
     args = parser.parse_args()
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     # request_deserializer/response_serializer left as None: handlers see raw bytes.

@@ -11,6 +11,7 @@ owner's pid or not.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import pwd
 import time
@@ -90,10 +91,10 @@ class _Kernel:
         self.refused: dict[int, float] = {}  # netns -> when to try entering it again
         self.looked_at = _namespaces.at
         self.drained_at = -1e9
-        try:
+        # Without CAP_NET_ADMIN (--user) there is no watch: vanished sockets are learnt
+        # from packets.
+        with contextlib.suppress(OSError):
             self.watches[own.netns] = DestroyWatch(ports, netns=own.netns)
-        except OSError:
-            pass  # no CAP_NET_ADMIN (--user): vanished sockets are learnt from packets
 
     def diag(self, netns: int) -> SockDiag | None:
         found = self.diags.get(netns)
@@ -110,10 +111,8 @@ class _Kernel:
         except OSError:
             self.refused[netns] = now + NAMESPACE_RETRY
             return None
-        try:
+        with contextlib.suppress(OSError):
             self.watches[netns] = DestroyWatch.inside(pid, netns, self.ports)
-        except OSError:
-            pass
         return made
 
     def prune(self) -> None:
@@ -168,13 +167,13 @@ class Attributor:
     the processes that owned connections before used last (and the next ones), then
     among all those of these owners, of the processes in the socket's cgroup and of
     those in its namespace (all of a container's or a client's namespace; of a host's,
-    those that started lately), fewest descriptors first, then of every other process (newest first, as long as such walks
-    stay within WALK_SHARE of the time), and those of processes with hundreds of
-    descriptors (a leaker's) last of all: the small client of a short call is not made
-    to wait behind them, whether it owned connections before or not. A socket or
-    owner not found yet is looked for again, less and less often (RETRY_FIRST doubling up
-    to RETRY_MAX), until found, or the kernel says it destroyed the socket, or the
-    connection closes."""
+    those that started lately), fewest descriptors first, then of every other process
+    (newest first, as long as such walks stay within WALK_SHARE of the time), and those
+    of processes with hundreds of descriptors (a leaker's) last of all: the small client
+    of a short call is not made to wait behind them, whether it owned connections before
+    or not. A socket or owner not found yet is looked for again, less and less often
+    (RETRY_FIRST doubling up to RETRY_MAX), until found, or the kernel says it destroyed
+    the socket, or the connection closes."""
 
     def __init__(self, ports: frozenset[int]) -> None:
         self.ports = ports

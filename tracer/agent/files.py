@@ -39,6 +39,7 @@ from tracer.agent.control import (
     signals_deferred,
 )
 from tracer.decode import SKIP_NAMES, SKIP_OTHER_SHARD, make_shard_prefilter
+from tracer.options import CoreOptions
 from tracer.pipeline import Analyzer
 from tracer.sources.fallback import scapy_decoder
 from tracer.sources.pcapfile import CaptureFileError, CaptureReader
@@ -139,16 +140,14 @@ def _analyse(
     writer: CaptureWriter,
     *,
     shard: tuple[int, int],
-    decode_server_headers: bool,
-    rpc_events: bool,
+    options: CoreOptions,
     progress: Progress | None,
     stop: StopRequest,
 ) -> ShardResult:
     """Read every file as one packet stream; write this shard's rows as they come."""
     result = ShardResult()
     quiet_cycle_collector()
-    analyzer = Analyzer(ports, decode_server_headers=decode_server_headers,
-                        fallback=scapy_decoder, shard=shard, rpc_events=rpc_events)
+    analyzer = Analyzer(ports, options, fallback=scapy_decoder, shard=shard)
     keeps_sources = shard[0] == 0
     # With several workers, the reader already drops most of the other workers' records
     # (the common frame) before copying them.
@@ -242,8 +241,7 @@ def _analyse(
 
 def _worker(
     conn: Pipe, parent: int, db_path: str, capture_id: int, paths: list[str],
-    ports: frozenset[int], shard: tuple[int, int], decode_server_headers: bool,
-    rpc_events: bool,
+    ports: frozenset[int], shard: tuple[int, int], options: CoreOptions,
 ) -> None:
     """Entry point of worker processes 1..n-1."""
     die_with_parent(parent)
@@ -251,8 +249,7 @@ def _worker(
     try:
         db = open_database(db_path)
         writer = CaptureWriter(db, capture_id)
-        result = _analyse(paths, ports, writer, shard=shard,
-                          decode_server_headers=decode_server_headers, rpc_events=rpc_events,
+        result = _analyse(paths, ports, writer, shard=shard, options=options,
                           progress=None, stop=stop)
         db.close()
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the run
@@ -276,8 +273,7 @@ def read_files(
     ports: frozenset[int],
     db_path: str,
     *,
-    decode_server_headers: bool = True,
-    rpc_events: bool = False,
+    options: CoreOptions | None = None,
     progress: Progress | None = None,
     jobs: int | None = None,
     retention: Retention | None = None,
@@ -287,6 +283,7 @@ def read_files(
 
     ``wait``: told when another capture is writing the database and this one waits for it
     (without it, StoreBusy is raised at once). ``retention``: applied at the end."""
+    options = options if options is not None else CoreOptions()
     if jobs is None:
         jobs = default_jobs(paths)
     if any(p == "-" for p in paths):
@@ -316,15 +313,14 @@ def read_files(
                 proc = ctx.Process(
                     target=_worker,
                     args=(child_end, os.getpid(), db_path, writer.capture_id, paths, ports,
-                          (index, jobs), decode_server_headers, rpc_events),
+                          (index, jobs), options),
                     daemon=True,
                 )
                 proc.start()
                 child_end.close()
                 children.append((proc, parent_end))
-        shards = [_analyse(paths, ports, writer, shard=(0, jobs),
-                           decode_server_headers=decode_server_headers,
-                           rpc_events=rpc_events, progress=progress, stop=stop)]
+        shards = [_analyse(paths, ports, writer, shard=(0, jobs), options=options,
+                           progress=progress, stop=stop)]
         for proc, _pipe in children:
             if stop.requested and proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, stop.signum or signal.SIGINT)  # they stop at their batch

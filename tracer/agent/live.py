@@ -46,6 +46,7 @@ from tracer.agent.store_worker import StoreSettings, serve
 from tracer.attribution.join import open_connections
 from tracer.attribution.sockdiag import SockDiag
 from tracer.attribution.sockets import ESTABLISHED, socket_tables
+from tracer.options import CoreOptions
 from tracer.pipeline import Analyzer
 from tracer.record import build_record
 from tracer.sources.live import CaptureError, LiveCapture, drop_privileges
@@ -78,8 +79,8 @@ class LiveSettings:
     user_filter: str | None = None
     attribution: bool = True
     user: str | None = None
-    decode_server_headers: bool = False
-    rpc_events: bool = False  # one events row per RPC and PING (--events all)
+    # The analysis core's options (--grpc-status, --events all).
+    core: CoreOptions = field(default_factory=CoreOptions)
     retention: Retention | None = None
     # Told when a file read is writing the database and this capture waits for it.
     wait: Callable[[str], None] | None = None
@@ -328,8 +329,7 @@ def _run(settings: LiveSettings, capture: LiveCapture,
         if settings.write_path else None
     lock = _lock(settings)
     stop = StopRequest()
-    analyzer = Analyzer(settings.ports, decode_server_headers=settings.decode_server_headers,
-                        rpc_events=settings.rpc_events)
+    analyzer = Analyzer(settings.ports, settings.core)
     link = StoreLink(StoreSettings(db_path=settings.db_path, ports=settings.ports,
                                    interface=",".join(settings.interfaces),
                                    attribution=settings.attribution,
@@ -342,7 +342,7 @@ def _run(settings: LiveSettings, capture: LiveCapture,
             raise CaptureError(str(exc)) from None
         quiet_cycle_collector()
         if settings.attribution:
-            analyzer.table.opened = []
+            analyzer.outbox.opened = []
         result.seeded = _seed(analyzer, settings.ports)
         started = time.monotonic()
         loop = _Loop(settings, capture, analyzer, link, pcap, stop, status)
@@ -469,7 +469,7 @@ class _Loop:
 
     def run(self) -> None:
         settings, analyzer, link = self.settings, self.analyzer, self.link
-        table = analyzer.table
+        outbox = analyzer.outbox
         packets = self.capture.packets(TURN)
         clock = time.monotonic
         now = clock()
@@ -483,8 +483,8 @@ class _Loop:
                 limit = min(limit, settings.count - analyzer.stats.packets)
                 if limit <= 0:
                     return
-            analyzer.feed(_this_turn(packets, self.pcap, table.opened), limit)
-            opened = table.opened
+            analyzer.feed(_this_turn(packets, self.pcap, outbox.opened), limit)
+            opened = outbox.opened
             if opened:
                 link.send(Opened([opened_record(c) for c in opened if not c.done]))
                 opened.clear()
@@ -533,7 +533,7 @@ class _Loop:
 def _changed_open(analyzer: Analyzer) -> list[dict[str, Any]]:
     """Records of the open connections that changed since they were last sent."""
     out = []
-    for conn in analyzer.table.connections():
+    for conn in analyzer.table.awake():
         if conn.done:
             continue
         if conn.flushed_ts is None or conn.last_ts > conn.flushed_ts:
@@ -544,9 +544,9 @@ def _changed_open(analyzer: Analyzer) -> list[dict[str, Any]]:
 
 def status_line(analyzer: Analyzer, rate: float, drops: int, rows: int) -> str:
     """One line on how the capture goes: every open connection counted, asleep or not."""
-    table = analyzer.table
-    clients = len(table.client_addresses())
-    open_now = table.open_connections()
+    by_client = analyzer.table.open_by_client()
+    clients = len(by_client)
+    open_now = sum(by_client.values())
     return (f"{analyzer.stats.packets:,} packets ({rate:,.0f}/s), "
             f"{open_now:,} open connection{'s' if open_now != 1 else ''} from {clients:,} "
             f"client address{'es' if clients != 1 else ''}, kernel drops {drops:,}, "

@@ -15,6 +15,7 @@ it marks the capture failed, says what was kept, and exits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import sqlite3
@@ -94,10 +95,8 @@ class StoreWorker:
         # The server's accept queue and descriptors, when it runs on this host (what
         # --no-attribution turns off is the look-up of each connection's owner).
         self.server: ServerReader | None = None
-        try:
+        with contextlib.suppress(OSError):  # no sock_diag here: no server samples
             self.server = ServerReader(settings.ports)
-        except OSError:
-            pass  # no sock_diag here: no server samples
         self.server_samples = ServerSampleWriter(writer.db, writer.capture_id)
         self.next_server_sample = now
         # Messages other than new connections read before a batch was unpickled or while
@@ -352,10 +351,8 @@ def serve(inbox: Pipe, outbox: Pipe, inherited: list[Pipe], settings: StoreSetti
 
 def _tell(outbox: Pipe, message: FromWorker) -> None:
     """Answer the capture process, unless it is gone (kill -9): then nobody listens."""
-    try:
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         outbox.send(message)
-    except (BrokenPipeError, ConnectionResetError):
-        pass
 
 
 def _loop(inbox: Pipe, worker: StoreWorker) -> None:
@@ -407,10 +404,8 @@ def _fail(worker: StoreWorker, exc: BaseException, db_path: str) -> str:
 
 
 def _close_quietly(close: Callable[[], None]) -> None:
-    try:
+    with contextlib.suppress(sqlite3.Error):
         close()
-    except sqlite3.Error:
-        pass
 
 
 __all__ = ["StoreSettings", "StoreWorker", "serve"]

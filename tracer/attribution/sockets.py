@@ -9,6 +9,7 @@ address (a dual-stack socket) is reported as plain IPv4.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -120,10 +121,8 @@ def parse_fib_trie(text: str) -> list[ipaddress.IPv4Network]:
         if stripped.startswith("|-- "):
             leaf = stripped[4:]
         elif leaf is not None and stripped.startswith("/") and stripped.endswith("host LOCAL"):
-            try:
+            with contextlib.suppress(ValueError):
                 out.add(ipaddress.IPv4Network(f"{leaf}{stripped.split()[0]}", strict=False))
-            except ValueError:
-                pass
     return sorted(out)
 
 

@@ -14,18 +14,14 @@ that falls inside a frame's payload costs nothing but that frame.
 
 from __future__ import annotations
 
-import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tracer.events import (
     ORIG,
     RESP,
-    AnomalyFound,
     FramingLost,
     FramingRegained,
     GoawaySent,
-    Http1RequestSeen,
-    Http1ResponseSeen,
     PingAcknowledged,
     PingSent,
     PrefaceReceived,
@@ -33,11 +29,8 @@ from tracer.events import (
     SettingsAcknowledged,
     SettingsReceived,
     StreamReset,
-    TlsClientHelloSeen,
-    TlsServerHelloSeen,
     TrailersReceived,
 )
-from tracer.freeze import BIG, BYTE, COUNT, FLAG, FLOAT, REF, SEQ, Layout
 from tracer.http2.frames import (
     CONTINUATION,
     DATA,
@@ -63,87 +56,52 @@ from tracer.http2.frames import (
     plausible_chain,
 )
 from tracer.http2.hpack_memo import Fields, HpackDirection, HpackError, HpackMemo, TableState
-from tracer.http2.tls import (
-    HANDSHAKE_CLIENT_HELLO,
-    NeedMoreData,
-    NotTls,
-    looks_like_tls,
-    parse_hello,
+from tracer.http2.http1 import (
+    HTTP1_REQUEST,
+    HTTP1_REQUEST_LINE,
+    HTTP1_STATUS_LINE,
+    UNKNOWN_PRE_EXISTING,
+    http1_data,
 )
-
-if TYPE_CHECKING:
-    from tracer.tcp.flow import Connection
+from tracer.http2.modes import (
+    DETECT,
+    FRAMES,
+    HTTP1,
+    IGNORE,
+    MODE_NAMES,
+    RESYNC,
+    TLS,
+    TLS_RECORDS,
+    TRANSITIONS,
+)
+from tracer.http2.text import printable
+from tracer.http2.tls import looks_like_tls, plausible_tls_records, tls_hello, tls_records
+from tracer.outbox import Budget, Outbox
+from tracer.sleep import BIG, BYTE, COUNT, FLAG, FLOAT, REF, SEQ, Layout
+from tracer.tcp.flow import StreamObserver
 
 MAX_BUFFERED = 1 << 16  # largest control frame or header block kept for decoding
-MAX_HTTP1_HEAD = 1 << 14
-MAX_TLS_HELLO = 1 << 16
 MAX_METHODS = 32  # distinct methods remembered per connection; the rest are "(other)"
 MAX_STATUSES = 32  # distinct grpc-status values counted per connection (0..16 are defined)
 MAX_REQUEST_TEXTS = 4096
-MAX_TEXT = 256
 GOAWAY_DEBUG_BYTES = 64
 
-UNKNOWN_PRE_EXISTING = "unknown (pre-existing)"
 NO_PATH = "(no :path)"
 UNKNOWN_GAP = "unknown (gap)"
 UNKNOWN_HPACK = "unknown (hpack error)"
 OTHER_METHODS = "(other)"
 
-# Parser modes.
-DETECT = 0  # start of a stream: look at the first bytes
-FRAMES = 1  # in frame sync
-RESYNC = 2  # frame boundaries unknown: wait for a segment that starts on one
-HTTP1 = 3  # inside an HTTP/1.x head or body
-TLS = 4  # collecting a TLS hello
-IGNORE = 5  # nothing more to learn from this direction
-TLS_RECORDS = 6  # inside TLS after the hello: record headers counted, bodies skipped
-
-# TLS record content types (RFC 8446 section 5.1); application data carries the RPCs.
-TLS_CHANGE_CIPHER_SPEC = 20
-TLS_HEARTBEAT = 24
-TLS_APPLICATION_DATA = 23
-MAX_TLS_RECORD = (1 << 14) + 2048  # TLSCiphertext.length at most 2^14 + 2048
-
-_HTTP1_REQUEST = re.compile(rb"[A-Z]{3,10} ")
-# While resyncing, a segment must show a whole request or status line to count as HTTP/1:
-# DATA payloads may well begin with a capital word and a space.
-_HTTP1_REQUEST_LINE = re.compile(
-    rb"(?:GET|HEAD|POST|PUT|DELETE|CONNECT|OPTIONS|TRACE|PATCH) \S+ HTTP/1\.[01]\r\n")
-_HTTP1_STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5]\d\d[ \r]")
 # Frame types counted and skipped without reading their payload: PRIORITY, WINDOW_UPDATE
 # and every extension type.
 _COUNTED_ONLY = frozenset([PRIORITY, WINDOW_UPDATE, *range(CONTINUATION + 1, 256)])
 _HEADER_BLOCK_TYPES = frozenset([HEADERS, CONTINUATION, PUSH_PROMISE])
 
 
-def _plausible_tls_records(data: bytes) -> bool:
-    """A segment that starts with a TLS application data record (an HTTP/2 frame header
-    cannot: its length would be over a megabyte), followed by another record or by the
-    end of the segment."""
-    if len(data) < 5 or data[0] != TLS_APPLICATION_DATA or data[1] != 3 or data[2] > 4:
-        return False
-    end = 5 + (data[3] << 8 | data[4])
-    if end > MAX_TLS_RECORD + 5:
-        return False
-    if end >= len(data):
-        return True
-    nxt = data[end:end + 3]
-    return len(nxt) < 3 or (TLS_CHANGE_CIPHER_SPEC <= nxt[0] <= TLS_HEARTBEAT and nxt[1] == 3)
-
-
-def printable(raw: bytes, limit: int = MAX_TEXT) -> str:
-    """Text for storage: UTF-8 where it decodes, control characters escaped, bounded."""
-    text = raw[:limit].decode("utf-8", "replace")
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-
-
 class Http2Context:
-    """What all connections of one run share: options, the HPACK memo, the anomaly outbox."""
+    """What all connections of one run share: options, the HPACK memo, the run's outbox."""
 
-    def __init__(self, anomalies: list[AnomalyFound], *, decode_server_headers: bool = True):
-        self.anomalies = anomalies
+    def __init__(self, outbox: Outbox, *, decode_server_headers: bool = False):
+        self.outbox = outbox
         self.decode_server_headers = decode_server_headers
         self.memo = HpackMemo()
         # Decoded request fields -> (method, authority, user-agent) as stored text. The
@@ -181,19 +139,22 @@ class Http2Context:
         self.requests[fields] = text
         return text
 
-    def observer(self, conn: Connection) -> Http2Observer:
-        return Http2Observer(self, conn)
+    def observer(self, budget: Budget) -> Http2Observer:
+        """A new connection's observer (tracer.tcp.flow.ObserverFactory)."""
+        return Http2Observer(self, budget)
 
 
-class Http2Observer:
-    """Both directions of one connection and what they said."""
+class Http2Observer(StreamObserver):
+    """Both directions of one connection and what they said: the summary the record is
+    built from. It holds the run's context and the connection's event budget, and nothing
+    that points back at the connection or the table."""
 
     __slots__ = (
         "authority",
+        "budget",
         "client_settings",
         "client_settings_ack_ts",
         "client_settings_ts",
-        "conn",
         "connect_pending",
         "ctx",
         "data_frames",
@@ -230,9 +191,9 @@ class Http2Observer:
         "window_updates",
     )
 
-    def __init__(self, ctx: Http2Context, conn: Connection) -> None:
+    def __init__(self, ctx: Http2Context, budget: Budget) -> None:
         self.ctx = ctx
-        self.conn = conn
+        self.budget = budget
         self.protocol: str | None = None  # h2c, tls, http1, unknown
         self.preface_ts: float | None = None
         self.client_settings_ts: float | None = None
@@ -268,8 +229,20 @@ class Http2Observer:
         self.tls_records_resp = 0
         self.upgraded = False
         self.connect_pending = False
-        self.orig = Direction(self, True)
-        self.resp = Direction(self, False)
+        self.orig = Direction(True, True)
+        self.resp = Direction(False, ctx.decode_server_headers)
+
+    # -- StreamObserver ---------------------------------------------------------------
+
+    def data(self, from_client: bool, ts: float, payload: bytes) -> bool:
+        return (self.orig if from_client else self.resp).feed(self, ts, payload)
+
+    def gap(self, from_client: bool, ts: float, missed: int) -> None:
+        (self.orig if from_client else self.resp).gap(self, ts, missed)
+
+    def lost_start(self, ts: float) -> None:
+        self.orig.lost_start(ts)
+        self.resp.lost_start(ts)
 
     def finish(self, ts: float) -> None:
         for d in (self.orig, self.resp):
@@ -280,7 +253,7 @@ class Http2Observer:
         return all(not d.pending and not d.skip and d.hblock is None
                    for d in (self.orig, self.resp))
 
-    def freeze(self) -> tuple[bytes, tuple[Any, ...]]:
+    def sleep_state(self) -> tuple[bytes, tuple[Any, ...]]:
         blob, refs = _OBSERVER_LAYOUT.pack(self)
         parts = [blob]
         for d in (self.orig, self.resp):
@@ -291,7 +264,8 @@ class Http2Observer:
             refs += r + ((hp.state if hp is not None and hp.state is not None else hp),)
         return b"".join(parts), refs
 
-    def thaw(self, blob: bytes, offset: int, refs: tuple[Any, ...], ref_offset: int) -> None:
+    def wake_state(self, blob: bytes, offset: int, refs: tuple[Any, ...],
+                   ref_offset: int) -> None:
         offset, ref_offset = _OBSERVER_LAYOUT.unpack(self, blob, offset, refs, ref_offset)
         for d in (self.orig, self.resp):
             offset, ref_offset = _DIRECTION_LAYOUT.unpack(d, blob, offset, refs, ref_offset)
@@ -300,20 +274,9 @@ class Http2Observer:
             if isinstance(hp, TableState):
                 hp = HpackDirection(self.ctx.memo, hp)
             d.hpack = hp
-            d._set_mode(d.mode)
-
-    def release(self) -> None:
-        """Point both directions at a shared placeholder observer: the cycles between this
-        observer and its directions are gone, and all of it is freed by reference counting
-        (the cycle collector can then run rarely)."""
-        placeholder = _placeholder()
-        ignore = placeholder.orig._ignore
-        for d in (self.orig, self.resp):
-            d.obs = placeholder
-            d.data = ignore  # was a method bound to d itself: a cycle too
 
     def anomaly(self, ts: float, reason: str, detail: str = "") -> None:
-        self.ctx.anomalies.append(AnomalyFound(ts, self.conn.uid, reason, detail))
+        self.ctx.outbox.anomaly(ts, self.budget.uid, reason, detail)
 
     def add_method(self, method: str) -> None:
         """Count one request's method. While every request had the first method, no dict
@@ -359,24 +322,11 @@ _DIRECTION_LAYOUT = Layout([
     ("unknown_label", REF),
 ])
 
-_PLACEHOLDER: list[Http2Observer] = []
-
-
-def _placeholder() -> Http2Observer:
-    if not _PLACEHOLDER:
-        from tracer.tcp.flow import Connection
-
-        conn = Connection("released", bytes(12), 0.0, [], 0)
-        _PLACEHOLDER.append(Http2Observer(Http2Context([]), conn))
-    return _PLACEHOLDER[0]
-
-
 class Direction:
     """One direction's parser: mode, partial frame, skip count, header block, HPACK context."""
 
     __slots__ = (
         "body_left",
-        "data",
         "decode_headers",
         "dir",
         "hblock",
@@ -388,7 +338,6 @@ class Direction:
         "last_sid",
         "max_frame",
         "mode",
-        "obs",
         "pending",
         "settings_acked",
         "settings_seen",
@@ -398,11 +347,10 @@ class Direction:
         "unknown_label",
     )
 
-    def __init__(self, obs: Http2Observer, is_client: bool) -> None:
-        self.obs = obs
+    def __init__(self, is_client: bool, decode_headers: bool) -> None:
         self.is_client = is_client
         self.dir = ORIG if is_client else RESP
-        self._set_mode(DETECT)
+        self.mode = DETECT
         self.pending = b""
         self.skip = 0
         self.skip_type = DATA
@@ -410,7 +358,7 @@ class Direction:
         self.max_frame = DEFAULT_MAX_FRAME_SIZE
         self.hpack: HpackDirection | None = None
         self.unknown_label: str | None = None  # None while the HPACK table is known
-        self.decode_headers = is_client or obs.ctx.decode_server_headers
+        self.decode_headers = decode_headers
         self.hblock: bytes | None = None  # header block collected across CONTINUATION
         self.hstream = 0
         self.hflags = 0
@@ -421,35 +369,37 @@ class Direction:
         self.settings_acked = False
         self.size_warned = False
 
-    # -- PayloadSink ------------------------------------------------------------------
-    # ``data`` (the PayloadSink entry point) is an attribute bound to the handler of the
-    # current mode, so the flow table's call lands in the right parser directly.
+    # -- the stream, by mode -------------------------------------------------------------
 
-    def _set_mode(self, mode: int) -> None:
-        self.mode = mode
+    def feed(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
+        """In-order bytes of this direction, to the parser of the current mode; True when
+        they were activity (see StreamObserver.data)."""
+        mode = self.mode
         if mode == FRAMES:
-            self.data = self._frames
-        elif mode == DETECT:
-            self.data = self._detect
-        elif mode == RESYNC:
-            self.data = self._resync
-        elif mode == HTTP1:
-            self.data = self._http1
-        elif mode == TLS:
-            self.data = self._tls
-        elif mode == TLS_RECORDS:
-            self.data = self._tls_records
-        else:
-            self.data = self._ignore
+            return self._frames(obs, ts, data)
+        if mode == TLS_RECORDS:
+            return tls_records(self, obs, ts, data)
+        if mode == DETECT:
+            return self.detect(obs, ts, data)
+        if mode == RESYNC:
+            return self._resync(obs, ts, data)
+        if mode == HTTP1:
+            return http1_data(self, obs, ts, data)
+        if mode == TLS:
+            return tls_hello(self, obs, ts, data)
+        return False  # IGNORE
 
-    def _ignore(self, ts: float, data: bytes) -> None:
-        return
+    def set_mode(self, mode: int) -> None:
+        """Change mode: only along TRANSITIONS (a change not listed there is a bug)."""
+        if mode != self.mode:
+            assert (self.mode, mode) in TRANSITIONS, (MODE_NAMES[self.mode], MODE_NAMES[mode])
+            self.mode = mode
 
     def lost_start(self, ts: float) -> None:
-        self._set_mode(RESYNC)
+        self.set_mode(RESYNC)
         self.unknown_label = UNKNOWN_PRE_EXISTING
 
-    def gap(self, ts: float, missed: int) -> None:
+    def gap(self, obs: Http2Observer, ts: float, missed: int) -> None:
         mode = self.mode
         if mode == FRAMES:
             if self.skip >= missed:
@@ -466,121 +416,116 @@ class Direction:
                     ftype = lt & 0xFF
                     if ftype in (HEADERS, CONTINUATION, PUSH_PROMISE):
                         if ftype == HEADERS and self.is_client:
-                            self._count_request(ts, sid & 0x7FFFFFFF, UNKNOWN_GAP)
-                        self._drop_block(ts, UNKNOWN_GAP)
+                            self.count_request(obs, ts, sid & 0x7FFFFFFF, UNKNOWN_GAP)
+                        self._drop_block(obs, ts, UNKNOWN_GAP)
                     return
-            self._lose_sync(ts)
+            self.lose_sync(obs, ts)
         elif mode == HTTP1:
             if self.body_left >= missed and not self.pending:
                 self.body_left -= missed
             else:
-                self._set_mode(IGNORE)
+                self.set_mode(IGNORE)
         elif mode == TLS_RECORDS:
             if self.skip >= missed and not self.pending:
                 self.skip -= missed  # inside one record's body: the records hold
             else:
                 self.pending = b""
-                self._lose_sync(ts)
+                self.lose_sync(obs, ts)
         elif mode in (DETECT, TLS):
             self.pending = b""
-            self._lose_sync(ts)
+            self.lose_sync(obs, ts)
 
     def finish(self, ts: float) -> None:
         self.pending = b""
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _lose_table(self, label: str) -> None:
+    def lose_table(self, label: str) -> None:
         if self.hpack is not None:
             self.hpack.reset()
         self.unknown_label = label
 
-    def _drop_block(self, ts: float, label: str) -> None:
+    def _drop_block(self, obs: Http2Observer, ts: float, label: str) -> None:
         """A header block (or the rest of one) is lost: the request still counts, the HPACK
         table is unknown from here."""
         if self.hblock is not None and self.htype == HEADERS and self.is_client:
-            self._count_request(ts, self.hstream, label)
+            self.count_request(obs, ts, self.hstream, label)
         self.hblock = None
-        self._lose_table(label)
+        self.lose_table(label)
 
-    def _lose_sync(self, ts: float) -> None:
-        self._set_mode(RESYNC)
+    def lose_sync(self, obs: Http2Observer, ts: float) -> None:
+        self.set_mode(RESYNC)
         self.pending = b""
         self.skip = 0
-        self._drop_block(ts, UNKNOWN_GAP)
-        self.obs.conn.emit_frequent(FramingLost, ts, self.dir)
+        self._drop_block(obs, ts, UNKNOWN_GAP)
+        obs.budget.emit_frequent(FramingLost, ts, self.dir)
 
-    def _decode(self, ts: float, block: bytes) -> Fields | None:
+    def _decode(self, obs: Http2Observer, ts: float, block: bytes) -> Fields | None:
         hp = self.hpack
         if hp is None:
-            hp = self.hpack = HpackDirection(self.obs.ctx.memo)
+            hp = self.hpack = HpackDirection(obs.ctx.memo)
         try:
             return hp.decode(block)
         except HpackError as exc:
             if self.unknown_label is None:
-                self.obs.anomaly(ts, "hpack_error", f"{self.dir} header block: {exc}")
+                obs.anomaly(ts, "hpack_error", f"{self.dir} header block: {exc}")
                 self.unknown_label = UNKNOWN_HPACK
             return None
 
-    def _count_request(self, ts: float, sid: int, method: str) -> bool:
+    def count_request(self, obs: Http2Observer, ts: float, sid: int, method: str) -> bool:
         """Count client HEADERS that open a new stream; False for trailers on an old one."""
         if sid <= self.last_sid or not sid & 1:
             return False
         self.last_sid = sid
-        obs = self.obs
         obs.streams += 1
         if obs.first_rpc_ts is None:
             obs.first_rpc_ts = ts
         obs.last_rpc_ts = ts
         obs.add_method(method)
-        obs.conn.emit_frequent(RequestStarted, ts, self.dir, sid, method)
+        obs.budget.emit_frequent(RequestStarted, ts, self.dir, sid, method)
         return True
 
     # -- start of stream --------------------------------------------------------------
 
-    def _detect(self, ts: float, data: bytes) -> None:
+    def detect(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
         buf = self.pending + data if self.pending else data
         self.pending = b""
         if self.is_client:
             if buf.startswith(PREFACE):
-                self._preface(ts)
-                self._set_mode(FRAMES)
+                self._preface(obs, ts)
+                self.set_mode(FRAMES)
                 if len(buf) > len(PREFACE):
-                    self._frames(ts, buf[len(PREFACE):])
-                return
+                    return self._frames(obs, ts, buf[len(PREFACE):])
+                return False
             if (PREFACE.startswith(buf) or (len(buf) < 12 and buf.isalpha() and buf.isupper())
                     or (len(buf) < 3 and buf[:1] == b"\x16")):
                 self.pending = buf  # a preface, an HTTP method or a TLS record still arriving
-                return
-            if _HTTP1_REQUEST.match(buf):
-                self._set_mode(HTTP1)
-                self._http1(ts, buf)
-                return
+                return False
+            if HTTP1_REQUEST.match(buf):
+                self.set_mode(HTTP1)
+                return http1_data(self, obs, ts, buf)
         else:
             if buf.startswith(b"HTTP/"):
-                self._set_mode(HTTP1)
-                self._http1(ts, buf)
-                return
+                self.set_mode(HTTP1)
+                return http1_data(self, obs, ts, buf)
             if len(buf) < 9 and not looks_like_tls(buf):
                 self.pending = buf  # a frame header or a status line still arriving
-                return
+                return False
             if not looks_like_tls(buf):
                 lt, _flags, sid = FRAME_HEADER.unpack_from(buf, 0)
                 if (lt & 0xFF == SETTINGS and not sid) or plausible_chain(buf, self.max_frame):
-                    self._set_mode(FRAMES)
-                    self.obs.saw_frames()
-                    self._frames(ts, buf)
-                    return
+                    self.set_mode(FRAMES)
+                    obs.saw_frames()
+                    return self._frames(obs, ts, buf)
         if looks_like_tls(buf):
-            self._set_mode(TLS)
-            self._tls(ts, buf)
-            return
-        if self.obs.protocol is None:
-            self.obs.protocol = "unknown"
-        self._set_mode(IGNORE)
+            self.set_mode(TLS)
+            return tls_hello(self, obs, ts, buf)
+        if obs.protocol is None:
+            obs.protocol = "unknown"
+        self.set_mode(IGNORE)
+        return False
 
-    def _preface(self, ts: float) -> None:
-        obs = self.obs
+    def _preface(self, obs: Http2Observer, ts: float) -> None:
         if obs.preface_ts is None:
             obs.preface_ts = ts
         obs.saw_frames()
@@ -588,51 +533,48 @@ class Direction:
         self.unknown_label = None
         if self.hpack is not None:
             self.hpack.reset()
-        obs.conn.emit(PrefaceReceived, ts, self.dir)
+        obs.budget.emit(PrefaceReceived, ts, self.dir)
 
-    def _resync(self, ts: float, data: bytes) -> None:
+    def _resync(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
         if self.is_client and data.startswith(PREFACE):
-            self._preface(ts)
-            self._set_mode(FRAMES)
+            self._preface(obs, ts)
+            self.set_mode(FRAMES)
             if len(data) > len(PREFACE):
-                self._frames(ts, data[len(PREFACE):])
-            return
+                return self._frames(obs, ts, data[len(PREFACE):])
+            return False
         if self.is_client and PREFACE.startswith(data):
-            self._set_mode(DETECT)  # a preface cut across segments
+            self.set_mode(DETECT)  # a preface cut across segments
             self.pending = data
-            return
-        if (self.is_client and _HTTP1_REQUEST_LINE.match(data)) or (
-            not self.is_client and _HTTP1_STATUS_LINE.match(data)
+            return False
+        if (self.is_client and HTTP1_REQUEST_LINE.match(data)) or (
+            not self.is_client and HTTP1_STATUS_LINE.match(data)
         ):
             # A whole HTTP/1 request or status line at a segment start (an h2c upgrade or
             # a CONNECT picked up mid-stream): it starts a stream of its own.
-            self._set_mode(HTTP1)
-            self._http1(ts, data)
-            return
-        if _plausible_tls_records(data):
+            self.set_mode(HTTP1)
+            return http1_data(self, obs, ts, data)
+        if plausible_tls_records(data):
             # TLS picked up mid-stream (or after a gap): its records are still counted.
-            self.obs.protocol = "tls"
-            self._set_mode(TLS_RECORDS)
-            self.obs.conn.emit_frequent(FramingRegained, ts, self.dir)
-            self._tls_records(ts, data)
-            return
+            obs.protocol = "tls"
+            self.set_mode(TLS_RECORDS)
+            obs.budget.emit_frequent(FramingRegained, ts, self.dir)
+            return tls_records(self, obs, ts, data)
         if plausible_chain(data, self.max_frame):
-            self._set_mode(FRAMES)
-            self.obs.saw_frames()
-            self.obs.conn.emit_frequent(FramingRegained, ts, self.dir)
-            self._frames(ts, data)
+            self.set_mode(FRAMES)
+            obs.saw_frames()
+            obs.budget.emit_frequent(FramingRegained, ts, self.dir)
+            return self._frames(obs, ts, data)
+        return False
 
     # -- frames -----------------------------------------------------------------------
 
-    def _frames(self, ts: float, data: bytes) -> None:
+    def _frames(self, obs: Http2Observer, ts: float, data: bytes) -> bool:
         skip = self.skip
         if skip:
             n = len(data)
             if skip >= n:
                 self.skip = skip - n
-                if self.skip_type == DATA:
-                    self.obs.conn.last_activity = ts
-                return
+                return self.skip_type == DATA
             data = data[skip:]
             self.skip = 0
         if self.pending:
@@ -642,7 +584,6 @@ class Direction:
         pos = 0
         unpack = FRAME_HEADER.unpack_from
         active = False
-        obs = self.obs
         max_frame = self.max_frame
         decode_headers = self.decode_headers
         while n - pos >= 9:
@@ -652,9 +593,9 @@ class Direction:
             end = pos + 9 + length
             if length > max_frame or self.hblock is not None:
                 if length > max_frame and not self.size_warned:
-                    self._oversized(ts, ftype, length)
+                    self._oversized(obs, ts, ftype, length)
                 if self.hblock is not None and ftype != CONTINUATION:
-                    self._continuation_broken(ts, ftype)
+                    self._continuation_broken(obs, ts, ftype)
             if ftype == DATA:
                 obs.data_frames += 1
                 active = True
@@ -669,32 +610,32 @@ class Direction:
             elif ftype in _HEADER_BLOCK_TYPES and not decode_headers:
                 active = True
                 if ftype == HEADERS:
-                    self._headers_not_decoded(ts, flags, sid & 0x7FFFFFFF)
+                    self._headers_not_decoded(obs, ts, flags, sid & 0x7FFFFFFF)
             elif length > MAX_BUFFERED:
-                self._too_big(ts, ftype, flags, sid & 0x7FFFFFFF, length)
+                self._too_big(obs, ts, ftype, flags, sid & 0x7FFFFFFF, length)
                 active = True
             elif end > n:
                 break  # a frame we read, still arriving: kept in pending below
             else:
                 if ftype == HEADERS:
-                    self._headers(ts, ftype, flags, sid & 0x7FFFFFFF, data, pos + 9, end)
+                    self._headers(obs, ts, ftype, flags, sid & 0x7FFFFFFF, data, pos + 9, end)
                     active = True
                 elif ftype == PING:
-                    self._ping(ts, flags, data, pos + 9, end)
+                    self._ping(obs, ts, flags, data, pos + 9, end)
                 elif ftype == SETTINGS:
-                    self._settings(ts, flags, data, pos + 9, end)
+                    self._settings(obs, ts, flags, data, pos + 9, end)
                     active = True
                 elif ftype == CONTINUATION:
-                    self._continuation(ts, flags, sid & 0x7FFFFFFF, data[pos + 9:end])
+                    self._continuation(obs, ts, flags, sid & 0x7FFFFFFF, data[pos + 9:end])
                     active = True
                 elif ftype == GOAWAY:
-                    self._goaway(ts, data, pos + 9, end)
+                    self._goaway(obs, ts, data, pos + 9, end)
                     active = True
                 elif ftype == RST_STREAM:
-                    self._rst_stream(ts, sid & 0x7FFFFFFF, data, pos + 9, end)
+                    self._rst_stream(obs, ts, sid & 0x7FFFFFFF, data, pos + 9, end)
                     active = True
                 else:  # PUSH_PROMISE
-                    self._headers(ts, ftype, flags, sid & 0x7FFFFFFF, data, pos + 9, end)
+                    self._headers(obs, ts, ftype, flags, sid & 0x7FFFFFFF, data, pos + 9, end)
                     active = True
                 pos = end
                 continue
@@ -707,44 +648,46 @@ class Direction:
             pos = end
         if pos < n:
             self.pending = data[pos:]
-        if active:
-            obs.conn.last_activity = ts
+        return active
 
-    def _oversized(self, ts: float, ftype: int, length: int) -> None:
+    def _oversized(self, obs: Http2Observer, ts: float, ftype: int, length: int) -> None:
         self.size_warned = True
-        self.obs.anomaly(
+        obs.anomaly(
             ts, "frame_exceeds_max_frame_size",
             f"{self.dir} {FRAME_NAMES.get(ftype, ftype)} frame of {length} bytes, "
             f"peer allows {self.max_frame}",
         )
 
-    def _too_big(self, ts: float, ftype: int, flags: int, sid: int, length: int) -> None:
-        self.obs.anomaly(
+    def _too_big(
+        self, obs: Http2Observer, ts: float, ftype: int, flags: int, sid: int, length: int
+    ) -> None:
+        obs.anomaly(
             ts, "frame_too_large_to_inspect",
             f"{self.dir} {FRAME_NAMES.get(ftype, ftype)} frame of {length} bytes skipped",
         )
         if ftype in (HEADERS, CONTINUATION, PUSH_PROMISE):
             if ftype == HEADERS and self.is_client:
-                self._count_request(ts, sid, UNKNOWN_HPACK)
-            self._drop_block(ts, UNKNOWN_HPACK)
+                self.count_request(obs, ts, sid, UNKNOWN_HPACK)
+            self._drop_block(obs, ts, UNKNOWN_HPACK)
 
-    def _continuation_broken(self, ts: float, ftype: int) -> None:
-        self.obs.anomaly(
+    def _continuation_broken(self, obs: Http2Observer, ts: float, ftype: int) -> None:
+        obs.anomaly(
             ts, "continuation_expected",
             f"{self.dir} {FRAME_NAMES.get(ftype, ftype)} frame inside a header block "
             f"on stream {self.hstream}",
         )
-        self._drop_block(ts, UNKNOWN_HPACK)
+        self._drop_block(obs, ts, UNKNOWN_HPACK)
 
     def _headers(
-        self, ts: float, ftype: int, flags: int, sid: int, data: bytes, start: int, end: int
+        self, obs: Http2Observer, ts: float, ftype: int, flags: int, sid: int, data: bytes,
+        start: int, end: int,
     ) -> None:
         p = start
         e = end
         if flags & FLAG_PADDED:
             if e - p < 1 or data[p] > e - p - 1:
-                self.obs.anomaly(ts, "bad_padding", f"{self.dir} {FRAME_NAMES[ftype]} padding")
-                self._lose_table(UNKNOWN_HPACK)
+                obs.anomaly(ts, "bad_padding", f"{self.dir} {FRAME_NAMES[ftype]} padding")
+                self.lose_table(UNKNOWN_HPACK)
                 return
             e -= data[p]
             p += 1
@@ -753,8 +696,8 @@ class Direction:
         elif flags & FLAG_PRIORITY:
             p += 5
         if p > e:
-            self.obs.anomaly(ts, "bad_headers_frame", f"{self.dir} {FRAME_NAMES[ftype]} too short")
-            self._lose_table(UNKNOWN_HPACK)
+            obs.anomaly(ts, "bad_headers_frame", f"{self.dir} {FRAME_NAMES[ftype]} too short")
+            self.lose_table(UNKNOWN_HPACK)
             return
         fragment = data[p:e]
         if not flags & FLAG_END_HEADERS:
@@ -763,38 +706,41 @@ class Direction:
             self.hflags = flags
             self.htype = ftype
             return
-        self._header_block(ts, ftype, flags, sid, fragment)
+        self._header_block(obs, ts, ftype, flags, sid, fragment)
 
-    def _continuation(self, ts: float, flags: int, sid: int, fragment: bytes) -> None:
+    def _continuation(
+        self, obs: Http2Observer, ts: float, flags: int, sid: int, fragment: bytes
+    ) -> None:
         if self.hblock is None or sid != self.hstream:
-            self.obs.anomaly(
+            obs.anomaly(
                 ts, "unexpected_continuation", f"{self.dir} CONTINUATION on stream {sid}"
             )
-            self._lose_table(UNKNOWN_HPACK)
+            self.lose_table(UNKNOWN_HPACK)
             self.hblock = None
             return
         block = self.hblock + fragment
         if len(block) > MAX_BUFFERED:
-            self.obs.anomaly(
+            obs.anomaly(
                 ts, "frame_too_large_to_inspect",
                 f"{self.dir} header block of over {MAX_BUFFERED} bytes skipped",
             )
-            self._drop_block(ts, UNKNOWN_HPACK)
+            self._drop_block(obs, ts, UNKNOWN_HPACK)
             return
         if flags & FLAG_END_HEADERS:
             self.hblock = None
-            self._header_block(ts, self.htype, self.hflags, sid, block)
+            self._header_block(obs, ts, self.htype, self.hflags, sid, block)
         else:
             self.hblock = block
 
-    def _header_block(self, ts: float, ftype: int, flags: int, sid: int, block: bytes) -> None:
-        fields = self._decode(ts, block)
+    def _header_block(
+        self, obs: Http2Observer, ts: float, ftype: int, flags: int, sid: int, block: bytes
+    ) -> None:
+        fields = self._decode(obs, ts, block)
         if ftype == PUSH_PROMISE:
             return
-        obs = self.obs
         if self.is_client:
             if fields is None:
-                self._count_request(ts, sid, self.unknown_label or UNKNOWN_HPACK)
+                self.count_request(obs, ts, sid, self.unknown_label or UNKNOWN_HPACK)
                 return
             request = obs.ctx.requests.get(fields)
             if request is None:
@@ -802,7 +748,7 @@ class Direction:
             method, authority, agent = request
             if flags & FLAG_END_STREAM and method == NO_PATH:
                 return  # client trailers on a stream opened earlier, not a request
-            if self._count_request(ts, sid, method):
+            if self.count_request(obs, ts, sid, method):
                 if obs.authority is None:
                     obs.authority = authority
                 if obs.user_agent is None:
@@ -830,25 +776,26 @@ class Direction:
                 statuses[status] = statuses.get(status, 0) + 1
         if status:
             obs.grpc_errors += 1
-        obs.conn.emit_frequent(TrailersReceived, ts, self.dir, sid, status, message)
+        obs.budget.emit_frequent(TrailersReceived, ts, self.dir, sid, status, message)
 
-    def _headers_not_decoded(self, ts: float, flags: int, sid: int) -> None:
+    def _headers_not_decoded(self, obs: Http2Observer, ts: float, flags: int, sid: int) -> None:
         # Trailers are counted; without decoding there is no status, and no event.
         if flags & FLAG_END_STREAM and not self.is_client:
-            self.obs.trailers += 1
+            obs.trailers += 1
 
-    def _settings(self, ts: float, flags: int, data: bytes, start: int, end: int) -> None:
-        obs = self.obs
+    def _settings(
+        self, obs: Http2Observer, ts: float, flags: int, data: bytes, start: int, end: int
+    ) -> None:
         if flags & FLAG_ACK:
             if self.settings_acked:
-                obs.conn.emit_frequent(SettingsAcknowledged, ts, self.dir)
+                obs.budget.emit_frequent(SettingsAcknowledged, ts, self.dir)
                 return
             self.settings_acked = True
             if self.is_client:
                 obs.client_settings_ack_ts = ts
             else:
                 obs.server_settings_ack_ts = ts
-            obs.conn.emit(SettingsAcknowledged, ts, self.dir, True)
+            obs.budget.emit(SettingsAcknowledged, ts, self.dir, True)
             return
         length = end - start
         if length % 6:
@@ -860,7 +807,7 @@ class Direction:
             if key == SETTINGS_MAX_FRAME_SIZE and 16384 <= value <= MAX_FRAME_SIZE_LIMIT:
                 peer.max_frame = value
         if self.settings_seen or self.unknown_label == UNKNOWN_PRE_EXISTING:
-            obs.conn.emit_frequent(SettingsReceived, ts, self.dir, values)
+            obs.budget.emit_frequent(SettingsReceived, ts, self.dir, values)
             return
         # The preface's SETTINGS (a direction picked up mid-stream never saw it).
         self.settings_seen = True
@@ -870,25 +817,25 @@ class Direction:
         else:
             obs.server_settings = values
             obs.server_settings_ts = ts
-        obs.conn.emit(SettingsReceived, ts, self.dir, values, True)
+        obs.budget.emit(SettingsReceived, ts, self.dir, values, True)
 
-    def _ping(self, ts: float, flags: int, data: bytes, start: int, end: int) -> None:
-        obs = self.obs
+    def _ping(
+        self, obs: Http2Observer, ts: float, flags: int, data: bytes, start: int, end: int
+    ) -> None:
         if end - start != 8:
             obs.anomaly(ts, "bad_ping_length", f"{self.dir} PING of {end - start} bytes")
             return
         opaque = int.from_bytes(data[start:end], "big")
         if flags & FLAG_ACK:
-            obs.conn.emit_frequent(PingAcknowledged, ts, self.dir, opaque)
+            obs.budget.emit_frequent(PingAcknowledged, ts, self.dir, opaque)
             return
         if self.is_client:
             obs.pings_orig += 1
         else:
             obs.pings_resp += 1
-        obs.conn.emit_frequent(PingSent, ts, self.dir, opaque)
+        obs.budget.emit_frequent(PingSent, ts, self.dir, opaque)
 
-    def _goaway(self, ts: float, data: bytes, start: int, end: int) -> None:
-        obs = self.obs
+    def _goaway(self, obs: Http2Observer, ts: float, data: bytes, start: int, end: int) -> None:
         if end - start < 8:
             obs.anomaly(ts, "bad_goaway_length", f"{self.dir} GOAWAY of {end - start} bytes")
             return
@@ -903,216 +850,15 @@ class Direction:
             obs.goaway_last_stream_id = last
             obs.goaway_error = code
             obs.goaway_debug = debug or None
-        obs.conn.emit(GoawaySent, ts, self.dir, last, code, debug)
+        obs.budget.emit(GoawaySent, ts, self.dir, last, code, debug)
 
-    def _rst_stream(self, ts: float, sid: int, data: bytes, start: int, end: int) -> None:
-        obs = self.obs
+    def _rst_stream(
+        self, obs: Http2Observer, ts: float, sid: int, data: bytes, start: int, end: int
+    ) -> None:
         if end - start != 4:
             obs.anomaly(ts, "bad_rst_stream_length", f"{self.dir} RST_STREAM of {end - start}")
             return
         obs.rst_streams += 1
         code = int.from_bytes(data[start:end], "big")
-        obs.conn.emit_frequent(StreamReset, ts, self.dir, sid, code)
+        obs.budget.emit_frequent(StreamReset, ts, self.dir, sid, code)
 
-    # -- HTTP/1.x (h2c upgrade, CONNECT tunnels, plain HTTP/1 on the port) --------------
-
-    def _http1(self, ts: float, data: bytes) -> None:
-        buf = self.pending + data if self.pending else data
-        self.pending = b""
-        while buf:
-            if self.body_left:
-                take = min(self.body_left, len(buf))
-                self.body_left -= take
-                buf = buf[take:]
-                continue
-            if not self._starts_http1(buf):
-                # Not another HTTP/1 message: whatever follows (an HTTP/2 preface after an
-                # upgrade, a server's SETTINGS) starts a stream of its own.
-                self._set_mode(DETECT)
-                self._detect(ts, buf)
-                return
-            idx = buf.find(b"\r\n\r\n")
-            if idx < 0:
-                if len(buf) > MAX_HTTP1_HEAD:
-                    self.obs.anomaly(
-                        ts, "http1_head_too_long", f"{self.dir} head over {MAX_HTTP1_HEAD} bytes"
-                    )
-                    self._set_mode(IGNORE)
-                else:
-                    self.pending = buf
-                return
-            head, buf = buf[:idx], buf[idx + 4:]
-            if self.is_client:
-                self._http1_request(ts, head)
-            else:
-                self._http1_response(ts, head)
-            if self.mode == IGNORE:
-                return
-            if self.mode == DETECT:
-                # After a 101 or a CONNECT's 2xx: a new stream starts right here.
-                if buf:
-                    self._detect(ts, buf)
-                return
-
-    def _new_stream(self) -> None:
-        """What follows starts a stream of its own (after a 101, in a CONNECT tunnel): its
-        beginning is known, even on a connection picked up mid-stream."""
-        self._set_mode(DETECT)
-        self._lose_table(UNKNOWN_PRE_EXISTING)
-        self.unknown_label = None
-
-    def _starts_http1(self, buf: bytes) -> bool:
-        """Whether ``buf`` can be (the start of) the next HTTP/1 message of this side."""
-        if self.is_client:
-            if PREFACE.startswith(buf[:len(PREFACE)]):
-                return False
-            return bool(_HTTP1_REQUEST.match(buf)) or (
-                len(buf) < 11 and buf.isalpha() and buf.isupper())
-        return buf.startswith(b"HTTP/"[:len(buf)]) if len(buf) < 5 else buf.startswith(b"HTTP/")
-
-    def _http1_headers(self, head: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
-        lines = head.split(b"\r\n")
-        headers: dict[bytes, bytes] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        return lines[0].split(b" ", 2), headers
-
-    def _body(self, ts: float, headers: dict[bytes, bytes]) -> None:
-        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-            self._set_mode(IGNORE)
-            return
-        try:
-            length = int(headers.get(b"content-length", b"0"))
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.obs.anomaly(ts, "bad_content_length", f"{self.dir} HTTP/1 head")
-            self._set_mode(IGNORE)
-            return
-        self.body_left = length
-
-    def _http1_request(self, ts: float, head: bytes) -> None:
-        obs = self.obs
-        start, headers = self._http1_headers(head)
-        method = printable(start[0], 16)
-        target = printable(start[1]) if len(start) > 1 else ""
-        upgrade = headers.get(b"upgrade", b"").lower()
-        h2c = b"h2c" in upgrade
-        obs.conn.emit(Http1RequestSeen, ts, self.dir, method, target, printable(upgrade, 32))
-        if obs.protocol is None:
-            obs.protocol = "http1"
-        if b"host" in headers and obs.authority is None:
-            obs.authority = printable(headers[b"host"])
-        if b"user-agent" in headers and obs.user_agent is None:
-            obs.user_agent = printable(headers[b"user-agent"])
-        if method == "CONNECT":
-            obs.connect_pending = True
-            self._new_stream()  # the tunnel's first bytes follow
-        elif h2c:
-            # RFC 7540 3.2: the upgraded request is stream 1.
-            obs.upgraded = True
-            self._count_request(ts, 1, target)
-        self._body(ts, headers)
-
-    def _http1_response(self, ts: float, head: bytes) -> None:
-        obs = self.obs
-        start, headers = self._http1_headers(head)
-        try:
-            status = int(start[1]) if len(start) > 1 else 0
-        except ValueError:
-            status = 0
-        obs.conn.emit(Http1ResponseSeen, ts, self.dir, status)
-        if status == 101:
-            self._new_stream()  # HTTP/2 frames follow (server preface first)
-            return
-        if 100 <= status < 200:
-            return  # 100 Continue: the real response follows
-        if obs.connect_pending and 200 <= status < 300:
-            obs.connect_pending = False
-            self._new_stream()  # a tunnel: whatever follows starts a new stream
-            return
-        if status in (204, 304):
-            return
-        self._body(ts, headers)
-
-    # -- TLS --------------------------------------------------------------------------
-
-    def _tls_records(self, ts: float, data: bytes) -> None:
-        """Walk TLS record headers: application data records are what the connection
-        carries (RPCs are encrypted: how many records each way and when is all there is
-        to see), and they make it active."""
-        skip = self.skip
-        n = len(data)
-        pos = 0
-        if skip:
-            if skip >= n:
-                self.skip = skip - n
-                return
-            pos = skip
-            self.skip = 0
-        if self.pending:
-            data = self.pending + data[pos:]
-            self.pending = b""
-            n = len(data)
-            pos = 0
-        app = 0
-        while pos + 5 <= n:
-            ctype = data[pos]
-            length = data[pos + 3] << 8 | data[pos + 4]
-            if (not TLS_CHANGE_CIPHER_SPEC <= ctype <= TLS_HEARTBEAT or data[pos + 1] != 3
-                    or length > MAX_TLS_RECORD):
-                self.obs.anomaly(ts, "tls_record_desync",
-                                 f"{self.dir} record header {data[pos:pos + 5].hex()}")
-                self._lose_sync(ts)
-                break
-            if ctype == TLS_APPLICATION_DATA:
-                app += 1
-            end = pos + 5 + length
-            if end > n:
-                self.skip = end - n
-                pos = n
-                break
-            pos = end
-        if pos < n and self.mode == TLS_RECORDS:
-            self.pending = data[pos:]
-        if app:
-            obs = self.obs
-            if self.is_client:
-                obs.tls_records_orig += app
-            else:
-                obs.tls_records_resp += app
-            obs.conn.last_activity = ts
-
-    def _tls(self, ts: float, data: bytes) -> None:
-        buf = self.pending + data if self.pending else data
-        self.pending = b""
-        obs = self.obs
-        obs.protocol = "tls"
-        try:
-            hello = parse_hello(buf)
-        except NeedMoreData:
-            if len(buf) > MAX_TLS_HELLO:
-                obs.anomaly(ts, "tls_hello_too_long", f"{self.dir} over {MAX_TLS_HELLO} bytes")
-                self._set_mode(IGNORE)
-            else:
-                self.pending = buf
-            return
-        except NotTls as exc:
-            obs.anomaly(ts, "bad_tls_hello", f"{self.dir}: {exc}")
-            self._set_mode(IGNORE)
-            return
-        alpn = ",".join(hello.alpn)
-        # From the start of what was buffered: the hello's own records are handshake
-        # records, the ones after it are counted.
-        self._set_mode(TLS_RECORDS)
-        self._tls_records(ts, buf)
-        if hello.kind == HANDSHAKE_CLIENT_HELLO:
-            obs.tls_sni = hello.sni or None
-            if obs.tls_alpn is None:
-                obs.tls_alpn = alpn or None
-            obs.conn.emit(TlsClientHelloSeen, ts, self.dir, hello.sni, alpn)
-        else:
-            if alpn:
-                obs.tls_alpn = alpn  # the server's choice beats the client's offer
-            obs.conn.emit(TlsServerHelloSeen, ts, self.dir, alpn)

@@ -161,7 +161,7 @@ class LogParser:
                 candidates = self._candidates(first)
             r: Fields | str = NOT_THIS
             name = ""
-            for name, parse in candidates:
+            for name, parse in candidates:  # noqa: B007 - the name is used after the loop
                 r = parse(line, tb)
                 if r is not NOT_THIS:
                     break

@@ -19,6 +19,7 @@ PACKET_STATISTICS either way.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -246,10 +247,8 @@ class LiveCapture:
         self.rings: list[Ring] = []
         self.ring_refused = False  # the ring was wanted and the kernel refused it
         loopback = None
-        try:
+        with contextlib.suppress(OSError):
             loopback = socket.if_nametoindex("lo")
-        except OSError:
-            pass
         program = port_filter(ports, snaplen, loopback)
         if user_filter:
             program = chain(program, compile_user_filter(user_filter))
@@ -316,13 +315,11 @@ class LiveCapture:
             ring.close()
         self.rings = []
         for sock in self.sockets:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
         self.sockets = []
 
-    def __enter__(self) -> LiveCapture:  # noqa: PYI034 - Self needs Python 3.11
+    def __enter__(self) -> LiveCapture:  # not typing.Self: that needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:

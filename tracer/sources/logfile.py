@@ -245,7 +245,8 @@ def plan_parts(path: str, size: int, count: int) -> FilePlan:
         raise LogSourceError(f"cannot read {path}: {exc.strerror}") from None
     starts = [(0, 0), *((c, n) for c, n in cuts if c < pos)]
     ends = [c for c, _ in starts[1:]] + [pos]
-    parts = tuple(FilePart(start, end, before + 1) for (start, before), end in zip(starts, ends))
+    parts = tuple(FilePart(start, end, before + 1)
+                  for (start, before), end in zip(starts, ends, strict=True))
     return FilePlan(parts, digest.hexdigest(), pos)
 
 

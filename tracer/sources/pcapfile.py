@@ -135,7 +135,7 @@ class CaptureReader:
         if self._raw is not sys.stdin.buffer:
             self._raw.close()
 
-    def __enter__(self) -> CaptureReader:  # noqa: PYI034 - Self needs Python 3.11
+    def __enter__(self) -> CaptureReader:  # not typing.Self: that needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -385,7 +385,7 @@ class CaptureReader:
                 raise CaptureFileError(
                     self.name, "corrupt block (trailing length does not match)", self._offset()
                 )
-            if btype == BT_EPB or btype == BT_PB:
+            if btype in (BT_EPB, BT_PB):
                 if blen < 32:
                     raise CaptureFileError(
                         self.name, f"corrupt packet block (block length {blen})", self._offset()

@@ -112,8 +112,8 @@ class Ring:
         self.map.close()
 
 
-def ring_packets(rings: list[Ring], turn: float,
-                 on_error: Callable[[Ring, int], None]) -> Iterator[tuple[float, int, bytes] | None]:
+def ring_packets(rings: list[Ring], turn: float, on_error: Callable[[Ring, int], None]
+                 ) -> Iterator[tuple[float, int, bytes] | None]:
     """Packets of every ring as (arrival time, LINKTYPE_RAW, IP packet), and None at least
     every ``turn`` seconds whatever the traffic, and before every wait for the kernel.
 

@@ -1,15 +1,20 @@
 """The TCP flow table: every connection's life (Zeek-style state and history) and its in-order
-payload per direction, handed to a payload observer.
+payload per direction, handed to the connection's stream observer.
 
 Sans-IO: segments and packet timestamps in; lifecycle events, anomalies and finished
-connections out (``events``, ``anomalies``, ``finished``, drained by the caller). Time only
-moves through the timestamps given to ``segment`` and ``tick``.
+connections out, into the outbox the caller owns (tracer.outbox). Time only moves through
+the timestamps given to ``segment`` and ``tick``.
 
 Bounded: the table holds at most ``max_connections`` (the least recently active are
 evicted, with an anomaly), each direction's reorder buffer holds at most
 ``reorder_segments`` segments and ``reorder_bytes`` bytes (past that the hole is declared
 a gap: ``missed_bytes`` and history ``g``), and each connection emits at most
-``max_events`` frequent events (counted beyond that).
+``max_events`` events of each kind (counted beyond that). Idle open connections sleep,
+packed small, in a structure of their own (tracer.tcp.sleepers).
+
+Ownership: the table owns its connections; a connection owns its endpoints, its observer
+and its event budget. Nothing points back up: the observer reports activity by the value
+``data`` returns, and emits through the budget it was given.
 """
 
 from __future__ import annotations
@@ -21,13 +26,12 @@ import struct
 import sys
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from tracer.decode import ACK, FIN, RST, SYN, SegmentTuple, key_addresses, reverse_key
 from tracer.events import (
     ORIG,
     RESP,
-    AnomalyFound,
     ConnectionEvent,
     ContentGapSkipped,
     FinSent,
@@ -38,21 +42,10 @@ from tracer.events import (
     SynAckSent,
     SynSent,
 )
-from tracer.freeze import (
-    BIG,
-    BYTE,
-    COUNT,
-    FLAG,
-    FLOAT,
-    REF,
-    SEQ,
-    SIGNED,
-    Dormant,
-    Layout,
-    sleep_pack,
-    sleep_peek,
-    sleep_unpack,
-)
+from tracer.options import CoreOptions
+from tracer.outbox import Budget, Outbox
+from tracer.sleep import BIG, BYTE, COUNT, FLAG, FLOAT, REF, SEQ, SIGNED, Layout
+from tracer.tcp.sleepers import Sleepers
 from tracer.tcp.state import (
     CLOSED,
     ESTABLISHED,
@@ -86,44 +79,41 @@ _SEEN_I = 4
 _SEEN_Q = 8
 
 
-class PayloadSink(Protocol):
-    """Consumer of one direction's byte stream, in order."""
+class StreamObserver:
+    """Consumer of both byte streams of one connection, in order (the HTTP/2 observer
+    derives from it). This base observes nothing."""
 
-    def data(self, ts: float, payload: bytes) -> None: ...
+    def data(self, from_client: bool, ts: float, payload: bytes) -> bool:
+        """In-order payload of one direction; True when it was activity (anything but
+        keepalive PINGs and bare framing), which the connection then records."""
+        return False
 
-    def gap(self, ts: float, missed: int) -> None: ...
+    def gap(self, from_client: bool, ts: float, missed: int) -> None:
+        """``missed`` bytes of one direction the capture never had."""
 
     def lost_start(self, ts: float) -> None:
-        """The first bytes delivered are not the start of the stream (mid-stream pick-up)."""
+        """The first bytes delivered, both ways, are not the start of the streams
+        (a connection picked up mid-stream)."""
 
-    def finish(self, ts: float) -> None: ...
-
-
-class ConnectionObserver(Protocol):
-    """Consumer of both directions of one connection."""
-
-    @property
-    def orig(self) -> PayloadSink: ...
-
-    @property
-    def resp(self) -> PayloadSink: ...
-
-    def finish(self, ts: float) -> None: ...
-
-    def release(self) -> None:
-        """Drop internal references (the connection is written; nothing reads it again)."""
+    def finish(self, ts: float) -> None:
+        """The connection is over: nothing more arrives; drop what is buffered."""
 
     def can_sleep(self) -> bool:
-        """Whether its whole state fits ``freeze`` (no partial frame buffered)."""
+        """Whether its whole state fits ``sleep_state`` (no partial frame buffered)."""
+        return True
 
-    def freeze(self) -> tuple[bytes, tuple[Any, ...]]:
+    def sleep_state(self) -> tuple[bytes, tuple[Any, ...]]:
         """Its state as packed numbers and references."""
+        return b"", ()
 
-    def thaw(self, blob: bytes, offset: int, refs: tuple[Any, ...], ref_offset: int) -> None:
-        """Restore what ``freeze`` returned (blob and refs start at the offsets)."""
+    def wake_state(self, blob: bytes, offset: int, refs: tuple[Any, ...],
+                   ref_offset: int) -> None:
+        """Restore what ``sleep_state`` returned (blob and refs start at the offsets)."""
 
 
-ObserverFactory = Callable[["Connection"], "ConnectionObserver | None"]
+# Makes the observer of a new connection, given the connection's event budget; None: the
+# connection's payload is not observed.
+ObserverFactory = Callable[[Budget], "StreamObserver | None"]
 
 
 class Endpoint:
@@ -146,7 +136,6 @@ class Endpoint:
         "rst_seq",
         "rst_ts",
         "seen",
-        "sink",
         "size",
         "state",
         "syn_seq",
@@ -157,7 +146,7 @@ class Endpoint:
 
     def __init__(self, direction: str) -> None:
         self.dir = direction
-        self.upper = direction == ORIG
+        self.upper = direction == ORIG  # the client's side
         self.state = INACTIVE
         self.isn: int | None = None
         self.next: int | None = None  # next expected sequence number
@@ -178,22 +167,19 @@ class Endpoint:
         self.keepalives = 0
         self.ooo: list[tuple[int, bytes, int, float]] | None = None
         self.ooo_bytes = 0
-        self.sink: PayloadSink | None = None
 
 
 class Connection:
-    """One TCP connection: addresses, timing, lifecycle, history, and its observer."""
+    """One TCP connection: addresses, timing, lifecycle, history, its observer and budget."""
 
     __slots__ = (
+        "budget",
         "close_kind",
         "close_ts",
         "closing",
         "done",
         "end_reason",
-        "essentials_left",
         "established_ts",
-        "events_dropped",
-        "events_left",
         "flushed_ts",
         "from_snapshot",
         "history",
@@ -201,21 +187,18 @@ class Connection:
         "last_ts",
         "mid_stream",
         "missed_bytes",
-        "n",
         "observer",
         "orig",
         "orig_key",
-        "out",
         "resp",
         "syn_retries",
         "syn_ts",
         "synack_ts",
         "ts",
-        "uid",
     )
 
-    def __init__(self, uid: str, orig_key: bytes, ts: float, out: list[Any], budget: int) -> None:
-        self.uid = uid
+    def __init__(self, orig_key: bytes, ts: float, budget: Budget) -> None:
+        self.budget = budget
         self.orig_key = orig_key
         self.orig = Endpoint(ORIG)
         self.resp = Endpoint(RESP)
@@ -232,16 +215,24 @@ class Connection:
         self.flushed_ts: float | None = None  # last_ts when a live capture last stored it
         self.syn_retries = 0
         self.missed_bytes = 0
-        self.observer: ConnectionObserver | None = None
+        self.observer: StreamObserver | None = None
         self.closing: float | None = None  # when both sides finished (FIN/FIN or RST)
         self.done = False
         self.end_reason = ""  # why the table let go of it: closed, open_at_end, evicted, ...
-        self.n = 0
-        self.events_left = budget
-        self.essentials_left = budget
-        self.events_dropped = 0
-        self.out = out
         self.last_activity: float | None = None  # last payload other than keepalive PINGs
+
+    @property
+    def uid(self) -> str:
+        return self.budget.uid
+
+    @property
+    def n(self) -> int:
+        """Events emitted so far."""
+        return self.budget.n
+
+    @property
+    def events_dropped(self) -> int:
+        return self.budget.dropped
 
     # -- addresses -------------------------------------------------------------------
 
@@ -267,45 +258,28 @@ class Connection:
         """No FIN or RST seen from either side (and not ended by port reuse)."""
         return self.close_kind is None
 
-    def release(self) -> None:
-        """Break the reference cycles with the observer once the record is written, so the
-        connection is freed at once instead of waiting for the cycle collector."""
-        observer = self.observer
-        self.observer = None
-        if observer is not None:
-            observer.release()
-
     # -- events ------------------------------------------------------------------------
 
     def emit(self, cls: type[ConnectionEvent], ts: float, direction: str, *args: Any) -> None:
-        """Emit a lifecycle or rare control event (its own budget, so floods of frequent
-        events never hide a FIN or a GOAWAY)."""
-        if self.essentials_left <= 0:
-            self.events_dropped += 1
-            return
-        self.essentials_left -= 1
-        self.n += 1
-        self.out.append(cls(ts, self.uid, self.n, direction, *args))
+        """Emit a lifecycle or rare control event (see Budget)."""
+        self.budget.emit(cls, ts, direction, *args)
 
     def emit_frequent(
         self, cls: type[ConnectionEvent], ts: float, direction: str, *args: Any
     ) -> None:
         """Emit a per-RPC or per-PING event, within the connection's event budget."""
-        left = self.events_left
-        if left <= 0:
-            if left == 0:  # the budget ran out; below 0: not wanted (rpc_events off)
-                self.events_dropped += 1
-            return
-        self.events_left = left - 1
-        self.n += 1
-        self.out.append(cls(ts, self.uid, self.n, direction, *args))
+        self.budget.emit_frequent(cls, ts, direction, *args)
 
 
-def connection_uid(orig_key: bytes, ts: float, seq: int = 0, ack: int = 0) -> str:
+def connection_uid(orig_key: bytes, ts: float, seq: int = 0, ack: int = 0,
+                   again: int = 0) -> str:
     """Deterministic id: the same capture read twice gives the same uids. The first
-    packet's sequence numbers tell apart a port reused at the same timestamp."""
-    digest = hashlib.blake2b(orig_key + struct.pack(">dII", ts, seq, ack),
-                             digest_size=10).digest()
+    packet's sequence numbers tell apart a port reused at the same timestamp; ``again``
+    a connection that began with the same packet as the one before it."""
+    material = orig_key + struct.pack(">dII", ts, seq, ack)
+    if again:
+        material += struct.pack(">I", again)
+    digest = hashlib.blake2b(material, digest_size=10).digest()
     return "C" + digest.hex()
 
 
@@ -313,16 +287,17 @@ _CONNECTION_LAYOUT = Layout([
     ("ts", FLOAT), ("last_ts", FLOAT), ("syn_ts", FLOAT), ("synack_ts", FLOAT),
     ("established_ts", FLOAT), ("close_ts", FLOAT), ("closing", FLOAT),
     ("last_activity", FLOAT), ("flushed_ts", FLOAT), ("mid_stream", FLAG),
-    ("from_snapshot", FLAG), ("syn_retries", COUNT), ("missed_bytes", BIG), ("n", COUNT),
-    ("events_left", SIGNED), ("essentials_left", SIGNED), ("events_dropped", COUNT),
+    ("from_snapshot", FLAG), ("syn_retries", COUNT), ("missed_bytes", BIG),
     ("orig_key", REF), ("history", REF), ("close_kind", REF), ("end_reason", REF),
 ])
 if _CONNECTION_LAYOUT.refs[0] != "orig_key":  # a sleeper's key is kept by the table
     raise ImportError("orig_key must be the connection's first reference")
+_BUDGET_LAYOUT = Layout([
+    ("n", COUNT), ("events_left", SIGNED), ("essentials_left", SIGNED), ("dropped", COUNT),
+])
 _UID_BYTES = 10  # the uid's digest leads the blob: "C" + hex of it
 # Where a sleeper's last_ts is in its blob: eviction reads it without waking the sleeper.
 _LAST_TS_AT = _UID_BYTES + _CONNECTION_LAYOUT.offset("last_ts")
-_LAST_TS = struct.Struct("<d")
 _ENDPOINT_LAYOUT = Layout([
     ("state", BYTE), ("isn", SEQ), ("next", SEQ), ("first_seq", SEQ), ("last_ack", SEQ),
     ("syn_seq", SEQ), ("synack_seq", SEQ), ("fin_seq", SEQ), ("rst_seq", SEQ), ("pkts", BIG),
@@ -340,65 +315,58 @@ def _log_letter(conn: Connection, ep: Endpoint, letter: str, count: int) -> None
         _letter(conn, ep, letter)
 
 
+def client_address(key: bytes) -> bytes:
+    """The client's address (packed) from a connection's client-side key."""
+    return key[: len(key) // 2 - 2]
+
+
 class FlowTable:
-    """All TCP connections on the watched ports, keyed by both directions' 4-tuples."""
+    """All TCP connections on the watched ports: the awake ones keyed by both directions'
+    4-tuples, the sleeping ones apart (tracer.tcp.sleepers)."""
 
     def __init__(
         self,
         server_ports: frozenset[int],
         observer_factory: ObserverFactory | None = None,
-        *,
-        max_connections: int = 200_000,
-        close_linger: float = 5.0,
-        attempt_timeout: float = 120.0,
-        half_closed_timeout: float = 300.0,
-        finished_memory: float = 120.0,
-        reorder_segments: int = 64,
-        reorder_bytes: int = 1 << 20,
-        max_events: int = 128,
-        dormant_after: float = 30.0,
-        nap_awake: int = 4096,
-        nap_after: float = 1.0,
-        rpc_events: bool = True,
+        options: CoreOptions | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
+        opts = options if options is not None else CoreOptions()
+        self.options = opts
         self.server_ports = server_ports
         self.observer_factory = observer_factory
-        self.max_connections = max_connections
-        self.close_linger = close_linger
-        self.attempt_timeout = attempt_timeout
-        self.half_closed_timeout = half_closed_timeout
-        self.finished_memory = finished_memory
-        self.reorder_segments = reorder_segments
-        self.reorder_bytes = reorder_bytes
-        self.max_events = max_events
+        self.outbox = outbox if outbox is not None else Outbox()
+        # The options read on the per-packet path, as plain attributes.
+        self.max_connections = opts.max_connections
+        self.close_linger = opts.close_linger
+        self.attempt_timeout = opts.attempt_timeout
+        self.half_closed_timeout = opts.half_closed_timeout
+        self.finished_memory = opts.finished_memory
+        self.reorder_segments = opts.reorder_segments
+        self.reorder_bytes = opts.reorder_bytes
+        self.max_events = opts.max_events
         # Per-RPC and per-PING events (request, trailers, ping, rst_stream, later SETTINGS):
         # off, they are only counted in the connection's summary, never built.
-        self.rpc_events = rpc_events
-        self.dormant_after = dormant_after
-        # Many connections awake at once (a burst of new ones): those idle nap_after
-        # seconds go to sleep at once, checked every second, instead of after
-        # dormant_after at the next minute's sweep; memory then follows what is active.
-        self.nap_awake = nap_awake if dormant_after != float("inf") else sys.maxsize
-        self.nap_after = min(nap_after, dormant_after)
-        # Awake connections, under both directions' keys; asleep ones under the client's.
+        self.rpc_events = opts.rpc_events
+        self.sleep_after = opts.sleep_after
+        # Many connections awake at once (a burst of new ones): those idle
+        # crowd_sleep_after seconds go to sleep at once, checked every second, instead of
+        # after sleep_after at the next minute's sweep; memory then follows what is active.
+        self.crowd = opts.crowd if opts.sleep_after != float("inf") else sys.maxsize
+        self.crowd_sleep_after = min(opts.crowd_sleep_after, opts.sleep_after)
+        # Awake connections, under both directions' keys; asleep ones apart.
         self._flows: dict[bytes, tuple[Connection, Endpoint, Endpoint]] = {}
-        self._asleep: dict[bytes, Dormant] = {}
-        self._shared_refs: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-        self._next_nap: float = 0.0
+        self._sleepers = Sleepers(_LAST_TS_AT)
+        self._next_crowd_check: float = 0.0
         self._closing: deque[Connection] = deque()
         # End of input under way (close_some): its time, and the awake connections left.
         self._end: float | None = None
         self._ending: deque[Connection] = deque()
-        self._finished_keys: dict[bytes, float] = {}
+        # Keys of connections finished lately: when the last one finished, and the uids of
+        # the last few finished on these addresses (a new one never reuses them: _open).
+        self._finished_keys: dict[bytes, tuple[float, tuple[str, ...]]] = {}
         self._finished_order: deque[tuple[float, bytes]] = deque()
         self._next_sweep: float | None = None
-        # Outboxes, drained by the caller.
-        self.events: list[Any] = []
-        self.finished: list[Connection] = []
-        self.anomalies: list[AnomalyFound] = []
-        # Connections created since the caller last took them (a live capture hands new
-        # connections to attribution at once); None when nobody asks.
-        self.opened: list[Connection] | None = None
         # Counters.
         self.connections_seen = 0
         self.late_packets = 0
@@ -406,77 +374,97 @@ class FlowTable:
         self.evicted = 0
         self.last_ts = 0.0
 
-    # -- public API ------------------------------------------------------------------
+    # -- what the table holds ----------------------------------------------------------
+
+    @property
+    def tracked(self) -> int:
+        """Connections in the table, awake or asleep (closed ones lingering included)."""
+        return len(self._flows) // 2 + len(self._sleepers)
+
+    @property
+    def asleep_count(self) -> int:
+        """Connections asleep right now."""
+        return len(self._sleepers)
 
     @property
     def open_count(self) -> int:
-        return len(self._flows) // 2 + len(self._asleep)
-
-    @property
-    def dormant(self) -> int:
-        """Connections asleep right now."""
-        return len(self._asleep)
-
-    def open_connections(self) -> int:
         """Connections with no FIN or RST seen yet, asleep or awake."""
         awake = sum(1 for conn, ep, _peer in self._flows.values()
                     if ep is conn.orig and conn.close_kind is None and not conn.done)
-        return awake + len(self._asleep)
+        return awake + len(self._sleepers)  # only open connections sleep
 
-    def connections(self) -> list[Connection]:
-        """Connections currently awake in the table (each once)."""
+    def awake(self) -> list[Connection]:
+        """Connections awake in the table (each once); the sleeping ones are not woken."""
         return [entry[0] for entry in self._flows.values() if entry[1] is entry[0].orig]
 
-    def client_addresses(self) -> set[bytes]:
-        """Client addresses of every connection in the table, asleep or awake."""
-        out = {key[: len(key) // 2 - 2] for key in self._asleep}
-        for key, entry in self._flows.items():
-            if entry[1] is entry[0].orig:
-                out.add(key[: len(key) // 2 - 2])
+    def open_by_client(self) -> dict[bytes, int]:
+        """Open connections (no FIN or RST yet) per client address (packed), asleep or
+        awake."""
+        out: dict[bytes, int] = {}
+        for key in self._sleepers.client_keys():
+            client = client_address(key)
+            out[client] = out.get(client, 0) + 1
+        for key, (conn, ep, _peer) in self._flows.items():
+            if ep is conn.orig and conn.close_kind is None and not conn.done:
+                client = client_address(key)
+                out[client] = out.get(client, 0) + 1
         return out
 
+    def next_deadline(self) -> float | None:
+        """The packet time at which ``tick`` next has work (a closed connection's linger
+        over, a finished key forgotten, the minute's sweep, the crowd check); None while
+        the table has seen no time."""
+        if self._next_sweep is None:
+            return None
+        due = self._next_sweep
+        if self._closing and self._closing[0].closing is not None:
+            due = min(due, self._closing[0].closing + self.close_linger)
+        if self._finished_order:
+            due = min(due, self._finished_order[0][0] + self.finished_memory)
+        if len(self._flows) > 2 * self.crowd:
+            due = min(due, self._next_crowd_check)
+        return due
+
     def wake_all(self) -> None:
-        asleep = self._asleep
-        while asleep:
-            key, dormant = asleep.popitem()
-            self._wake(key, dormant)
+        while True:
+            taken = self._sleepers.take_any()
+            if taken is None:
+                return
+            self._wake(*taken)
 
     def _wake_key(self, key: bytes) -> tuple[Connection, Endpoint, Endpoint] | None:
         """The table entry for ``key`` (either direction) of a sleeping connection, woken."""
-        asleep = self._asleep
-        okey = key
-        dormant = asleep.pop(okey, None)
-        if dormant is None:
-            okey = reverse_key(key)
-            dormant = asleep.pop(okey, None)
-            if dormant is None:
-                return None
-        self._wake(okey, dormant)
+        taken = self._sleepers.take(key)
+        if taken is None:
+            return None
+        self._wake(*taken)
         return self._flows[key]
 
     def anomaly(self, ts: float, uid: str | None, reason: str, detail: str = "") -> None:
-        self.anomalies.append(AnomalyFound(ts, uid, reason, detail))
+        self.outbox.anomaly(ts, uid, reason, detail)
+
+    def _new_connection(self, orig_key: bytes, ts: float, uid: str) -> Connection:
+        budget = Budget(uid, self.outbox.events, self.max_events, self.rpc_events)
+        conn = Connection(orig_key, ts, budget)
+        self.connections_seen += 1
+        opened = self.outbox.opened
+        if opened is not None:
+            opened.append(conn)
+        return conn
 
     def seed(self, ts: float, orig_key: bytes) -> Connection:
         """A connection the kernel's socket table showed open when capture began: tracked
         from now on as picked up mid-stream (OTH), its SYN time unknown."""
         entry = self._flows.get(orig_key)
-        if entry is None and self._asleep:
+        if entry is None and len(self._sleepers):
             entry = self._wake_key(orig_key)
         if entry is not None:
             return entry[0]
-        rkey = reverse_key(orig_key)
-        conn = Connection(connection_uid(orig_key, ts), orig_key, ts, self.events,
-                          self.max_events)
-        if not self.rpc_events:
-            conn.events_left = -1
+        conn = self._new_connection(orig_key, ts, connection_uid(orig_key, ts))
         conn.mid_stream = True
         conn.from_snapshot = True
-        self.connections_seen += 1
-        if self.opened is not None:
-            self.opened.append(conn)
         self._flows[orig_key] = (conn, conn.orig, conn.resp)
-        self._flows[rkey] = (conn, conn.resp, conn.orig)
+        self._flows[reverse_key(orig_key)] = (conn, conn.resp, conn.orig)
         self._attach_observer(conn, ts, mid_stream=True)
         conn.emit(PickedUpMidStream, ts, ORIG)
         return conn
@@ -484,21 +472,18 @@ class FlowTable:
     def _attach_observer(self, conn: Connection, ts: float, *, mid_stream: bool) -> None:
         if self.observer_factory is None:
             return
-        observer = self.observer_factory(conn)
+        observer = self.observer_factory(conn.budget)
         if observer is None:
             return
         conn.observer = observer
-        conn.orig.sink = observer.orig
-        conn.resp.sink = observer.resp
         if mid_stream:
-            observer.orig.lost_start(ts)
-            observer.resp.lost_start(ts)
+            observer.lost_start(ts)
 
     def segment(self, ts: float, seg: SegmentTuple) -> None:
         """Account one decoded TCP segment."""
         key, _sport, _dport, seq, ack, flags, win, payload, wire = seg
         entry = self._flows.get(key)
-        if entry is None and self._asleep:
+        if entry is None and len(self._sleepers):
             entry = self._wake_key(key)
         if entry is None:
             entry = self._open(ts, seg)
@@ -508,7 +493,7 @@ class FlowTable:
             entry = self._syn_on_existing(ts, entry, seg)
         conn, ep, peer = entry
         ep.pkts += 1
-        if ts > conn.last_ts:  # noqa: PLR1730 - max() costs a call per packet; merged
+        if ts > conn.last_ts:  # not max(): it costs a call per packet; merged
             # captures (several interfaces) are not in order
             conn.last_ts = ts
         if flags & ACK:
@@ -523,13 +508,11 @@ class FlowTable:
             if seq == ep.next:
                 ep.next = (seq + wire) & MASK
                 ep.size += wire
-                sink = ep.sink
-                if sink is not None:
-                    if len(payload) == wire:
-                        sink.data(ts, payload)
-                    else:
-                        self._truncated(ts, conn, ep, payload, wire)
-                elif len(payload) != wire:
+                if len(payload) == wire:
+                    observer = conn.observer
+                    if observer is not None and observer.data(ep.upper, ts, payload):
+                        conn.last_activity = ts
+                else:
                     self._truncated(ts, conn, ep, payload, wire)
                 if ep.ooo:
                     self._drain(ts, conn, ep)
@@ -566,16 +549,17 @@ class FlowTable:
         memory = self.finished_memory
         while order and (order[0][0] + memory <= ts or len(order) > self.max_connections):
             t, key = order.popleft()
-            if keys.get(key) == t:
+            finished = keys.get(key)
+            if finished is not None and finished[0] == t:
                 del keys[key]
         if self._next_sweep is None:
             self._next_sweep = ts + 60.0
         elif ts >= self._next_sweep:
             self._next_sweep = ts + 60.0
             self._sweep(ts)
-        elif len(self._flows) > 2 * self.nap_awake and ts >= self._next_nap:
-            self._next_nap = ts + 1.0
-            self._nap(ts)
+        elif len(self._flows) > 2 * self.crowd and ts >= self._next_crowd_check:
+            self._next_crowd_check = ts + 1.0
+            self._sleep_crowd(ts)
 
     def close(self, ts: float | None = None) -> None:
         """End of input: finish every connection still in the table, all at once (their
@@ -585,7 +569,7 @@ class FlowTable:
 
     def close_some(self, limit: int, ts: float | None = None) -> bool:
         """End of input, a batch at a time: finish at most ``limit`` more connections still
-        in the table (into ``finished``); True while some remain.
+        in the table (into the outbox's ``finished``); True while some remain.
 
         The first call fixes the end time (``ts``, else the last packet's) and ticks to
         it, which may finish others (closed, expired: also in ``finished``). Sleepers are
@@ -597,19 +581,20 @@ class FlowTable:
         if end is None:
             end = self._end = self.last_ts if ts is None else ts
             self.tick(end)
-            ending.extend(self.connections())
-        asleep = self._asleep
+            ending.extend(self.awake())
+        sleepers = self._sleepers
         count = 0
         while count < limit:
             if ending:
                 conn = ending.popleft()
                 if conn.done:
                     continue
-            elif asleep:
-                key, dormant = asleep.popitem()
-                conn = self._wake(key, dormant)
+            elif len(sleepers):
+                taken = sleepers.take_any()
+                assert taken is not None
+                conn = self._wake(*taken)
             elif self._flows:
-                ending.extend(self.connections())
+                ending.extend(self.awake())
                 continue
             else:
                 break
@@ -622,7 +607,7 @@ class FlowTable:
             count += 1
         while ending and ending[0].done:
             ending.popleft()
-        if ending or asleep or self._flows:
+        if ending or len(sleepers) or self._flows:
             return True
         self._end = None
         return False
@@ -631,12 +616,11 @@ class FlowTable:
 
     def _open(self, ts: float, seg: SegmentTuple) -> tuple[Connection, Endpoint, Endpoint] | None:
         key, sport, dport, seq, ack, flags, _win, _payload, _wire = seg
-        if not flags & SYN and key in self._finished_keys:
+        finished = self._finished_keys.get(key)
+        if finished is not None and not flags & SYN:
             # A straggler of a connection already finished (retransmitted FIN, last ACK).
             self.late_packets += 1
             return None
-        if self.open_count >= self.max_connections:
-            self._evict(ts)
         rkey = reverse_key(key)
         if flags & SYN:
             sender_is_orig = not flags & ACK
@@ -647,18 +631,22 @@ class FlowTable:
         else:
             sender_is_orig = True
         okey, other = (key, rkey) if sender_is_orig else (rkey, key)
-        conn = Connection(connection_uid(okey, ts, seq, ack), okey, ts, self.events,
-                          self.max_events)
-        if not self.rpc_events:
-            conn.events_left = -1
-        self.connections_seen += 1
-        if self.opened is not None:
-            self.opened.append(conn)
+        uid = connection_uid(okey, ts, seq, ack)
+        if finished is not None:
+            again = 0
+            while uid in finished[1]:
+                # A connection finished lately on these addresses began with the same
+                # packet (time and sequence numbers: a copy of its SYN delivered late, a
+                # reordered or merged capture): this one gets a uid of its own, so that
+                # both rows are kept.
+                again += 1
+                uid = connection_uid(okey, ts, seq, ack, again)
+        if self.tracked >= self.max_connections:
+            self._evict(ts)
+        conn = self._new_connection(okey, ts, uid)
         orig, resp = conn.orig, conn.resp
         self._flows[okey] = (conn, orig, resp)
         self._flows[other] = (conn, resp, orig)
-        self._finished_keys.pop(okey, None)
-        self._finished_keys.pop(other, None)
         self._attach_observer(conn, ts, mid_stream=not flags & SYN)
         if not flags & SYN:
             conn.mid_stream = True
@@ -835,8 +823,9 @@ class FlowTable:
         ep.next = (ep.next + wire) & MASK
         ep.size += wire
         if len(payload) == wire:
-            if ep.sink is not None:
-                ep.sink.data(ts, payload)
+            observer = conn.observer
+            if observer is not None and observer.data(ep.upper, ts, payload):
+                conn.last_activity = ts
         else:
             self._truncated(ts, conn, ep, payload, wire)
         if ep.ooo:
@@ -847,8 +836,9 @@ class FlowTable:
     ) -> None:
         """The capture's snap length cut this segment: the rest is missing content."""
         self.truncated_segments += 1
-        if payload and ep.sink is not None:
-            ep.sink.data(ts, payload)
+        observer = conn.observer
+        if payload and observer is not None and observer.data(ep.upper, ts, payload):
+            conn.last_activity = ts
         self._count_gap(ts, conn, ep, wire - len(payload))
 
     def _count_gap(self, ts: float, conn: Connection, ep: Endpoint, missed: int) -> None:
@@ -857,8 +847,8 @@ class FlowTable:
         _log_letter(conn, ep, H_GAP, ep.gaps)
         if ep.gaps == 1:
             conn.emit_frequent(ContentGapSkipped, ts, ep.dir, missed)
-        if ep.sink is not None:
-            ep.sink.gap(ts, missed)
+        if conn.observer is not None:
+            conn.observer.gap(ep.upper, ts, missed)
 
     def _unordered(
         self,
@@ -920,7 +910,7 @@ class FlowTable:
         while ep.ooo:
             nxt = ep.next
             assert nxt is not None
-            for i, (seq, payload, wire, _t) in enumerate(ep.ooo):
+            for i, (seq, payload, wire, _t) in enumerate(ep.ooo):  # noqa: B007 - used after
                 rel = (seq - nxt) & MASK
                 if rel == 0 or rel >= HALF:
                     break
@@ -981,19 +971,19 @@ class FlowTable:
             if entry is not None and entry[0] is conn:
                 del self._flows[key]
                 if remember:
-                    self._finished_keys[key] = ts
+                    earlier = self._finished_keys.get(key)
+                    uids = (conn.uid,) if earlier is None else (*earlier[1][-7:], conn.uid)
+                    self._finished_keys[key] = (ts, uids)
                     self._finished_order.append((ts, key))
-        # Free the per-direction parsers now: the record is built from the summary.
-        conn.orig.sink = None
-        conn.resp.sink = None
-        self.finished.append(conn)
+        self.outbox.finished.append(conn)
 
     def _sweep(self, ts: float) -> None:
-        """Expire connection attempts that never got going and half-closed leftovers.
+        """Expire connection attempts that never got going and half-closed leftovers; put
+        connections idle for ``sleep_after`` to sleep.
 
         Established connections are never expired by idleness: an idle connection that
         stays open is exactly what this tool hunts. Only the table cap removes them."""
-        for conn in self.connections():
+        for conn in self.awake():
             if conn.done or conn.closing is not None:
                 continue
             idle = ts - conn.last_ts
@@ -1002,13 +992,13 @@ class FlowTable:
                     self._finish(ts, conn, "attempt_expired")
             elif conn.close_kind is not None and idle >= self.half_closed_timeout:
                 self._finish(ts, conn, "half_closed_expired")
-            elif idle >= self.dormant_after and self._sleepable(conn):
+            elif idle >= self.sleep_after and self._sleepable(conn):
                 self._sleep(conn)
 
-    def _nap(self, ts: float) -> None:
-        """Put the connections idle for nap_after seconds to sleep (see __init__)."""
-        after = self.nap_after
-        for conn in self.connections():
+    def _sleep_crowd(self, ts: float) -> None:
+        """Too many awake (see __init__): put those idle for crowd_sleep_after to sleep."""
+        after = self.crowd_sleep_after
+        for conn in self.awake():
             if (not conn.done and conn.closing is None and ts - conn.last_ts >= after
                     and (conn.established_ts is not None or conn.mid_stream)
                     and self._sleepable(conn)):
@@ -1020,40 +1010,38 @@ class FlowTable:
                 and (conn.observer is None or conn.observer.can_sleep()))
 
     def _sleep(self, conn: Connection) -> None:
-        """Pack an idle connection's state (tracer.freeze): under 1 KB instead of 2.5."""
+        """Pack an idle connection's state (tracer.sleep): under 1 KB instead of 2.5."""
         conn.history = sys.intern(conn.history)  # idle connections share a few histories
         blob, refs = _CONNECTION_LAYOUT.pack(conn)
-        parts = [bytes.fromhex(conn.uid[1:]), blob]
+        parts = [bytes.fromhex(conn.uid[1:]), blob, _BUDGET_LAYOUT.pack(conn.budget)[0]]
         for ep in (conn.orig, conn.resp):
             b, r = _ENDPOINT_LAYOUT.pack(ep)
             parts.append(b)
             refs += r
         if conn.observer is not None:
-            b, r = conn.observer.freeze()
+            b, r = conn.observer.sleep_state()
             parts.append(b)
             refs += r
         okey = conn.orig_key
-        # The key is the table's: kept there, not in the references (refs[0]).
-        self._asleep[okey] = sleep_pack(b"".join(parts), refs[1:], self._shared_refs)
+        # The key is the table's: kept by the sleepers, not in the references (refs[0]).
+        self._sleepers.put(okey, b"".join(parts), refs[1:])
         del self._flows[okey]
         del self._flows[reverse_key(okey)]
-        conn.release()
 
-    def _wake(self, okey: bytes, dormant: Dormant) -> Connection:
-        """A sleeping connection (already taken out of ``_asleep``) back in the table."""
-        blob, rest = sleep_unpack(dormant)
+    def _wake(self, okey: bytes, blob: bytes, rest: tuple[Any, ...]) -> Connection:
+        """A sleeping connection (already taken from the sleepers) back in the table."""
         refs = (okey, *rest)
-        conn = Connection("C" + blob[:_UID_BYTES].hex(), b"", 0.0, self.events, 0)
+        budget = Budget("C" + blob[:_UID_BYTES].hex(), self.outbox.events, 0)
+        conn = Connection(b"", 0.0, budget)
         offset, ref_offset = _CONNECTION_LAYOUT.unpack(conn, blob, _UID_BYTES, refs, 0)
+        offset, _ = _BUDGET_LAYOUT.unpack(budget, blob, offset, (), 0)
         for ep in (conn.orig, conn.resp):
             offset, ref_offset = _ENDPOINT_LAYOUT.unpack(ep, blob, offset, refs, ref_offset)
         if self.observer_factory is not None and offset < len(blob):
-            observer = self.observer_factory(conn)
+            observer = self.observer_factory(budget)
             if observer is not None:
-                observer.thaw(blob, offset, refs, ref_offset)
+                observer.wake_state(blob, offset, refs, ref_offset)
                 conn.observer = observer
-                conn.orig.sink = observer.orig
-                conn.resp.sink = observer.resp
         okey = conn.orig_key
         self._flows[okey] = (conn, conn.orig, conn.resp)
         self._flows[reverse_key(okey)] = (conn, conn.resp, conn.orig)
@@ -1062,26 +1050,22 @@ class FlowTable:
     def _evict(self, ts: float) -> None:
         """The table is full: let go of the least recently active 1%.
 
-        Sleepers went to sleep after being idle, in the order of ``_asleep``: the oldest
-        of them are the natural victims, with any awake connection idle for longer (an
-        attempt, a half-closed leftover, one that cannot sleep). Only the victims are
+        Sleepers went to sleep after being idle, in the order they are kept in: the
+        oldest of them are the natural victims, with any awake connection idle for longer
+        (an attempt, a half-closed leftover, one that cannot sleep). Only the victims are
         woken: waking every sleeper to sort them took 0.63 s with 20,000 asleep, and left
         them all awake."""
-        want = max(1, self.open_count // 100)
-        sleepers: list[tuple[float, bytes]] = []
-        for key, dormant in self._asleep.items():
-            if len(sleepers) >= want:
-                break
-            sleepers.append((_LAST_TS.unpack(sleep_peek(dormant, _LAST_TS_AT, 8))[0], key))
-        sleepers.sort()
-        awake = heapq.nsmallest(want, self.connections(), key=lambda c: c.last_ts)
+        want = max(1, self.tracked // 100)
+        sleepers = self._sleepers.oldest(want)
+        awake = heapq.nsmallest(want, self.awake(), key=lambda c: c.last_ts)
         victims: list[Connection] = []
         i = j = 0
         while len(victims) < want and (i < len(sleepers) or j < len(awake)):
             if j >= len(awake) or (i < len(sleepers) and sleepers[i][0] <= awake[j].last_ts):
-                key = sleepers[i][1]
+                taken = self._sleepers.take(sleepers[i][1])
                 i += 1
-                victims.append(self._wake(key, self._asleep.pop(key)))
+                assert taken is not None
+                victims.append(self._wake(*taken))
             else:
                 victims.append(awake[j])
                 j += 1

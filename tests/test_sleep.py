@@ -1,4 +1,4 @@
-"""Idle connections sleep packed (tracer.freeze) and wake on their next packet: nothing about
+"""Idle connections sleep packed (tracer.sleep) and wake on their next packet: nothing about
 them may change, and asleep they must cost under 1 KB each."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from support import FULL
+
 from benchmarks.gen_capture import H2, Conversation
-from tracer.freeze import sleep_pack, sleep_unpack
 from tracer.pipeline import Analyzer
+from tracer.sleep import sleep_pack, sleep_unpack
 
 PORT = 9090
 
@@ -43,15 +45,15 @@ def _conversations(n: int, seed: int) -> list[tuple[float, bytes]]:
     return packets
 
 
-def _run(packets: list[tuple[float, bytes]], dormant_after: float,
+def _run(packets: list[tuple[float, bytes]], sleep_after: float,
          **options: Any) -> tuple[list, list, int]:
-    analyzer = Analyzer(frozenset([PORT]), dormant_after=dormant_after, **options)
+    analyzer = Analyzer(frozenset([PORT]), FULL.replace(sleep_after=sleep_after, **options))
     slept = 0
     events = []
     records = []
     it = iter((ts, 1, frame) for ts, frame in packets)
     while analyzer.feed(it, 50):
-        slept = max(slept, analyzer.table.dormant)
+        slept = max(slept, analyzer.table.asleep_count)
         d = analyzer.drain()
         events += d.events
         records += d.records
@@ -64,26 +66,26 @@ def _run(packets: list[tuple[float, bytes]], dormant_after: float,
 
 def test_sleeping_changes_nothing() -> None:
     packets = _conversations(40, seed=3)
-    awake, awake_events, _ = _run(packets, dormant_after=float("inf"))
-    slept, slept_events, sleepers = _run(packets, dormant_after=30.0)
+    awake, awake_events, _ = _run(packets, sleep_after=float("inf"))
+    slept, slept_events, sleepers = _run(packets, sleep_after=30.0)
     assert sleepers > 0  # the run did put connections to sleep
     assert slept == awake
     assert slept_events == awake_events
 
 
-def test_a_burst_naps_after_a_second_and_changes_nothing() -> None:
-    """More than nap_awake connections awake: the idle ones sleep after nap_after seconds,
+def test_a_crowd_sleeps_after_a_second_and_changes_nothing() -> None:
+    """More than ``crowd`` connections awake: the idle ones sleep after crowd_sleep_after seconds,
     checked every second, instead of waiting for the minute's sweep."""
     packets = _conversations(40, seed=4)
-    awake, awake_events, _ = _run(packets, dormant_after=float("inf"))
-    napped, napped_events, sleepers = _run(packets, dormant_after=30.0, nap_awake=8,
-                                           nap_after=1.0)
+    awake, awake_events, _ = _run(packets, sleep_after=float("inf"))
+    crowded, crowded_events, sleepers = _run(packets, sleep_after=30.0, crowd=8,
+                                           crowd_sleep_after=1.0)
     assert sleepers > 0
-    assert napped == awake
-    assert napped_events == awake_events
+    assert crowded == awake
+    assert crowded_events == awake_events
 
 
-def test_naps_put_idle_connections_to_sleep_within_two_seconds() -> None:
+def test_a_crowd_puts_idle_connections_to_sleep_within_two_seconds() -> None:
     rng = random.Random(6)
     packets: list[tuple[float, bytes]] = []
     for i in range(50):
@@ -94,25 +96,26 @@ def test_naps_put_idle_connections_to_sleep_within_two_seconds() -> None:
         h2.rpc("/svc.A/Get")
         packets.extend(conv.packets)
     packets.sort(key=lambda p: p[0])
-    analyzer = Analyzer(frozenset([PORT]), nap_awake=10, nap_after=1.0)
+    analyzer = Analyzer(frozenset([PORT]), FULL.replace(crowd=10, crowd_sleep_after=1.0))
     it = iter((ts, 1, frame) for ts, frame in packets)
     while analyzer.feed(it, 1000):
         analyzer.drain()
     table = analyzer.table
     last = packets[-1][0]
     table.tick(last)  # the first tick only schedules the sweeps
-    assert table.dormant == 0
+    assert table.asleep_count == 0
     for step in range(1, 5):
         table.tick(last + step * 0.5)
-    assert table.dormant >= 40  # over nap_awake: the idle ones napped
+    assert table.asleep_count >= 40  # over crowd: the idle ones slept
     assert table.open_count == 50
-    again = Analyzer(frozenset([PORT]), nap_awake=100, nap_after=1.0)  # under: no nap
+    # Under the crowd: none sleep so soon.
+    again = Analyzer(frozenset([PORT]), FULL.replace(crowd=100, crowd_sleep_after=1.0))
     it = iter((ts, 1, frame) for ts, frame in packets)
     while again.feed(it, 1000):
         again.drain()
     for step in range(5):
         again.table.tick(last + step * 0.5)
-    assert again.table.dormant == 0
+    assert again.table.asleep_count == 0
 
 
 @pytest.mark.parametrize("n", [3000])
@@ -128,7 +131,7 @@ def test_a_sleeping_connection_costs_under_a_kilobyte(n: int) -> None:
         h2.rpc("/svc.A/Get", bdp_ping=True)
         packets.extend(conv.packets)
     packets.sort(key=lambda p: p[0])
-    analyzer = Analyzer(frozenset([PORT]))
+    analyzer = Analyzer(frozenset([PORT]), FULL)
     gc.collect()
     tracemalloc.start()
     try:
@@ -143,7 +146,7 @@ def test_a_sleeping_connection_costs_under_a_kilobyte(n: int) -> None:
         per_connection = (tracemalloc.get_traced_memory()[0] - before) / analyzer.table.open_count
     finally:
         tracemalloc.stop()
-    assert analyzer.table.dormant == n
+    assert analyzer.table.asleep_count == n
     assert per_connection < 1024, per_connection
 
 

@@ -78,7 +78,7 @@ class Layout:
         values = list(self.struct.unpack_from(blob, offset))
         none_mask = values.pop(0) if self.seqs else 0
         bit = 1
-        for (name, kind), value in zip(self.numbers, values):
+        for (name, kind), value in zip(self.numbers, values, strict=True):
             if kind == FLOAT:
                 setattr(obj, name, None if math.isnan(value) else value)
             elif kind == SEQ:
@@ -92,7 +92,7 @@ class Layout:
 
 
 
-class Dormant(tuple):  # type: ignore[type-arg]
+class Sleeper(tuple):  # type: ignore[type-arg]
     """A connection asleep in the flow table: ``(packed numbers, references)`` (see
     ``sleep_pack``), stored under the connection's client-side key. (Kept in this
     interpreted module: a compiled class cannot derive from tuple.)"""
@@ -112,7 +112,8 @@ def _same_types(a: Any, b: Any) -> bool:
     if type(a) is not type(b):
         return False
     if type(a) is _Items:
-        return all(type(k) is type(j) and type(v) is type(w) for (k, v), (j, w) in zip(a, b))
+        return all(type(k) is type(j) and type(v) is type(w)
+                   for (k, v), (j, w) in zip(a, b, strict=True))
     return True
 
 
@@ -121,7 +122,7 @@ SHARED_MAX = 1 << 16  # distinct reference tuples remembered for sharing
 
 
 def sleep_pack(blob: bytes, refs: tuple[Any, ...],
-               shared: dict[tuple[Any, ...], tuple[Any, ...]]) -> Dormant:
+               shared: dict[tuple[Any, ...], tuple[Any, ...]]) -> Sleeper:
     """One sleeping connection: its numbers compressed (raw deflate: timestamps and
     sequence numbers of one connection share most of their bytes, about 2.5x smaller),
     and the references that are not None in one tuple, shared with every sleeper that has
@@ -145,26 +146,26 @@ def sleep_pack(blob: bytes, refs: tuple[Any, ...],
             if len(shared) >= SHARED_MAX:
                 shared.clear()
             shared[mine] = mine
-        elif not all(_same_types(a, b) for a, b in zip(common, mine)):
+        elif not all(_same_types(a, b) for a, b in zip(common, mine, strict=True)):
             common = None  # equal but not the same (1 and True): keep our own
     squeeze = zlib.compressobj(1, zlib.DEFLATED, -15)
     packed = squeeze.compress(_REF_MASK.pack(mask, len(refs)) + blob) + squeeze.flush()
-    return Dormant((packed, common if common is not None else mine))
+    return Sleeper((packed, common if common is not None else mine))
 
 
-def sleep_peek(dormant: Dormant, offset: int, size: int) -> bytes:
+def sleep_peek(sleeper: Sleeper, offset: int, size: int) -> bytes:
     """``size`` bytes of the blob given to ``sleep_pack``, from ``offset``, decompressing
     no more of it than that (a look at a sleeper without waking it)."""
     start = _REF_MASK.size + offset
-    head = zlib.decompressobj(-15).decompress(dormant[0], start + size)
+    head = zlib.decompressobj(-15).decompress(sleeper[0], start + size)
     return head[start:start + size]
 
 
-def sleep_unpack(dormant: Dormant) -> tuple[bytes, tuple[Any, ...]]:
+def sleep_unpack(sleeper: Sleeper) -> tuple[bytes, tuple[Any, ...]]:
     """``(blob, refs)`` as given to ``sleep_pack``."""
-    raw = zlib.decompress(dormant[0], -15)
+    raw = zlib.decompress(sleeper[0], -15)
     mask, count = _REF_MASK.unpack_from(raw)
-    kept = iter(dormant[1])
+    kept = iter(sleeper[1])
     refs = []
     for i in range(count):
         ref = next(kept) if mask >> i & 1 else None
