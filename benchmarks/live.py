@@ -345,6 +345,12 @@ class Step:
                 and self.backlog_s <= MAX_BACKLOG_S)
 
     @property
+    def capture_us_per_packet(self) -> float:
+        """CPU of the capture process per packet it handled, in microseconds: what the
+        rate on a core of its own would be, less sensitive to other work on the host."""
+        return self.cpu_capture * self.replay.seconds / max(self.processed, 1) * 1e6
+
+    @property
     def followed(self) -> float:
         """Packets per second the agent handled while the sender ran."""
         return (self.processed if self.clean else self.received - self.drops) / max(
@@ -533,7 +539,8 @@ def rate_notes(r: RateResult) -> list[str]:
         sender = r.median(lambda s: s.replay.cpu / max(s.replay.seconds, 1e-9))
         out.append(f"    at {krate(r.runs[0].rate)} ({new:,.0f} new connections/s): CPU "
                    f"{pct(tree_cpu)} of one core ({which}): capture process "
-                   f"{pct(capture_cpu)}, store worker {pct(tree_cpu - capture_cpu)}; "
+                   f"{pct(capture_cpu)} ({r.median(lambda s: s.capture_us_per_packet):.1f} "
+                   f"us per packet), store worker {pct(tree_cpu - capture_cpu)}; "
                    f"tcpreplay itself {pct(sender)}")
         short = [s for s in r.runs if s.replay.pps < 0.97 * s.rate]
         if short:

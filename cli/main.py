@@ -107,8 +107,16 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
               help="Live: an extra BPF filter (tcpdump syntax), ANDed with the port filter. "
                    "Needs libpcap; without it tracer filters on --port by itself.")
 @click.option("--buffer-size", type=click.IntRange(4096), default=32 << 20, show_default=True,
-              metavar="BYTES", help="Live: kernel receive buffer; too small and the kernel "
-                                    "drops packets (counted and reported, never hidden).")
+              metavar="BYTES",
+              help="Live: kernel room for packets not yet read: the size of the "
+                   "memory-mapped receive ring (part of the agent's resident memory from "
+                   "the start), or without the ring the socket's receive buffer; too small "
+                   "and the kernel drops packets (counted and reported, never hidden).")
+@click.option("--no-ring", is_flag=True,
+              help="Live: read one packet per system call instead of through the "
+                   "memory-mapped receive ring (more CPU per packet: drops start at a "
+                   "lower rate; the agent falls back to it by itself, and says so, where "
+                   "the kernel refuses the ring).")
 @click.option("--no-attribution", is_flag=True,
               help="Live: do not look up which process owns each connection.")
 @click.option("--user", metavar="NAME",
@@ -140,8 +148,8 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
 def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
             interfaces: tuple[str, ...], duration: str | None, count: int | None,
             write_path: str | None, snaplen: int, user_filter: str | None, buffer_size: int,
-            no_attribution: bool, user: str | None, grpc_status: bool, events: str,
-            retain: str | None, max_db_size: str | None, jobs: int | None,
+            no_ring: bool, no_attribution: bool, user: str | None, grpc_status: bool,
+            events: str, retain: str | None, max_db_size: str | None, jobs: int | None,
             quiet: bool) -> None:
     """Rebuild the gRPC connections on a port into the database: live, or from files.
 
@@ -176,7 +184,8 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
     core = CoreOptions(decode_server_headers=grpc_status, rpc_events=events == "all")
     if reads:
         live_only = {"--iface": interfaces, "--duration": duration, "--count": count,
-                     "--write": write_path, "--filter": user_filter, "--user": user}
+                     "--write": write_path, "--filter": user_filter, "--user": user,
+                     "--no-ring": no_ring}
         given = [name for name, value in live_only.items() if value]
         if given:
             raise click.UsageError(f"{', '.join(given)} only apply to live capture, "
@@ -188,7 +197,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
     settings = LiveSettings(
         ports=frozenset(ports), db_path=db_path, interfaces=list(interfaces) or ["any"],
         duration=parse_duration(duration), count=count, write_path=write_path,
-        snaplen=snaplen, buffer_bytes=buffer_size, user_filter=user_filter,
+        snaplen=snaplen, buffer_bytes=buffer_size, user_filter=user_filter, ring=not no_ring,
         attribution=not no_attribution, user=user, core=core, retention=retention,
         wait=lambda line: click.echo(line, err=True),
     )
@@ -207,6 +216,12 @@ def _capture_live(settings: Any, quiet: bool) -> None:
         elif not quiet:
             click.echo(line, err=True)
 
+    def notice(line: str, warning: bool) -> None:
+        # A ring refused by the kernel is said even with --quiet: the rate it costs.
+        if warning or not quiet:
+            click.echo(("warning: " if warning else "") + line, err=True)
+
+    settings.notice = notice
     ports = ",".join(map(str, sorted(settings.ports)))
     if not quiet:
         click.echo(f"capturing TCP port {ports} on {','.join(settings.interfaces)} "

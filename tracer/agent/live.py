@@ -18,6 +18,7 @@ others.
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
 import time
@@ -54,7 +55,11 @@ from tracer.sources.pcapwriter import PcapngWriter
 TURN = 0.05  # seconds: the longest the loop goes without looking at the clock
 FLUSH_INTERVAL = 0.5  # seconds between two batches to the store worker
 STATUS_INTERVAL = 1.0  # seconds between two status lines
+# New connections go to attribution together, at most this long after the first of them
+# (sooner when the source has nothing more to read): one message for a burst of them.
+OPENED_BATCH_S = 0.002
 FEED_LIMIT = 1 << 20  # packets per turn at most (the turn's time bound comes first)
+PIPE_BYTES = 4 << 20  # kernel buffer of the pipe to the store worker
 FINISH_BATCH = 2048  # connections per batch when the capture ends
 WORKER_READY_TIMEOUT = 60.0  # seconds for the store worker to open the database
 WORKER_EXIT_TIMEOUT = 120.0  # seconds for it to write the last batches and finish
@@ -69,7 +74,8 @@ class LiveSettings:
     count: int | None = None
     write_path: str | None = None
     snaplen: int = 262144
-    buffer_bytes: int = 32 << 20
+    buffer_bytes: int = 32 << 20  # the receive ring's size, or the socket buffer's
+    ring: bool = True  # the memory-mapped receive ring where the kernel allows it
     user_filter: str | None = None
     attribution: bool = True
     user: str | None = None
@@ -78,6 +84,9 @@ class LiveSettings:
     retention: Retention | None = None
     # Told when a file read is writing the database and this capture waits for it.
     wait: Callable[[str], None] | None = None
+    # Told once how packets are read (the receive ring, or why not), and whether that
+    # is a warning (the ring was wanted and the kernel refused it).
+    notice: Callable[[str, bool], None] | None = None
 
 
 @dataclass
@@ -90,6 +99,7 @@ class LiveResult:
     seeded: int = 0
     received: int = 0
     dropped: int = 0
+    ring_bytes: int = 0  # the receive ring's size (0: one recv per packet)
     attributed: int = 0
     unattributed_closed: int = 0
     remote: int = 0
@@ -112,6 +122,7 @@ class StoreLink:
     def __init__(self, settings: StoreSettings) -> None:
         ctx = multiprocessing.get_context("fork")
         inbox, self._sender = ctx.Pipe(duplex=False)
+        _widen(self._sender.fileno())
         self._replies, outbox = ctx.Pipe(duplex=False)
         self.rows = ctx.Value("q", 0)
         self.process = ctx.Process(
@@ -187,11 +198,29 @@ class StoreLink:
         return self.summary
 
 
+def _widen(fd: int) -> None:
+    """Room in the pipe to the store worker for PIPE_BYTES of messages: while the worker
+    digests a batch (a few hundred milliseconds under a flood of new connections), the
+    capture process goes on reading packets instead of waiting to hand over the next
+    message. Bounded by the kernel (its pipe-max-size for users without
+    CAP_SYS_RESOURCE); where even that is refused the pipe keeps its 64 KiB and only
+    speed suffers."""
+    for size in (PIPE_BYTES, 1 << 20):
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+            return
+        except OSError:
+            continue
+
+
 def run_live(settings: LiveSettings,
              status: Callable[[str], None] | None = None) -> LiveResult:
     """Capture until the duration, the count or a signal; return the totals."""
     capture = LiveCapture(settings.interfaces, settings.ports, snaplen=settings.snaplen,
-                          buffer_bytes=settings.buffer_bytes, user_filter=settings.user_filter)
+                          buffer_bytes=settings.buffer_bytes, user_filter=settings.user_filter,
+                          ring=settings.ring)
+    if settings.notice is not None:
+        settings.notice(capture.receive, capture.ring_refused)
     try:
         if settings.user:
             _prepare_for(settings.user, settings.db_path)
@@ -339,6 +368,7 @@ def _run(settings: LiveSettings, capture: LiveCapture,
     result.packets = stats.packets
     result.segments = stats.segments
     result.received, result.dropped = capture.received, capture.dropped
+    result.ring_bytes = capture.ring_bytes
     if summary is not None:
         result.capture_id = summary.capture_id
         result.connections = summary.connections
@@ -394,8 +424,11 @@ def _seed(analyzer: Analyzer, ports: frozenset[int]) -> int:
 def _this_turn(packets: Iterator[tuple[float, int, bytes] | None],
                pcap: PcapngWriter | None,
                opened: list[Any] | None) -> Iterator[tuple[float, int, bytes]]:
-    """Packets until the source ends the turn (None) or a new connection appears (it goes
-    to attribution at once), teed to --write."""
+    """Packets until the source ends the turn (None: the turn is over, or the source has
+    nothing more for now) or OPENED_BATCH_S after a new connection appeared (the new
+    ones go to attribution together), teed to --write."""
+    clock = time.monotonic
+    due = 0.0
     for item in packets:
         if item is None:
             return
@@ -403,7 +436,19 @@ def _this_turn(packets: Iterator[tuple[float, int, bytes] | None],
             pcap.write(item[0], item[2])
         yield item
         if opened:
-            return
+            now = clock()
+            if not due:
+                due = now + OPENED_BATCH_S
+            elif now >= due:
+                return
+
+
+def opened_record(conn: Any) -> dict[str, Any]:
+    """What attribution needs of a new connection (the whole record comes with the next
+    batch): a fraction of build_record to build and pickle."""
+    orig_h, orig_p, resp_h, resp_p = conn.addresses()
+    return {"uid": conn.uid, "ts": conn.ts, "end_reason": None, "orig_h": orig_h,
+            "orig_p": orig_p, "resp_h": resp_h, "resp_p": resp_p}
 
 
 class _Loop:
@@ -441,7 +486,7 @@ class _Loop:
             analyzer.feed(_this_turn(packets, self.pcap, outbox.opened), limit)
             opened = outbox.opened
             if opened:
-                link.send(Opened([build_record(c) for c in opened if not c.done]))
+                link.send(Opened([opened_record(c) for c in opened if not c.done]))
                 opened.clear()
             now = clock()
             if now >= next_flush:
@@ -460,7 +505,9 @@ class _Loop:
         s = self.analyzer.stats
         return Totals(packets=s.packets, segments=s.segments, first_ts=self.started_wall,
                       last_ts=max(time.time(), s.last_ts or 0.0), received=received,
-                      drops=dropped)
+                      drops=dropped, ring_bytes=self.capture.ring_bytes,
+                      ring_full=self.capture.ring_full,
+                      ring_malformed=self.capture.ring_malformed)
 
     def flush(self) -> None:
         analyzer = self.analyzer

@@ -25,6 +25,9 @@ class Totals:
     last_ts: float | None = None
     received: int = 0  # packets the kernel's filter passed
     drops: int | None = None  # packets the kernel dropped
+    ring_bytes: int = 0  # the receive ring's size (0: no ring, one recv per packet)
+    ring_full: int = 0  # times the ring was full (what arrived then was dropped)
+    ring_malformed: int = 0  # ring blocks cut short at a header pointing outside them
 
 
 # -- capture process -> store worker -----------------------------------------------------

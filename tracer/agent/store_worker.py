@@ -300,6 +300,11 @@ class StoreWorker:
         stats = {f"attribution.{k}": v for k, v in
                  (self.attributor.counts if self.attributor else {}).items()}
         stats["kernel.received"] = self.totals.received
+        stats["kernel.ring_bytes"] = self.totals.ring_bytes
+        if self.totals.ring_bytes:
+            stats["kernel.ring_full"] = self.totals.ring_full
+        if self.totals.ring_malformed:
+            stats["kernel.ring_malformed"] = self.totals.ring_malformed
         if self.pruned:
             stats["retention.pruned_connections"] = self.pruned
         connections, open_at_end = writer.stored_counts()
