@@ -11,9 +11,11 @@ writing TP_STATUS_KERNEL into its status. When every block is the reader's, the 
 drops what arrives and counts it (PACKET_STATISTICS, tpacket_stats_v3).
 
 At light traffic a block is handed over RETIRE_MS after its first packet however full
-it is, so the ring holds at least block_count * RETIRE_MS of traffic (256 * 5 ms with the
+it is, so the ring holds at least block_count * RETIRE_MS of traffic (256 * 1 ms with the
 default 32 MiB) before a reader that stalls loses packets; under a flood blocks fill
-first and it holds ring size / packet bytes.
+first and it holds ring size / packet bytes. RETIRE_MS is short because a connection's
+SYN must reach attribution while its socket still exists: with 5 ms, 28-34% of 2 ms calls
+were attributed (benchmarks/attribution.py --hold-ms 2), with 1 ms 98-99%.
 
 Memory is fixed when the ring is made: the kernel allocates every block then, and maps
 them all into this process (they count in its resident size from the start).
@@ -38,7 +40,7 @@ TPACKET_V3 = 2
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1
 
-RETIRE_MS = 5  # a partly filled block is handed over this long after its first packet
+RETIRE_MS = 1  # a partly filled block is handed over this long after its first packet
 MAX_PACKET = 1 << 16  # the largest packet kept whole (the recv path reads at most this)
 # Room in a block besides the packet: the block header (48 bytes), the packet's header
 # (tpacket3_hdr, 48), the link-layer address (sockaddr_ll, 20, aligned) and alignment.
