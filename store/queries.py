@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any
 
 import sqlite_utils
@@ -795,7 +796,10 @@ def stored_report(db: sqlite_utils.Database, fingerprint: str) -> dict[str, Any]
         if has_cache else None
     if row is None or row[0] != fingerprint or running[0]:
         return None
-    cached: dict[str, Any] = json.loads(row[1])
+    # Compressed JSON (store.stored_report), or the JSON text earlier versions stored.
+    kept = row[1]
+    cached: dict[str, Any] = json.loads(zlib.decompress(kept) if isinstance(kept, bytes)
+                                        else kept)
     return cached
 
 

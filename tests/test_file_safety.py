@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -450,9 +451,16 @@ def test_report_stores_only_when_asked(tmp_path: Path, demo_db: Path) -> None:
     assert db.execute("SELECT COUNT(*) FROM report_cache").fetchone()[0] == 0
     assert store_report(db) == fresh
     [(fingerprint, stored)] = db.execute("SELECT fingerprint, report FROM report_cache")
-    assert json.loads(stored) == fresh
-    # Mark the stored report: a reader that gets the mark read it from the cache.
+    assert isinstance(stored, bytes) and json.loads(zlib.decompress(stored)) == fresh
+    assert len(stored) < len(json.dumps(fresh)) / 2
+    # Mark the stored report: a reader that gets the mark read it from the cache, in the
+    # compressed form and in the JSON text earlier versions stored.
     marked = {**fresh, "marker": 1}
+    with db.conn:
+        db.execute("UPDATE report_cache SET report = ?",
+                   [zlib.compress(json.dumps(marked).encode())])
+    assert report(db) == marked
+    marked = {**fresh, "marker": 2}
     with db.conn:
         db.execute("UPDATE report_cache SET report = ?", [json.dumps(marked)])
     db.close()
