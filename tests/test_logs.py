@@ -15,6 +15,7 @@ import os
 import sqlite3
 import stat
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -669,9 +670,9 @@ def test_adding_and_removing_logs_refreshes_the_stored_report(tmp_path: Path,
 
     def stored_report() -> dict[str, object]:
         conn = sqlite3.connect(tmp_db)
-        [(text,)] = conn.execute("SELECT report FROM report_cache").fetchall()
+        [(kept,)] = conn.execute("SELECT report FROM report_cache").fetchall()
         conn.close()
-        data: dict[str, object] = json.loads(text)
+        data: dict[str, object] = json.loads(zlib.decompress(kept))  # store.stored_report
         return data
 
     assert "log_evidence" not in stored_report()
