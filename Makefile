@@ -32,19 +32,22 @@ $(STAMP): $(SOURCES)
 
 venv: $(STAMP)
 
-# tshark (cross-check of the decoder, benchmark reference) and tcpdump (independent
-# capture writer in the real-traffic tests), from Debian's packages when missing.
+# tshark (cross-check of the decoder, benchmark reference), tcpdump (independent
+# capture writer in the real-traffic tests) and prometheus (promtool checks the alert
+# rules; a real Prometheus server scrapes a live agent), from Debian's packages when missing.
+SYSTEM_DEB := tshark tcpdump prometheus
 system-deps:
-	@if ! command -v tshark >/dev/null || ! command -v tcpdump >/dev/null; then \
+	@if ! command -v tshark >/dev/null || ! command -v tcpdump >/dev/null || \
+	    ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
 		if command -v apt-get >/dev/null; then \
-			echo "installing tshark and tcpdump from Debian's packages"; \
+			echo "installing $(SYSTEM_DEB) from Debian's packages"; \
 			export DEBIAN_FRONTEND=noninteractive; \
-			$(SUDO) apt-get install -y -q tshark tcpdump >/dev/null 2>&1 || \
+			$(SUDO) apt-get install -y -q --no-install-recommends $(SYSTEM_DEB) >/dev/null 2>&1 || \
 			{ $(SUDO) apt-get update -q >/dev/null && \
-			  $(SUDO) apt-get install -y -q tshark tcpdump >/dev/null; } || \
-			echo "warning: could not install tshark/tcpdump; the tests that need them skip"; \
+			  $(SUDO) apt-get install -y -q --no-install-recommends $(SYSTEM_DEB) >/dev/null; } || \
+			echo "warning: could not install $(SYSTEM_DEB); the tests that need them skip"; \
 		else \
-			echo "warning: no apt-get; tests that need tshark/tcpdump skip"; \
+			echo "warning: no apt-get; tests that need $(SYSTEM_DEB) skip"; \
 		fi; \
 	fi
 
