@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+import ipaddress
 import json
 import os
+import stat
 import sys
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -19,6 +23,7 @@ from store.schema import StoreError, open_database
 from store.sql import DEFAULT_PREFACE_TIMEOUT
 from tracer import __version__, build_kind
 from tracer.options import CoreOptions
+from tracer.tcp.state import CONN_STATES
 
 DEFAULT_DB = "tracer.db"
 
@@ -39,6 +44,23 @@ def _format_option(f: Any) -> Any:
         "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
         help="Output format.",
     )(f)
+
+
+def _client_value(_ctx: Any, _param: Any, value: str | None) -> str | None:
+    """--client: an IP address (v4 or v6, brackets allowed) or a process id."""
+    if value is None or value.isdigit():
+        return value
+    bare = value.strip().removeprefix("[").removesuffix("]")
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is neither an IP address nor a process id") from None
+
+
+def _client_option(help_text: str = "Only this client address or process id."
+                   ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--client", metavar="IP|PID", callback=_client_value, help=help_text)
 
 
 def _open_existing(db_path: str) -> Any:
@@ -91,12 +113,13 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
               help="The gRPC server port. Repeat for several. The side on this port is the "
                    "server; connections picked up mid-stream are oriented by it.")
 @_db_option
-@click.option("--iface", "interfaces", multiple=True, metavar="NAME",
+@click.option("-i", "--iface", "interfaces", multiple=True, metavar="NAME",
               help="Live: interface to capture on (repeat for several); default any (all "
                    "interfaces, loopback included).")
 @click.option("--duration", metavar="TIME", help="Live: stop after this long (30s, 10m, 2h).")
-@click.option("--count", type=click.IntRange(1), metavar="N", help="Live: stop after N packets.")
-@click.option("--write", "write_path", metavar="FILE",
+@click.option("-c", "--count", type=click.IntRange(1), metavar="N",
+              help="Live: stop after N packets.")
+@click.option("-w", "--write", "write_path", metavar="FILE",
               help="Live: also keep the raw packets as pcapng (a new file, created 0600; "
                    "an existing file or a symbolic link is refused). Wireshark and "
                    "`tracer capture --read` open it.")
@@ -183,6 +206,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
     retention = _retention(retain, max_db_size)
     core = CoreOptions(decode_server_headers=grpc_status, rpc_events=events == "all")
     if reads:
+        _check_readable(reads)
         live_only = {"--iface": interfaces, "--duration": duration, "--count": count,
                      "--write": write_path, "--filter": user_filter, "--user": user,
                      "--no-ring": no_ring}
@@ -202,6 +226,24 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
         wait=lambda line: click.echo(line, err=True),
     )
     _capture_live(settings, quiet)
+
+
+def _check_readable(reads: tuple[str, ...]) -> None:
+    """Every --read file can be opened, before a capture is begun in the database (a
+    missing file is bad usage, not a damaged one)."""
+    for path in reads:
+        if path == "-":
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            raise click.BadParameter(f"cannot open {path}: {exc.strerror}",
+                                     param_hint="--read") from None
+        try:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise click.BadParameter(f"{path} is a directory", param_hint="--read")
+        finally:
+            os.close(fd)
 
 
 def _capture_live(settings: Any, quiet: bool) -> None:
@@ -353,7 +395,7 @@ _preface_timeout_option = click.option(
                    "epoch seconds, or -10m (ten minutes before the end of the data).")
 @click.option("--until", metavar="TIME",
               help="Only up to this moment (same forms); open and ages are as of then.")
-@click.option("--client", metavar="IP|PID", help="Only this client address or process id.")
+@_client_option()
 @_preface_timeout_option
 @click.option("--fail-on-leak", is_flag=True,
               help="Exit with status 1 when any client's verdict is leak (for CI and cron).")
@@ -367,10 +409,18 @@ def report(db_path: str, fmt: str, since: str | None, until: str | None, client:
     HTTP/2), a verdict (leak, suspect, ok) and a one-line reason. Then the server's
     health: preface latency, preface timeouts (with how many connections the server held
     at those moments, and whose), GOAWAYs by sender and error, resets, refusals.
-    `--format json` prints the object documented in DESIGN.md.
+    `--format json` prints it as one object (its keys are listed in the README, under
+    `tracer report`; keys may be added, never renamed).
+
+    Exit status: 0; 1 when --client matches no connection, or with --fail-on-leak when a
+    client's verdict is leak; 2 for bad usage.
     """
     data = print_report(db_path, fmt, preface_timeout, since=_instant(since, db_path),
                         until=_instant(until, db_path), client=client)
+    if client and not data["clients"]:
+        click.echo(f"error: no connection from client {client} in {db_path}"
+                   + (" in that window" if since or until else ""), err=True)
+        sys.exit(1)
     if fail_on_leak and any(c["verdict"] == "leak" for c in data["clients"]):
         sys.exit(1)
 
@@ -503,7 +553,7 @@ def _print_local_server(s: dict[str, Any]) -> None:
 @_db_option
 @click.option("--bucket", default="1m", show_default=True, metavar="TIME",
               help="Width of a time bucket (10s, 1m, 1h).")
-@click.option("--client", metavar="IP|PID", help="Only this client address or process id.")
+@_client_option()
 @click.option("--since", metavar="TIME", help="From this moment (as for `tracer report`).")
 @click.option("--until", metavar="TIME", help="Up to this moment.")
 @click.option("--plot", "plot_path", metavar="FILE",
@@ -815,24 +865,51 @@ def demo(duration: str, db_path: str | None, record_shipped: str | None) -> None
 
 @main.command()
 @_db_option
-@_format_option
+@click.option("--format", "fmt", type=click.Choice((*FORMATS, "zeek", "zeek-json")),
+              default="table", show_default=True,
+              help="Output format; zeek is a Zeek conn.log (TSV with its #fields header, "
+                   "read by zeek-cut), zeek-json the same as Zeek's JSON logs.")
 @click.option("--open", "open_only", is_flag=True, help="Only connections still open.")
-@click.option("--client", metavar="IP", help="Only connections from this client address.")
-@click.option("--state", metavar="STATE",
-              help="Only this Zeek conn_state (S0 S1 SF REJ S2 S3 RSTO RSTR RSTOS0 RSTRH SH "
-                   "SHR OTH).")
+@_client_option("Only connections from this client address or process id.")
+@click.option("--pid", type=click.IntRange(1), help="Only connections of this process id.")
+@click.option("--since", metavar="TIME",
+              help="Only connections that existed from this moment (as for `tracer report`).")
+@click.option("--until", metavar="TIME", help="Only connections opened up to this moment.")
+@click.option("--state", metavar="STATE", type=click.Choice(sorted(CONN_STATES),
+                                                            case_sensitive=False),
+              help="Only this Zeek conn_state (S1: established and not closed; SF: closed "
+                   "normally; RSTO/RSTR: reset by the client/server; all listed above).")
 @click.option("--limit", type=click.IntRange(1), metavar="N", help="At most N rows.")
-def connections(db_path: str, fmt: str, open_only: bool, client: str | None,
-                state: str | None, limit: int | None) -> None:
+def connections(db_path: str, fmt: str, open_only: bool, client: str | None, pid: int | None,
+                since: str | None, until: str | None, state: str | None,
+                limit: int | None) -> None:
     """One row per connection, Zeek-style, with its HTTP/2 columns.
 
     uid, 4-tuple, start time, duration, conn_state, history, bytes and packets each way,
     missed_bytes; then the preface and server SETTINGS times, streams, first method,
     GOAWAY sender/last-stream-id/error, how it closed, and TLS SNI/ALPN. `--format json`
-    gives every stored column.
+    gives every stored column; `--format zeek` a conn.log for Zeek's tools:
+
+    \b
+      tracer connections --format zeek > conn.log
+      zeek-cut -d ts id.orig_h id.orig_p conn_state history < conn.log
+
+    \b
+    conn_state (Zeek's):
     """
     db = _open_existing(db_path)
-    rows = list_connections(db, open_only=open_only, client=client, state=state, limit=limit)
+    if state:
+        state = state.upper()
+    if pid is not None:
+        client = str(pid) if client is None or client == str(pid) else _conflict(client, pid)
+    rows = list_connections(db, open_only=open_only, client=client, state=state, limit=limit,
+                            since=_instant(since, db_path), until=_instant(until, db_path))
+    if fmt in ("zeek", "zeek-json"):
+        from cli.zeek import zeek_json, zeek_tsv
+
+        for line in (zeek_tsv(rows) if fmt == "zeek" else zeek_json(rows)):
+            click.echo(line)
+        return
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
         return
@@ -865,6 +942,16 @@ def connections(db_path: str, fmt: str, open_only: bool, client: str | None,
         click.echo("no connections match")
         return
     click.echo(render(fmt, out, headers))
+
+
+def _conflict(client: str, pid: int) -> str:
+    raise click.UsageError(f"--client {client} and --pid {pid} ask for different clients")
+
+
+# The conn_state list under `tracer connections --help`.
+assert connections.help is not None
+connections.help = inspect.cleandoc(connections.help) + "".join(
+    f"\n  {k:<6} {v}" for k, v in CONN_STATES.items())
 
 
 def _host(h: str) -> str:

@@ -842,14 +842,25 @@ def connection_columns(db: sqlite_utils.Database) -> list[str]:
 
 def connections(db: sqlite_utils.Database, *, open_only: bool = False,
                 client: str | None = None, state: str | None = None,
-                limit: int | None = None) -> list[dict[str, Any]]:
+                limit: int | None = None, since: float | None = None,
+                until: float | None = None) -> list[dict[str, Any]]:
+    """The stored connections in the order they opened. ``client``: an address or a pid;
+    ``since``: those that existed from then on (open then, or opened later); ``until``:
+    those opened up to then."""
     where = []
     params: list[Any] = []
     if open_only:
         where.append("is_open = 1")
     if client:
-        where.append("orig_h = ?")
-        params.append(client)
+        condition, values = _client_filter(client)
+        where.append(condition.removeprefix(" AND "))
+        params += values
+    if since is not None:
+        where.append("(is_open = 1 OR end_ts >= ?)")
+        params.append(since)
+    if until is not None:
+        where.append("ts <= ?")
+        params.append(until)
     if state:
         where.append("conn_state = ?")
         params.append(state)
