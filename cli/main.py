@@ -127,7 +127,8 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
               help="Live: bytes kept of each packet. HTTP/2 frames cut short count as missed "
                    "bytes; frame headers at segment starts are still read.")
 @click.option("--filter", "user_filter", metavar="EXPR",
-              help="Live: an extra BPF filter (tcpdump syntax), ANDed with the port filter. "
+              help="Only packets this tcpdump filter expression accepts, live or from files "
+                   "(ANDed with --port; also given as trailing words, as to tcpdump). "
                    "Needs libpcap; without it tracer filters on --port by itself.")
 @click.option("--buffer-size", type=click.IntRange(4096), default=32 << 20, show_default=True,
               metavar="BYTES",
@@ -168,12 +169,13 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
               help="Files: worker processes, each analysing a share of the connections. "
                    "Default: one per CPU (up to 4) for files over 16 MB, else 1.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, status line or summary.")
+@click.argument("expression", nargs=-1, metavar="[EXPRESSION]")
 def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
             interfaces: tuple[str, ...], duration: str | None, count: int | None,
             write_path: str | None, snaplen: int, user_filter: str | None, buffer_size: int,
             no_ring: bool, no_attribution: bool, user: str | None, grpc_status: bool,
             events: str, retain: str | None, max_db_size: str | None, jobs: int | None,
-            quiet: bool) -> None:
+            quiet: bool, expression: tuple[str, ...]) -> None:
     """Rebuild the gRPC connections on a port into the database: live, or from files.
 
     \b
@@ -183,6 +185,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
       tracer capture --port 9090 --retain 14d --max-db-size 2G   # as a service
     From capture files:
       tracer capture --read dump.pcapng --port 9090
+      tracer capture -r dump.pcapng --port 9090 host 10.0.0.5   # a tcpdump filter
 
     Live, the connections already open when it starts are read from the kernel's socket
     table and recorded at once; every client connection whose client end is a local
@@ -203,18 +206,21 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
     what was committed before is kept); 130 (SIGINT) or 143 (SIGTERM) when a file read
     is interrupted (what was read is kept).
     """
+    if expression:
+        if user_filter:
+            raise click.UsageError("give the filter either as --filter or as trailing words")
+        user_filter = " ".join(expression)
     retention = _retention(retain, max_db_size)
     core = CoreOptions(decode_server_headers=grpc_status, rpc_events=events == "all")
     if reads:
         _check_readable(reads)
         live_only = {"--iface": interfaces, "--duration": duration, "--count": count,
-                     "--write": write_path, "--filter": user_filter, "--user": user,
-                     "--no-ring": no_ring}
+                     "--write": write_path, "--user": user, "--no-ring": no_ring}
         given = [name for name, value in live_only.items() if value]
         if given:
             raise click.UsageError(f"{', '.join(given)} only apply to live capture, "
                                    "not with --read")
-        _capture_files(reads, ports, db_path, core, jobs, retention, quiet)
+        _capture_files(reads, ports, db_path, core, jobs, retention, quiet, user_filter)
         return
     from tracer.agent.live import LiveSettings
 
@@ -304,8 +310,10 @@ def _capture_live(settings: Any, quiet: bool) -> None:
 
 
 def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
-                   core: CoreOptions, jobs: int | None, retention: Any, quiet: bool) -> None:
+                   core: CoreOptions, jobs: int | None, retention: Any, quiet: bool,
+                   user_filter: str | None) -> None:
     from tracer.agent.files import read_files
+    from tracer.sources.filefilter import FilterError
 
     show_progress = not quiet and sys.stderr.isatty()
     bar: Any = None
@@ -327,9 +335,13 @@ def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
     try:
         result = read_files(list(reads), frozenset(ports), db_path,
                             options=core, progress=progress, jobs=jobs, retention=retention,
-                            wait=lambda line: click.echo(line, err=True))
+                            wait=lambda line: click.echo(line, err=True),
+                            user_filter=user_filter)
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
+    except FilterError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--filter "),
+                                 param_hint="--filter") from None
     if bar is not None:
         bar.render_finish()
     if not quiet:
@@ -337,11 +349,14 @@ def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
             click.echo("read in the time order of their first packets: "
                        + " ".join(result.order), err=True)
         rate = result.packets / result.elapsed_s if result.elapsed_s > 0 else 0.0
+        filtered = result.skipped.pop("filter", None)
         skipped = sum(result.skipped.values())
         click.echo(
             f"read {len(reads)} file{'s' if len(reads) != 1 else ''}: {result.packets:,} packets "
             f"({result.segments:,} TCP segments on port {','.join(map(str, ports))}, "
-            f"{skipped:,} other) in {result.elapsed_s:.2f}s ({rate:,.0f} packets/s"
+            f"{skipped:,} other"
+            + (f", {filtered:,} left out by --filter" if filtered is not None else "")
+            + f") in {result.elapsed_s:.2f}s ({rate:,.0f} packets/s"
             + (f", {result.jobs} workers)" if result.jobs > 1 else ")"),
             err=True,
         )
@@ -358,7 +373,7 @@ def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
     if result.store_failure:
         click.echo(f"error: {'disk full: ' if result.disk_full else ''}{result.store_failure}",
                    err=True)
-    for err in result.errors:
+    for err in result.errors + result.filter_errors:
         click.echo(f"error: {err}", err=True)
     if result.status == "failed":
         sys.exit(EXIT_STORE)
@@ -370,6 +385,8 @@ def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
         if result.packets:
             click.echo("everything read before the damage is stored", err=True)
         sys.exit(EXIT_DAMAGED)
+    if result.filter_errors:
+        sys.exit(2)  # bad usage: the expression cannot match these files' link types
 
 
 def _instant(text: str | None, db_path: str) -> float | None:

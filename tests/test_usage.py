@@ -3,6 +3,9 @@ clear line and an exit status that says what went wrong, nothing half-done left 
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -60,3 +63,53 @@ def test_connections_by_pid_and_window(demo_db: Path) -> None:
     late = tracer("connections", "--db", demo_db, "--since", "-1s", "--format", "csv").stdout
     every = tracer("connections", "--db", demo_db, "--format", "csv").stdout
     assert 1 < len(late.splitlines()) < len(every.splitlines())
+
+
+def _tcpdump_count(path: Path, expression: str) -> int:
+    out = subprocess.run(["tcpdump", "-n", "-r", str(path), expression], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    return len(out.splitlines())
+
+
+@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump is not installed")
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_filter_expression_on_files_keeps_what_tcpdump_keeps(tmp_path: Path,
+                                                               jobs: str) -> None:
+    db = tmp_path / "tracer.db"
+    run = tracer("capture", "-r", DEMO_CAPTURE, "--port", PORT, "--db", db, "-j", jobs,
+                 "host", "10.151.3.2")
+    kept = _tcpdump_count(DEMO_CAPTURE, f"host 10.151.3.2 and tcp port {PORT}")
+    left_out = _tcpdump_count(DEMO_CAPTURE, "") - _tcpdump_count(DEMO_CAPTURE,
+                                                                  "host 10.151.3.2")
+    assert f"({kept:,} TCP segments on port {PORT}, 0 other, {left_out:,} left out by " \
+           "--filter)" in run.stderr
+    rows = json.loads(tracer("connections", "--db", db, "--format", "json").stdout)
+    assert rows and {r["orig_h"] for r in rows} == {"10.151.3.2"}
+    # the same as --filter, and as reading everything then asking for that client
+    other = tmp_path / "other.db"
+    tracer("capture", "-r", DEMO_CAPTURE, "--port", PORT, "--db", other, "-q")
+    every = json.loads(tracer("connections", "--db", other, "--client", "10.151.3.2",
+                              "--format", "json").stdout)
+    assert [r["uid"] for r in rows] == [r["uid"] for r in every]
+
+
+def test_a_filter_that_cannot_compile_is_refused_before_anything_is_written(
+        tmp_path: Path) -> None:
+    db = tmp_path / "tracer.db"
+    bad = tracer("capture", "-r", DEMO_CAPTURE, "--port", PORT, "--db", db, "--filter",
+                 "hots 1", check=False)
+    assert bad.returncode == 2 and "Invalid value for --filter: 'hots 1'" in bad.stderr
+    assert not db.exists()
+    both = tracer("capture", "-r", DEMO_CAPTURE, "--port", PORT, "--db", db, "--filter",
+                  "tcp", "host", "10.0.0.1", check=False)
+    assert both.returncode == 2 and "either as --filter or as trailing words" in both.stderr
+
+
+def test_a_filter_for_another_link_layer_says_so(tmp_path: Path) -> None:
+    # the demo capture is raw IP: an Ethernet address cannot be matched there
+    db = tmp_path / "tracer.db"
+    run = tracer("capture", "-r", DEMO_CAPTURE, "--port", PORT, "--db", db,
+                 "ether", "host", "00:11:22:33:44:55", check=False)
+    assert run.returncode == 2
+    assert "ethernet addresses supported only on" in run.stderr
+    assert "(for link type 101: its records are left out)" in run.stderr

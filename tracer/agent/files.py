@@ -38,10 +38,11 @@ from tracer.agent.control import (
     quiet_cycle_collector,
     signals_deferred,
 )
-from tracer.decode import SKIP_NAMES, SKIP_OTHER_SHARD, make_shard_prefilter
+from tracer.decode import SKIP_NAMES, SKIP_OTHER_SHARD, Prefilter, make_shard_prefilter
 from tracer.options import CoreOptions
 from tracer.pipeline import Analyzer
 from tracer.sources.fallback import scapy_decoder
+from tracer.sources.filefilter import FileFilter
 from tracer.sources.pcapfile import CaptureFileError, CaptureReader
 
 BATCH = 65536  # packets between two store transactions
@@ -66,6 +67,7 @@ class ShardResult:
     stats: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    filter_errors: list[str] = field(default_factory=list)  # link types --filter cannot match
     drops: int | None = None
     interrupted: bool = False
     store_failure: str | None = None  # the database could not be written
@@ -84,6 +86,7 @@ class RunResult:
     elapsed_s: float = 0.0
     status: str = "complete"  # complete | damaged | interrupted | failed
     errors: list[str] = field(default_factory=list)
+    filter_errors: list[str] = field(default_factory=list)  # link types --filter cannot match
     skipped: dict[str, int] = field(default_factory=dict)
     superseded: list[int] = field(default_factory=list)
     drops: int | None = None
@@ -143,6 +146,7 @@ def _analyse(
     options: CoreOptions,
     progress: Progress | None,
     stop: StopRequest,
+    user_filter: str | None = None,
 ) -> ShardResult:
     """Read every file as one packet stream; write this shard's rows as they come."""
     result = ShardResult()
@@ -150,8 +154,12 @@ def _analyse(
     analyzer = Analyzer(ports, options, fallback=scapy_decoder, shard=shard)
     keeps_sources = shard[0] == 0
     # With several workers, the reader already drops most of the other workers' records
-    # (the common frame) before copying them.
+    # (the common frame) before copying them. --filter runs first, in every worker (each
+    # reads every record), so that what it rejects is counted once, by worker 0.
     keep = make_shard_prefilter(ports, shard) if shard[1] > 1 else None
+    matches = FileFilter(user_filter) if user_filter else None
+    if matches is not None:
+        keep = _both(matches, keep)
     drops: list[int] = []
     records = 0
     db_path = writer.db.conn.execute("PRAGMA database_list").fetchone()[2]
@@ -236,12 +244,27 @@ def _analyse(
         SKIP_NAMES.get(k, str(k)): v for k, v in stats.skipped.items() if k != SKIP_OTHER_SHARD
     }
     result.drops = sum(drops) if drops else None
+    if matches is not None:
+        if keeps_sources:
+            result.skipped["filter"] = matches.rejected
+            result.filter_errors += matches.errors
+        matches.close()
     return result
+
+
+def _both(first: Prefilter, then: Prefilter | None) -> Prefilter:
+    if then is None:
+        return first
+
+    def keep(linktype: int, buf: bytes, start: int, end: int) -> bool:
+        return first(linktype, buf, start, end) and then(linktype, buf, start, end)
+    return keep
 
 
 def _worker(
     conn: Pipe, parent: int, db_path: str, capture_id: int, paths: list[str],
     ports: frozenset[int], shard: tuple[int, int], options: CoreOptions,
+    user_filter: str | None,
 ) -> None:
     """Entry point of worker processes 1..n-1."""
     die_with_parent(parent)
@@ -250,7 +273,7 @@ def _worker(
         db = open_database(db_path)
         writer = CaptureWriter(db, capture_id)
         result = _analyse(paths, ports, writer, shard=shard, options=options,
-                          progress=None, stop=stop)
+                          progress=None, stop=stop, user_filter=user_filter)
         db.close()
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the run
         result = ShardResult(failure=f"{type(exc).__name__}: {exc}")
@@ -278,12 +301,17 @@ def read_files(
     jobs: int | None = None,
     retention: Retention | None = None,
     wait: Callable[[str], None] | None = None,
+    user_filter: str | None = None,
 ) -> RunResult:
     """Read capture files (``-`` is standard input) as one packet stream into the database.
 
     ``wait``: told when another capture is writing the database and this one waits for it
-    (without it, StoreBusy is raised at once). ``retention``: applied at the end."""
+    (without it, StoreBusy is raised at once). ``retention``: applied at the end.
+    ``user_filter``: a tcpdump expression; only the records it accepts are read
+    (FilterError, before anything is written, when it cannot be compiled)."""
     options = options if options is not None else CoreOptions()
+    if user_filter:
+        FileFilter(user_filter).close()  # a bad expression is said before a capture begins
     if jobs is None:
         jobs = default_jobs(paths)
     if any(p == "-" for p in paths):
@@ -313,14 +341,14 @@ def read_files(
                 proc = ctx.Process(
                     target=_worker,
                     args=(child_end, os.getpid(), db_path, writer.capture_id, paths, ports,
-                          (index, jobs), options),
+                          (index, jobs), options, user_filter),
                     daemon=True,
                 )
                 proc.start()
                 child_end.close()
                 children.append((proc, parent_end))
         shards = [_analyse(paths, ports, writer, shard=(0, jobs), options=options,
-                           progress=progress, stop=stop)]
+                           progress=progress, stop=stop, user_filter=user_filter)]
         for proc, _pipe in children:
             if stop.requested and proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, stop.signum or signal.SIGINT)  # they stop at their batch
@@ -349,6 +377,7 @@ def _collect(proc: Any, pipe: Pipe) -> ShardResult:
 def _merge(result: RunResult, shards: list[ShardResult]) -> None:
     main = shards[0]
     result.errors = list(main.errors)
+    result.filter_errors = list(main.filter_errors)
     for s in shards[1:]:
         if s.failure:
             result.errors.append(f"worker failed: {s.failure}")
