@@ -6,6 +6,7 @@ import inspect
 import ipaddress
 import json
 import os
+import shutil
 import stat
 import sys
 import textwrap
@@ -14,7 +15,16 @@ from typing import Any
 
 import click
 
-from cli.output import FORMATS, fmt_age, fmt_ts, render
+from cli.output import (
+    FORMATS,
+    fit_table,
+    fmt_age,
+    fmt_ts,
+    hidden_note,
+    process_label,
+    render,
+    terminal_width,
+)
 from cli.times import instant, parse_duration, parse_size
 from store.queries import capture_summary
 from store.queries import connections as list_connections
@@ -44,6 +54,12 @@ def _format_option(f: Any) -> Any:
         "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
         help="Output format.",
     )(f)
+
+
+_wide_option = click.option(
+    "--wide", is_flag=True,
+    help="Every column, however wide (a table on a terminal leaves out what does not fit; "
+         "a pipe or a file gets every column).")
 
 
 def _client_value(_ctx: Any, _param: Any, value: str | None) -> str | None:
@@ -260,6 +276,11 @@ def _capture_live(settings: Any, quiet: bool) -> None:
 
     def status(line: str) -> None:
         if interactive:
+            # redrawn in place: a line wider than the terminal would wrap, and the next
+            # redraw would leave the wrapped part behind
+            width = shutil.get_terminal_size((80, 24)).columns - 1
+            if len(line) > width:
+                line = line[:max(width - 1, 0)] + "…"
             click.echo("\r\033[K" + line, nl=False, err=True)
         elif not quiet:
             click.echo(line, err=True)
@@ -416,8 +437,9 @@ _preface_timeout_option = click.option(
 @_preface_timeout_option
 @click.option("--fail-on-leak", is_flag=True,
               help="Exit with status 1 when any client's verdict is leak (for CI and cron).")
+@_wide_option
 def report(db_path: str, fmt: str, since: str | None, until: str | None, client: str | None,
-           preface_timeout: float, fail_on_leak: bool) -> None:
+           preface_timeout: float, fail_on_leak: bool, wide: bool) -> None:
     """Who leaks connections, how fast, since when, with which RPC.
 
     One entry per client (a process where attributed, else an address): connections
@@ -433,7 +455,7 @@ def report(db_path: str, fmt: str, since: str | None, until: str | None, client:
     client's verdict is leak; 2 for bad usage.
     """
     data = print_report(db_path, fmt, preface_timeout, since=_instant(since, db_path),
-                        until=_instant(until, db_path), client=client)
+                        until=_instant(until, db_path), client=client, wide=wide)
     if client and not data["clients"]:
         click.echo(f"error: no connection from client {client} in {db_path}"
                    + (" in that window" if since or until else ""), err=True)
@@ -445,7 +467,7 @@ def report(db_path: str, fmt: str, since: str | None, until: str | None, client:
 def print_report(db_path: str, fmt: str = "table",
                  preface_timeout: float = DEFAULT_PREFACE_TIMEOUT, *,
                  since: float | None = None, until: float | None = None,
-                 client: str | None = None) -> dict[str, Any]:
+                 client: str | None = None, wide: bool = False) -> dict[str, Any]:
     db = _open_existing(db_path)
     data = build_report(db, preface_timeout=preface_timeout, since=since, until=until,
                         client=client)
@@ -457,9 +479,7 @@ def print_report(db_path: str, fmt: str = "table",
     rows = []
     for c in data["clients"]:
         top = next(iter(c["methods"].items()), None)
-        process = c["process"]
-        if fmt == "table" and process and len(process) > 40:
-            process = process[:39] + "…"
+        process = process_label(c["process"]) if fmt == "table" else c["process"]
         idle = c.get("idle_s")
         oldest = fmt_age(c["oldest_open_s"])
         if c.get("oldest_open_before_capture") and fmt == "table":
@@ -474,34 +494,50 @@ def print_report(db_path: str, fmt: str = "table",
     if fmt != "table":
         click.echo(render(fmt, rows, headers))
         return data
+    width = None if wide else terminal_width()
+
+    def say(line: str) -> None:
+        """A line of prose, wrapped to the terminal (never mid-word)."""
+        if width is not None and len(line) > width and "\n" not in line:
+            line = textwrap.fill(line, width=width - 1, subsequent_indent="    ",
+                                 break_on_hyphens=False, break_long_words=False)
+        click.echo(line)
+
     cap = data["capture"]
     span = (cap["last_ts"] - cap["first_ts"]) if cap["first_ts"] is not None else None
     ports = ",".join(map(str, cap["ports"])) or "-"
     drops = cap["drops"] if cap["drops"] is not None else "unknown"
-    click.echo(
+    say(
         f"capture: {len(cap['sources'])} source(s), port {ports}, "
         f"{fmt_ts(cap['first_ts'])} .. {fmt_ts(cap['last_ts'])} ({fmt_age(span)}), "
         f"{cap['packets']:,} packets, drops {drops}"
         f", anomalies {cap['anomalies']:,}"
     )
     if since is not None or until is not None:
-        click.echo(f"window: {fmt_ts(since)} .. {fmt_ts(until)}")
+        say(f"window: {fmt_ts(since)} .. {fmt_ts(until)}")
     for d in cap["damaged"]:
-        click.echo(f"  damaged input: {d}")
+        say(f"  damaged input: {d}")
     for p in cap.get("partial", []):
-        click.echo(f"  partial data: {p['reason']}")
+        say(f"  partial data: {p['reason']}")
     if cap.get("retained_from") is not None:
-        click.echo(f"  retained from {fmt_ts(cap['retained_from'])}: "
+        say(f"  retained from {fmt_ts(cap['retained_from'])}: "
                    f"{cap['pruned_connections']:,} older closed connections were pruned "
                    "(they still count in each client's totals)")
-    click.echo("")
-    click.echo(render("table", rows, headers) if rows else "no connections recorded")
+    say("")
+    if rows:
+        text, hidden = fit_table(rows, headers, width, REPORT_DROP_ORDER,
+                                 squeeze=("REASON", "PROCESS"))
+        say(text)
+        if hidden:
+            say(hidden_note(hidden, width))
+    else:
+        say("no connections recorded")
     for line in _where_lines(data["clients"]):
-        click.echo(line)
+        say(line)
     s = data["server"]
     lat = s["preface_latency_ms"]
-    click.echo("")
-    click.echo(
+    say("")
+    say(
         f"server: preface latency p50 {lat['p50'] if lat['p50'] is not None else '-'} ms, "
         f"p99 {lat['p99'] if lat['p99'] is not None else '-'} ms ({lat['samples']} connections); "
         f"preface timeouts (> {s['preface_timeout_s']:g}s) {s['preface_timeouts']}; "
@@ -511,27 +547,36 @@ def print_report(db_path: str, fmt: str = "table",
     )
     for m in s["preface_timeout_moments"]:
         who = ", ".join(f"{k}: {v}" for k, v in m["top_clients"].items())
-        click.echo(
+        say(
             f"  preface timeout at {fmt_ts(m['ts'])} for {m['client']}"
             + (f" (pid {m['pid']})" if m["pid"] else "")
             + f": the server held {m['server_open_connections']} open connections ({who})"
         )
     if s["goaways_by_code"]:
-        click.echo("  GOAWAY: " + ", ".join(
+        say("  GOAWAY: " + ", ".join(
             f"{k} {v}" for k, v in sorted(s["goaways_by_code"].items())))
-    _print_local_server(s)
+    _print_local_server(s, say, width)
     if "log_evidence" in data:
-        click.echo("")
+        say("")
         if data["log_evidence"]:
-            click.echo("log evidence (`tracer correlate` for each line and its connections):")
+            say("log evidence (`tracer correlate` for each line and its connections):")
             for e in data["log_evidence"]:
-                click.echo(f"  {e['text']}")
+                say(f"  {e['text']}")
         else:
-            click.echo("log evidence: no log line says a connection failed")
+            say("log evidence: no log line says a connection failed")
     return data
 
 
-def _print_local_server(s: dict[str, Any]) -> None:
+# The report's columns a narrow terminal goes without, the first ones first.
+REPORT_DROP_ORDER = ("TOP METHOD", "HEALTH", "GROWTH/MIN", "RPC/CONN", "IDLE", "CLOSED",
+                     "OLDEST OPEN", "OPENED", "PID")
+CONNECTIONS_DROP_ORDER = ("tls", "goaway", "srv_settings", "preface", "missed", "resp_pkts",
+                          "orig_pkts", "resp_bytes", "orig_bytes", "history", "uid", "streams",
+                          "duration", "resp", "closed_by")
+
+
+def _print_local_server(s: dict[str, Any], say: Callable[[str], None],
+                        width: int | None) -> None:
     """The server process on this host (when the live agent saw its listener): its
     descriptors, its accept queue, and why it stopped answering."""
 
@@ -542,7 +587,7 @@ def _print_local_server(s: dict[str, Any]) -> None:
         command = f"{os.path.basename(head)} {args}".rstrip()
         if len(command) > 78:
             command = command[:77] + "…"
-        click.echo(f"  server pid {proc['pid']}: {command}")
+        say(f"  server pid {proc['pid']}: {command}")
         fds = f"{proc['fds_max']:,}" if proc["fds_max"] is not None else "unreadable"
         limit = f"{proc['fd_limit']:,}" if proc["fd_limit"] is not None else "no limit known"
         at = (f"; at the limit {fmt_age(proc['at_limit_s'])}, from "
@@ -551,7 +596,7 @@ def _print_local_server(s: dict[str, Any]) -> None:
             proc["fds_max"] > proc["fd_limit"]
         held = f"up to {fds} (limit {limit}, some inherited above it)" if over else \
             f"up to {fds} of {limit}"
-        click.echo(f"    file descriptors: {held}{at}")
+        say(f"    file descriptors: {held}{at}")
     if queue is not None:
         address = f"[{queue['address']}]" if ":" in queue["address"] else queue["address"]
         backlog = f"{queue['limit']:,}" if queue["limit"] is not None else "unknown"
@@ -559,11 +604,12 @@ def _print_local_server(s: dict[str, Any]) -> None:
                   f"{fmt_ts(queue['waiting_since'])}" if queue["waiting_since"] is not None
                   else "")
         full = f"; full {fmt_age(queue['full_s'])}" if queue["full_since"] is not None else ""
-        click.echo(f"    accept queue {address}:{queue['port']}: up to {queue['max']:,} "
+        say(f"    accept queue {address}:{queue['port']}: up to {queue['max']:,} "
                    f"waiting of {backlog}{waited}{full}")
     if s.get("explanation") and (s.get("stall") or s["preface_timeouts"]):
-        click.echo(textwrap.fill(s["explanation"], width=100, initial_indent="  why: ",
-                                 subsequent_indent="       ", break_on_hyphens=False))
+        say(textwrap.fill(s["explanation"], width=min(width, 101) - 1 if width else 100,
+                          initial_indent="  why: ", subsequent_indent="       ",
+                          break_on_hyphens=False))
 
 
 @main.command()
@@ -897,9 +943,10 @@ def demo(duration: str, db_path: str | None, record_shipped: str | None) -> None
               help="Only this Zeek conn_state (S1: established and not closed; SF: closed "
                    "normally; RSTO/RSTR: reset by the client/server; all listed above).")
 @click.option("--limit", type=click.IntRange(1), metavar="N", help="At most N rows.")
+@_wide_option
 def connections(db_path: str, fmt: str, open_only: bool, client: str | None, pid: int | None,
                 since: str | None, until: str | None, state: str | None,
-                limit: int | None) -> None:
+                limit: int | None, wide: bool) -> None:
     """One row per connection, Zeek-style, with its HTTP/2 columns.
 
     uid, 4-tuple, start time, duration, conn_state, history, bytes and packets each way,
@@ -958,7 +1005,15 @@ def connections(db_path: str, fmt: str, open_only: bool, client: str | None, pid
     if not out and fmt == "table":
         click.echo("no connections match")
         return
-    click.echo(render(fmt, out, headers))
+    if fmt != "table":
+        click.echo(render(fmt, out, headers))
+        return
+    width = None if wide else terminal_width()
+    text, hidden = fit_table(out, headers, width, CONNECTIONS_DROP_ORDER,
+                             squeeze=("first_method",))
+    click.echo(text)
+    if hidden:
+        click.echo(hidden_note(hidden, width))
 
 
 def _conflict(client: str, pid: int) -> str:

@@ -79,3 +79,87 @@ def render(fmt: str, rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> s
     if fmt == "markdown":
         return markdown(rows, headers)
     return table(rows, headers)
+
+
+def terminal_width() -> int | None:
+    """The width tables must fit when the output is a terminal (COLUMNS, else the
+    terminal's own size); None when it goes to a pipe or a file: scripts get every column
+    (and readline, loaded by some parent, may export a COLUMNS that means nothing there)."""
+    import shutil
+    import sys
+
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size((80, 24)).columns
+    return None
+
+
+def _shorten(text: str, room: int) -> str:
+    """``text`` in at most ``room`` characters, cut at a word boundary, marked with …"""
+    if len(text) <= room:
+        return text
+    cut = text[:max(room - 1, 1)]
+    space = cut.rfind(" ")
+    if space >= room // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;") + "…"
+
+
+def fit_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], width: int | None,
+              drop_order: Sequence[str], squeeze: Sequence[str] = ()) -> tuple[str, list[str]]:
+    """An aligned table within ``width`` columns: the columns of ``drop_order`` left out,
+    first ones first, until it fits, then the ``squeeze`` columns (free text) cut at a word
+    boundary to what is left. Returns the table and the headers left out."""
+    text = [[cell(v) for v in row] for row in rows]
+    names = list(headers)
+    if width is None:
+        return table(text, names), []
+
+    def widths(cols: list[int]) -> dict[int, int]:
+        return {i: max([len(names[i])] + [len(r[i]) for r in text]) for i in cols}
+
+    cols = list(range(len(names)))
+    hidden: list[str] = []
+    squeezable = [names.index(n) for n in squeeze if n in names]
+
+    least = max(24, width // 3)  # what free text keeps before columns are left out
+
+    def total(cols: list[int], w: dict[int, int], squeezed: bool) -> int:
+        return sum(min(w[i], max(len(names[i]), least)) if squeezed and i in squeezable
+                   else w[i] for i in cols) + 2 * (len(cols) - 1)
+
+    w = widths(cols)
+    for name in drop_order:
+        if total(cols, w, squeezed=True) <= width:
+            break
+        if name in names and names.index(name) in cols:
+            cols.remove(names.index(name))
+            hidden.append(name)
+    w = widths(cols)
+    over = total(cols, w, squeezed=False) - width
+    for i in reversed(squeezable):
+        if over <= 0 or i not in cols:
+            continue
+        room = max(len(names[i]), w[i] - over, 12)
+        over -= w[i] - room
+        for r in text:
+            r[i] = _shorten(r[i], room)
+    return table([[r[i] for i in cols] for r in text], [names[i] for i in cols]), hidden
+
+
+def hidden_note(hidden: Sequence[str], width: int | None) -> str:
+    """The line under a table that left columns out, wrapped to the terminal."""
+    import textwrap
+
+    note = (f"(not shown to fit the terminal: {', '.join(hidden)}; --wide shows every "
+            "column)")
+    return textwrap.fill(note, width=max((width or 80) - 1, 40), break_on_hyphens=False)
+
+
+def process_label(command_line: str | None) -> str | None:
+    """What tells processes apart in a narrow column: the command line with each path cut
+    to its last part (`/srv/app/.venv/bin/python -m orders.worker --shard 3` ->
+    `python -m orders.worker --shard 3`), arguments kept in order."""
+    if not command_line:
+        return command_line
+    return " ".join(word.rsplit("/", 1)[-1] if "/" in word and not word.endswith("/")
+                    else word for word in command_line.split(" "))

@@ -3,13 +3,20 @@ clear line and an exit status that says what went wrong, nothing half-done left 
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import select
 import shutil
+import struct
 import subprocess
+import termios
+import time
 from pathlib import Path
 
 import pytest
-from support import DEMO_CAPTURE, tracer
+from support import DEMO_CAPTURE, tracer, tracer_command
 
 PORT = "50151"  # the demo capture's server port
 
@@ -113,3 +120,65 @@ def test_a_filter_for_another_link_layer_says_so(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert "ethernet addresses supported only on" in run.stderr
     assert "(for link type 101: its records are left out)" in run.stderr
+
+
+def in_terminal(args: list[str], columns: int) -> str:
+    """``tracer ARGS`` with its output on a pseudo-terminal ``columns`` wide: what a user
+    at an 80-column terminal sees."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen([*tracer_command(), *args], stdout=slave, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, env=env)
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the other end is closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    if proc.stderr:
+        proc.stderr.close()
+    return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize("command", [["report"], ["connections"], ["connections", "--open"]])
+def test_tables_fit_an_80_column_terminal(demo_db: Path, command: list[str]) -> None:
+    narrow = in_terminal([*command, "--db", str(demo_db)], 80)
+    assert max(len(line) for line in narrow.splitlines()) <= 80, narrow
+    assert "--wide shows every column" in narrow
+    wide = in_terminal([*command, "--db", str(demo_db), "--wide"], 80)
+    piped = tracer(*command, "--db", demo_db).stdout  # not a terminal: every column
+    assert wide == piped and max(len(line) for line in wide.splitlines()) > 80
+    header = next(line for line in narrow.splitlines()
+                  if line.startswith("CLIENT " if command == ["report"] else "ts "))
+    for kept in (["CLIENT", "OPEN", "VERDICT", "REASON"] if command == ["report"]
+                 else ["ts", "orig", "state"]):
+        assert kept in header.split()
+    # a cell is never cut mid-word: what is cut ends with …
+    if command == ["report"]:
+        leak = next(line for line in narrow.splitlines() if " leak " in line)
+        assert leak.endswith("…") and not leak.endswith(" …")
+
+
+def test_process_names_keep_what_tells_them_apart() -> None:
+    from cli.output import process_label
+
+    assert process_label("/srv/app/.venv/bin/python -m orders.worker --shard 3") == \
+        "python -m orders.worker --shard 3"
+    assert process_label("/usr/bin/node /srv/billing/index.js") == "node index.js"
+    assert process_label(None) is None
