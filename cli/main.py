@@ -474,6 +474,9 @@ def print_report(db_path: str, fmt: str = "table",
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
         return data
+    if fmt == "csv":  # for scripts: numbers in base units, stable snake_case names
+        click.echo(render("csv", *_report_csv(data["clients"])))
+        return data
     headers = ["CLIENT", "PID", "PROCESS", "OPENED", "CLOSED", "OPEN", "HEALTH", "OLDEST OPEN",
                "IDLE", "GROWTH/MIN", "RPC/CONN", "TOP METHOD", "VERDICT", "REASON"]
     rows = []
@@ -565,6 +568,24 @@ def print_report(db_path: str, fmt: str = "table",
         else:
             say("log evidence: no log line says a connection failed")
     return data
+
+
+def _report_csv(clients: list[dict[str, Any]]) -> tuple[list[list[Any]], list[str]]:
+    """The report's table for scripts: one number per cell, in seconds or counts."""
+    headers = ["client", "pid", "process", "opened", "closed", "open", "health_checks",
+               "oldest_open_s", "oldest_open_before_capture", "idle_min_s",
+               "open_growth_per_min", "rpcs", "rpcs_per_connection", "top_method",
+               "top_method_rpcs", "verdict", "reason"]
+    rows = []
+    for c in clients:
+        top = next(iter(c["methods"].items()), (None, None))
+        idle = c.get("idle_s")
+        rows.append([
+            c["client"], c["pid"], c["process"], c["opened"], c["closed"], c["open"],
+            c["health_checks"], c["oldest_open_s"], int(bool(c.get("oldest_open_before_capture"))),
+            idle["min"] if idle else None, c["open_growth_per_min"], c["rpcs"],
+            c["rpcs_per_connection"], top[0], top[1], c["verdict"], c["reason"]])
+    return rows, headers
 
 
 # The report's columns a narrow terminal goes without, the first ones first.
@@ -661,6 +682,8 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
         return
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
+    elif fmt == "csv":
+        click.echo(render("csv", *_timeline_csv(data, top)))
     else:
         names = list(data["clients"])
         shown, rest = names[:top], names[top:]
@@ -692,6 +715,31 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
             f", client {client}" if client else "")
         plot_timeline(data, plot_path, title)
         click.echo(f"plot written to {plot_path}", err=True)
+
+
+def _timeline_csv(data: dict[str, Any], top: int) -> tuple[list[list[Any]], list[str]]:
+    """The timeline for scripts: epoch seconds, one number per cell, snake_case names (a
+    client column is its address, or pid_N for a process)."""
+    names = list(data["clients"])
+    shown, rest = names[:top], names[top:]
+    server = data.get("server")
+    m = data["markers"]
+    headers = ["time", *[n.replace(" ", "_") for n in shown]] + (["others"] if rest else []) + [
+        "preface_timeouts", "preface_p50_ms", "preface_p99_ms", "goaways_server",
+        "goaways_client"] + (["server_fds", "server_fd_limit", "accept_queue",
+                              "accept_queue_max"] if server else [])
+    rows = []
+    for i, t in enumerate(data["times"]):
+        row: list[Any] = [t, *[data["clients"][n][i] for n in shown]]
+        if rest:
+            row.append(sum(data["clients"][n][i] for n in rest))
+        row += [m["preface_timeouts"][i], m["preface_p50_ms"][i], m["preface_p99_ms"][i],
+                m["goaways_server"][i], m["goaways_client"][i]]
+        if server:
+            row += [server["fds"][i], server["fd_limit"][i], server["accept_queue"][i],
+                    server["accept_queue_max"][i]]
+        rows.append(row)
+    return rows, headers
 
 
 def _where_lines(clients: list[dict[str, Any]]) -> list[str]:

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import struct
@@ -182,3 +183,22 @@ def test_process_names_keep_what_tells_them_apart() -> None:
         "python -m orders.worker --shard 3"
     assert process_label("/usr/bin/node /srv/billing/index.js") == "node index.js"
     assert process_label(None) is None
+
+
+def test_csv_carries_numbers_in_base_units(demo_db: Path) -> None:
+    import csv
+    import io
+
+    report = list(csv.DictReader(io.StringIO(
+        tracer("report", "--db", demo_db, "--format", "csv").stdout)))
+    leak = next(r for r in report if r["verdict"] == "leak")
+    assert float(leak["oldest_open_s"]) > 8 and float(leak["idle_min_s"]) >= 0
+    assert int(leak["open"]) == 18 and float(leak["open_growth_per_min"]) > 0
+    assert all(re.fullmatch(r"[a-z_]+", k) for k in report[0])
+    timeline = list(csv.reader(io.StringIO(
+        tracer("timeline", "--db", demo_db, "--format", "csv", "--bucket", "2s").stdout)))
+    header, rows = timeline[0], timeline[1:]
+    assert header[0] == "time" and "preface_p50_ms" in header and "preface_p99_ms" in header
+    for row in rows:
+        assert all(cell == "" or re.fullmatch(r"-?[0-9.]+", cell) for cell in row), row
+    assert float(rows[0][0]) > 1.7e9  # epoch seconds under a header that says so
