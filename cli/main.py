@@ -17,6 +17,7 @@ import click
 
 from cli.output import (
     FORMATS,
+    ProgressLine,
     fit_table,
     fmt_age,
     fmt_ts,
@@ -337,25 +338,16 @@ def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
     from tracer.sources.filefilter import FilterError
 
     show_progress = not quiet and sys.stderr.isatty()
-    bar: Any = None
-    last_total: list[int] = [0]
+    bar = ProgressLine(sys.stderr) if show_progress else None
 
-    def progress(done: int, total: int | None) -> None:
-        nonlocal bar
-        if not show_progress or not total:
-            return
-        if bar is None or last_total[0] != total:
-            if bar is not None:
-                bar.render_finish()
-            bar = click.progressbar(length=total, label="reading", file=sys.stderr,
-                                    show_pos=True, show_percent=True)
-            last_total[0] = total
-            bar.pos = 0
-        bar.update(done - bar.pos)
+    def finishing() -> None:
+        if bar is not None:
+            bar.say("read; storing the totals and the report...")
 
     try:
         result = read_files(list(reads), frozenset(ports), db_path,
-                            options=core, progress=progress, jobs=jobs, retention=retention,
+                            options=core, progress=bar.update if bar is not None else None,
+                            jobs=jobs, retention=retention, finishing=finishing,
                             wait=lambda line: click.echo(line, err=True),
                             user_filter=user_filter)
     except StoreError as exc:
@@ -364,7 +356,7 @@ def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
         raise click.BadParameter(str(exc).removeprefix("--filter "),
                                  param_hint="--filter") from None
     if bar is not None:
-        bar.render_finish()
+        bar.close()
     if not quiet:
         if list(reads) != result.order:
             click.echo("read in the time order of their first packets: "

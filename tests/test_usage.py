@@ -202,3 +202,54 @@ def test_csv_carries_numbers_in_base_units(demo_db: Path) -> None:
     for row in rows:
         assert all(cell == "" or re.fullmatch(r"-?[0-9.]+", cell) for cell in row), row
     assert float(rows[0][0]) > 1.7e9  # epoch seconds under a header that says so
+
+
+def test_the_progress_line_says_mb_rate_and_eta_then_what_comes_next() -> None:
+    import io
+
+    from cli.output import ProgressLine
+
+    now = [100.0]
+    out = io.StringIO()
+    line = ProgressLine(out, clock=lambda: now[0])
+    now[0] = 102.0
+    line.update(50_000_000, 200_000_000, 500_000)
+    drawn = out.getvalue().split("\r\033[K")[-1]
+    assert drawn == "reading  50.0/200.0 MB   25%  250,000 packets/s  ETA 0:06"
+    now[0] = 102.05
+    line.update(60_000_000, 200_000_000, 600_000)  # within 0.1 s: not redrawn
+    assert out.getvalue().count("\r\033[K") == 1
+    line.say("read; storing the totals and the report...")
+    assert out.getvalue().endswith("read; storing the totals and the report...")
+    line.close()
+    assert out.getvalue().endswith("\r\033[K")
+
+
+def test_a_file_read_on_a_terminal_shows_progress_and_the_last_step(tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen([*tracer_command(), "capture", "-r", str(DEMO_CAPTURE), "--port",
+                             PORT, "--db", str(tmp_path / "t.db")], stdout=slave,
+                            stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if not ready:
+            if proc.poll() is not None:
+                break
+            continue
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        out += data
+    os.close(master)
+    assert proc.wait(timeout=30) == 0
+    text = out.decode()
+    assert re.search(r"reading  0\.\d/0\.\d MB  100%  [\d,]+ packets/s  ETA 0:00", text), text
+    assert "read; storing the totals and the report..." in text
+    assert "37 connections" in text

@@ -50,7 +50,8 @@ FINISH_BATCH = 2048  # connections per transaction when the input ends
 # Below this much input a second worker costs more (start-up, a second read) than it saves.
 MIN_BYTES_PER_JOB = 16 << 20
 
-Progress = Callable[[int, "int | None"], None]
+# (bytes read of the current file, its size if known, packets read of all files so far)
+Progress = Callable[[int, "int | None", int], None]
 
 
 @dataclass
@@ -196,7 +197,8 @@ def _analyse(
                         got = analyzer.feed(packets, BATCH)
                         flush(reader.info.packets)
                         if progress is not None:
-                            progress(reader.bytes_read(), reader.size)
+                            progress(reader.bytes_read(), reader.size,
+                                     records + reader.info.packets)
                         if got < BATCH:
                             break
                 except CaptureFileError as exc:
@@ -302,13 +304,16 @@ def read_files(
     retention: Retention | None = None,
     wait: Callable[[str], None] | None = None,
     user_filter: str | None = None,
+    finishing: Callable[[], None] | None = None,
 ) -> RunResult:
     """Read capture files (``-`` is standard input) as one packet stream into the database.
 
     ``wait``: told when another capture is writing the database and this one waits for it
     (without it, StoreBusy is raised at once). ``retention``: applied at the end.
     ``user_filter``: a tcpdump expression; only the records it accepts are read
-    (FilterError, before anything is written, when it cannot be compiled)."""
+    (FilterError, before anything is written, when it cannot be compiled). ``finishing``:
+    called when the reading is done and the capture's totals and report are being stored
+    (seconds for a big capture)."""
     options = options if options is not None else CoreOptions()
     if user_filter:
         FileFilter(user_filter).close()  # a bad expression is said before a capture begins
@@ -359,6 +364,8 @@ def read_files(
     result.stopped_by = stop.signum
     _merge(result, shards)
     result.elapsed_s = time.perf_counter() - started
+    if finishing is not None:
+        finishing()
     _close_capture(writer, result, shards, retention)
     db.close()
     lock.release()
