@@ -535,6 +535,41 @@ def m015_client_aggregates(db: sqlite_utils.Database) -> None:
     aggregates.create(db)
 
 
+@migrations()
+def m018_datasette_views(db: sqlite_utils.Database) -> None:
+    """Views for people browsing the database (Datasette, sqlite3): each connection with
+    ISO 8601 times beside the epoch ones and its client process joined in, and one row per
+    client with its totals. Column descriptions for Datasette are in
+    datasette/metadata.json. Nothing reads them (READER_OPTIONAL)."""
+    iso = "strftime('%Y-%m-%dT%H:%M:%fZ', {0}, 'unixepoch')"
+    db.execute(f"""
+        CREATE VIEW connection_details AS
+        SELECT c.uid, {iso.format('c.ts')} AS opened, c.ts AS opened_ts,
+               {iso.format('c.close_ts')} AS closed, c.close_ts AS closed_ts,
+               c.duration, c.is_open, c.orig_h AS client_address, c.orig_p AS client_port,
+               c.resp_h AS server_address, c.resp_p AS server_port, c.conn_state, c.history,
+               c.close_kind AS closed_by, c.streams, c.first_method,
+               {iso.format('c.last_activity_ts')} AS last_activity, c.goaway_sender,
+               c.goaway_error, c.tls_sni, c.pid, p.comm AS process, p.cmdline AS command_line,
+               p.user, COALESCE(p.container, c.client_container) AS container,
+               COALESCE(p.pod, c.client_pod) AS pod, c.attribution, c.capture_id
+        FROM connections c
+        LEFT JOIN processes p ON p.pid = c.pid AND p.start_time = c.process_start
+    """)
+    db.execute(f"""
+        CREATE VIEW client_summary AS
+        SELECT c.orig_h AS client_address, c.pid, p.comm AS process,
+               p.cmdline AS command_line, COUNT(*) AS connections,
+               SUM(c.is_open) AS open, COUNT(*) - SUM(c.is_open) AS closed,
+               SUM(c.streams) AS streams, {iso.format('MIN(c.ts)')} AS first_opened,
+               {iso.format('MAX(c.ts)')} AS last_opened,
+               {iso.format('MIN(CASE WHEN c.is_open = 1 THEN c.ts END)')} AS oldest_open
+        FROM connections c
+        LEFT JOIN processes p ON p.pid = c.pid AND p.start_time = c.process_start
+        GROUP BY c.orig_h, c.pid, c.process_start
+    """)
+
+
 # -- opening the database ----------------------------------------------------------------
 #
 # The agent runs as root, often in a directory other users can write to. Every name it
@@ -557,7 +592,7 @@ def m015_client_aggregates(db: sqlite_utils.Database) -> None:
 READER_OPTIONAL = frozenset({"m004_preface_index", "m005_report_cache", "m006_capture_runs",
                              "m007_rpc_counts", "m008_retention", "m009_folded_closes",
                              "m012_server_samples", "m013_attribution_detail",
-                             "m015_client_aggregates"})
+                             "m015_client_aggregates", "m018_datasette_views"})
 # Migrations a reader may find missing when the database has what they add anyway: the
 # releases before m014_unmigrated_columns changed m001_initial in place, so a database
 # made by most of them has its columns (checked against tracer.record.COLUMNS) though
