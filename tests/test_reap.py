@@ -55,6 +55,9 @@ class Scene:
         self.server = procs.start("server", [*rt.grpcio_peer("server"), "0",
                                              "--max-lifetime", "120"])
         self.port = rt.ready_port(self.server)
+        # The client "host" runs something before the agent starts, as a host does (the
+        # agent then knows its namespace and its address before the first connection).
+        procs.start("resident", host.command(["sleep", "110"]))
         self.agent = live.Agent(procs, db, self.port, "--iface", host.root_if,
                                 "--duration", "120")
         self.agent.wait_ready()

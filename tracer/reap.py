@@ -291,7 +291,7 @@ def verify(outcomes: list[Outcome], kernel: Kernel, ports: frozenset[int]) -> li
 
 
 def describe_errno(code: int) -> str:
-    name = errno.errorcode.get(code, str(code))
+    name = "EOPNOTSUPP" if code == errno.EOPNOTSUPP else errno.errorcode.get(code, str(code))
     text = os.strerror(code)
     if code == errno.EOPNOTSUPP:
         return (f"{name}: {text}: this kernel was built without CONFIG_INET_DIAG_DESTROY, "
