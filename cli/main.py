@@ -527,7 +527,7 @@ def print_report(db_path: str, fmt: str = "table",
             say(hidden_note(hidden, width))
     else:
         say("no connections recorded")
-    for line in _where_lines(data["clients"]):
+    for line in _where_lines(data["clients"]) + reaped_lines(data["clients"]):
         say(line)
     s = data["server"]
     lat = s["preface_latency_ms"]
@@ -1072,8 +1072,10 @@ def _host(h: str) -> str:
 
 # Last: cli.logs uses this module's helpers.
 from cli.logs import logs  # noqa: E402
+from cli.reap import reap, reaped_lines  # noqa: E402
 
 main.add_command(logs)
+main.add_command(reap)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Any
 
 import sqlite_utils
 
-from store import aggregates
+from store import aggregates, reaps
 from store.correlate import has_logs, log_evidence
 from store.sql import (
     CLOSED_BY,
@@ -175,6 +175,30 @@ def _verdict(c: dict[str, Any], span_s: float) -> tuple[str, str]:
     return "ok", f"all {opened} connections closed"
 
 
+def _reaped_verdict(c: dict[str, Any], gone: dict[str, Any], span_s: float) -> tuple[str, str]:
+    """The verdict of a client some of whose connections `tracer reap` closed: judged as
+    if the reap had not happened (a reaped leak was still a leak), the reap said in the
+    reason. The report's counts say the closes as they were: closed_by gets "reaped" (taken
+    from the kind the reap's RST was counted as), and the entry a "reaped" summary."""
+    c["reaped"] = {k: gone[k] for k in ("reaped", "first_ts", "last_ts", "closed_seen", "by")}
+    for kind, n in gone["closed_by"].items():
+        if kind in c["closed_by"]:
+            c["closed_by"][kind] = max(0, c["closed_by"][kind] - n)
+    c["closed_by"]["reaped"] = gone["closed_seen"]
+    seen = gone["closed_seen"]
+    unreaped = dict(c)
+    unreaped["closed"] = max(0, c["closed"] - seen)
+    unreaped["left_behind"] = c["left_behind"] + seen
+    unreaped["left_behind_seen"] = c["left_behind_seen"] + gone["seen"]
+    unreaped["left_behind_before"] = c["left_behind_before"] + gone["before"]
+    unreaped["closed_by_client"] = max(0, c["closed_by_client"] - gone["first_by"].get("orig", 0))
+    unreaped["closed_by_server"] = max(0, c["closed_by_server"] - gone["first_by"].get("resp", 0))
+    verdict, reason = _verdict(unreaped, span_s)
+    n = gone["reaped"]
+    return verdict, (f"{reason}; {n} more left behind closed by `tracer reap` (counted as "
+                     f"left behind)" if n else reason)
+
+
 def _waiting(n: int) -> str:
     return (f"; {n} open waiting for the server's answer (it never sent a byte: a victim of "
             "the server, not left behind)" if n else "")
@@ -282,6 +306,7 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
         _add_history(db, rows, methods, client)
     processes = {(r["pid"], r["start_time"]): r for r in _rows(db, "SELECT * FROM processes")}
     details = _socket_details(db, where, params, indexed=fast)
+    reaped = reaps.by_client(db, since=since, until=until, client=client)
     out = []
     for r in rows:
         opened = r["opened"] or 0
@@ -353,7 +378,11 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
                 c.update(seen)
         if r["addresses"] > 1:
             c["addresses"] = r["addresses"]
-        c["verdict"], c["reason"] = _verdict(c, span)
+        gone = reaped.get((r["pid"], r["process_start"], r["ip"]))
+        if gone is None:
+            c["verdict"], c["reason"] = _verdict(c, span)
+        else:
+            c["verdict"], c["reason"] = _reaped_verdict(c, gone, span)
         out.append(c)
     order = {"leak": 0, "suspect": 1, "ok": 2}
     out.sort(key=lambda c: (order[c["verdict"]], -c["open"], -c["opened"], c["client"],

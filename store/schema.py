@@ -540,7 +540,7 @@ def m018_datasette_views(db: sqlite_utils.Database) -> None:
     """Views for people browsing the database (Datasette, sqlite3): each connection with
     ISO 8601 times beside the epoch ones and its client process joined in, and one row per
     client with its totals. Column descriptions for Datasette are in
-    datasette/metadata.json. Nothing reads them (READER_OPTIONAL)."""
+    store/datasette-metadata.json. Nothing reads them (READER_OPTIONAL)."""
     iso = "strftime('%Y-%m-%dT%H:%M:%fZ', {0}, 'unixepoch')"
     db.execute(f"""
         CREATE VIEW connection_details AS
@@ -570,6 +570,34 @@ def m018_datasette_views(db: sqlite_utils.Database) -> None:
     """)
 
 
+@migrations()
+def m016_reaps(db: sqlite_utils.Database) -> None:
+    """What `tracer reap --yes` closed (store.reaps): one row per connection it tried to
+    close, with its 4-tuple and client, the result and who asked. The report shows them per
+    client and names the reap as the close. A reader copes without it (READER_OPTIONAL)."""
+    db.execute(
+        """
+        CREATE TABLE reaps (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,              -- epoch seconds (wall clock) of the SOCK_DESTROY
+            uid TEXT NOT NULL,             -- the connection's uid (connections.uid)
+            orig_h TEXT NOT NULL,
+            orig_p INTEGER NOT NULL,
+            resp_h TEXT NOT NULL,
+            resp_p INTEGER NOT NULL,
+            pid INTEGER,                   -- the client process, where attributed
+            process_start REAL,
+            result TEXT NOT NULL,          -- closed | already_gone | failed | unsupported
+            error TEXT,                    -- the errno's name and text when not closed
+            sockets TEXT,                  -- which ends were destroyed: server, client
+            by_uid INTEGER NOT NULL,       -- the user who ran it
+            by_user TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX reaps_uid ON reaps(uid)")
+
+
 # -- opening the database ----------------------------------------------------------------
 #
 # The agent runs as root, often in a directory other users can write to. Every name it
@@ -592,7 +620,8 @@ def m018_datasette_views(db: sqlite_utils.Database) -> None:
 READER_OPTIONAL = frozenset({"m004_preface_index", "m005_report_cache", "m006_capture_runs",
                              "m007_rpc_counts", "m008_retention", "m009_folded_closes",
                              "m012_server_samples", "m013_attribution_detail",
-                             "m015_client_aggregates", "m018_datasette_views"})
+                             "m015_client_aggregates", "m018_datasette_views",
+                             "m016_reaps"})
 # Migrations a reader may find missing when the database has what they add anyway: the
 # releases before m014_unmigrated_columns changed m001_initial in place, so a database
 # made by most of them has its columns (checked against tracer.record.COLUMNS) though

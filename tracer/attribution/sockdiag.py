@@ -15,6 +15,13 @@ kernel then sends one message for every TCP socket it destroys in that namespace
 its 4-tuple and cookie (on this kernel uid and inode are 0 there, and no cgroup comes
 with it), a classic BPF filter on the socket keeping only those whose remote port is a
 watched one.
+
+``SockDiag.sockets`` dumps with each socket's tcp_info (how long since it last sent or
+received data) and the exact id the kernel knows it by; ``SockDiag.destroy`` sends
+SOCK_DESTROY for that one socket (what `ss -K` does: a TCP socket is aborted, its peer
+gets a RST). The kernel answers EOPNOTSUPP when it was built without
+CONFIG_INET_DIAG_DESTROY, EPERM without CAP_NET_ADMIN, ENOENT when the socket is gone
+and ESTALE when its 4-tuple now belongs to another socket (the cookie differs).
 """
 
 from __future__ import annotations
@@ -26,19 +33,23 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from tracer.attribution.sockets import SocketEntry
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
+SOCK_DESTROY = 21
 NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
 NLM_F_DUMP = 0x300
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 ALL_STATES = 0xFFF
 NOCOOKIE = 0xFFFFFFFF
 INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_INFO = 2  # a request's ext bit (1 << (2 - 1)) and the answer's attribute
 INET_DIAG_CGROUP_ID = 21
 # inet_diag_bc_op codes (include/uapi/linux/inet_diag.h)
 INET_DIAG_BC_JMP = 1
@@ -68,7 +79,40 @@ _MSG_SIZE = 4 + _SOCKID.size + 4 + _MSG_TAIL.size  # struct inet_diag_msg (72 by
 _COOKIE_AT = 4 + 4 + 32 + 4  # where the id's cookie starts in an inet_diag_msg
 _DPORT_AT = _NLMSGHDR.size + 6  # a message's destination port, from the netlink header
 
+# struct tcp_info: after 8 bytes of u8 fields, u32s; tcpi_last_data_sent is the tenth
+# (offset 44) and tcpi_last_data_recv the twelfth (offset 52), milliseconds ago.
+_TCPI_LAST_DATA_SENT = 44
+_TCPI_LAST_DATA_RECV = 52
+_U32 = struct.Struct("=I")
+_ERRNO = struct.Struct("=i")
+
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DiagSocket:
+    """One TCP socket as sock_diag gave it, with what it takes to name it exactly again
+    (family, raw addresses, interface, cookie) and how long it has been silent."""
+
+    family: int
+    state: int  # TCP_ESTABLISHED = 1, ...
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    raw_local: bytes  # 16 bytes, as the kernel keeps them (IPv4 in the first 4)
+    raw_remote: bytes
+    ifindex: int
+    cookie: int
+    uid: int
+    inode: int
+    netns: int
+    # Milliseconds since it last sent or received data (tcp_info), None when not given.
+    last_data_ms: int | None
+
+    def sockid(self) -> bytes:
+        """Its inet_diag_sockid, cookie included: a request for exactly this socket."""
+        return (struct.pack(">HH", self.local[1], self.remote[1]) + self.raw_local
+                + self.raw_remote + _U32.pack(self.ifindex)
+                + _COOKIE.pack(self.cookie & 0xFFFFFFFF, self.cookie >> 32))
 
 
 class SockDiag:
@@ -123,6 +167,40 @@ class SockDiag:
                 pos += (length + 3) & ~3
             if not flags & NLM_F_DUMP:
                 return out
+
+    def sockets(self, ports: frozenset[int]) -> list[DiagSocket]:
+        """Every TCP socket of this namespace with a local or remote port in ``ports``,
+        with its tcp_info and exact id (for ``destroy``)."""
+        out: list[DiagSocket] = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            body = (_REQ.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0,
+                              ALL_STATES)
+                    + bytes(_SOCKID.size - 4) + _COOKIE.pack(NOCOOKIE, NOCOOKIE))
+            out.extend(e for e in self.exchange(body, NLM_F_REQUEST | NLM_F_DUMP,
+                                                parse_detail)
+                       if e.local[1] in ports or e.remote[1] in ports)
+        return out
+
+    def destroy(self, sock: DiagSocket) -> int:
+        """SOCK_DESTROY of exactly ``sock`` (its 4-tuple and cookie): 0 when the kernel
+        destroyed it, else the errno it answered (see the module's docstring)."""
+        body = _REQ.pack(sock.family, socket.IPPROTO_TCP, 0, 0, ALL_STATES) + sock.sockid()
+        self.seq += 1
+        self.sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DESTROY,
+                                      NLM_F_REQUEST | NLM_F_ACK, self.seq, 0) + body)
+        for _ in range(16):  # answers of earlier requests may still be queued: bounded
+            data = self.sock.recv(1 << 16)
+            pos = 0
+            while pos + _NLMSGHDR.size <= len(data):
+                length, mtype, _f, seq, _pid = _NLMSGHDR.unpack_from(data, pos)
+                if length < _NLMSGHDR.size:
+                    break
+                if seq == self.seq and mtype == NLMSG_ERROR and \
+                        pos + _NLMSGHDR.size + _ERRNO.size <= len(data):
+                    code: int = _ERRNO.unpack_from(data, pos + _NLMSGHDR.size)[0]
+                    return -code
+                pos += (length + 3) & ~3
+        raise OSError(errno.EPROTO, "no answer to SOCK_DESTROY from the kernel")
 
     def _parse(self, data: bytes, pos: int) -> SocketEntry | None:
         return parse_message(data, pos, len(data), self.netns)
@@ -195,6 +273,33 @@ def parse_message(data: bytes, pos: int, end: int, netns: int) -> SocketEntry | 
         at += (length + 3) & ~3
     return SocketEntry((_address(family, src), sport), (_address(family, dst), dport),
                        state, uid, inode, netns, low | high << 32, cgroup)
+
+
+def parse_detail(data: bytes, pos: int, end: int, netns: int) -> DiagSocket | None:
+    """One inet_diag_msg at ``pos`` with its id as the kernel keeps it and its tcp_info."""
+    end = min(end, len(data))
+    if pos + _MSG_SIZE > end:
+        return None
+    family, state = data[pos], data[pos + 1]
+    sport, dport, src, dst, _if, _c0 = _SOCKID.unpack_from(data, pos + 4)
+    ifindex = _U32.unpack_from(data, pos + 4 + 36)[0]  # host order, unlike the ports
+    low, high = _COOKIE.unpack_from(data, pos + _COOKIE_AT)
+    _exp, _rq, _wq, uid, inode = _MSG_TAIL.unpack_from(data, pos + 4 + _SOCKID.size + 4)
+    last: int | None = None
+    at = pos + _MSG_SIZE
+    while at + _ATTR.size <= end:
+        length, kind = _ATTR.unpack_from(data, at)
+        if length < _ATTR.size or at + length > end:
+            break
+        info = at + _ATTR.size
+        if kind == INET_DIAG_INFO and length >= _ATTR.size + _TCPI_LAST_DATA_RECV + 4:
+            sent = _U32.unpack_from(data, info + _TCPI_LAST_DATA_SENT)[0]
+            received = _U32.unpack_from(data, info + _TCPI_LAST_DATA_RECV)[0]
+            last = min(sent, received)
+        at += (length + 3) & ~3
+    return DiagSocket(family, state, (_address(family, src), sport),
+                      (_address(family, dst), dport), src, dst, ifindex, low | high << 32,
+                      uid, inode, netns, last)
 
 
 def dport_bytecode(ports: frozenset[int]) -> bytes:
