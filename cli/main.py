@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from cli.metrics import metrics_options, metrics_settings
 from cli.output import FORMATS, fmt_age, fmt_ts, render
 from cli.times import instant, parse_duration, parse_size
 from store.queries import capture_summary
@@ -145,12 +146,13 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
               help="Files: worker processes, each analysing a share of the connections. "
                    "Default: one per CPU (up to 4) for files over 16 MB, else 1.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, status line or summary.")
+@metrics_options
 def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
             interfaces: tuple[str, ...], duration: str | None, count: int | None,
             write_path: str | None, snaplen: int, user_filter: str | None, buffer_size: int,
             no_ring: bool, no_attribution: bool, user: str | None, grpc_status: bool,
             events: str, retain: str | None, max_db_size: str | None, jobs: int | None,
-            quiet: bool) -> None:
+            quiet: bool, **metrics: Any) -> None:
     """Rebuild the gRPC connections on a port into the database: live, or from files.
 
     \b
@@ -182,6 +184,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
     """
     retention = _retention(retain, max_db_size)
     core = CoreOptions(decode_server_headers=grpc_status, rpc_events=events == "all")
+    exporter = metrics_settings(reads, **metrics)
     if reads:
         live_only = {"--iface": interfaces, "--duration": duration, "--count": count,
                      "--write": write_path, "--filter": user_filter, "--user": user,
@@ -199,7 +202,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
         duration=parse_duration(duration), count=count, write_path=write_path,
         snaplen=snaplen, buffer_bytes=buffer_size, user_filter=user_filter, ring=not no_ring,
         attribution=not no_attribution, user=user, core=core, retention=retention,
-        wait=lambda line: click.echo(line, err=True),
+        wait=lambda line: click.echo(line, err=True), metrics=exporter,
     )
     _capture_live(settings, quiet)
 
