@@ -10,8 +10,8 @@ every update and every collection holds one lock, so a scrape sees one consisten
 Per client (pid, program name, client address; pid and program "" where the process is
 unknown) the top ``top`` clients by open connections are series of their own; the rest
 are summed into one series labelled "other". Counters never go down: what a client adds
-while it is not shown (or before it is forgotten) is added to "other" instead, so the
-sum over all series stays the true total, and a client's own series, when shown, is its
+while it is not shown (or before it is forgotten) is added to "other" instead, so rate()
+summed over the series is the true rate, and a client's own series, when shown, is its
 true total. A connection counts for a client once its owner is settled (attribution's
 verdict, or PENDING_GRACE_S without one): it never moves from one series to another.
 
