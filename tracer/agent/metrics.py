@@ -107,8 +107,8 @@ class _Client:
 
 
 class _Conn:
-    __slots__ = ("activity_ts", "client", "dial_ts", "first_seen", "orig_h", "streams",
-                 "waiting")
+    __slots__ = ("activity_ts", "client", "closer", "dial_ts", "first_seen", "orig_h",
+                 "streams", "waiting")
 
     def __init__(self, dial_ts: float, orig_h: str, first_seen: float) -> None:
         self.dial_ts = dial_ts  # its SYN (or first packet): its age runs from there
@@ -118,6 +118,7 @@ class _Conn:
         self.streams = 0  # RPCs counted so far
         self.client: _Client | None = None  # None: its owner is not settled yet
         self.waiting = False  # its client sent the preface, the server's SETTINGS not come
+        self.closer: str | None = None  # closed: who began it (CLOSERS)
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ class MetricsState:
         self.pending: dict[str, _Conn] = {}  # of those, the ones whose owner is not settled
         self.waiting: dict[str, _Conn] = {}  # of those, the ones waiting for the server
         self.early: dict[str, ClientKey] = {}  # verdicts reached before their record came
+        self.ended: dict[str, _Conn] = {}  # closed, lingering in the flow table
         self.other_opened = 0
         self.other_closed = [0, 0, 0, 0]
         self.other_rpcs = 0
@@ -170,7 +172,7 @@ class MetricsState:
                 key = self._key(process, conn.orig_h if conn else "")
                 if conn is not None:
                     self._commit(uid, conn, key)
-                elif uid not in self.conns:
+                elif uid not in self.conns and uid not in self.ended:
                     if len(self.early) >= MAX_EARLY:
                         del self.early[next(iter(self.early))]
                     self.early[uid] = key
@@ -191,7 +193,16 @@ class MetricsState:
         with self.lock:
             for r in records:
                 uid = r["uid"]
-                closed = r["end_reason"] not in (None, "open_at_end")
+                ended = self.ended.get(uid)
+                if ended is not None:  # closed already: its RPCs may still move
+                    self._moved(uid, ended, r, timeout)
+                    if r["end_reason"] is not None:  # its last record
+                        self._settle_ended(uid)
+                    continue
+                # Closed at its first FIN or RST (as the report counts it), or when the
+                # flow table let it go (expired, evicted); still open at the end is open.
+                closed = not r.get("is_open", 1) or \
+                    r["end_reason"] not in (None, "open_at_end")
                 conn = self.conns.get(uid)
                 if conn is None:
                     conn = _Conn(r.get("syn_ts") or r["ts"], r["orig_h"], now)
@@ -212,12 +223,23 @@ class MetricsState:
                 self._moved(uid, conn, r, timeout)
                 if closed:
                     self._closed(uid, conn, r, timeout, now)
+                    if r["end_reason"] is None:  # it lingers: more records will come
+                        if len(self.ended) >= MAX_OPEN:
+                            self._settle_ended(next(iter(self.ended)))
+                        self.ended[uid] = conn
             for event in events:
                 if isinstance(event, GoawaySent):
                     code = event.error_code
                     error = ERROR_CODES.get(code, "unknown")
                     sender = "client" if event.dir == "orig" else "server"
                     self.goaways[(sender, error)] = self.goaways.get((sender, error), 0) + 1
+
+    def _settle_ended(self, uid: str) -> None:
+        """A closed connection's last record: counted as unknown if attribution found no
+        owner for it."""
+        conn = self.ended.pop(uid)
+        if conn.client is None:
+            self._commit(uid, conn, ("", "", conn.orig_h))
 
     def _moved(self, uid: str, conn: _Conn, r: dict[str, Any], timeout: float) -> None:
         streams = r.get("streams") or 0
@@ -236,15 +258,20 @@ class MetricsState:
 
     def _closed(self, uid: str, conn: _Conn, r: dict[str, Any], timeout: float,
                 now: float) -> None:
-        if conn.client is None:
-            self.pending.pop(uid, None)
-            self._commit(uid, conn, ("", "", conn.orig_h))
+        self.conns.pop(uid, None)
+        conn.closer = closed_by(r)
         client = conn.client
-        assert client is not None
-        if self.conns.pop(uid, None) is not None:
+        if client is None:
+            if self.attribution and r["end_reason"] is None:
+                # Closed, lingering in the flow table: attribution may still name its
+                # owner (a call of a few milliseconds); counted once it is settled.
+                self.pending[uid] = conn
+            else:
+                self._commit(uid, conn, ("", "", conn.orig_h))
+        else:
             client.conns.pop(uid, None)
-        client.closed[CLOSERS.index(closed_by(r))] += 1
-        client.last_change = now
+            client.closed[CLOSERS.index(conn.closer)] += 1
+            client.last_change = now
         if r.get("server_settings_ts") is None and r.get("preface_ts") is not None:
             self.waiting.pop(uid, None)
             end = r.get("close_ts") or r.get("end_ts") or conn.dial_ts
@@ -262,7 +289,9 @@ class MetricsState:
         client.opened += 1
         client.rpcs += conn.streams
         client.last_change = now
-        if uid in self.conns:
+        if conn.closer is not None:
+            client.closed[CLOSERS.index(conn.closer)] += 1
+        elif uid in self.conns:
             client.conns[uid] = conn
 
     def totals(self, packets: int, drops: int | None, rows_written: int) -> None:
@@ -291,7 +320,8 @@ class MetricsState:
 
     def _settle_overdue(self, now: float) -> None:
         for uid, conn in list(self.pending.items()):
-            if now - conn.first_seen >= PENDING_GRACE_S:
+            # A closed one waits for its last record (attribution looks until then).
+            if conn.closer is None and now - conn.first_seen >= PENDING_GRACE_S:
                 self._commit(uid, conn, ("", "", conn.orig_h))
         for uid, conn in list(self.waiting.items()):
             if time.time() - conn.dial_ts >= self.settings.preface_timeout_s:
