@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from cli.metrics import metrics_options, metrics_settings
 from cli.output import (
     FORMATS,
     ProgressLine,
@@ -186,13 +187,14 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
               help="Files: worker processes, each analysing a share of the connections. "
                    "Default: one per CPU (up to 4) for files over 16 MB, else 1.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, status line or summary.")
+@metrics_options
 @click.argument("expression", nargs=-1, metavar="[EXPRESSION]")
 def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
             interfaces: tuple[str, ...], duration: str | None, count: int | None,
             write_path: str | None, snaplen: int, user_filter: str | None, buffer_size: int,
             no_ring: bool, no_attribution: bool, user: str | None, grpc_status: bool,
             events: str, retain: str | None, max_db_size: str | None, jobs: int | None,
-            quiet: bool, expression: tuple[str, ...]) -> None:
+            quiet: bool, expression: tuple[str, ...], **metrics: Any) -> None:
     """Rebuild the gRPC connections on a port into the database: live, or from files.
 
     \b
@@ -229,6 +231,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
         user_filter = " ".join(expression)
     retention = _retention(retain, max_db_size)
     core = CoreOptions(decode_server_headers=grpc_status, rpc_events=events == "all")
+    exporter = metrics_settings(reads, **metrics)
     if reads:
         _check_readable(reads)
         live_only = {"--iface": interfaces, "--duration": duration, "--count": count,
@@ -246,7 +249,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
         duration=parse_duration(duration), count=count, write_path=write_path,
         snaplen=snaplen, buffer_bytes=buffer_size, user_filter=user_filter, ring=not no_ring,
         attribution=not no_attribution, user=user, core=core, retention=retention,
-        wait=lambda line: click.echo(line, err=True),
+        wait=lambda line: click.echo(line, err=True), metrics=exporter,
     )
     _capture_live(settings, quiet)
 

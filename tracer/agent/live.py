@@ -42,6 +42,7 @@ from tracer.agent.messages import (
     Totals,
     ToWorker,
 )
+from tracer.agent.metrics import MetricsError, MetricsServer, MetricsSettings, check_textfile
 from tracer.agent.store_worker import StoreSettings, serve
 from tracer.attribution.join import open_connections
 from tracer.attribution.sockdiag import SockDiag
@@ -87,6 +88,8 @@ class LiveSettings:
     # Told once how packets are read (the receive ring, or why not), and whether that
     # is a warning (the ring was wanted and the kernel refused it).
     notice: Callable[[str, bool], None] | None = None
+    # --metrics, --metrics-file, --metrics-top (tracer.agent.metrics).
+    metrics: MetricsSettings | None = None
 
 
 @dataclass
@@ -119,7 +122,7 @@ class StoreFailed(Exception):
 class StoreLink:
     """The store worker process and the two pipes to and from it."""
 
-    def __init__(self, settings: StoreSettings) -> None:
+    def __init__(self, settings: StoreSettings, exporter: MetricsServer | None = None) -> None:
         ctx = multiprocessing.get_context("fork")
         inbox, self._sender = ctx.Pipe(duplex=False)
         _widen(self._sender.fileno())
@@ -127,11 +130,13 @@ class StoreLink:
         self.rows = ctx.Value("q", 0)
         self.process = ctx.Process(
             target=serve, args=(inbox, outbox, [self._sender, self._replies], settings,
-                                self.rows),
+                                self.rows, exporter),
             daemon=True, name="tracer-store")
         self.process.start()
         inbox.close()
         outbox.close()
+        if exporter is not None:  # the store worker serves it now, with its own copy
+            exporter.httpd.server_close()
         self.summary: Summary | None = None
 
     def wait_ready(self, stop: StopRequest) -> int:
@@ -216,6 +221,29 @@ def _widen(fd: int) -> None:
 def run_live(settings: LiveSettings,
              status: Callable[[str], None] | None = None) -> LiveResult:
     """Capture until the duration, the count or a signal; return the totals."""
+    exporter = _metrics_first(settings.metrics)
+    try:
+        return _run_live(settings, status, exporter)
+    finally:
+        if exporter is not None:
+            exporter.httpd.server_close()
+
+
+def _metrics_first(metrics: MetricsSettings | None) -> MetricsServer | None:
+    """Before anything starts (and while still root): the /metrics port bound, the
+    --metrics-file path checked; either failing stops the run with one line."""
+    if metrics is None:
+        return None
+    try:
+        if metrics.file is not None:
+            check_textfile(metrics.file)
+        return MetricsServer(metrics.address) if metrics.address is not None else None
+    except MetricsError as exc:
+        raise CaptureError(str(exc)) from None
+
+
+def _run_live(settings: LiveSettings, status: Callable[[str], None] | None,
+              exporter: MetricsServer | None) -> LiveResult:
     capture = LiveCapture(settings.interfaces, settings.ports, snaplen=settings.snaplen,
                           buffer_bytes=settings.buffer_bytes, user_filter=settings.user_filter,
                           ring=settings.ring)
@@ -227,14 +255,14 @@ def run_live(settings: LiveSettings,
             drop_privileges(settings.user)
             _check_writable_as(settings.user, settings.db_path)
             try:
-                return _run(settings, capture, status)
+                return _run(settings, capture, status, exporter)
             except ImportError as error:
                 raise CaptureError(
                     f"running as {settings.user}, Python could not load {error.name}: that "
                     f"user cannot read this Python installation. Install tracer where "
                     f"{settings.user} can read it, or run without --user."
                 ) from error
-        return _run(settings, capture, status)
+        return _run(settings, capture, status, exporter)
     finally:
         capture.close()
 
@@ -321,7 +349,8 @@ def _unwritable_folder(user: str, folder: str) -> str:
 
 
 def _run(settings: LiveSettings, capture: LiveCapture,
-         status: Callable[[str], None] | None) -> LiveResult:
+         status: Callable[[str], None] | None,
+         exporter: MetricsServer | None = None) -> LiveResult:
     result = LiveResult()
     # Before anything is started: a --write path that cannot be used stops the run here.
     pcap = PcapngWriter(settings.write_path, snaplen=settings.snaplen,
@@ -333,7 +362,8 @@ def _run(settings: LiveSettings, capture: LiveCapture,
     link = StoreLink(StoreSettings(db_path=settings.db_path, ports=settings.ports,
                                    interface=",".join(settings.interfaces),
                                    attribution=settings.attribution,
-                                   retention=settings.retention))
+                                   retention=settings.retention, metrics=settings.metrics),
+                     exporter)
     summary: Summary | None = None
     try:
         try:

@@ -50,6 +50,15 @@ from tracer.agent.messages import (
     Summary,
     Totals,
 )
+from tracer.agent.metrics import (
+    FILE_INTERVAL_S,
+    MetricsError,
+    MetricsServer,
+    MetricsSettings,
+    MetricsState,
+    registry_for,
+    write_textfile,
+)
 from tracer.attribution.server import ServerReader
 
 IDLE_WAKE = 1.0  # seconds: the longest the worker sleeps with nothing due
@@ -70,13 +79,15 @@ class StoreSettings:
     interface: str
     attribution: bool = True
     retention: Retention | None = None
+    metrics: MetricsSettings | None = None  # --metrics, --metrics-file (tracer.agent.metrics)
 
 
 class StoreWorker:
     """One live capture's writer, attribution and retention, a message at a time."""
 
     def __init__(self, writer: CaptureWriter, settings: StoreSettings,
-                 rows: Any | None = None) -> None:
+                 rows: Any | None = None, exporter: MetricsServer | None = None,
+                 capture_pid: int | None = None) -> None:
         self.writer = writer
         self.settings = settings
         self.rows = rows  # a shared counter the status line shows (multiprocessing.Value)
@@ -107,6 +118,21 @@ class StoreWorker:
         self.status = "interrupted"  # until the capture process says how it ended
         self.error: str | None = None
         self.elapsed = 0.0
+        # Prometheus metrics: the state here, where each connection's owner is known.
+        self.metrics: MetricsState | None = None
+        self.exporter = exporter
+        self.rows_written = 0
+        self.next_textfile = float("inf")
+        self.textfile_error: str | None = None
+        if settings.metrics is not None:
+            self.metrics = MetricsState(settings.metrics, settings.ports,
+                                        attribution=self.attributor is not None,
+                                        capture_pid=capture_pid, db_path=settings.db_path)
+            self.registry = registry_for(self.metrics)
+            if exporter is not None:
+                exporter.serve(self.registry)
+            if settings.metrics.file is not None:
+                self._write_textfile()
 
     # -- messages ----------------------------------------------------------------------
 
@@ -124,8 +150,9 @@ class StoreWorker:
         writer = self.writer
         self._write_aside(
             lambda: writer.write(message.records, message.events, message.anomalies), inbox)
+        self.rows_written += len(message.records) + len(message.events)
         if self.rows is not None:
-            self.rows.value += len(message.records) + len(message.events)
+            self.rows.value = self.rows_written
         attributor = self.attributor
         if attributor is not None:
             now = time.time()
@@ -133,6 +160,9 @@ class StoreWorker:
             self._write_verdicts(message.records)
         self.totals = message.totals
         t = message.totals
+        if self.metrics is not None:  # after the verdicts: a closed one counts for its owner
+            self.metrics.records(message.records, message.events)
+            self.metrics.totals(t.packets, t.drops, self.rows_written)
         writer.update_progress(packets=t.packets, segments=t.segments, first_ts=t.first_ts,
                                last_ts=t.last_ts, drops=t.drops)
         self.trim()
@@ -218,6 +248,9 @@ class StoreWorker:
         """Do what is due; return how long until something is due again (seconds)."""
         now = time.monotonic()
         waits = [IDLE_WAKE, self._attribution_due()]
+        if now >= self.next_textfile:
+            self._write_textfile()
+        waits.append(self.next_textfile - time.monotonic())
         if self.server is not None:
             if now >= self.next_server_sample:
                 self._sample_server()
@@ -260,6 +293,22 @@ class StoreWorker:
         except OSError:
             return  # this look failed (netlink timed out): the next one is a second away
         self.server_samples.add(time.time(), samples)
+        if self.metrics is not None:
+            self.metrics.server(samples)
+
+    def _write_textfile(self) -> None:
+        """--metrics-file: the exposition written again (atomically). A failure is said
+        once (and again when it changes); the capture goes on."""
+        assert self.settings.metrics is not None and self.settings.metrics.file is not None
+        self.next_textfile = time.monotonic() + FILE_INTERVAL_S
+        try:
+            write_textfile(self.settings.metrics.file, self.registry)
+        except MetricsError as exc:
+            if str(exc) != self.textfile_error:
+                print(f"warning: {exc}", file=sys.stderr, flush=True)
+            self.textfile_error = str(exc)
+            return
+        self.textfile_error = None
 
     def _scan(self, now: float, everything: bool = False) -> None:
         assert self.attributor is not None
@@ -273,6 +322,8 @@ class StoreWorker:
             return
         attributor = self.attributor
         assert attributor is not None
+        if self.metrics is not None:
+            self.metrics.settled((s.uid, s.verdict, s.process) for s in verdicts)
         for settled in verdicts:
             attributor.counts[settled.verdict] = attributor.counts.get(settled.verdict, 0) + 1
         self.unwritten.extend((s.uid, s.verdict, s.process, now, s.detail) for s in verdicts)
@@ -308,6 +359,7 @@ class StoreWorker:
         if self.pruned:
             stats["retention.pruned_connections"] = self.pruned
         connections, open_at_end = writer.stored_counts()
+        self.close_metrics()
         t = self.totals
         writer.finish(
             status=self.status, error=self.error, first_ts=t.first_ts, last_ts=t.last_ts,
@@ -317,11 +369,21 @@ class StoreWorker:
         )
         return Summary(writer.capture_id, connections, open_at_end, stats, self.pruned)
 
+    def close_metrics(self) -> None:
+        """The last textfile (what the capture ended with), and no more scrapes."""
+        if self.metrics is not None and self.next_textfile != float("inf"):
+            self._write_textfile()
+            self.next_textfile = float("inf")
+        if self.exporter is not None:
+            self.exporter.close()
+            self.exporter = None
+
 
 def serve(inbox: Pipe, outbox: Pipe, inherited: list[Pipe], settings: StoreSettings,
-          rows: Any) -> None:
-    """Entry point of the store worker process."""
+          rows: Any, exporter: MetricsServer | None = None) -> None:
+    """Entry point of the store worker process; ``exporter``: the bound /metrics server."""
     ignore_stop_signals()
+    capture_pid = os.getppid()
     # Our copies of the other ends must go: when the capture process dies (kill -9), the
     # pipe then reports end of file and this process finishes the capture.
     for end in inherited:
@@ -336,7 +398,7 @@ def serve(inbox: Pipe, outbox: Pipe, inherited: list[Pipe], settings: StoreSetti
         return
     _tell(outbox, Ready(writer.capture_id))
     sys.setswitchinterval(SWITCH_INTERVAL)  # see StoreWorker._write_aside
-    worker = StoreWorker(writer, settings, rows)
+    worker = StoreWorker(writer, settings, rows, exporter, capture_pid)
     try:
         _loop(inbox, worker)
         summary = worker.close()
