@@ -10,13 +10,18 @@ stored report after a merge, and the errors. Then two network namespaces as two 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+import live_support as ls
+import netns
 import pytest
+import realtraffic_support as rt
 from store_support import T0, record, stored
-from support import tracer
+from support import skip_if, tracer
 
 from store.queries import report, report_fingerprint, stored_report
 from store.schema import open_database
@@ -248,6 +253,74 @@ def test_errors_are_clear(tmp_path: Path) -> None:
     done = _merge(a, newer, check=False)
     assert done.returncode == 1 and "newer tracer" in done.stderr, done.stderr
     assert not _query(a, "SELECT 1 FROM merged_clients")  # nothing written by a failure
+
+
+# -- two hosts: network namespaces, each with its own agent ------------------------------
+
+LIVE_DURATION_S = 90.0  # the agents' --duration: ended by SIGTERM once the traffic is in
+
+
+def test_two_hosts_the_server_report_names_the_remote_leaker(tmp_path: Path) -> None:
+    """Namespace A (the server host: a grpcio server, its agent writing A.db) joined by a
+    veth pair to B (a leaking grpcio client, a channel per call never closed, and a pooled
+    one, with B's agent capturing on its end of the link) and by another to C (a client
+    whose host's database is not merged). A's agent runs --no-attribution: on one machine
+    it would find B's namespace and name B's processes itself, which two real hosts
+    cannot; without it, every client is an address to A, as a remote one is."""
+    ls.need_root()
+    skip_if(netns.unavailable_reason())
+    leak = rt.PeerSpec("grpcio-leak-b", "grpcio", "leak", 6)
+    pool = rt.PeerSpec("grpcio-pool-b", "grpcio", "pool", 12)
+    close = rt.PeerSpec("grpcio-close-c", "grpcio", "close", 3)
+    a_db, b_db = tmp_path / "A.db", tmp_path / "B.db"
+    with rt.nothing_left_behind(), netns.linked(2) as (server_ns, (b, c)), \
+            rt.started_processes() as processes:
+        on_a = ["ip", "netns", "exec", server_ns]
+        port = rt.ready_port(processes.start("server", [
+            *on_a, *rt.grpcio_peer("server"), "0", "--max-lifetime", "120"]))
+        agent_a = ls.Agent(processes, a_db, port, "--no-attribution", "--duration",
+                           f"{LIVE_DURATION_S:g}s", prefix=on_a, name="agent-a")
+        agent_b = ls.Agent(processes, b_db, port, "--iface", b.client_if, "--duration",
+                           f"{LIVE_DURATION_S:g}s", prefix=b.command([]), name="agent-b")
+        agent_a.wait_ready()
+        agent_b.wait_ready()
+        leaker = ls.start_peer(processes, leak, f"{b.gateway}:{port}", prefix=b.command([]))
+        pooler = ls.start_peer(processes, pool, f"{b.gateway}:{port}", prefix=b.command([]))
+        closer = ls.start_peer(processes, close, f"{c.gateway}:{port}", prefix=c.command([]))
+        rt.wait_done([leaker, pooler, closer])
+        ls.wait_client_ports(leaker.popen.pid, port, leak.count)
+        agent_b.wait_for_rows("SELECT pid FROM connections WHERE attribution = 'local'", [],
+                              lambda rows: len(rows) == leak.count + 1,
+                              "B's agent attributed the leaker's and the pooler's connections")
+        agent_a.wait_for_rows("SELECT uid FROM connections", [],
+                              lambda rows: len(rows) == leak.count + 1 + close.count,
+                              "A's agent recorded every connection")
+        agent_a.wait_for_rows("SELECT uid FROM connections WHERE is_open = 0", [],
+                              lambda rows: len(rows) == close.count,
+                              "A's agent saw C's connections closed")
+        for agent in (agent_a, agent_b):
+            agent.require_time_left(LIVE_DURATION_S)
+            os.kill(agent.pid, signal.SIGTERM)
+        assert agent_a.wait_exit() == 0, agent_a.output()
+        assert agent_b.wait_exit() == 0, agent_b.output()
+        leaker_pid, pooler_pid = leaker.popen.pid, pooler.popen.pid
+    out = _merge(a_db, b_db, "--name", "host-b").stdout
+    assert "7 matched now (2 processes" in out, out
+    assert "3 no record for that address" in out and f"{c.ip}: 3" in out, out
+    clients = _clients(a_db)
+    assert set(clients) == {leaker_pid, pooler_pid, c.ip}, clients
+    named_leak, named_pool, other = clients[leaker_pid], clients[pooler_pid], clients[c.ip]
+    assert (named_leak["host"], named_leak["client"], named_leak["verdict"],
+            named_leak["open"]) == ("host-b", b.ip, "leak", leak.count), named_leak
+    assert "grpcio_client.py leak" in named_leak["process"], named_leak
+    assert (named_pool["host"], named_pool["verdict"], named_pool["open"]) == \
+        ("host-b", "ok", 1), named_pool
+    assert "grpcio_client.py pool" in named_pool["process"], named_pool
+    assert (other["pid"], other["opened"], other["closed"], other["verdict"]) == \
+        (None, close.count, close.count, "ok"), other
+    assert [c["pid"] for c in clients.values() if c["verdict"] == "leak"] == [leaker_pid]
+    table = tracer("report", "--db", a_db).stdout
+    assert f"{leaker_pid} on host-b" in table, table
 
 
 def _query(path: Path, sql: str) -> list[dict[str, Any]]:
