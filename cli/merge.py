@@ -84,7 +84,8 @@ def merge(server_db: str, client_dbs: tuple[str, ...], names: tuple[str, ...],
 
 
 def _lines(path: str, r: MergeResult) -> list[str]:
-    offset = (f"; clock offset {r.host} - server {r.offset_s:+.3f}s (median)"
+    shown = 0.0 if r.offset_s is None or abs(r.offset_s) < 0.0005 else r.offset_s  # no -0.000
+    offset = (f"; clock offset {r.host} - server {shown:+.3f}s (median)"
               if r.offset_s is not None else "")
     out = [f"{path} ({r.host}): {r.client_connections:,} connections; of the server's "
            f"{r.candidates:,} unattributed, {r.matched:,} matched now "

@@ -321,6 +321,7 @@ def test_two_hosts_the_server_report_names_the_remote_leaker(tmp_path: Path) -> 
     assert [c["pid"] for c in clients.values() if c["verdict"] == "leak"] == [leaker_pid]
     table = tracer("report", "--db", a_db).stdout
     assert f"{leaker_pid} on host-b" in table, table
+    print(out, table, sep="\n")  # shown with pytest -s: what a person sees
 
 
 def _query(path: Path, sql: str) -> list[dict[str, Any]]:
