@@ -483,7 +483,8 @@ def print_report(db_path: str, fmt: str = "table",
         if c.get("oldest_open_before_capture") and fmt == "table":
             oldest = f">={oldest}"  # opened before the capture: at least this old
         rows.append([
-            c["client"], c["pid"], process, c["opened"], c["closed"], c["open"],
+            c["client"], f"{c['pid']} on {c['host']}" if c.get("host") else c["pid"], process,
+            c["opened"], c["closed"], c["open"],
             c["health_checks"], oldest,
             f"{fmt_age(idle['min'])}+" if idle else None,
             c["open_growth_per_min"], c["rpcs_per_connection"],
@@ -754,6 +755,7 @@ def _where_lines(clients: list[dict[str, Any]]) -> list[str]:
             parts.append(f"pod {name}(uid {c['pod']})")
         if parts:
             who = f"pid {c['pid']}" if c["pid"] is not None else c["client"]
+            who += f" on {c['host']}" if c.get("host") else ""
             out.append(textwrap.fill(f"{who}: " + ", ".join(parts), width=100,
                                      initial_indent="  ", subsequent_indent="    ",
                                      break_on_hyphens=False))  # ids stay whole
@@ -1079,6 +1081,9 @@ from cli.reap import reap, reaped_lines  # noqa: E402
 
 main.add_command(logs)
 main.add_command(reap)
+from cli.merge import merge  # noqa: E402
+
+main.add_command(merge)
 
 
 if __name__ == "__main__":

@@ -329,7 +329,9 @@ def _related(db: sqlite_utils.Database, line: dict[str, Any], addresses: list[tu
         take(_rows(db, f"{_CONNECTION_SQL} WHERE orig_h = ? AND orig_p = ?", [ip, port]),
              "client address")
     if line["pid"] is not None:
-        take(_rows(db, f"{_CONNECTION_SQL} WHERE pid = ? AND {alive}", [line["pid"], hi, lo]),
+        # A log line's pid is of this host: never another host's process (`tracer merge`).
+        take(_rows(db, f"{_CONNECTION_SQL} WHERE pid = ? AND attribution IS NOT 'merged'"
+                       f" AND {alive}", [line["pid"], hi, lo]),
              "same pid")
     for ip, port in addresses:
         take(_rows(db, f"{_CONNECTION_SQL} WHERE resp_h = ? AND resp_p = ? AND {alive}"

@@ -305,12 +305,15 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
     if retained_from is not None and since is None and (until is None or until >= retained_from):
         _add_history(db, rows, methods, client)
     processes = {(r["pid"], r["start_time"]): r for r in _rows(db, "SELECT * FROM processes")}
+    remote = merged_processes(db)
     details = _socket_details(db, where, params, indexed=fast)
     reaped = reaps.by_client(db, since=since, until=until, client=client)
     out = []
     for r in rows:
         opened = r["opened"] or 0
-        proc = processes.get((r["pid"], r["process_start"])) if r["pid"] is not None else None
+        key = (r["pid"], r["process_start"])
+        proc = processes.get(key) if r["pid"] is not None else None
+        merged = remote.get(key) if proc is None and r["pid"] is not None else None
         c: dict[str, Any] = {
             "client": r["client"],
             "pid": r["pid"],
@@ -362,7 +365,16 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
             "oldest_open_before_capture": r["oldest_before_ts"] is not None
             and r["oldest_before_ts"] <= r["oldest_open_ts"],
         }
-        if proc is not None:
+        if merged is not None:
+            # Named by the client host's own agent (`tracer merge`, store.merge).
+            c["process"] = merged["cmdline"] or merged["comm"]
+            c["container"] = merged["container"]
+            c["host"] = merged["host"]
+            c["attribution"] = "merged"
+            c["process_start"] = merged["start_time"]
+            c["user"] = merged["user"]
+            c["pod_name"] = merged["pod_name"]
+        elif proc is not None:
             c["process_start"] = proc["start_time"]
             c["user"] = proc["user"]
             c["exe"] = proc["exe"]
@@ -796,6 +808,25 @@ def server_health(db: sqlite_utils.Database, *, preface_timeout: float = DEFAULT
     }
 
 
+def merged_processes(db: sqlite_utils.Database) -> dict[tuple[Any, Any], dict[str, Any]]:
+    """(pid, start time) -> a remote process another host's agent named (`tracer merge`,
+    migration m017_merged_clients; empty without it)."""
+    if not _has_table(db, "merged_processes"):
+        return {}
+    return {(r["pid"], r["start_time"]): r
+            for r in _rows(db, "SELECT * FROM merged_processes ORDER BY host")}
+
+
+def _merged_label(db: sqlite_utils.Database) -> str:
+    """How a client is named in the timeline: its pid where attributed (with its host where
+    another host's agent named it), else its address."""
+    if not _has_table(db, "merged_clients"):
+        return "CASE WHEN pid IS NOT NULL THEN 'pid ' || pid ELSE orig_h END"
+    return ("CASE WHEN pid IS NULL THEN orig_h WHEN attribution = 'merged' THEN 'pid ' || pid"
+            " || COALESCE(' on ' || (SELECT m.host FROM merged_clients m"
+            " WHERE m.uid = connections.uid), '') ELSE 'pid ' || pid END")
+
+
 def _fingerprint(db: sqlite_utils.Database) -> str:
     """Changes whenever the data a report reads changes (runs, imports, attribution)."""
     caps = db.execute(
@@ -806,7 +837,11 @@ def _fingerprint(db: sqlite_utils.Database) -> str:
     logs: list[Any] = []
     if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'log_lines'").fetchone():
         logs = list(db.execute("SELECT MAX(id), COUNT(*) FROM log_lines").fetchone())
-    return json.dumps([list(caps), list(rows), list(procs), logs])
+    # A merge changes who the connections are (their pid), not their number.
+    merged: list[Any] = []
+    if _has_table(db, "merged_clients"):
+        merged = list(db.execute("SELECT COUNT(*), MAX(merged_at) FROM merged_clients").fetchone())
+    return json.dumps([list(caps), list(rows), list(procs), logs] + ([merged] if merged else []))
 
 
 def report_fingerprint(db: sqlite_utils.Database, preface_timeout: float) -> str:
@@ -900,7 +935,13 @@ def connections(db: sqlite_utils.Database, *, open_only: bool = False,
     if limit:
         sql += f" LIMIT {int(limit)}"
     rows = _rows(db, sql, params)
+    hosts = dict(db.execute(
+        "SELECT uid, host FROM merged_clients WHERE uid IN (SELECT value FROM json_each(?))",
+        [json.dumps([r["uid"] for r in rows if r.get("attribution") == "merged"])]).fetchall()) \
+        if _has_table(db, "merged_clients") else {}
     for r in rows:
+        if r["uid"] in hosts:
+            r["host"] = hosts[r["uid"]]  # the client host whose agent named its process
         r["goaway_error_name"] = error_name(r["goaway_error"]) if r["goaway_error"] is not None \
             else None
     return rows
@@ -923,7 +964,7 @@ def timeline(db: sqlite_utils.Database, *, bucket: float, client: str | None = N
                 "server": None}
     n = max(1, int((last - first) // bucket) + 1)
     where, params = _client_filter(client)
-    label = ("CASE WHEN pid IS NOT NULL THEN 'pid ' || pid ELSE orig_h END")
+    label = _merged_label(db)
 
     def index(column: str) -> str:
         # bucket 0 holds everything before the start: open connections carried in

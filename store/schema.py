@@ -598,6 +598,52 @@ def m016_reaps(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX reaps_uid ON reaps(uid)")
 
 
+@migrations()
+def m017_merged_clients(db: sqlite_utils.Database) -> None:
+    """Remote clients named by their own host's agent (`tracer merge`, store.merge): for a
+    server connection whose client is on another host, the process that host's database
+    attributes the same connection to (4-tuple and overlapping time). The connection row
+    takes the remote pid and start time (attribution 'merged'), so the report and the
+    per-client totals group by it; these tables say which host it runs on and what it
+    is. A row goes with its connection (retention). A reader copes without them
+    (READER_OPTIONAL: remote clients then show as their addresses)."""
+    db.execute(
+        """
+        CREATE TABLE merged_processes (
+            host TEXT NOT NULL,            -- the client host: --name, else its database's name
+            pid INTEGER NOT NULL,
+            start_time REAL NOT NULL,      -- on the client host's clock
+            user TEXT,
+            comm TEXT,
+            cmdline TEXT,
+            container TEXT,
+            pod_name TEXT,
+            PRIMARY KEY (pid, start_time, host)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE merged_clients (
+            uid TEXT PRIMARY KEY,          -- the server's connection
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            process_start REAL NOT NULL,
+            peer_uid TEXT NOT NULL,        -- the client host's record of the connection
+            source TEXT NOT NULL,          -- the client database's file name
+            offset_s REAL,                 -- its open time there minus here (clock skew)
+            ambiguous INTEGER NOT NULL DEFAULT 0,  -- another lifetime overlapped too
+            merged_at TEXT NOT NULL        -- wall clock of the merge (UTC, ISO 8601)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute("CREATE INDEX merged_clients_host ON merged_clients(host, source)")
+    db.execute(
+        "CREATE TRIGGER merged_clients_delete AFTER DELETE ON connections BEGIN"
+        " DELETE FROM merged_clients WHERE uid = old.uid; END"
+    )
+
+
 # -- opening the database ----------------------------------------------------------------
 #
 # The agent runs as root, often in a directory other users can write to. Every name it
@@ -621,7 +667,7 @@ READER_OPTIONAL = frozenset({"m004_preface_index", "m005_report_cache", "m006_ca
                              "m007_rpc_counts", "m008_retention", "m009_folded_closes",
                              "m012_server_samples", "m013_attribution_detail",
                              "m015_client_aggregates", "m018_datasette_views",
-                             "m016_reaps"})
+                             "m016_reaps", "m017_merged_clients"})
 # Migrations a reader may find missing when the database has what they add anyway: the
 # releases before m014_unmigrated_columns changed m001_initial in place, so a database
 # made by most of them has its columns (checked against tracer.record.COLUMNS) though
@@ -780,14 +826,14 @@ def _check_reader_schema(path: str, db: sqlite_utils.Database) -> None:
     missing = [name for name in known if name not in applied
                and name not in READER_OPTIONAL and name not in _READER_CHECKS_TABLES]
     if missing:
-        raise StoreError(
+        raise OlderSchema(
             f"{path} was written by an older tracer (it lacks {', '.join(missing)}): {upgrade}")
     present = {row[1] for row in db.execute("PRAGMA table_info(connections)").fetchall()}
     lacking = [c for c in COLUMNS if c.name not in present
                and (c.since in applied or c.since not in READER_OPTIONAL)]
     if lacking:
         since = sorted({c.since for c in lacking})
-        raise StoreError(
+        raise OlderSchema(
             f"{path} was written by an older tracer: its connections table lacks "
             f"{', '.join(c.name for c in lacking)} (added by {', '.join(since)}): {upgrade}")
 
@@ -958,3 +1004,7 @@ def _user(uid: int) -> str:
 
 class StoreError(Exception):
     """The database cannot be opened or written; the message says why."""
+
+
+class OlderSchema(StoreError):
+    """A reader refused a database of an older tracer: any writer can upgrade it."""

@@ -207,3 +207,51 @@ def hosts(count: int) -> Iterator[list[Host]]:
         # Do not let a cleanup error hide the failure that got us here.
         if errors and not failed:
             raise NetnsError("could not remove: " + "; ".join(errors))
+
+
+@contextlib.contextmanager
+def linked(count: int) -> Iterator[tuple[str, list[Host]]]:
+    """A "server host" namespace and ``count`` client host namespaces, each joined to it
+    by a veth pair of its own (no route through the root namespace): two machines on one
+    link, as far as their packets go. Each ``Host``'s ``gateway`` is the server host's
+    address on that link (dial the server there), ``ip`` the client's, ``root_if`` the
+    server host's end of the link and ``client_if`` the client's. All removed on exit
+    whatever happens inside; end the processes started in them first."""
+    if not 1 <= count < MAX_HOSTS:
+        raise ValueError(f"between 1 and {MAX_HOSTS - 1} client hosts, not {count}")
+    reap_stale()
+    pid = os.getpid()
+    first = MAX_HOSTS  # indexes of their own: never a name hosts() uses
+    server = f"{PREFIX}{pid}n{first}"
+    created: list[Host] = []
+    failed = False
+    try:
+        _ip("netns", "add", server)
+        _ip("netns", "exec", server, "ip", "link", "set", "lo", "up")
+        for k, octet in enumerate(_free_octets(count), start=1):
+            i = first + k
+            host = Host(f"{PREFIX}{pid}n{i}", i, octet, f"{PREFIX}{pid}h{i}",
+                        f"{PREFIX}{pid}c{i}")
+            _ip("netns", "add", host.netns)
+            created.append(host)
+            _ip("link", "add", host.root_if, "type", "veth", "peer", "name", host.client_if)
+            _ip("link", "set", host.root_if, "netns", server)
+            _ip("link", "set", host.client_if, "netns", host.netns)
+            for ns, dev, addr in ((server, host.root_if, host.gateway),
+                                  (host.netns, host.client_if, host.ip)):
+                _ip("netns", "exec", ns, "ip", "addr", "add", f"{addr}/24", "dev", dev)
+                _ip("netns", "exec", ns, "ip", "link", "set", dev, "up")
+            _ip("netns", "exec", host.netns, "ip", "link", "set", "lo", "up")
+        yield server, list(created)
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        errors = []
+        for host in created:
+            errors += _destroy(host)
+        proc = _ip("netns", "del", server, check=False)
+        if proc.returncode != 0 and server in _namespaces():
+            errors.append(f"{server}: {proc.stderr.strip()}")
+        if errors and not failed:
+            raise NetnsError("could not remove: " + "; ".join(errors))

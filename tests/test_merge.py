@@ -1,0 +1,334 @@
+"""`tracer merge`: a server host's database joined with its client hosts' databases.
+
+Crafted databases (written through the store's writer) for the rules: the 4-tuple and
+overlapping lifetimes within the clock skew, a reused port resolved by the closest open
+time, idempotence, local attribution never overwritten, the per-client totals and the
+stored report after a merge, and the errors. Then two network namespaces as two hosts
+(a third without a merged agent), each with its own live agent, real grpcio peers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import live_support as ls
+import netns
+import pytest
+import realtraffic_support as rt
+from store_support import T0, record, stored
+from support import skip_if, tracer
+
+from store.queries import report, report_fingerprint, stored_report
+from store.schema import open_database
+from store.stored_report import store_report
+from store.writer import CaptureWriter
+from tracer.attribution.sockets import ProcessInfo
+
+HOST_B = "10.0.2.2"
+HOST_C = "10.0.3.3"
+LEAKER = ProcessInfo(pid=4242, start_time=T0 - 500.0, ppid=1, user="app", comm="python",
+                     cmdline="python leaky.py", exe="/usr/bin/python3", container=None, pod=None)
+POOLER = ProcessInfo(pid=4343, start_time=T0 - 900.0, ppid=1, user="app", comm="python",
+                     cmdline="python pooled.py", exe="/usr/bin/python3", container="c0ffee",
+                     pod=None)
+
+
+def _conn(uid: str, ts: float, ip: str, port: int, *, close: float | None = None,
+          streams: int = 1, shift: float = 0.0) -> dict[str, Any]:
+    r = record(uid, ts + shift, (ip, port), close=None if close is None else close + shift,
+               preface=ts + shift + 0.01, settings=ts + shift + 0.02)
+    r["streams"] = r["trailers"] = streams
+    r["methods"] = {"/pkg.Svc/Get": streams}
+    if close is not None:
+        r["end_ts"] = T0 + close + shift
+    return r
+
+
+def _scenario(shift: float = 0.0) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                           dict[str, ProcessInfo]]:
+    """The server's records, host B's records of the same connections on a clock
+    ``shift`` seconds ahead, and who owns each of B's."""
+    server, client, owners = [], [], {}
+    for i in range(6):  # the leaker: one connection per call, never closed
+        server.append(_conn(f"S{i}", 10.0 + i, HOST_B, 40000 + i))
+        client.append(_conn(f"B{i}", 10.0 + i, HOST_B, 40000 + i, shift=shift))
+        owners[f"B{i}"] = LEAKER
+    server.append(_conn("Spool", 5.0, HOST_B, 41000, streams=40))  # the pool
+    client.append(_conn("Bpool", 5.0, HOST_B, 41000, streams=40, shift=shift))
+    owners["Bpool"] = POOLER
+    for i in range(4):  # the pooler's closed connections: per-client totals
+        server.append(_conn(f"Sc{i}", 20.0 + i, HOST_B, 42000 + i, close=20.5 + i))
+        client.append(_conn(f"Bc{i}", 20.0 + i, HOST_B, 42000 + i, close=20.5 + i, shift=shift))
+        owners[f"Bc{i}"] = POOLER
+    for i in range(3):  # host C has no agent merged: stays an address
+        server.append(_conn(f"SC{i}", 12.0 + i, HOST_C, 43000 + i))
+    return server, client, owners
+
+
+def _write(path: Path, rows: list[dict[str, Any]], owners: dict[str, ProcessInfo] | None = None,
+           *, remote: bool = False) -> None:
+    db = stored(path, rows, first_ts=T0, last_ts=T0 + 60.0, packets=len(rows) * 10)
+    writer = CaptureWriter(db, 1)
+    if owners is not None:
+        writer.attribute([(uid, "local", info, T0, None) for uid, info in owners.items()])
+    if remote:
+        writer.attribute([(r["uid"], "remote", None, T0, None) for r in rows])
+    db.conn.close()
+
+
+def _make(tmp_path: Path, shift: float = 0.0) -> tuple[Path, Path]:
+    server, client, owners = _scenario(shift)
+    a, b = tmp_path / "server.db", tmp_path / "host-b.db"
+    _write(a, server, remote=True)
+    _write(b, client, owners)
+    return a, b
+
+
+def _merge(*args: str | Path, check: bool = True) -> Any:
+    return tracer("merge", *args, check=check)
+
+
+def _json_merge(*args: str | Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(_merge(*args, "--format", "json").stdout)
+    return data
+
+
+def _clients(path: Path) -> dict[Any, dict[str, Any]]:
+    data = json.loads(tracer("report", "--db", path, "--format", "json").stdout)
+    return {c["pid"] if c["pid"] is not None else c["client"]: c for c in data["clients"]}
+
+
+def test_the_report_names_the_remote_processes_and_flags_only_the_leaker(
+        tmp_path: Path) -> None:
+    a, b = _make(tmp_path, shift=0.7)
+    before = _clients(a)
+    assert set(before) == {HOST_B, HOST_C} and before[HOST_B]["verdict"] == "leak"
+    out = _merge(a, b).stdout
+    assert "11 matched now (2 processes; clock offset host-b - server +0.700s" in out, out
+    assert "3 no record for that address" in out and f"{HOST_C}: 3" in out, out
+    clients = _clients(a)
+    assert set(clients) == {4242, 4343, HOST_C}, clients
+    leak, pool, other = clients[4242], clients[4343], clients[HOST_C]
+    assert (leak["process"], leak["host"], leak["verdict"], leak["open"]) == \
+        ("python leaky.py", "host-b", "leak", 6), leak
+    assert (pool["process"], pool["host"], pool["verdict"], pool["container"]) == \
+        ("python pooled.py", "host-b", "ok", "c0ffee"), pool
+    assert (pool["opened"], pool["closed"], pool["open"]) == (5, 4, 1), pool
+    assert other["pid"] is None and other["open"] == 3 and "host" not in other, other
+    table = tracer("report", "--db", a).stdout
+    assert "4242 on host-b  python leaky.py" in table, table
+    timeline = json.loads(tracer("timeline", "--db", a, "--format", "json").stdout)
+    assert {"pid 4242 on host-b", "pid 4343 on host-b", HOST_C} == set(timeline["clients"])
+    rows = json.loads(tracer("connections", "--db", a, "--format", "json").stdout)
+    assert {r["uid"]: r.get("host") for r in rows if r["orig_h"] == HOST_B} == \
+        dict.fromkeys(["S0", "S1", "S2", "S3", "S4", "S5", "Spool", "Sc0", "Sc1", "Sc2",
+                       "Sc3"], "host-b")
+
+
+def test_the_per_client_totals_and_the_stored_report_follow_a_merge(tmp_path: Path) -> None:
+    a, b = _make(tmp_path)
+    db = open_database(str(a))
+    store_report(db)
+    old = report_fingerprint(db, 20.0)
+    assert stored_report(db, old) is not None
+    db.close()
+    _merge(a, b)
+    db = open_database(str(a), readonly=True)
+    try:
+        fast = report(db, cache=False)
+        slow = report(db, cache=False, totals=False)
+        assert json.dumps(fast) == json.dumps(slow)
+        assert report_fingerprint(db, 20.0) != old
+        kept = stored_report(db, report_fingerprint(db, 20.0))  # stored again by the merge
+        assert kept is not None and {c["pid"] for c in kept["clients"]} == {4242, 4343, None}
+        totals = dict(db.execute("SELECT pid, rows FROM client_closed WHERE rows > 0").fetchall())
+        assert totals == {4343: 4}, totals  # the closed ones moved to the remote process
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(("shift", "skew", "matched"), [
+    (1.5, "2s", 11), (-1.5, "2s", 11), (5.0, "2s", 7), (5.0, "6s", 11)])
+def test_clock_skew_within_the_tolerance_matches(tmp_path: Path, shift: float, skew: str,
+                                                 matched: int) -> None:
+    """B's clock ``shift`` seconds off. Open connections overlap whatever the skew; the
+    short closed ones (0.5 s) only within --max-skew, else address seen, no overlap."""
+    a, b = _make(tmp_path, shift)
+    r = _json_merge(a, b, "--max-skew", skew)["clients"][0]
+    assert r["matched"] == matched, r
+    unmatched = {k.split(" (")[0]: v for k, v in r["unmatched"].items()}
+    assert unmatched == {"no record for that address": 3,
+                         **({"address seen, no overlapping lifetime": 11 - matched}
+                            if matched < 11 else {})}, r
+    assert r["clock_offset_s"] == pytest.approx(shift, abs=1e-6)
+
+
+def test_a_reused_port_takes_the_closest_open_time_and_is_counted(tmp_path: Path) -> None:
+    """One 4-tuple used twice on each side, a second apart: with 2 s of tolerance each
+    server record overlaps both client records; each takes its own."""
+    port = 45000
+    server = [_conn("S1", 10.0, HOST_B, port, close=10.4), _conn("S2", 11.0, HOST_B, port,
+                                                                  close=11.4)]
+    client = [_conn("B1", 10.0, HOST_B, port, close=10.4, shift=0.05),
+              _conn("B2", 11.0, HOST_B, port, close=11.4, shift=0.05)]
+    other = ProcessInfo(pid=5151, start_time=T0 - 10.0, ppid=1, user="app", comm="curl",
+                        cmdline="grpcurl", exe=None, container=None, pod=None)
+    a, b = tmp_path / "server.db", tmp_path / "b.db"
+    _write(a, server, remote=True)
+    _write(b, client, {"B1": LEAKER, "B2": other})
+    r = _json_merge(a, b)["clients"][0]
+    assert (r["matched"], r["ambiguous"]) == (2, 2), r
+    got = {row["uid"]: (row["peer_uid"], row["pid"], row["ambiguous"])
+           for row in _query(a, "SELECT * FROM merged_clients")}
+    assert got == {"S1": ("B1", 4242, 1), "S2": ("B2", 5151, 1)}, got
+
+
+def test_merging_twice_changes_nothing_and_says_so(tmp_path: Path) -> None:
+    a, b = _make(tmp_path)
+    _merge(a, b)
+    first = _query(a, "SELECT * FROM merged_clients ORDER BY uid")
+    report_before = tracer("report", "--db", a, "--format", "json").stdout
+    out = _merge(a, b).stdout
+    assert "0 matched now" in out and "11 matched by an earlier merge of host-b.db" in out, out
+    assert "nothing changed" in out, out
+    assert _query(a, "SELECT * FROM merged_clients ORDER BY uid") == first
+    assert tracer("report", "--db", a, "--format", "json").stdout == report_before
+
+
+def test_local_attribution_is_never_overwritten(tmp_path: Path) -> None:
+    server, client, owners = _scenario()
+    a, b = tmp_path / "server.db", tmp_path / "b.db"
+    mine = ProcessInfo(pid=77, start_time=T0 - 5.0, ppid=1, user="root", comm="local",
+                       cmdline="local client", exe=None, container=None, pod=None)
+    _write(a, server, {"S0": mine})
+    _write(b, client, owners)
+    _merge(a, b, "--name", "host-b")
+    rows = {r["uid"]: r for r in _query(a, "SELECT uid, pid, attribution FROM connections")}
+    assert (rows["S0"]["pid"], rows["S0"]["attribution"]) == (77, "local")
+    assert (rows["S1"]["pid"], rows["S1"]["attribution"]) == (4242, "merged")
+    assert not _query(a, "SELECT 1 FROM merged_clients WHERE uid = 'S0'")
+
+
+def test_a_merged_row_goes_with_its_connection(tmp_path: Path) -> None:
+    a, b = _make(tmp_path)
+    _merge(a, b)
+    db = open_database(str(a))
+    with db.conn:
+        db.execute("DELETE FROM connections WHERE uid IN ('S0', 'Sc0')")
+    db.close()
+    assert len(_query(a, "SELECT uid FROM merged_clients")) == 9
+
+
+def test_errors_are_clear(tmp_path: Path) -> None:
+    a, b = _make(tmp_path)
+    plain = tmp_path / "plain.db"
+    conn = sqlite3.connect(plain)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    cases = [
+        ((a, plain), "is not a tracer database"),
+        ((a, a), "is given twice"),
+        ((a, b, b), "is given twice"),
+        ((tmp_path / "missing.db", b), "no database at"),
+        ((a, b, "--name", "x", "--name", "y"), "2 names for 1 client database"),
+        ((a, b, "--max-skew", "soon"), "--max-skew"),
+    ]
+    for args, message in cases:
+        done = _merge(*args, check=False)
+        assert done.returncode in (1, 2) and message in done.stderr, (args, done.stderr)
+    assert not (tmp_path / "missing.db").exists()
+    newer = tmp_path / "newer.db"
+    newer.write_bytes(b.read_bytes())
+    conn = sqlite3.connect(newer)
+    conn.execute("INSERT INTO _sqlite_migrations (migration_set, name, applied_at)"
+                 " VALUES ('tracer', 'm999_from_the_future', '2030-01-01')")
+    conn.commit()
+    conn.close()
+    done = _merge(a, newer, check=False)
+    assert done.returncode == 1 and "newer tracer" in done.stderr, done.stderr
+    assert not _query(a, "SELECT 1 FROM merged_clients")  # nothing written by a failure
+
+
+# -- two hosts: network namespaces, each with its own agent ------------------------------
+
+LIVE_DURATION_S = 90.0  # the agents' --duration: ended by SIGTERM once the traffic is in
+
+
+def test_two_hosts_the_server_report_names_the_remote_leaker(tmp_path: Path) -> None:
+    """Namespace A (the server host: a grpcio server, its agent writing A.db) joined by a
+    veth pair to B (a leaking grpcio client, a channel per call never closed, and a pooled
+    one, with B's agent capturing on its end of the link) and by another to C (a client
+    whose host's database is not merged). A's agent runs --no-attribution: on one machine
+    it would find B's namespace and name B's processes itself, which two real hosts
+    cannot; without it, every client is an address to A, as a remote one is."""
+    ls.need_root()
+    skip_if(netns.unavailable_reason())
+    leak = rt.PeerSpec("grpcio-leak-b", "grpcio", "leak", 6)
+    pool = rt.PeerSpec("grpcio-pool-b", "grpcio", "pool", 12)
+    close = rt.PeerSpec("grpcio-close-c", "grpcio", "close", 3)
+    a_db, b_db = tmp_path / "A.db", tmp_path / "B.db"
+    with rt.nothing_left_behind(), netns.linked(2) as (server_ns, (b, c)), \
+            rt.started_processes() as processes:
+        on_a = ["ip", "netns", "exec", server_ns]
+        port = rt.ready_port(processes.start("server", [
+            *on_a, *rt.grpcio_peer("server"), "0", "--max-lifetime", "120"]))
+        agent_a = ls.Agent(processes, a_db, port, "--no-attribution", "--duration",
+                           f"{LIVE_DURATION_S:g}s", prefix=on_a, name="agent-a")
+        agent_b = ls.Agent(processes, b_db, port, "--iface", b.client_if, "--duration",
+                           f"{LIVE_DURATION_S:g}s", prefix=b.command([]), name="agent-b")
+        agent_a.wait_ready()
+        agent_b.wait_ready()
+        leaker = ls.start_peer(processes, leak, f"{b.gateway}:{port}", prefix=b.command([]))
+        pooler = ls.start_peer(processes, pool, f"{b.gateway}:{port}", prefix=b.command([]))
+        closer = ls.start_peer(processes, close, f"{c.gateway}:{port}", prefix=c.command([]))
+        rt.wait_done([leaker, pooler, closer])
+        ls.wait_client_ports(leaker.popen.pid, port, leak.count)
+        agent_b.wait_for_rows("SELECT pid FROM connections WHERE attribution = 'local'", [],
+                              lambda rows: len(rows) == leak.count + 1,
+                              "B's agent attributed the leaker's and the pooler's connections")
+        agent_a.wait_for_rows("SELECT uid FROM connections", [],
+                              lambda rows: len(rows) == leak.count + 1 + close.count,
+                              "A's agent recorded every connection")
+        agent_a.wait_for_rows("SELECT uid FROM connections WHERE is_open = 0", [],
+                              lambda rows: len(rows) == close.count,
+                              "A's agent saw C's connections closed")
+        for agent in (agent_a, agent_b):
+            agent.require_time_left(LIVE_DURATION_S)
+            os.kill(agent.pid, signal.SIGTERM)
+        assert agent_a.wait_exit() == 0, agent_a.output()
+        assert agent_b.wait_exit() == 0, agent_b.output()
+        leaker_pid, pooler_pid = leaker.popen.pid, pooler.popen.pid
+    out = _merge(a_db, b_db, "--name", "host-b").stdout
+    assert "7 matched now (2 processes" in out, out
+    assert "3 no record for that address" in out and f"{c.ip}: 3" in out, out
+    clients = _clients(a_db)
+    assert set(clients) == {leaker_pid, pooler_pid, c.ip}, clients
+    named_leak, named_pool, other = clients[leaker_pid], clients[pooler_pid], clients[c.ip]
+    assert (named_leak["host"], named_leak["client"], named_leak["verdict"],
+            named_leak["open"]) == ("host-b", b.ip, "leak", leak.count), named_leak
+    assert "grpcio_client.py leak" in named_leak["process"], named_leak
+    assert (named_pool["host"], named_pool["verdict"], named_pool["open"]) == \
+        ("host-b", "ok", 1), named_pool
+    assert "grpcio_client.py pool" in named_pool["process"], named_pool
+    assert (other["pid"], other["opened"], other["closed"], other["verdict"]) == \
+        (None, close.count, close.count, "ok"), other
+    assert [c["pid"] for c in clients.values() if c["verdict"] == "leak"] == [leaker_pid]
+    table = tracer("report", "--db", a_db).stdout
+    assert f"{leaker_pid} on host-b" in table, table
+    print(out, table, sep="\n")  # shown with pytest -s: what a person sees
+
+
+def _query(path: Path, sql: str) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(path)
+    try:
+        cur = conn.execute(sql)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    finally:
+        conn.close()
