@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import pwd
 import re
@@ -460,3 +461,131 @@ def test_the_unit_runs_the_agent_as_the_issue_asks() -> None:
     assert settings["RestrictAddressFamilies"].split() == \
         ["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET"]
     assert "MemoryMax" in settings
+
+
+# -- the Grafana dashboard -------------------------------------------------------------------
+
+# What Grafana puts in place of the dashboard's variables before a query reaches Prometheus.
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$instance": ".*", "$job": ".*"}
+PROMQL_WORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right",
+                          "bool", "and", "or", "unless", "offset", "inf", "nan"})
+
+
+def dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def charts(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The panels that query (rows left out), nested rows' panels included."""
+    out = []
+    for panel in data["panels"]:
+        if panel["type"] == "row":
+            out.extend(panel.get("panels", []))
+        else:
+            out.append(panel)
+    return out
+
+
+def queries(data: dict[str, Any]) -> dict[str, str]:
+    """Every PromQL expression of the dashboard by where it is: panel targets, and the
+    series inside the variables' label_values(SERIES, LABEL)."""
+    out = {}
+    for panel in charts(data):
+        for target in panel["targets"]:
+            out[f"panel {panel['id']} ({panel['title']}) {target['refId']}"] = target["expr"]
+    for variable in data["templating"]["list"]:
+        match = re.fullmatch(r"label_values\((.*), *(\w+)\)", variable["query"]["query"])
+        assert match, variable
+        out[f"variable {variable['name']}"] = match.group(1)
+    return out
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names an expression reads: identifiers that are not a function or an
+    aggregation (followed by a parenthesis), a keyword, a label of by/without/on/
+    ignoring/group_*, or inside a label matcher, a string or a range."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
+        if text[match.end():].lstrip().startswith("(") or match.group(0).lower() in PROMQL_WORDS:
+            continue
+        names.add(match.group(0))
+    return names
+
+
+def promtool_parse(exprs: dict[str, str], folder: Path) -> subprocess.CompletedProcess[str]:
+    """`promtool check rules` on one recording rule per expression (the variables
+    replaced as Grafana would): it parses each one."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian's prometheus package: make system-deps)")
+    rules = []
+    for i, expr in enumerate(exprs.values()):
+        for variable, value in GRAFANA_VARIABLES.items():
+            expr = expr.replace(variable, value)
+        assert "$" not in expr, f"a Grafana variable promtool would not know: {expr}"
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    path = folder / "dashboard-queries.rules.json"  # JSON is YAML to promtool
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
+    return subprocess.run([promtool, "check", "rules", str(path)], check=False,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_dashboard_is_grafana_json_over_a_prometheus_input() -> None:
+    data = dashboard()
+    assert data["schemaVersion"] == 39 and data["uid"] and data["title"]
+    (source,) = data["__inputs"]
+    assert (source["name"], source["type"], source["pluginId"]) == \
+        ("DS_PROMETHEUS", "datasource", "prometheus")
+    variables = {v["name"]: v for v in data["templating"]["list"]}
+    assert set(variables) == {"job", "instance"}, variables
+    everything = [*charts(data), *variables.values(),
+                  *(t for p in charts(data) for t in p["targets"])]
+    for item in everything:
+        assert item["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}, item
+    ids = [p["id"] for p in data["panels"]] + [p["id"] for p in charts(data)
+                                                if p not in data["panels"]]
+    assert len(ids) == len(set(ids)), ids
+    cells: dict[tuple[int, int], int] = {}
+    for panel in data["panels"]:
+        box = panel["gridPos"]
+        assert box["x"] >= 0 and box["x"] + box["w"] <= 24, panel["title"]
+        for x in range(box["x"], box["x"] + box["w"]):
+            for y in range(box["y"], box["y"] + box["h"]):
+                assert (x, y) not in cells, f"panels {cells[(x, y)]} and {panel['id']} overlap"
+                cells[(x, y)] = panel["id"]
+
+
+def test_every_query_parses_and_reads_only_the_agents_metrics(tmp_path: Path) -> None:
+    """promtool parses every expression; every metric name in them is one the agent
+    exports, every exported metric is charted, and every series is filtered by the
+    dashboard's instance and job."""
+    exprs = queries(dashboard())
+    done = promtool_parse(exprs, tmp_path)
+    assert done.returncode == 0 and "SUCCESS" in done.stdout, done
+    used: set[str] = set()
+    for where, expr in exprs.items():
+        names = metric_names(expr)
+        assert names, f"{where} reads no metric: {expr}"
+        assert names <= METRIC_NAMES, f"{where} reads {sorted(names - METRIC_NAMES)}: {expr}"
+        used |= names
+        if where.startswith("panel"):
+            selectors = re.findall(r"\b(tracer_\w+)(\{[^}]*\})?", expr)
+            for name, matchers in selectors:
+                assert 'instance=~"$instance"' in matchers and 'job=~"$job"' in matchers, \
+                    f"{where}: {name} not filtered by $instance and $job: {expr}"
+    assert used == METRIC_NAMES, f"not charted: {sorted(METRIC_NAMES - used)}"
+
+
+def test_the_dashboard_checks_can_fail(tmp_path: Path) -> None:
+    """The two checks above catch what they are for: a query promtool cannot parse, and
+    a metric the agent does not export (one misspelt letter)."""
+    broken = promtool_parse({"broken": "sum by (pid (tracer_agent_packets_total)"}, tmp_path)
+    assert broken.returncode != 0 and "parse error" in broken.stdout + broken.stderr, broken
+    assert metric_names('sum by (pid, process) (rate(tracer_client_rpc_total{job=~"$job"}[5m]))'
+                        ' / on (pid) group_left(client) tracer_agent_info') == \
+        {"tracer_client_rpc_total", "tracer_agent_info"}
