@@ -30,6 +30,7 @@ import pwd
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -74,7 +75,7 @@ METRIC_NAMES = frozenset({
 # until it is merged `tracer capture --help` lacks them, and the live runs leave them out.
 PENDING_OPTIONS = frozenset({"--metrics"})
 
-AGENT_DURATION_S = 6.0
+AGENT_DURATION_S = 8.0  # the clients start, finish and are attributed well within it
 LEAKED = 3  # connections the root client opens and keeps
 
 
@@ -237,16 +238,19 @@ class CapabilityRun:
     report: dict[str, Any] | None
 
 
-def run_with(caps: Sequence[str], *extra: str) -> CapabilityRun:
-    """The agent with the unit's options, as nobody holding ``caps``; a grpcio server and
-    a client that leaks LEAKED connections, both root."""
+def run_with(caps: Sequence[str], *extra: str,
+             command: Sequence[str] | None = None) -> CapabilityRun:
+    """The agent with the unit's options, as nobody holding ``caps`` (or as ``command``,
+    which sets its own user and capabilities); a grpcio server and a client that leaks
+    LEAKED connections, both root."""
     spec = rt.PeerSpec("grpcio-leak-root", "grpcio", "leak", LEAKED)
     with nobody_dir() as work, ls.processes() as processes:
         db = work / "tracer.db"
         port = ls.start_server(processes)
         server_pid = processes.started[-1].popen.pid
         agent = ls.Agent(processes, db, port, *live_unit_options(), *extra,
-                         "--duration", f"{AGENT_DURATION_S}s", prefix=as_nobody_with(caps))
+                         "--duration", f"{AGENT_DURATION_S}s",
+                         prefix=() if command else as_nobody_with(caps), command=command)
         uid = held = None
         try:
             agent.wait_ready()
@@ -366,18 +370,18 @@ def test_net_admin_lifts_the_packet_socket_buffer_past_rmem_max(net_admin: bool)
     caps = [c for c in unit_capabilities() if net_admin or c != "CAP_NET_ADMIN"]
     with nobody_dir() as work, ls.processes() as processes:
         agent = ls.Agent(processes, work / "tracer.db", free_port(), *live_unit_options(),
-                         "--no-ring", "--duration", "4s", prefix=as_nobody_with(caps))
+                         "--no-ring", "--duration", "60s", prefix=as_nobody_with(caps))
         agent.wait_ready()
         sizes = wait_for(lambda: packet_socket_buffers(agent.pid), "the agent's packet socket",
                          timeout=5.0)
-        assert agent.wait_exit() == 0, agent.output()
+        assert agent.proc.stop() == 0, agent.output()  # SIGTERM: a clean stop
     assert sizes == [2 * (buffer if net_admin else rmem_max)], (sizes, rmem_max)
 
 
 # -- systemd ---------------------------------------------------------------------------------
 
 
-def testable_unit(folder: Path) -> Path:
+def unit_for_verify(folder: Path) -> Path:
     """A copy of the unit whose ExecStart is this tree's tracer and whose EnvironmentFile
     is the example's copy: systemd-analyze verify wants both to exist."""
     program = Path(tracer_command()[0])
@@ -405,7 +409,7 @@ def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
     """No unknown key, no value systemd cannot parse, an executable that exists: verify
     prints nothing at all (it exits 0 even for unknown keys, so silence is the test)."""
     analyze = need_systemd_analyze()
-    done = subprocess.run([analyze, "verify", str(testable_unit(tmp_path))], check=False,
+    done = subprocess.run([analyze, "verify", str(unit_for_verify(tmp_path))], check=False,
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, "", ""), done
 
@@ -413,7 +417,7 @@ def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
 def test_systemd_analyze_verify_does_catch_a_broken_unit(tmp_path: Path) -> None:
     """The check above can fail: a misspelt key in the same unit is reported."""
     analyze = need_systemd_analyze()
-    unit = testable_unit(tmp_path)
+    unit = unit_for_verify(tmp_path)
     unit.write_text(unit.read_text().replace("ProtectSystem=strict", "ProtectSystm=strict"))
     done = subprocess.run([analyze, "verify", str(unit)], check=False, capture_output=True,
                           text=True, timeout=60)
@@ -428,7 +432,7 @@ def test_systemd_analyze_security_exposure(tmp_path: Path) -> None:
     (2.8 "OK" measured with systemd 252): what it still flags are the capabilities, the
     host network and the full /proc that the agent needs."""
     analyze = need_systemd_analyze()
-    done = subprocess.run([analyze, "security", "--offline=yes", str(testable_unit(tmp_path))],
+    done = subprocess.run([analyze, "security", "--offline=yes", str(unit_for_verify(tmp_path))],
                           check=False, capture_output=True, text=True, timeout=60)
     match = re.search(r"Overall exposure level for tracer\.service: (\d+\.\d+)", done.stdout)
     if match is None and "offline" in done.stderr:
@@ -589,3 +593,159 @@ def test_the_dashboard_checks_can_fail(tmp_path: Path) -> None:
     assert metric_names('sum by (pid, process) (rate(tracer_client_rpc_total{job=~"$job"}[5m]))'
                         ' / on (pid) group_left(client) tracer_agent_info') == \
         {"tracer_client_rpc_total", "tracer_agent_info"}
+
+
+# -- the container image and the DaemonSet -------------------------------------------------
+
+
+def daemonset() -> dict[str, Any]:
+    yaml = pytest.importorskip("yaml", reason="PyYAML is in the test extra: make venv")
+    documents = list(yaml.safe_load_all(DAEMONSET.read_text()))
+    (found,) = [d for d in documents if d["kind"] == "DaemonSet"]
+    spec: dict[str, Any] = found
+    return spec
+
+
+def containerfile_json(instruction: str) -> list[str]:
+    """The exec-form (JSON) argument of a Containerfile instruction (the last one)."""
+    lines = re.findall(rf"^{instruction} (\[.*\])$", CONTAINERFILE.read_text(), re.MULTILINE)
+    assert lines, f"no {instruction} in exec form"
+    value: list[str] = json.loads(lines[-1])
+    return value
+
+
+def containerfile_setcap() -> str:
+    """The capabilities the Containerfile gives the image's interpreters (setcap's text)."""
+    (text,) = re.findall(r"setcap (\S+\+ep) ", CONTAINERFILE.read_text())
+    return text
+
+
+def containerfile_capabilities() -> list[str]:
+    return [n.upper() for n in containerfile_setcap().removesuffix("+ep").split(",")]
+
+
+def test_the_daemonset_asks_for_what_the_agent_needs_and_no_more() -> None:
+    """Host network and PID namespace, non-root with a read-only root, no privilege
+    escalation, all capabilities dropped but the unit's, on every node; the database on
+    a hostPath at the folder of --db; limits; metrics scraped where --metrics serves."""
+    pod = daemonset()["spec"]["template"]
+    spec = pod["spec"]
+    assert spec["hostNetwork"] is True and spec["hostPID"] is True
+    assert {"operator": "Exists"} in spec["tolerations"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    (agent,) = spec["containers"]
+    context = agent["securityContext"]
+    assert context["runAsNonRoot"] is True and context["runAsUser"] != 0
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False and context["privileged"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+    added = sorted(f"CAP_{c}" for c in context["capabilities"]["add"])
+    assert added == sorted(unit_capabilities()) == sorted(containerfile_capabilities())
+    options = agent["args"]
+    pairs = dict(zip(options, [*options[1:], ""], strict=True))
+    unknown = {o for o in options if o.startswith("-")} - capture_options() - {"-q"}
+    assert unknown <= PENDING_OPTIONS, unknown
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
+    state = volumes[mounts[os.path.dirname(pairs["--db"])]]
+    assert state["hostPath"]["path"] == "/var/lib/tracer", state
+    assert {"cpu", "memory"} <= set(agent["resources"]["limits"])
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    metrics_port = pairs["--metrics"].rsplit(":", 1)[1]
+    assert annotations["prometheus.io/port"] == metrics_port
+    assert [p["containerPort"] for p in agent["ports"] if p["name"] == "metrics"] == \
+        [int(metrics_port)]
+    for init in spec.get("initContainers", []):  # root only to hand the folder over
+        caps = init["securityContext"]["capabilities"]
+        assert caps == {"drop": ["ALL"], "add": ["CHOWN"]}, init
+        assert init["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_the_image_runs_tracer_capture_as_a_non_root_user_from_a_wheel() -> None:
+    text = CONTAINERFILE.read_text()
+    bases = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+    assert re.fullmatch(r"\S*python:\$\{PYTHON_VERSION\}-slim-\w+", bases[-1]), bases
+    assert "pip wheel" in text and "pip install --no-cache-dir /wheels/*.whl" in text
+    (user,) = re.findall(r"^USER (\d+):(\d+)$", text, re.MULTILINE)
+    spec = daemonset()["spec"]["template"]["spec"]
+    assert int(user[0]) == spec["securityContext"]["runAsUser"] != 0
+    assert containerfile_json("ENTRYPOINT") == ["/opt/tracer/bin/tracer", "capture"]
+    default = containerfile_json("CMD")
+    unknown = {o for o in default if o.startswith("-")} - capture_options() - {"-q"}
+    assert unknown <= PENDING_OPTIONS, unknown
+
+
+# How runc starts a non-root container's process, as Kubernetes asks (capabilities added:
+# bounding and permitted sets only, none ambient; allowPrivilegeEscalation: false is
+# no_new_privs), then executes the entrypoint: argv[1] uid, argv[2] gid, argv[3] the
+# capability numbers (comma-separated), the rest the command.
+RUNC_LIKE_START = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+uid, gid, keep, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+keep = {int(n) for n in keep.split(",") if n}
+last = int(open("/proc/sys/kernel/cap_last_cap").read())
+for cap in range(last + 1):
+    if cap not in keep and libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+        sys.exit(f"PR_CAPBSET_DROP {cap}: {os.strerror(ctypes.get_errno())}")
+assert libc.prctl(8, 1, 0, 0, 0) == 0  # PR_SET_KEEPCAPS: permitted survives setuid
+os.setgroups([]); os.setgid(gid); os.setuid(uid)
+mask = sum(1 << n for n in keep)
+header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+data = (ctypes.c_uint32 * 6)(mask, mask, 0, 0, 0, 0)  # effective, permitted, inheritable
+if libc.capset(header, data) != 0:
+    sys.exit(f"capset: {os.strerror(ctypes.get_errno())}")
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+os.execv(argv[0], argv)
+"""
+
+
+@contextlib.contextmanager
+def interpreter_copy(file_capabilities: bool) -> Iterator[Path]:
+    """A copy of this interpreter (venv --copies, seeing this environment's packages), with
+    the Containerfile's file capabilities when asked: the image's /opt/tracer/bin/python."""
+    setcap = shutil.which("setcap")
+    if setcap is None:
+        pytest.skip("setcap is not installed (Debian's libcap2-bin)")
+    folder = Path(tempfile.mkdtemp(prefix="tracer-image-"))
+    try:
+        os.chmod(folder, 0o755)
+        subprocess.run([sys.executable, "-m", "venv", "--copies", "--without-pip",
+                        str(folder / "venv")], check=True, timeout=60)
+        python = folder / "venv" / "bin" / "python"
+        purelib = subprocess.run([str(python), "-c", "import sysconfig; "
+                                  "print(sysconfig.get_paths()['purelib'])"], check=True,
+                                 capture_output=True, text=True, timeout=30).stdout.strip()
+        ours = [p for p in sys.path if p.endswith("site-packages")]
+        (Path(purelib) / "tracer-test.pth").write_text(
+            "".join(f"import site; site.addsitedir({p!r})\n" for p in ours))
+        if file_capabilities:
+            subprocess.run([setcap, containerfile_setcap(), str(python.resolve())],
+                           check=True, timeout=10)
+        yield python.resolve()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("file_capabilities", [True, False], ids=["setcap", "no-setcap"])
+def test_as_kubernetes_starts_a_non_root_container(file_capabilities: bool) -> None:
+    """The DaemonSet's container as runc starts it: user nobody, the added capabilities in
+    the permitted and bounding sets but not ambient, no_new_privs. Executing an interpreter
+    without file capabilities loses them all (exit 4, no packet socket): the trap of
+    Kubernetes issue 56374. With the Containerfile's setcap the agent captures and names
+    the root client's pid."""
+    need_live()
+    numbers = ",".join(str(CAP_NUMBERS[c]) for c in unit_capabilities())
+    entry = pwd.getpwnam(ls.NOBODY)
+    with interpreter_copy(file_capabilities) as python:
+        command = [sys.executable, "-c", RUNC_LIKE_START, str(entry.pw_uid),
+                   str(entry.pw_gid), numbers, str(python), "-m", "cli.main"]
+        run = run_with([], command=command)
+    assert "Traceback" not in run.output, run.output
+    if not file_capabilities:
+        assert run.exit_code == 4 and "CAP_NET_RAW" in run.output, run.output
+        return
+    assert run.exit_code == 0, run.output
+    assert (run.uid, run.capabilities) == (entry.pw_uid, set(unit_capabilities()))
+    assert_attributed(run)
