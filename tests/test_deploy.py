@@ -11,8 +11,11 @@ Kubernetes DaemonSet and the Grafana dashboard.
   is never started.
 - The DaemonSet asks for the same capabilities, drops all others, runs as non-root with a
   read-only root, and passes `tracer capture` only options it accepts. The Containerfile
-  installs a wheel as a non-root user. Neither is built nor applied here (no container
-  engine, no cluster).
+  installs a wheel as a non-root user and gives its interpreters the capabilities as
+  file capabilities: the agent started as runc starts a non-root container (permitted
+  and bounding sets, no ambient ones, no_new_privs) captures and attributes through such
+  an interpreter, and cannot open a packet socket through one without them. Neither the
+  image nor the manifest is built or applied here (no container engine, no cluster).
 - The dashboard is valid JSON; every query parses (promtool) and names only metrics of
   METRIC_NAMES, and every one of them is charted.
 
@@ -172,8 +175,10 @@ def without(options: Sequence[str], *names: str) -> list[str]:
 
 def live_unit_options() -> list[str]:
     """The unit's options for a run here: loopback, no --port and --db (the test gives
-    its own), and no option the command line does not have yet (PENDING_OPTIONS)."""
-    options = agent_options(exec_start({"TRACER_PORTS": "", "TRACER_IFACE": "lo"}))
+    its own), metrics on a free port, and no option the command line does not have yet
+    (PENDING_OPTIONS)."""
+    options = agent_options(exec_start({"TRACER_PORTS": "", "TRACER_IFACE": "lo",
+                                        "TRACER_METRICS": f"127.0.0.1:{free_port()}"}))
     missing = sorted(PENDING_OPTIONS - capture_options())
     return without(options, "--db", *missing)
 
@@ -303,6 +308,7 @@ def assert_captured_not_attributed(run: CapabilityRun) -> None:
     assert not [s for s in run.server_samples if s["fds"] is not None], run.server_samples
 
 
+@pytest.mark.live
 def test_the_units_capabilities_capture_and_attribute_across_users() -> None:
     """As nobody with the unit's capabilities and options (loopback, a temporary
     database): the root client's connections are all captured and named by its pid."""
@@ -315,6 +321,7 @@ def test_the_units_capabilities_capture_and_attribute_across_users() -> None:
     assert_attributed(run)
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("removed", sorted(CAP_NUMBERS))
 def test_each_capability_taken_away(removed: str) -> None:
     """The unit's set less one: what each capability is for (the unit's comments).
@@ -355,6 +362,7 @@ def packet_socket_buffers(pid: int) -> list[int]:
     return sizes
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("net_admin", [True, False], ids=["with", "without"])
 def test_net_admin_lifts_the_packet_socket_buffer_past_rmem_max(net_admin: bool) -> None:
     """Where the receive ring is refused (or --no-ring), the packet socket's buffer is
@@ -710,6 +718,9 @@ def interpreter_copy(file_capabilities: bool) -> Iterator[Path]:
         pytest.skip("setcap is not installed (Debian's libcap2-bin)")
     folder = Path(tempfile.mkdtemp(prefix="tracer-image-"))
     try:
+        if os.statvfs(folder).f_flag & os.ST_NOSUID:
+            pytest.skip(f"{tempfile.gettempdir()} is mounted nosuid: file capabilities are "
+                        "ignored there")
         os.chmod(folder, 0o755)
         subprocess.run([sys.executable, "-m", "venv", "--copies", "--without-pip",
                         str(folder / "venv")], check=True, timeout=60)
@@ -728,6 +739,7 @@ def interpreter_copy(file_capabilities: bool) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("file_capabilities", [True, False], ids=["setcap", "no-setcap"])
 def test_as_kubernetes_starts_a_non_root_container(file_capabilities: bool) -> None:
     """The DaemonSet's container as runc starts it: user nobody, the added capabilities in
