@@ -23,6 +23,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -59,6 +60,19 @@ def processes() -> Iterator[rt.Processes]:
     """Processes stopped when the block ends, and a check that nothing outlived them."""
     with rt.nothing_left_behind(), rt.started_processes() as group:
         yield group
+
+
+@contextlib.contextmanager
+def nobody_dir(prefix: str = "tracer-nobody-") -> Iterator[Path]:
+    """A fresh folder user nobody can write (pytest's tmp_path is root's, 0700), removed
+    afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        entry = pwd.getpwnam(NOBODY)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def nobody_group() -> str:

@@ -215,18 +215,6 @@ def need_live() -> None:
         pytest.skip("util-linux setpriv is not installed")
 
 
-@contextlib.contextmanager
-def nobody_dir() -> Iterator[Path]:
-    """A folder user nobody can write (the unit's StateDirectory, owned by its user)."""
-    path = Path(tempfile.mkdtemp(prefix="tracer-deploy-"))
-    try:
-        entry = pwd.getpwnam(ls.NOBODY)
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @dataclass
 class CapabilityRun:
     """What the agent did, run as nobody with some capabilities, against a root client."""
@@ -249,7 +237,7 @@ def run_with(caps: Sequence[str], *extra: str,
     which sets its own user and capabilities); a grpcio server and a client that leaks
     LEAKED connections, both root."""
     spec = rt.PeerSpec("grpcio-leak-root", "grpcio", "leak", LEAKED)
-    with nobody_dir() as work, ls.processes() as processes:
+    with ls.nobody_dir("tracer-deploy-") as work, ls.processes() as processes:
         db = work / "tracer.db"
         port = ls.start_server(processes)
         server_pid = processes.started[-1].popen.pid
@@ -393,7 +381,7 @@ def test_net_admin_lifts_the_packet_socket_buffer_past_rmem_max(net_admin: bool)
     if rmem_max >= buffer:
         pytest.skip(f"net.core.rmem_max ({rmem_max}) is not below --buffer-size here")
     caps = [c for c in unit_capabilities() if net_admin or c != "CAP_NET_ADMIN"]
-    with nobody_dir() as work, ls.processes() as processes:
+    with ls.nobody_dir("tracer-deploy-") as work, ls.processes() as processes:
         agent = ls.Agent(processes, work / "tracer.db", free_port(), *live_unit_options(),
                          "--no-ring", "--duration", "60s", prefix=as_nobody_with(caps))
         agent.wait_ready()

@@ -16,14 +16,12 @@ import contextlib
 import os
 import pwd
 import re
-import shutil
 import signal
 import socket
 import sqlite3
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -445,22 +443,10 @@ def test_not_root_exits_4_with_the_fix(tmp_path: Path) -> None:
     assert not (tmp_path / "never.db").exists()
 
 
-@contextlib.contextmanager
-def _nobody_dir() -> Iterator[Path]:
-    """A directory user nobody can write (pytest's tmp_path is root's, 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="tracer-live-nobody-"))
-    try:
-        entry = pwd.getpwnam(ls.NOBODY)
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def test_user_nobody_agent_runs(request: pytest.FixtureRequest) -> None:
     """`tracer capture --user nobody`, as a user runs it."""
     ls.need_nobody()
-    with _nobody_dir() as work, _processes() as processes:
+    with ls.nobody_dir("tracer-live-nobody-") as work, _processes() as processes:
         db = work / "user.db"
         agent = ls.Agent(processes, db, free_port(), "--iface", "lo", "--user", ls.NOBODY,
                          "--duration", "1s")
@@ -482,7 +468,7 @@ def test_user_drops_privileges_and_still_captures() -> None:
     command = ls.preloaded_tracer_command() if ls.stdlib_hidden_from_nobody() else None
     as_root = rt.PeerSpec("grpcio-leak-root", "grpcio", "leak", 3)
     as_nobody = rt.PeerSpec("grpcio-leak-nobody", "grpcio", "leak", 3)
-    with _nobody_dir() as work, _processes() as processes:
+    with ls.nobody_dir("tracer-live-nobody-") as work, _processes() as processes:
         db = work / "user.db"
         port = ls.start_server(processes)
         agent = ls.Agent(processes, db, port, "--iface", "lo", "--user", ls.NOBODY,

@@ -184,19 +184,19 @@ def test_a_reused_port_takes_the_closest_open_time_and_is_counted(tmp_path: Path
     r = _json_merge(a, b)["clients"][0]
     assert (r["matched"], r["ambiguous"]) == (2, 2), r
     got = {row["uid"]: (row["peer_uid"], row["pid"], row["ambiguous"])
-           for row in _query(a, "SELECT * FROM merged_clients")}
+           for row in ls.query(a, "SELECT * FROM merged_clients")}
     assert got == {"S1": ("B1", 4242, 1), "S2": ("B2", 5151, 1)}, got
 
 
 def test_merging_twice_changes_nothing_and_says_so(tmp_path: Path) -> None:
     a, b = _make(tmp_path)
     _merge(a, b)
-    first = _query(a, "SELECT * FROM merged_clients ORDER BY uid")
+    first = ls.query(a, "SELECT * FROM merged_clients ORDER BY uid")
     report_before = tracer("report", "--db", a, "--format", "json").stdout
     out = _merge(a, b).stdout
     assert "0 matched now" in out and "11 matched by an earlier merge of host-b.db" in out, out
     assert "nothing changed" in out, out
-    assert _query(a, "SELECT * FROM merged_clients ORDER BY uid") == first
+    assert ls.query(a, "SELECT * FROM merged_clients ORDER BY uid") == first
     assert tracer("report", "--db", a, "--format", "json").stdout == report_before
 
 
@@ -208,10 +208,10 @@ def test_local_attribution_is_never_overwritten(tmp_path: Path) -> None:
     _write(a, server, {"S0": mine})
     _write(b, client, owners)
     _merge(a, b, "--name", "host-b")
-    rows = {r["uid"]: r for r in _query(a, "SELECT uid, pid, attribution FROM connections")}
+    rows = {r["uid"]: r for r in ls.query(a, "SELECT uid, pid, attribution FROM connections")}
     assert (rows["S0"]["pid"], rows["S0"]["attribution"]) == (77, "local")
     assert (rows["S1"]["pid"], rows["S1"]["attribution"]) == (4242, "merged")
-    assert not _query(a, "SELECT 1 FROM merged_clients WHERE uid = 'S0'")
+    assert not ls.query(a, "SELECT 1 FROM merged_clients WHERE uid = 'S0'")
 
 
 def test_a_merged_row_goes_with_its_connection(tmp_path: Path) -> None:
@@ -221,7 +221,7 @@ def test_a_merged_row_goes_with_its_connection(tmp_path: Path) -> None:
     with db.conn:
         db.execute("DELETE FROM connections WHERE uid IN ('S0', 'Sc0')")
     db.close()
-    assert len(_query(a, "SELECT uid FROM merged_clients")) == 9
+    assert len(ls.query(a, "SELECT uid FROM merged_clients")) == 9
 
 
 def test_errors_are_clear(tmp_path: Path) -> None:
@@ -252,7 +252,7 @@ def test_errors_are_clear(tmp_path: Path) -> None:
     conn.close()
     done = _merge(a, newer, check=False)
     assert done.returncode == 1 and "newer tracer" in done.stderr, done.stderr
-    assert not _query(a, "SELECT 1 FROM merged_clients")  # nothing written by a failure
+    assert not ls.query(a, "SELECT 1 FROM merged_clients")  # nothing written by a failure
 
 
 # -- two hosts: network namespaces, each with its own agent ------------------------------
@@ -323,12 +323,3 @@ def test_two_hosts_the_server_report_names_the_remote_leaker(tmp_path: Path) -> 
     assert f"{leaker_pid} on host-b" in table, table
     print(out, table, sep="\n")  # shown with pytest -s: what a person sees
 
-
-def _query(path: Path, sql: str) -> list[dict[str, Any]]:
-    conn = sqlite3.connect(path)
-    try:
-        cur = conn.execute(sql)
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-    finally:
-        conn.close()

@@ -123,13 +123,15 @@ def test_a_filter_for_another_link_layer_says_so(tmp_path: Path) -> None:
     assert "(for link type 101: its records are left out)" in run.stderr
 
 
-def in_terminal(args: list[str], columns: int) -> str:
-    """``tracer ARGS`` with its output on a pseudo-terminal ``columns`` wide: what a user
-    at an 80-column terminal sees."""
+def in_terminal(args: list[str], columns: int, *, stderr_too: bool = False) -> str:
+    """``tracer ARGS`` with its output (and with ``stderr_too`` its standard error, where
+    the progress line goes) on a pseudo-terminal ``columns`` wide: what a user at an
+    80-column terminal sees."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    proc = subprocess.Popen([*tracer_command(), *args], stdout=slave, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([*tracer_command(), *args], stdout=slave,
+                            stderr=slave if stderr_too else subprocess.PIPE,
                             stdin=subprocess.DEVNULL, env=env)
     os.close(slave)
     chunks = []
@@ -226,30 +228,8 @@ def test_the_progress_line_says_mb_rate_and_eta_then_what_comes_next() -> None:
 
 
 def test_a_file_read_on_a_terminal_shows_progress_and_the_last_step(tmp_path: Path) -> None:
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    proc = subprocess.Popen([*tracer_command(), "capture", "-r", str(DEMO_CAPTURE), "--port",
-                             PORT, "--db", str(tmp_path / "t.db")], stdout=slave,
-                            stderr=slave, stdin=subprocess.DEVNULL)
-    os.close(slave)
-    out = b""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 1.0)
-        if not ready:
-            if proc.poll() is not None:
-                break
-            continue
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        out += data
-    os.close(master)
-    assert proc.wait(timeout=30) == 0
-    text = out.decode()
+    text = in_terminal(["capture", "-r", str(DEMO_CAPTURE), "--port", PORT, "--db",
+                        str(tmp_path / "t.db")], 80, stderr_too=True)
     assert re.search(r"reading  0\.\d/0\.\d MB  100%  [\d,]+ packets/s  ETA 0:00", text), text
     assert "read; storing the totals and the report..." in text
     assert "37 connections" in text
