@@ -1006,11 +1006,12 @@ def connections(db_path: str, fmt: str, open_only: bool, client: str | None, pid
     \b
     conn_state (Zeek's):
     """
-    db = _open_existing(db_path)
-    if state:
-        state = state.upper()
     if pid is not None:
-        client = str(pid) if client is None or client == str(pid) else _conflict(client, pid)
+        if client not in (None, str(pid)):
+            raise click.UsageError(f"--client {client} and --pid {pid} ask for different "
+                                   "clients")
+        client = str(pid)
+    db = _open_existing(db_path)
     rows = list_connections(db, open_only=open_only, client=client, state=state, limit=limit,
                             since=_instant(since, db_path), until=_instant(until, db_path))
     if fmt in ("zeek", "zeek-json"):
@@ -1059,10 +1060,6 @@ def connections(db_path: str, fmt: str, open_only: bool, client: str | None, pid
     click.echo(text)
     if hidden:
         click.echo(hidden_note(hidden, width))
-
-
-def _conflict(client: str, pid: int) -> str:
-    raise click.UsageError(f"--client {client} and --pid {pid} ask for different clients")
 
 
 # The conn_state list under `tracer connections --help`.

@@ -6,6 +6,10 @@ import csv
 import datetime
 import io
 import json
+import shutil
+import sys
+import textwrap
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,9 +89,6 @@ def terminal_width() -> int | None:
     """The width tables must fit when the output is a terminal (COLUMNS, else the
     terminal's own size); None when it goes to a pipe or a file: scripts get every column
     (and readline, loaded by some parent, may export a COLUMNS that means nothing there)."""
-    import shutil
-    import sys
-
     if sys.stdout.isatty():
         return shutil.get_terminal_size((80, 24)).columns
     return None
@@ -114,28 +115,23 @@ def fit_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], width: int 
     if width is None:
         return table(text, names), []
 
-    def widths(cols: list[int]) -> dict[int, int]:
-        return {i: max([len(names[i])] + [len(r[i]) for r in text]) for i in cols}
-
     cols = list(range(len(names)))
+    w = {i: max([len(names[i])] + [len(r[i]) for r in text]) for i in cols}
     hidden: list[str] = []
     squeezable = [names.index(n) for n in squeeze if n in names]
-
     least = max(24, width // 3)  # what free text keeps before columns are left out
 
-    def total(cols: list[int], w: dict[int, int], squeezed: bool) -> int:
+    def total(squeezed: bool) -> int:
         return sum(min(w[i], max(len(names[i]), least)) if squeezed and i in squeezable
                    else w[i] for i in cols) + 2 * (len(cols) - 1)
 
-    w = widths(cols)
     for name in drop_order:
-        if total(cols, w, squeezed=True) <= width:
+        if total(squeezed=True) <= width:
             break
         if name in names and names.index(name) in cols:
             cols.remove(names.index(name))
             hidden.append(name)
-    w = widths(cols)
-    over = total(cols, w, squeezed=False) - width
+    over = total(squeezed=False) - width
     for i in reversed(squeezable):
         if over <= 0 or i not in cols:
             continue
@@ -148,8 +144,6 @@ def fit_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], width: int 
 
 def hidden_note(hidden: Sequence[str], width: int | None) -> str:
     """The line under a table that left columns out, wrapped to the terminal."""
-    import textwrap
-
     note = (f"(not shown to fit the terminal: {', '.join(hidden)}; --wide shows every "
             "column)")
     return textwrap.fill(note, width=max((width or 80) - 1, 40), break_on_hyphens=False)
@@ -171,8 +165,6 @@ class ProgressLine:
     terminal; then a word on what comes next."""
 
     def __init__(self, stream: Any, clock: Any = None) -> None:
-        import time
-
         self.stream = stream
         self.clock = clock or time.monotonic
         self.started = self.clock()
@@ -180,8 +172,6 @@ class ProgressLine:
         self.drawn = False
 
     def _draw(self, text: str) -> None:
-        import shutil
-
         width = shutil.get_terminal_size((80, 24)).columns - 1
         self.stream.write("\r\033[K" + text[:width])
         self.stream.flush()
