@@ -49,8 +49,10 @@ def _peer(*args: str, netns: str | None = None) -> subprocess.Popen[str]:
 
 
 @contextlib.contextmanager
-def _server(port: int, bind: str = "127.0.0.1") -> Iterator[subprocess.Popen[str]]:
-    proc = _peer("server", str(port), "--bind", bind)
+def _server(port: int, bind: str = "127.0.0.1",
+            max_fds: int | None = None) -> Iterator[subprocess.Popen[str]]:
+    proc = _peer("server", str(port), "--bind", bind,
+                 *(["--max-fds", str(max_fds)] if max_fds else []))
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # READY, or EOF if it failed
@@ -162,6 +164,126 @@ def _offline(reason: str, db: str, echo: Callable[[str], None],
     leaks = [c["client"] for c in data["clients"] if c["verdict"] == "leak"]
     echo(f"demo (recorded capture): leaking client: {', '.join(leaks) or 'none found'}")
     return 0 if len(leaks) == 1 else 1
+
+
+FREEZE_FDS = 64  # the server's RLIMIT_NOFILE in the freeze scenario
+FREEZE_PREFACE_TIMEOUT = 2.0  # seconds: the dialers' connect timeout, the report's limit
+FREEZE_DIALERS = (("orders", "json"), ("billing", "logfmt"))
+
+
+def freeze(duration: float, db_path: str | None, echo: Callable[[str], None],
+           run_cli: Callable[..., None]) -> int:
+    """`tracer demo --freeze`: the server stops answering, and why, found live.
+
+    A grpcio server limited to 64 file descriptors, a client that leaks a channel per call,
+    a pooled one and a closing one, captured live with process attribution. The leak takes
+    the server's last descriptor before half the time is up: the kernel still completes
+    new handshakes into the listen queue, the server can no longer accept them. Then two
+    more clients dial with a 2 s timeout and log their failures, one as JSON, one as
+    logfmt. The logs are added to the database and the report explains the freeze. 0 when
+    it names exactly the leaker, counts preface timeouts, and finds the server out of
+    descriptors."""
+    reason = can_capture()
+    if reason is not None:
+        echo(f"demo --freeze: cannot capture live here: {reason}; the freeze scenario "
+             "needs it (run as root, or with CAP_NET_RAW and CAP_NET_ADMIN)")
+        return 1
+    from tracer.agent.live import LiveSettings, run_live
+
+    # With --db the session is kept: its logs beside the database, for `tracer logs` later.
+    logs = [str(Path(db_path).with_name(f"{Path(db_path).stem}-{name}.log")) if db_path
+            else "" for name, _ in FREEZE_DIALERS]
+    taken = [log for log in logs if log and os.path.lexists(log)]
+    if taken:
+        echo(f"demo --freeze: {', '.join(taken)} already exist; the demo writes its clients' "
+             "logs there: remove them or give another --db")
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="tracer-freeze-"))
+    db = db_path or str(workdir / "freeze.db")
+    logs = [log or str(workdir / f"{name}.log") for log, (name, _) in
+            zip(logs, FREEZE_DIALERS, strict=True)]
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    freeze_at = duration * 0.45  # the leak has taken every descriptor by then
+    leak_interval = max(0.05, (freeze_at - 1.0) / (FREEZE_FDS - 4))
+    clients: dict[str, subprocess.Popen[str]] = {}
+    stop = threading.Event()
+    echo(f"demo --freeze: a grpcio server on {target} limited to {FREEZE_FDS} file "
+         f"descriptors; a client leaks a channel every {leak_interval:.2f}s, one pools one "
+         "channel, one closes its channels")
+    echo(f"demo --freeze: after {freeze_at:.0f}s two more clients dial with a "
+         f"{FREEZE_PREFACE_TIMEOUT:.0f}s timeout and log their failures; capturing live on "
+         f"lo for {duration:.0f}s ...")
+    try:
+        with _server(port, max_fds=FREEZE_FDS):
+            def start_clients() -> None:
+                time.sleep(1.0)  # the agent is listening by now
+                life = str(duration + 30)
+                clients["leak"] = _peer("leak", target, "--interval", f"{leak_interval:.3f}",
+                                        "--lifetime", life)
+                for mode in ("pool", "close"):
+                    clients[mode] = _peer(mode, target, "--interval", "0.5", "--lifetime", life)
+                if stop.wait(max(freeze_at - 1.0, 0.0)):
+                    return
+                # They stop dialing in time for their last failure to be captured.
+                dialing = str(max(duration - freeze_at - FREEZE_PREFACE_TIMEOUT - 1.0, 1.0))
+                for (name, fmt), log in zip(FREEZE_DIALERS, logs, strict=True):
+                    clients[name] = _peer("dial", target, "--interval", "2", "--lifetime",
+                                          dialing, "--connect-timeout",
+                                          str(FREEZE_PREFACE_TIMEOUT), "--log", log,
+                                          "--log-format", fmt)
+                    stop.wait(0.7)  # not in step
+
+            starter = threading.Thread(target=start_clients, daemon=True)
+            starter.start()
+            settings = LiveSettings(ports=frozenset([port]), db_path=db, interfaces=["lo"],
+                                    duration=duration)
+            try:
+                result = run_live(settings, None)
+            finally:
+                stop.set()
+                starter.join()
+                for proc in clients.values():
+                    _stop(proc)
+        echo(f"demo --freeze: {result.packets:,} packets, {result.connections} connections, "
+             f"{result.attributed} attributed to their process, kernel drops {result.dropped}")
+        present = [log for log in logs if Path(log).exists()]
+        if present:
+            run_cli("logs", "add", *present, "--db", db, "-q")
+        run_cli("report", "--db", db, "--preface-timeout", f"{FREEZE_PREFACE_TIMEOUT:g}s")
+        code = _judge_freeze(db, clients["leak"].pid, echo)
+        if db_path is not None:
+            echo(f"demo --freeze: the session is kept in {db} (and the logs in "
+                 f"{' and '.join(logs)}); try `tracer timeline --db {db} --bucket 5s`, "
+                 f"`tracer correlate --db {db}`, `tracer logs show --db {db}`")
+        return code
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _judge_freeze(db_path: str, leaker: int, echo: Callable[[str], None]) -> int:
+    db = open_database(db_path)
+    data = build_report(db, preface_timeout=FREEZE_PREFACE_TIMEOUT)
+    db.close()
+    leaks = {c.get("pid") for c in data["clients"] if c["verdict"] == "leak"}
+    server = data["server"]
+    stall = server.get("stall") or {}
+    found = []
+    if leaks != {leaker}:
+        found.append(f"expected exactly the leaking client (pid {leaker}) to be named, got "
+                     f"{sorted(p for p in leaks if p is not None) or 'none'}")
+    if not server["preface_timeouts"]:
+        found.append("no preface timeout was seen")
+    if stall.get("why") != "fd_limit":
+        found.append(f"the server was not seen out of descriptors (stall: {stall or 'none'})")
+    for problem in found:
+        echo(f"demo --freeze: {problem}")
+    if found:
+        return 1
+    echo(f"demo --freeze: found it: pid {leaker} leaks; the server ran out of file "
+         f"descriptors and {server['preface_timeouts']} dials timed out waiting for its "
+         "preface; nobody else is flagged")
+    return 0
 
 
 def record_shipped(path: str, duration: float, echo: Callable[[str], None]) -> int:

@@ -25,6 +25,8 @@ from cli.output import (
     hidden_note,
     process_label,
     render,
+    shorten,
+    table,
     terminal_width,
 )
 from cli.times import instant, parse_duration, parse_size
@@ -644,9 +646,10 @@ def _print_local_server(s: dict[str, Any], say: Callable[[str], None],
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table",
               show_default=True, help="Output format of the text table.")
 @_preface_timeout_option
+@_wide_option
 def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
              until: str | None, plot_path: str | None, top: int, fmt: str,
-             preface_timeout: float) -> None:
+             preface_timeout: float, wide: bool) -> None:
     """Open connections per client over time: the picture of a leak.
 
     For each bucket, the connections each client holds open at its end (one line
@@ -655,6 +658,12 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
     server runs on the capturing host, the most descriptors its process held against its
     limit and its accept queue against its maximum. A text table, or with --plot a picture
     (latency, and the server's descriptors and accept queue, in panels below).
+
+    A process's column is headed by its pid; the lines under the table say which command
+    each is. On a terminal the table fits its width: the columns on the right, then the
+    last clients' columns (summed into OTHERS) are left out, and a line says so; --wide
+    shows them all. JSON has one entry per client with its pid, process start, address,
+    host and command line beside its numbers.
     """
     from store.queries import timeline as build_timeline
 
@@ -681,29 +690,13 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
     elif fmt == "csv":
         click.echo(render("csv", *_timeline_csv(data, top)))
     else:
-        names = list(data["clients"])
-        shown, rest = names[:top], names[top:]
-        server = data.get("server")
-        headers = ["TIME (UTC)", *shown] + (["OTHERS"] if rest else []) + [
-            "PREFACE TIMEOUTS", "PREFACE p50/p99 ms", "GOAWAY (server/client)"] + (
-            ["SERVER FDS/LIMIT", "ACCEPT QUEUE/MAX"] if server else [])
-        rows = []
-        m = data["markers"]
-        for i, t in enumerate(data["times"]):
-            row: list[Any] = [fmt_ts(t)[:-5] if fmt == "table" else t]
-            row += [data["clients"][n][i] for n in shown]
-            if rest:
-                row.append(sum(data["clients"][n][i] for n in rest))
-            p50, p99 = m["preface_p50_ms"][i], m["preface_p99_ms"][i]
-            row += [m["preface_timeouts"][i] or "",
-                    f"{p50:.1f}/{p99:.1f}" if p50 is not None and p99 is not None else "",
-                    f"{m['goaways_server'][i]}/{m['goaways_client'][i]}"
-                    if m["goaways_server"][i] or m["goaways_client"][i] else ""]
-            if server:
-                row += [_of(server["fds"][i], server["fd_limit"][i]),
-                        _of(server["accept_queue"][i], server["accept_queue_max"][i])]
-            rows.append(row)
+        columns = None if wide or fmt != "table" else terminal_width()
+        k, rows, headers, left_out = _fit_timeline(data, top, fmt, columns)
         click.echo(render(fmt, rows, headers))
+        if left_out:
+            click.echo(hidden_note(left_out, columns))
+        for line in _timeline_legend(data["clients"][:k]):
+            click.echo(shorten(line, columns - 1) if columns else line)
     if plot_path:
         from cli.plot import plot_timeline
 
@@ -713,22 +706,90 @@ def timeline(db_path: str, bucket: str, client: str | None, since: str | None,
         click.echo(f"plot written to {plot_path}", err=True)
 
 
+def _fit_timeline(data: dict[str, Any], top: int, fmt: str, width: int | None
+                  ) -> tuple[int, list[list[Any]], list[str], list[str]]:
+    """The timeline's table within ``width`` columns, leaving out, as long as it is too
+    wide: GOAWAYs, preface latency, the clients after the third (summed into OTHERS), the
+    accept queue, the clients after the first, the server's descriptors, the last client.
+    The preface timeouts always stay. Returns how many clients have a column, the rows and
+    headers, and what was left out."""
+    most = min(top, len(data["clients"]))
+    plan: list[tuple[int, tuple[str, ...]]] = [(most, ())]
+    if width is not None:
+        dropped: tuple[str, ...] = ()
+        for step in ("GOAWAY (server/client)", "PREFACE p50/p99 ms", 3, "ACCEPT QUEUE/MAX", 1,
+                     "SERVER FDS/LIMIT", 0):
+            if isinstance(step, str):
+                dropped += (step,)
+                plan.append((plan[-1][0], dropped))
+            else:
+                plan += [(k, dropped) for k in range(plan[-1][0] - 1, step - 1, -1)]
+    for k, dropped in plan:
+        rows, headers = _timeline_rows(data, k, fmt)
+        keep = [i for i, h in enumerate(headers) if h not in dropped]
+        rows = [[row[i] for i in keep] for row in rows]
+        headers = [headers[i] for i in keep]
+        if width is None or max(map(len, table(rows, headers).splitlines())) <= width:
+            break
+    left_out = [h for h in dropped if h in _timeline_rows(data, 0, fmt)[1]]
+    if k < most:
+        left_out.insert(0, f"{most - k} client column{'s' if most - k > 1 else ''} (summed "
+                           "in OTHERS)")
+    return k, rows, headers, left_out
+
+
+def _timeline_rows(data: dict[str, Any], top: int,
+                   fmt: str) -> tuple[list[list[Any]], list[str]]:
+    """The timeline's table: a column for each of the ``top`` first clients, the rest summed
+    in OTHERS."""
+    shown, rest = data["clients"][:top], data["clients"][top:]
+    server = data.get("server")
+    headers = ["TIME (UTC)", *[c["label"] for c in shown]] + (["OTHERS"] if rest else []) + [
+        "PREFACE TIMEOUTS", "PREFACE p50/p99 ms", "GOAWAY (server/client)"] + (
+        ["SERVER FDS/LIMIT", "ACCEPT QUEUE/MAX"] if server else [])
+    rows = []
+    m = data["markers"]
+    for i, t in enumerate(data["times"]):
+        row: list[Any] = [fmt_ts(t)[:-5] if fmt == "table" else t]
+        row += [c["open"][i] for c in shown]
+        if rest:
+            row.append(sum(c["open"][i] for c in rest))
+        p50, p99 = m["preface_p50_ms"][i], m["preface_p99_ms"][i]
+        row += [m["preface_timeouts"][i] or "",
+                f"{p50:.1f}/{p99:.1f}" if p50 is not None and p99 is not None else "",
+                f"{m['goaways_server'][i]}/{m['goaways_client'][i]}"
+                if m["goaways_server"][i] or m["goaways_client"][i] else ""]
+        if server:
+            row += [_of(server["fds"][i], server["fd_limit"][i]),
+                    _of(server["accept_queue"][i], server["accept_queue_max"][i])]
+        rows.append(row)
+    return rows, headers
+
+
+def _timeline_legend(clients: list[dict[str, Any]]) -> list[str]:
+    """Under the table, what each process column is: its command line, paths cut to their
+    last part (what tells processes apart)."""
+    return [f"  {c['label']}: {process_label(c['process'])}" for c in clients
+            if c["process"]]
+
+
 def _timeline_csv(data: dict[str, Any], top: int) -> tuple[list[list[Any]], list[str]]:
     """The timeline for scripts: epoch seconds, one number per cell, snake_case names (a
-    client column is its address, or pid_N for a process)."""
-    names = list(data["clients"])
-    shown, rest = names[:top], names[top:]
+    client column is its address, or pid_N for a process, pid_N_on_HOST for one another
+    host's agent named)."""
+    shown, rest = data["clients"][:top], data["clients"][top:]
     server = data.get("server")
     m = data["markers"]
-    headers = ["time", *[n.replace(" ", "_") for n in shown]] + (["others"] if rest else []) + [
+    headers = ["time", *[c["label"].replace(" ", "_") for c in shown]] + (
+        ["others"] if rest else []) + [
         "preface_timeouts", "preface_p50_ms", "preface_p99_ms", "goaways_server",
         "goaways_client"] + (["server_fds", "server_fd_limit", "accept_queue",
                               "accept_queue_max"] if server else [])
     rows = []
     for i, t in enumerate(data["times"]):
-        row: list[Any] = [t, *[data["clients"][n][i] for n in shown]]
+        row: list[Any] = [t, *[c["open"][i] for c in shown]]
         if rest:
-            row.append(sum(data["clients"][n][i] for n in rest))
+            row.append(sum(c["open"][i] for c in rest))
         row += [m["preface_timeouts"][i], m["preface_p50_ms"][i], m["preface_p99_ms"][i],
                 m["goaways_server"][i], m["goaways_client"][i]]
         if server:
@@ -947,9 +1008,13 @@ def _megabytes(size: int) -> str:
               help="How long to capture the scenario.")
 @click.option("--db", "db_path", metavar="FILE",
               help="Keep the demo's database here (default: a temporary one, removed).")
+@click.option("--freeze", is_flag=True,
+              help="The freeze instead: the leak takes the server's last file descriptor, "
+                   "new clients time out waiting for its preface and log it; the report "
+                   "explains why (needs live capture; --duration 45s is a good length).")
 @click.option("--record-shipped", metavar="FILE", hidden=True,
               help="Maintainers: record the capture the demo falls back on (root, ip netns).")
-def demo(duration: str, db_path: str | None, record_shipped: str | None) -> None:
+def demo(duration: str, db_path: str | None, freeze: bool, record_shipped: str | None) -> None:
     """Watch tracer find a leaking gRPC client, live, on this machine.
 
     Starts a grpcio server and three client processes on loopback: one closes its
@@ -964,6 +1029,16 @@ def demo(duration: str, db_path: str | None, record_shipped: str | None) -> None
     seconds = parse_duration(duration) or 20.0
     if record_shipped:
         sys.exit(demo_module.record_shipped(record_shipped, seconds, click.echo))
+    if freeze:
+        def run_cli(*args: str) -> None:
+            click.echo("$ tracer " + " ".join(args))
+            try:
+                main.main(list(args), prog_name="tracer", standalone_mode=False)
+            except SystemExit as exc:
+                if exc.code:
+                    raise
+        sys.exit(demo_module.freeze(seconds, db_path, click.echo, run_cli))
+
     def show(path: str) -> None:
         print_report(path, "table")
 

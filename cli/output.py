@@ -94,7 +94,7 @@ def terminal_width() -> int | None:
     return None
 
 
-def _shorten(text: str, room: int) -> str:
+def shorten(text: str, room: int) -> str:
     """``text`` in at most ``room`` characters, cut at a word boundary, marked with …"""
     if len(text) <= room:
         return text
@@ -138,7 +138,7 @@ def fit_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], width: int 
         room = max(len(names[i]), w[i] - over, 12)
         over -= w[i] - room
         for r in text:
-            r[i] = _shorten(r[i], room)
+            r[i] = shorten(r[i], room)
     return table([[r[i] for i in cols] for r in text], [names[i] for i in cols]), hidden
 
 

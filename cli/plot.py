@@ -10,6 +10,18 @@ from typing import Any
 MAX_LINES = 8
 
 
+LEGEND_CHARS = 60  # a legend entry's most characters: the plot keeps its width
+
+
+def _legend(client: dict[str, Any]) -> str:
+    """A line's name: its pid and what tells the process apart (its command line with each
+    path cut to its last part), else its address."""
+    from cli.output import process_label, shorten
+
+    name = process_label(client["process"])
+    return shorten(f"{client['label']} {name}" if name else client["label"], LEGEND_CHARS)
+
+
 def plot_timeline(data: dict[str, Any], path: str, title: str) -> None:
     """PNG or SVG by the file's extension; HTML is the SVG in a page."""
     import matplotlib
@@ -19,7 +31,7 @@ def plot_timeline(data: dict[str, Any], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     times: Any = [datetime.datetime.fromtimestamp(t, datetime.timezone.utc) for t in data["times"]]
-    clients = list(data["clients"].items())
+    clients = [(_legend(c), c["open"]) for c in data["clients"]]
     shown, rest = clients[:MAX_LINES], clients[MAX_LINES:]
     markers = data["markers"]
     p50 = markers.get("preface_p50_ms") or []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from itertools import accumulate
 from typing import Any
 
 import sqlite_utils
@@ -817,14 +818,15 @@ def merged_processes(db: sqlite_utils.Database) -> dict[tuple[Any, Any], dict[st
             for r in _rows(db, "SELECT * FROM merged_processes ORDER BY host")}
 
 
-def _merged_label(db: sqlite_utils.Database) -> str:
-    """How a client is named in the timeline: its pid where attributed (with its host where
-    another host's agent named it), else its address."""
-    if not _has_table(db, "merged_clients"):
-        return "CASE WHEN pid IS NOT NULL THEN 'pid ' || pid ELSE orig_h END"
-    return ("CASE WHEN pid IS NULL THEN orig_h WHEN attribution = 'merged' THEN 'pid ' || pid"
-            " || COALESCE(' on ' || (SELECT m.host FROM merged_clients m"
-            " WHERE m.uid = connections.uid), '') ELSE 'pid ' || pid END")
+def _timeline_who(db: sqlite_utils.Database) -> str:
+    """Who a connection belongs to in the timeline, as three columns: its process (pid and
+    start time, as the report names one) where attributed, else its address; and the host
+    whose agent named it where that was another host's (`tracer merge`)."""
+    host = ("CASE WHEN attribution = 'merged' THEN (SELECT m.host FROM merged_clients m"
+            " WHERE m.uid = connections.uid) END" if _has_table(db, "merged_clients")
+            else "NULL")
+    return (f"pid, CASE WHEN pid IS NULL THEN orig_h END, CASE WHEN pid IS NOT NULL THEN"
+            f" process_start END, {host}")
 
 
 def _fingerprint(db: sqlite_utils.Database) -> str:
@@ -951,6 +953,22 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=False)
 
 
+def _timeline_client(db: sqlite_utils.Database, key: tuple[Any, ...],
+                     series: list[int]) -> dict[str, Any]:
+    pid, address, start, host = key
+    process = None
+    if pid is not None:
+        row = db.execute("SELECT cmdline, comm FROM processes WHERE pid = ? AND start_time = ?",
+                         [pid, start]).fetchone()
+        if row is None and host is not None and _has_table(db, "merged_processes"):
+            row = db.execute("SELECT cmdline, comm FROM merged_processes WHERE pid = ?"
+                             " AND start_time = ? AND host = ?", [pid, start, host]).fetchone()
+        process = (row[0] or row[1]) if row else None
+    label = (f"pid {pid}" + (f" on {host}" if host else "")) if pid is not None else address
+    return {"label": label, "pid": pid, "process_start": start, "address": address,
+            "host": host, "process": process, "open": series}
+
+
 def timeline(db: sqlite_utils.Database, *, bucket: float, client: str | None = None,
              since: float | None = None, until: float | None = None,
              preface_timeout: float = DEFAULT_PREFACE_TIMEOUT) -> dict[str, Any]:
@@ -960,34 +978,30 @@ def timeline(db: sqlite_utils.Database, *, bucket: float, client: str | None = N
     first = since if since is not None else summary["first_ts"]
     last = until if until is not None else summary["last_ts"]
     if first is None or last is None:
-        return {"bucket_s": bucket, "start": None, "times": [], "clients": {}, "markers": {},
+        return {"bucket_s": bucket, "start": None, "times": [], "clients": [], "markers": {},
                 "server": None}
     n = max(1, int((last - first) // bucket) + 1)
     where, params = _client_filter(client)
-    label = _merged_label(db)
+    who = _timeline_who(db)
 
     def index(column: str) -> str:
         # bucket 0 holds everything before the start: open connections carried in
         return f"MAX(0, MIN({n - 1}, CAST(({column} - {first!r}) / {bucket!r} AS INTEGER)))"
 
-    deltas: dict[str, list[int]] = {}
-    for who, i, change in db.execute(
-        f"SELECT {label}, {index('COALESCE(syn_ts, ts)')}, COUNT(*) FROM connections"
-        f" WHERE ts <= {last!r}{where} GROUP BY 1, 2", params
+    deltas: dict[tuple[Any, ...], list[int]] = {}
+    for *key, i, change in db.execute(
+        f"SELECT {who}, {index('COALESCE(syn_ts, ts)')}, COUNT(*) FROM connections"
+        f" WHERE ts <= {last!r}{where} GROUP BY 1, 2, 3, 4, 5", params
     ):
-        deltas.setdefault(who, [0] * n)[i] += change
-    for who, i, change in db.execute(
-        f"SELECT {label}, {index('close_ts')}, COUNT(*) FROM connections"
-        f" WHERE close_ts IS NOT NULL AND close_ts <= {last!r}{where} GROUP BY 1, 2", params
+        deltas.setdefault(tuple(key), [0] * n)[i] += change
+    for *key, i, change in db.execute(
+        f"SELECT {who}, {index('close_ts')}, COUNT(*) FROM connections"
+        f" WHERE close_ts IS NOT NULL AND close_ts <= {last!r}{where} GROUP BY 1, 2, 3, 4, 5",
+        params
     ):
-        deltas.setdefault(who, [0] * n)[i] -= change
-    series: dict[str, list[int]] = {}
-    for who, d in deltas.items():
-        running, out = 0, []
-        for change in d:
-            running += change
-            out.append(running)
-        series[who] = out
+        deltas.setdefault(tuple(key), [0] * n)[i] -= change
+    clients = [_timeline_client(db, key, list(accumulate(d))) for key, d in deltas.items()]
+    clients.sort(key=lambda c: (-max(c["open"], default=0), c["label"]))
     markers: dict[str, list[Any]] = {"preface_timeouts": [0] * n, "goaways_server": [0] * n,
                                      "goaways_client": [0] * n}
     for i, count in db.execute(
@@ -1021,7 +1035,11 @@ def timeline(db: sqlite_utils.Database, *, bucket: float, client: str | None = N
         "bucket_s": bucket,
         "start": first,
         "times": [first + (i + 1) * bucket for i in range(n)],
-        "clients": dict(sorted(series.items(), key=lambda kv: -max(kv[1], default=0))),
+        # One entry per client, the most connections open first: "pid" and
+        # "process_start" (a process, as the report names it) or "address" (unattributed),
+        # "host" where another host's agent named it, "process" its command line, "label"
+        # what the table's column says, and "open": connections open at each bucket's end.
+        "clients": clients,
         "markers": markers,
         # The server process on this host (sampled by the live agent), per bucket: the most
         # descriptors it held and its limit, its accept queue and the queue's maximum;

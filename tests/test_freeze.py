@@ -444,3 +444,30 @@ def test_freeze_timeline_has_the_server_series(freeze: Freeze, tmp_path: Path) -
     plot = tmp_path / "freeze.png"
     tracer("timeline", "--db", str(freeze.db), "--bucket", "2s", "--plot", str(plot))
     assert plot.stat().st_size > 10_000
+
+
+@pytest.mark.live
+def test_the_freeze_demo_reruns_the_readme_session(tmp_path: Path) -> None:
+    """`tracer demo --freeze` is the README's "Diagnosing a freeze" session, made from what
+    ships with tracer (cli.demo_peers): its report names the leaker alone, finds the server
+    out of descriptors, and lines the dialers' logs (one JSON, one logfmt) up with it."""
+    import live_support as ls
+
+    ls.need_root()
+    db = tmp_path / "freeze.db"
+    run = tracer("demo", "--freeze", "--duration", "20s", "--db", db, timeout=120)
+    assert "demo --freeze: found it: pid" in run.stdout, run.stdout
+    assert "$ tracer report --db" in run.stdout and "\n  why: server pid" in run.stdout
+    data = json.loads(tracer("report", "--db", db, "--format", "json",
+                             "--preface-timeout", "2s").stdout)
+    [leak] = [c for c in data["clients"] if c["verdict"] == "leak"]
+    assert "cli.demo_peers leak" in leak["process"] and leak["closed"] == 0, leak
+    s = data["server"]
+    assert s["stall"]["why"] == "fd_limit" and s["stall"]["top_client"]["pid"] == leak["pid"]
+    assert "--max-fds 64" in s["process"]["cmdline"]
+    assert (s["process"]["fd_limit"], s["process"]["fds_max"]) == (64, 64)
+    dialers = {c["pid"] for c in data["clients"] if "cli.demo_peers dial" in (c["process"] or "")}
+    evidence = data["log_evidence"]
+    assert len(dialers) == 2 and {e["pid"] for e in evidence} == dialers, evidence
+    logs = json.loads(tracer("logs", "list", "--db", db, "--format", "json").stdout)
+    assert sorted(source["format"] for source in logs) == ["json", "logfmt"], logs

@@ -123,7 +123,9 @@ def test_the_report_names_the_remote_processes_and_flags_only_the_leaker(
     table = tracer("report", "--db", a).stdout
     assert "4242 on host-b  python leaky.py" in table, table
     timeline = json.loads(tracer("timeline", "--db", a, "--format", "json").stdout)
-    assert {"pid 4242 on host-b", "pid 4343 on host-b", HOST_C} == set(timeline["clients"])
+    assert {(c["label"], c["host"], c["process"]) for c in timeline["clients"]} == {
+        ("pid 4242 on host-b", "host-b", "python leaky.py"),
+        ("pid 4343 on host-b", "host-b", "python pooled.py"), (HOST_C, None, None)}
     rows = json.loads(tracer("connections", "--db", a, "--format", "json").stdout)
     assert {r["uid"]: r.get("host") for r in rows if r["orig_h"] == HOST_B} == \
         dict.fromkeys(["S0", "S1", "S2", "S3", "S4", "S5", "Spool", "Sc0", "Sc1", "Sc2",

@@ -22,6 +22,7 @@ from store.queries import timeline
 from store.schema import open_database
 
 MINUTES = 10
+LEAKER = "/srv/orders/.venv/bin/python -m orders.worker --shard 3"
 
 
 @pytest.fixture
@@ -44,6 +45,9 @@ def db_path(tmp_path: Path) -> Path:
                         " WHERE uid LIKE 'Cleak%'")
         db.conn.execute("UPDATE connections SET pid = 800, process_start = 1.0"
                         " WHERE uid LIKE 'Cclose%' OR uid = 'Cstuck'")
+        for pid, cmdline in ((700, LEAKER), (800, "/usr/bin/python3 closer.py")):
+            db.conn.execute("INSERT INTO processes (pid, start_time, comm, cmdline)"
+                            " VALUES (?, 1.0, 'python3', ?)", [pid, cmdline])
         db.conn.execute("INSERT INTO events (capture_id, uid, n, ts, name, dir, code)"
                         " VALUES (1, 'Cpool', 9, ?, 'goaway', 'resp', 0)", [T0 + 430.0])
     db.conn.close()
@@ -54,8 +58,13 @@ def test_open_connections_per_client_per_bucket(db_path: Path) -> None:
     data = timeline(open_database(str(db_path)), bucket=60.0, preface_timeout=20.0)
     assert data["start"] == T0 and len(data["times"]) == 11  # 0..600 inclusive
     assert data["times"][0] == T0 + 60.0  # each value is at the bucket's end
-    series = data["clients"]
-    assert next(iter(series)) == "pid 700"  # the climbing line first
+    series = {c["label"]: c["open"] for c in data["clients"]}
+    # the climbing line first, named by stable keys beside its label
+    assert data["clients"][0] == {"label": "pid 700", "pid": 700, "process_start": 1.0,
+                                  "address": None, "host": None, "process": LEAKER,
+                                  "open": series["pid 700"]}
+    assert [c["pid"] for c in data["clients"][1:]] == [None, 800]
+    assert data["clients"][1]["address"] == "10.0.0.9"
     assert series["pid 700"][:MINUTES] == list(range(1, MINUTES + 1))
     assert series["10.0.0.9"] == [1] * 11
     # the closer's connections close within their minute; the stuck dial is open at the
@@ -73,10 +82,11 @@ def test_open_connections_per_client_per_bucket(db_path: Path) -> None:
 def test_client_filter_and_window(db_path: Path) -> None:
     db = open_database(str(db_path))
     only = timeline(db, bucket=60.0, client="700")
-    assert list(only["clients"]) == ["pid 700"]
+    assert [c["label"] for c in only["clients"]] == ["pid 700"]
     late = timeline(db, bucket=120.0, since=T0 + 240.0)
     # connections opened before the window are carried in: 4 leaked by 240 s
-    assert late["clients"]["pid 700"][0] == 6  # 4 carried + 2 in 240..360
+    assert late["clients"][0]["pid"] == 700
+    assert late["clients"][0]["open"][0] == 6  # 4 carried + 2 in 240..360
 
 
 def test_text_table_and_json(db_path: Path) -> None:
@@ -85,8 +95,13 @@ def test_text_table_and_json(db_path: Path) -> None:
     assert "PREFACE TIMEOUTS" in out[0] and "PREFACE p50/p99 ms" in out[0]
     [row6] = [line for line in out if line.startswith("2026-09-21 14:19:20")]  # T0 + 6 min
     assert row6.split()[2:6] == ["6", "1", "0", "1"], row6  # pid 700, pool, 800, a timeout
+    # under the table, which command each process column is (paths cut to their last part)
+    assert "  pid 700: python -m orders.worker --shard 3" in out
+    assert "  pid 800: python3 closer.py" in out
     data = json.loads(tracer("timeline", "--db", str(db_path), "--format", "json").stdout)
-    assert data["clients"]["pid 700"][9] == 10
+    assert data["clients"][0]["pid"] == 700 and data["clients"][0]["open"][9] == 10
+    csv_header = tracer("timeline", "--db", str(db_path), "--format", "csv").stdout.split()[0]
+    assert csv_header.startswith("time,pid_700,10.0.0.9,pid_800,preface_timeouts,")
 
 
 @pytest.mark.parametrize("suffix,magic", [(".png", b"\x89PNG"), (".svg", b"<?xml"),
@@ -97,8 +112,10 @@ def test_plots(db_path: Path, tmp_path: Path, suffix: str, magic: bytes) -> None
     body = target.read_bytes()
     assert body.startswith(magic) and len(body) > 5000
     if suffix != ".png":
-        text = body.decode()
-        assert "pid 700 (max 10)" in text and "preface timeouts" in text
+        text = body.decode().replace("- -", "--")  # as it is kept in an XML comment
+        # each line names its process by what tells it apart
+        assert "pid 700 python -m orders.worker --shard 3 (max 10)" in text
+        assert "10.0.0.9 (max 1)" in text and "preface timeouts" in text
         assert "preface latency (ms)" in text
 
 

@@ -178,6 +178,26 @@ def test_tables_fit_an_80_column_terminal(demo_db: Path, command: list[str]) -> 
         assert leak.endswith("…") and not leak.endswith(" …")
 
 
+@pytest.mark.parametrize("columns", [80, 50])
+def test_the_timeline_fits_the_terminal(demo_db: Path, columns: int) -> None:
+    """Columns on the right go first, then the last clients' columns are summed into OTHERS;
+    a line says what was left out. --wide, like a pipe, shows everything."""
+    args = ["timeline", "--db", str(demo_db), "--bucket", "5s"]
+    narrow = in_terminal(args, columns)
+    lines = narrow.splitlines()
+    assert max(len(line) for line in lines) <= columns, narrow
+    assert "--wide shows every column" in narrow and "GOAWAY" in narrow
+    header = lines[0].split("  ")
+    assert header[0] == "TIME (UTC)" and "PREFACE TIMEOUTS" in lines[0]
+    piped = tracer(*args).stdout
+    assert in_terminal([*args, "--wide"], columns) == piped
+    # the same numbers: the leaker's column, or the sum of the clients folded into OTHERS
+    assert lines[1].split()[2] == ("8" if columns == 80 else "9")
+    assert piped.splitlines()[1].split()[2:5] == ["8", "1", "0"]
+    if columns == 50:
+        assert "3 client columns (summed in OTHERS)" in " ".join(lines)
+
+
 def test_process_names_keep_what_tells_them_apart() -> None:
     from cli.output import process_label
 
