@@ -185,8 +185,8 @@ def freeze(duration: float, db_path: str | None, echo: Callable[[str], None],
     descriptors."""
     reason = can_capture()
     if reason is not None:
-        echo(f"demo --freeze: cannot capture live here: {reason}; the freeze scenario "
-             "needs it (run as root, or with CAP_NET_RAW and CAP_NET_ADMIN)")
+        echo(f"demo --freeze: the freeze scenario is captured live, which cannot be done "
+             f"here: {reason}")
         return 1
     from tracer.agent.live import LiveSettings, run_live
 
