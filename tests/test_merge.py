@@ -110,7 +110,7 @@ def test_the_report_names_the_remote_processes_and_flags_only_the_leaker(
     assert set(before) == {HOST_B, HOST_C} and before[HOST_B]["verdict"] == "leak"
     out = _merge(a, b).stdout
     assert "11 matched now (2 processes; clock offset host-b - server +0.700s" in out, out
-    assert "3 no record for that address" in out and f"{HOST_C}: 3" in out, out
+    assert "3 no client connection from that address" in out and f"{HOST_C}: 3" in out, out
     clients = _clients(a)
     assert set(clients) == {4242, 4343, HOST_C}, clients
     leak, pool, other = clients[4242], clients[4343], clients[HOST_C]
@@ -162,7 +162,7 @@ def test_clock_skew_within_the_tolerance_matches(tmp_path: Path, shift: float, s
     r = _json_merge(a, b, "--max-skew", skew)["clients"][0]
     assert r["matched"] == matched, r
     unmatched = {k.split(" (")[0]: v for k, v in r["unmatched"].items()}
-    assert unmatched == {"no record for that address": 3,
+    assert unmatched == {"no client connection from that address": 3,
                          **({"address seen, no overlapping lifetime": 11 - matched}
                             if matched < 11 else {})}, r
     assert r["clock_offset_s"] == pytest.approx(shift, abs=1e-6)
@@ -260,55 +260,97 @@ def test_errors_are_clear(tmp_path: Path) -> None:
 LIVE_DURATION_S = 90.0  # the agents' --duration: ended by SIGTERM once the traffic is in
 
 
+def _named(host: str) -> list[str]:
+    """Run the rest of a command line under the host name ``host`` (a UTS namespace of
+    its own: namespaces of the network kind share the machine's name)."""
+    return ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', host]
+
+
 def test_two_hosts_the_server_report_names_the_remote_leaker(tmp_path: Path) -> None:
     """Namespace A (the server host: a grpcio server, its agent writing A.db) joined by a
     veth pair to B (a leaking grpcio client, a channel per call never closed, and a pooled
-    one, with B's agent capturing on its end of the link) and by another to C (a client
-    whose host's database is not merged). A's agent runs --no-attribution: on one machine
-    it would find B's namespace and name B's processes itself, which two real hosts
-    cannot; without it, every client is an address to A, as a remote one is."""
+    one, with B's agent capturing on its end of the link), by another to C (a client
+    whose host's database is not merged) and by a third to R, a router: D, behind it, has
+    its own leaking client and agent (D.db), and R rewrites the source of D's packets to
+    its own address (masquerade), so A sees R's address where D sees its own. A's agent
+    runs --no-attribution: on one machine it would find B's namespace and name B's
+    processes itself, which two real hosts cannot; without it, every client is an
+    address to A, as a remote one is. B's and D's agents run under host names of their
+    own (host-b, host-d), which they record and the merge names the hosts by."""
     ls.need_root()
-    skip_if(netns.unavailable_reason())
+    skip_if(netns.nat_unavailable_reason())
     leak = rt.PeerSpec("grpcio-leak-b", "grpcio", "leak", 6)
     pool = rt.PeerSpec("grpcio-pool-b", "grpcio", "pool", 12)
     close = rt.PeerSpec("grpcio-close-c", "grpcio", "close", 3)
-    a_db, b_db = tmp_path / "A.db", tmp_path / "B.db"
-    with rt.nothing_left_behind(), netns.linked(2) as (server_ns, (b, c)), \
+    natted = rt.PeerSpec("grpcio-leak-d", "grpcio", "leak", 3)
+    a_db, b_db, d_db = tmp_path / "A.db", tmp_path / "B.db", tmp_path / "D.db"
+    with rt.nothing_left_behind(), netns.linked(3) as (server_ns, (b, c, router)), \
+            netns.behind_nat(router, [b.octet, c.octet]) as d, \
             rt.started_processes() as processes:
         on_a = ["ip", "netns", "exec", server_ns]
         port = rt.ready_port(processes.start("server", [
             *on_a, *rt.grpcio_peer("server"), "0", "--max-lifetime", "120"]))
-        agent_a = ls.Agent(processes, a_db, port, "--no-attribution", "--duration",
-                           f"{LIVE_DURATION_S:g}s", prefix=on_a, name="agent-a")
-        agent_b = ls.Agent(processes, b_db, port, "--iface", b.client_if, "--duration",
-                           f"{LIVE_DURATION_S:g}s", prefix=b.command([]), name="agent-b")
-        agent_a.wait_ready()
-        agent_b.wait_ready()
+        agents = {
+            "a": ls.Agent(processes, a_db, port, "--no-attribution", "--duration",
+                          f"{LIVE_DURATION_S:g}s", prefix=on_a, name="agent-a"),
+            "b": ls.Agent(processes, b_db, port, "--iface", b.client_if, "--duration",
+                          f"{LIVE_DURATION_S:g}s", prefix=b.command(_named("host-b")),
+                          name="agent-b"),
+            "d": ls.Agent(processes, d_db, port, "--iface", d.host.client_if, "--duration",
+                          f"{LIVE_DURATION_S:g}s", prefix=d.host.command(_named("host-d")),
+                          name="agent-d"),
+        }
+        for agent in agents.values():
+            agent.wait_ready()
         leaker = ls.start_peer(processes, leak, f"{b.gateway}:{port}", prefix=b.command([]))
         pooler = ls.start_peer(processes, pool, f"{b.gateway}:{port}", prefix=b.command([]))
         closer = ls.start_peer(processes, close, f"{c.gateway}:{port}", prefix=c.command([]))
-        rt.wait_done([leaker, pooler, closer])
+        behind = ls.start_peer(processes, natted, f"{d.server}:{port}",
+                               prefix=d.host.command([]))
+        rt.wait_done([leaker, pooler, closer, behind])
         ls.wait_client_ports(leaker.popen.pid, port, leak.count)
-        agent_b.wait_for_rows("SELECT pid FROM connections WHERE attribution = 'local'", [],
-                              lambda rows: len(rows) == leak.count + 1,
-                              "B's agent attributed the leaker's and the pooler's connections")
-        agent_a.wait_for_rows("SELECT uid FROM connections", [],
-                              lambda rows: len(rows) == leak.count + 1 + close.count,
-                              "A's agent recorded every connection")
-        agent_a.wait_for_rows("SELECT uid FROM connections WHERE is_open = 0", [],
-                              lambda rows: len(rows) == close.count,
-                              "A's agent saw C's connections closed")
-        for agent in (agent_a, agent_b):
+        d_ports = ls.wait_client_ports(behind.popen.pid, port, natted.count)
+        agents["b"].wait_for_rows(
+            "SELECT pid FROM connections WHERE attribution = 'local'", [],
+            lambda rows: len(rows) == leak.count + 1,
+            "B's agent attributed the leaker's and the pooler's connections")
+        agents["d"].wait_for_rows(
+            "SELECT pid FROM connections WHERE attribution = 'local'", [],
+            lambda rows: len(rows) == natted.count, "D's agent attributed its leaker's")
+        agents["a"].wait_for_rows(
+            "SELECT uid FROM connections", [],
+            lambda rows: len(rows) == leak.count + 1 + close.count + natted.count,
+            "A's agent recorded every connection")
+        agents["a"].wait_for_rows("SELECT uid FROM connections WHERE is_open = 0", [],
+                                  lambda rows: len(rows) == close.count,
+                                  "A's agent saw C's connections closed")
+        for agent in agents.values():
             agent.require_time_left(LIVE_DURATION_S)
             os.kill(agent.pid, signal.SIGTERM)
-        assert agent_a.wait_exit() == 0, agent_a.output()
-        assert agent_b.wait_exit() == 0, agent_b.output()
-        leaker_pid, pooler_pid = leaker.popen.pid, pooler.popen.pid
-    out = _merge(a_db, b_db, "--name", "host-b").stdout
-    assert "7 matched now (2 processes" in out, out
-    assert "3 no record for that address" in out and f"{c.ip}: 3" in out, out
+        for agent in agents.values():
+            assert agent.wait_exit() == 0, agent.output()
+        leaker_pid, pooler_pid, behind_pid = leaker.popen.pid, pooler.popen.pid, \
+            behind.popen.pid
+    hosts = {db.name: [r["host"] for r in ls.query(db, "SELECT host FROM captures")]
+             for db in (b_db, d_db)}
+    assert hosts == {"B.db": ["host-b"], "D.db": ["host-d"]}, hosts
+    # The NAT seen from both ends: D's records are from D's address, A's from R's, on the
+    # same ports (masquerade keeps them where it can), so only the address tells them apart.
+    seen_d = ls.query(d_db, "SELECT orig_h, orig_p, pid FROM connections")
+    assert {(r["orig_h"], r["pid"]) for r in seen_d} == {(d.host.ip, behind_pid)}, seen_d
+    seen_a = ls.query(a_db, "SELECT orig_p FROM connections WHERE orig_h = ?", [d.seen_as])
+    assert len(seen_a) == natted.count, seen_a
+    out = _merge(a_db, b_db, d_db).stdout
+    assert "B.db (host-b): 7 connections; of the server's 13 unattributed, 7 matched now " \
+           "(2 processes" in out, out
+    assert "D.db (host-d): 3 connections; of the server's 6 unattributed, 0 matched now" \
+        in out, out
+    assert "6 no client connection from that address (NAT, or a host whose database is " \
+           "not merged)" in out, out
+    assert f"{c.ip}: 3 (no client connection from that address)" in out, out
+    assert f"{d.seen_as}: 3 (no client connection from that address)" in out, out
     clients = _clients(a_db)
-    assert set(clients) == {leaker_pid, pooler_pid, c.ip}, clients
+    assert set(clients) == {leaker_pid, pooler_pid, c.ip, d.seen_as}, clients
     named_leak, named_pool, other = clients[leaker_pid], clients[pooler_pid], clients[c.ip]
     assert (named_leak["host"], named_leak["client"], named_leak["verdict"],
             named_leak["open"]) == ("host-b", b.ip, "leak", leak.count), named_leak
@@ -318,8 +360,16 @@ def test_two_hosts_the_server_report_names_the_remote_leaker(tmp_path: Path) -> 
     assert "grpcio_client.py pool" in named_pool["process"], named_pool
     assert (other["pid"], other["opened"], other["closed"], other["verdict"]) == \
         (None, close.count, close.count, "ok"), other
-    assert [c["pid"] for c in clients.values() if c["verdict"] == "leak"] == [leaker_pid]
+    router_seen = clients[d.seen_as]
+    assert (router_seen["pid"], router_seen["process"], router_seen["open"]) == \
+        (None, None, natted.count) and "host" not in router_seen, router_seen
+    # Never a wrong pid: only B's two processes were named, only on B's connections.
+    named = ls.query(a_db, "SELECT orig_h, pid, attribution FROM connections"
+                           " WHERE pid IS NOT NULL")
+    assert {(r["orig_h"], r["pid"], r["attribution"]) for r in named} == \
+        {(b.ip, leaker_pid, "merged"), (b.ip, pooler_pid, "merged")}, named
+    assert not ls.query(a_db, "SELECT 1 FROM merged_clients WHERE host = 'host-d'")
+    assert {r["orig_p"] for r in seen_a} == set(d_ports)  # masquerade kept D's ports
     table = tracer("report", "--db", a_db).stdout
     assert f"{leaker_pid} on host-b" in table, table
     print(out, table, sep="\n")  # shown with pytest -s: what a person sees
-
