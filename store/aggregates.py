@@ -12,7 +12,10 @@ deletes, a test's own UPDATE): each closed row adds its counts, and takes them b
 when it changes or goes. One way of writing escapes them: an INSERT OR REPLACE deletes
 the row it replaces without firing the delete trigger unless ``recursive_triggers`` is
 on (sqlite-utils turns it on for every connection it opens, as tracer's are); the
-writer writes conn_methods with an upsert instead.
+writer writes conn_methods with an upsert instead. One writer goes around them on
+purpose: ``rekeyed`` gives many connections a new client at once (`tracer merge`) and
+moves their totals in a few set-wise statements, the update triggers off within its
+transaction.
 
 Counts are kept twice: per client (the whole report), and per client and minute of the
 close (``--since``: the minutes after the one it falls in are added up, the connections
