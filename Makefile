@@ -34,14 +34,14 @@ venv: $(STAMP)
 
 # tshark (cross-check of the decoder, benchmark reference), tcpdump (independent
 # capture writer in the real-traffic tests), prometheus (promtool checks the alert
-# rules; a real Prometheus server scrapes a live agent) and bro-aux (bro-cut, Zeek's
-# zeek-cut under its older name, reads the conn.log export), from Debian's packages
-# when missing.
-SYSTEM_DEB := tshark tcpdump prometheus bro-aux
+# rules; a real Prometheus server scrapes a live agent), bro-aux (bro-cut, Zeek's
+# zeek-cut under its older name, reads the conn.log export) and nftables (a router
+# namespace's source NAT in the merge test), from Debian's packages when missing.
+SYSTEM_DEB := tshark tcpdump prometheus bro-aux nftables
 system-deps:
 	@if ! command -v tshark >/dev/null || ! command -v tcpdump >/dev/null || \
 	    ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null || \
-	    ! command -v bro-cut >/dev/null; then \
+	    ! command -v bro-cut >/dev/null || ! command -v nft >/dev/null; then \
 		if command -v apt-get >/dev/null; then \
 			echo "installing $(SYSTEM_DEB) from Debian's packages"; \
 			export DEBIAN_FRONTEND=noninteractive; \

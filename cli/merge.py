@@ -7,7 +7,7 @@ import json
 import click
 
 from cli.times import parse_duration
-from store.merge import DEFAULT_MAX_SKEW_S, MergeResult, default_host, merge_databases
+from store.merge import DEFAULT_MAX_SKEW_S, MergeResult, merge_databases
 from store.schema import StoreError
 
 
@@ -16,7 +16,8 @@ from store.schema import StoreError
 @click.argument("client_dbs", metavar="CLIENT.db...", nargs=-1, required=True)
 @click.option("--name", "names", multiple=True, metavar="HOST",
               help="The host name of each CLIENT.db, in their order (repeat: one per client "
-                   "database; default: its file name without .db).")
+                   "database; default: the host its agent recorded, else its file name "
+                   "without .db).")
 @click.option("--max-skew", default=f"{DEFAULT_MAX_SKEW_S:g}s", show_default=True,
               metavar="TIME",
               help="How far apart the two hosts' clocks may be: lifetimes that overlap "
@@ -36,8 +37,11 @@ def merge(server_db: str, client_dbs: tuple[str, ...], names: tuple[str, ...],
     process (pid, command line, container) and host are written into SERVER.db, and
     `tracer report`, `tracer timeline` and `tracer connections` name it: the leak verdict
     names the remote process. Where a port was reused (two lifetimes overlap), the one
-    opened closest in time is taken, and counted. What does not match (NAT, a host
-    without an agent) stays an address and is counted, by reason.
+    opened closest in time is taken, and counted. What does not match stays an address
+    and is counted, by reason: behind NAT the server sees the router's address, which no
+    client database has a connection from, as for a host whose database is not given.
+    Each client host is named by --name, else by the host name its agent recorded (an
+    older tracer's database: by its file name).
 
     The client databases are only read (archived copies will do). Connections attributed
     on the server host are never changed; merging the same database again changes
@@ -57,7 +61,7 @@ def merge(server_db: str, client_dbs: tuple[str, ...], names: tuple[str, ...],
         raise click.BadParameter(f"{len(names)} names for {len(client_dbs)} client "
                                  "database(s): give one --name per CLIENT.db, in order",
                                  param_hint="--name")
-    hosts = [*names, *(default_host(p) for p in client_dbs[len(names):])]
+    hosts: list[str | None] = [*names, *([None] * (len(client_dbs) - len(names)))]
     try:
         run = merge_databases(server_db, list(zip(client_dbs, hosts, strict=True)),
                               max_skew_s=skew,
@@ -87,7 +91,8 @@ def _lines(path: str, r: MergeResult) -> list[str]:
     shown = 0.0 if r.offset_s is None or abs(r.offset_s) < 0.0005 else r.offset_s  # no -0.000
     offset = (f"; clock offset {r.host} - server {shown:+.3f}s (median)"
               if r.offset_s is not None else "")
-    out = [f"{path} ({r.host}): {r.client_connections:,} connections; of the server's "
+    named = "" if r.named_by in ("--name", "recorded") else f", by its {r.named_by}"
+    out = [f"{path} ({r.host}{named}): {r.client_connections:,} connections; of the server's "
            f"{r.candidates:,} unattributed, {r.matched:,} matched now "
            f"({r.processes:,} processes{offset})"]
     if r.ambiguous:

@@ -12,7 +12,10 @@ deletes, a test's own UPDATE): each closed row adds its counts, and takes them b
 when it changes or goes. One way of writing escapes them: an INSERT OR REPLACE deletes
 the row it replaces without firing the delete trigger unless ``recursive_triggers`` is
 on (sqlite-utils turns it on for every connection it opens, as tracer's are); the
-writer writes conn_methods with an upsert instead.
+writer writes conn_methods with an upsert instead. One writer goes around them on
+purpose: ``rekeyed`` gives many connections a new client at once (`tracer merge`) and
+moves their totals in a few set-wise statements, the update triggers off within its
+transaction.
 
 Counts are kept twice: per client (the whole report), and per client and minute of the
 close (``--since``: the minutes after the one it falls in are added up, the connections
@@ -266,6 +269,74 @@ def _fill(db: sqlite_utils.Database) -> None:
 def _plain_insert(table: str, select: str) -> str:
     return (f"INSERT INTO {table} ({', '.join(_columns(table))}, rows,"
             f" {', '.join(_counts(table))}) {select}")
+
+
+# The triggers an UPDATE of connections fires; ``rekeyed`` works without them.
+UPDATE_TRIGGERS = ("client_closed_update_old", "client_closed_update_new")
+
+
+def rekeyed(db: sqlite_utils.Database, moves: str, *, also: str = "") -> int:
+    """Give the connections listed in table ``moves`` (uid, pid, process_start: a
+    temporary one, say) that pid and process start (and set ``also``, more assignments
+    of columns the counts do not read, such as ", attribution = 'merged'"), with the
+    totals brought up to date once, set-wise, instead of by the per-row update triggers:
+    the closed ones' counts (which do not depend on who the client is) are read once,
+    taken back from the keys they had and added to the keys they get, and the entries
+    left with no row go (as retention's do). How many connections changed.
+
+    Runs inside the caller's transaction, which must be a write one (BEGIN IMMEDIATE:
+    no other connection writes until it ends): the two update triggers are dropped and
+    created again from their own stored text within it, so no other writer ever finds
+    them gone, and a rollback (a crash, an interrupt) restores them with everything
+    else. Without the totals (``present``), the connections are only updated."""
+    conn = db.conn
+    if not conn.in_transaction:
+        raise RuntimeError("aggregates.rekeyed runs inside the caller's write transaction")
+    update = (f"UPDATE connections SET pid = k.pid, process_start = k.process_start{also}"
+              f" FROM {moves} k WHERE connections.uid = k.uid")
+    if not present(db):
+        return int(conn.execute(update).rowcount)
+    read = ", ".join(f"c.{c}" for c in _READ)
+    source = (f"(SELECT {read}, k.pid AS new_pid, k.process_start AS new_process_start"
+              f" FROM {moves} k JOIN connections c ON c.uid = k.uid WHERE c.is_open = 0)")
+    counts = ", ".join(f"COALESCE({e}, 0) AS {name}" for name, e in COUNTS.items())
+    conn.execute("DROP TABLE IF EXISTS temp.rekeyed_counts")
+    conn.execute("DROP TABLE IF EXISTS temp.rekeyed_methods")
+    conn.execute(f"CREATE TEMP TABLE rekeyed_counts AS SELECT uid, {', '.join(KEY)},"
+                 f" new_pid, new_process_start, {MINUTE} AS minute, {counts}"
+                 f" FROM {_terms(source)}")
+    conn.execute("CREATE TEMP TABLE rekeyed_methods AS SELECT r.pid, r.process_start,"
+                 " r.orig_h, r.new_pid, r.new_process_start, r.minute, m.method, m.count"
+                 " FROM temp.rekeyed_counts r JOIN conn_methods m ON m.uid = r.uid")
+    sums = ", ".join(f"SUM({name})" for name in COUNTS)
+    negated = ", ".join(f"-SUM({name})" for name in COUNTS)
+    for sign, key, total in (("-", KEY, negated),
+                             ("", ("new_pid", "new_process_start", "orig_h"), sums)):
+        k = ", ".join(key)
+        # WHERE true: an upsert's SELECT needs a WHERE before ON CONFLICT (SQLite's parser).
+        conn.execute(_upsert(TOTALS, f"SELECT {_keyed(key)}, {sign}COUNT(*), {total}"
+                                     f" FROM temp.rekeyed_counts WHERE true GROUP BY {k}"))
+        conn.execute(_upsert(MINUTES, f"SELECT {_keyed(('minute', *key))}, {sign}COUNT(*),"
+                                      f" {total} FROM temp.rekeyed_counts WHERE true"
+                                      f" GROUP BY minute, {k}"))
+        conn.execute(_upsert(METHODS, f"SELECT {_keyed(key)}, method, {sign}COUNT(*),"
+                                      f" {sign}SUM(count) FROM temp.rekeyed_methods"
+                                      f" WHERE true GROUP BY {k}, method"))
+        conn.execute(_upsert(METHOD_MINUTES, f"SELECT {_keyed(('minute', *key))}, method,"
+                                             f" {sign}COUNT(*), {sign}SUM(count)"
+                                             " FROM temp.rekeyed_methods WHERE true"
+                                             f" GROUP BY minute, {k}, method"))
+    saved = [conn.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?",
+                          [name]).fetchone()[0] for name in UPDATE_TRIGGERS]
+    for name in UPDATE_TRIGGERS:
+        conn.execute(f"DROP TRIGGER {name}")
+    changed = int(conn.execute(update).rowcount)
+    for sql in saved:
+        conn.execute(sql)
+    conn.execute("DROP TABLE temp.rekeyed_counts")
+    conn.execute("DROP TABLE temp.rekeyed_methods")
+    drop_empty(db)
+    return changed
 
 
 def drop_empty(db: sqlite_utils.Database) -> None:

@@ -8,16 +8,26 @@ clock, so within a tolerance for the skew between them. A port the client host u
 again gives two records of one 4-tuple whose lifetimes may both overlap: the one opened
 closest in time is taken, and the case counted.
 
+Behind NAT (or from a host whose database is not given) the server sees an address that
+no client database has a connection from: those connections stay addresses, counted
+under that reason; no 4-tuple of one host is ever taken for another's.
+
 The join is SQL: the client database's records are copied (one read of it, opened
 read-only: it may be an archived copy) into a temporary table of the server's
 connection, indexed by 4-tuple, and joined with the server's unattributed connections
-in one statement. What matched is written in short transactions (a live agent may be
-writing the server's database): the connection row takes the remote pid and start time
-(attribution 'merged'), so the report and the per-client totals (store.aggregates,
-whose triggers follow the update) group by the remote process, and merged_clients /
-merged_processes (migration m017_merged_clients) say on which host it runs and what it
-is. A connection attributed on this host is never touched; one merged before is never
-merged again, so merging the same database twice changes nothing.
+in one statement. The matches are staged in another temporary table and written
+set-wise, a few statements in one transaction per client database (a crash or an
+interrupt leaves the database as it was): the connection rows take the remote pid and
+start time (attribution 'merged'), so the report and the per-client totals group by the
+remote process, the totals moved once for all of them (store.aggregates.rekeyed, not
+the per-row triggers), and merged_clients / merged_processes (migration
+m017_merged_clients) say on which host it runs and what it is. While a live capture
+writes the server's database the transactions are short (WRITE_BATCH rows each), each
+leaving it whole. A connection attributed on this host is never touched; one merged
+before is never merged again, so merging the same database twice changes nothing.
+
+A client host is named by --name, else by the host name its agent recorded (captures.host,
+migration m020_capture_host), else by its database's file name.
 """
 
 from __future__ import annotations
@@ -33,7 +43,10 @@ from typing import Any
 import sqlite_utils
 
 DEFAULT_MAX_SKEW_S = 2.0
-WRITE_BATCH = 5000  # server rows per transaction: a live agent's commits wait at most this
+# Server rows per transaction while a live capture writes the server's database: its
+# writes wait for the merge's (SQLite's busy timeout, 5 s, then the capture fails), so
+# they must be short. Without one, each client database is merged in one transaction.
+WRITE_BATCH = 5000
 COPY_BATCH = 10000  # client rows read and inserted at a time (memory stays bounded)
 TOP_UNMATCHED = 5  # unmatched addresses listed per client database
 _FOREVER = 1e300  # the end of a connection still open
@@ -51,7 +64,8 @@ REMOTE = _remote()
 _OPENED = "COALESCE(syn_ts, ts)"
 _ENDED = "CASE WHEN is_open THEN NULL ELSE COALESCE(close_ts, end_ts) END"
 
-NO_ADDRESS = "no record for that address"
+NO_ADDRESS = ("no client connection from that address (NAT, or a host whose database is"
+              " not merged)")
 NO_OVERLAP = "address seen, no overlapping lifetime (NAT, another host, or outside its capture)"
 NOT_ATTRIBUTED = "seen on the client host, not attributed there (closed before it looked)"
 
@@ -71,6 +85,7 @@ class MergeResult:
     unmatched_addresses: list[tuple[str, int, str]] = field(default_factory=list)
     offset_s: float | None = None  # median open time there minus here
     processes: int = 0  # distinct remote processes named now
+    named_by: str = "--name"  # where ``host`` comes from: --name, recorded, file name: ...
 
     @property
     def changed(self) -> bool:
@@ -78,7 +93,7 @@ class MergeResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "host": self.host, "source": self.source,
+            "host": self.host, "host_from": self.named_by, "source": self.source,
             "client_connections": self.client_connections, "candidates": self.candidates,
             "matched": self.matched, "ambiguous": self.ambiguous,
             "already_merged": self.already, "processes": self.processes,
@@ -91,9 +106,11 @@ class MergeResult:
 
 def merge_client(server: sqlite_utils.Database, client: sqlite_utils.Database, *,
                  host: str, source: str, max_skew_s: float = DEFAULT_MAX_SKEW_S,
-                 now: str | None = None) -> MergeResult:
+                 now: str | None = None, batch: int | None = None) -> MergeResult:
     """Name the server's remote clients that ``client`` (another host's database, opened
-    read-only) attributes; what matched and what did not, and why."""
+    read-only) attributes; what matched and what did not, and why. The matches are
+    written in one transaction, or with ``batch`` in transactions of that many (see
+    _write)."""
     result = MergeResult(host=host, source=source)
     result.already = server.execute(
         "SELECT COUNT(*) FROM merged_clients WHERE host = ? AND source = ?",
@@ -120,7 +137,7 @@ def merge_client(server: sqlite_utils.Database, client: sqlite_utils.Database, *
     result.processes = len({(a[2], a[3]) for a in named})
     _keep(server, [a[0] for a in assigned if a[2] is None], "merge_unattributed")
     result.matched = _write(server, named, ambiguous, host=host, source=source,
-                            now=now or _utc_now())
+                            now=now or _utc_now(), batch=batch)
     _count_unmatched(server, result)
     server.execute("DROP TABLE temp.merge_peer")
     server.execute("DROP TABLE temp.merge_peer_hosts")
@@ -206,38 +223,67 @@ def _keep(server: sqlite_utils.Database, uids: list[str], table: str) -> None:
 
 
 def _write(server: sqlite_utils.Database, named: list[Pair], ambiguous: set[str], *,
-           host: str, source: str, now: str) -> int:
-    """Store the matches, a batch per transaction; how many connections were named (a
-    connection the live agent attributed meanwhile keeps its own)."""
+           host: str, source: str, now: str, batch: int | None) -> int:
+    """Store the matches set-wise; how many connections were named (a connection the live
+    agent attributed meanwhile keeps its own). They are staged in a temporary table, then
+    applied in one transaction, or with ``batch`` (a live capture writes the database: it
+    must not wait long) in transactions of that many: each a few statements over its part
+    of the staged table, which leave the database whole (totals included) whenever it
+    stops."""
     conn = server.conn
+    conn.execute("DROP TABLE IF EXISTS temp.merge_matched")
+    conn.execute("CREATE TEMP TABLE merge_matched (n INTEGER PRIMARY KEY, uid TEXT UNIQUE,"
+                 " pid INTEGER, process_start REAL, peer_uid TEXT, offset_s REAL,"
+                 " ambiguous INTEGER)")
+    with conn:
+        conn.executemany("INSERT INTO temp.merge_matched VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         [(i, a[0], a[2], a[3], a[1], round(a[4], 6), int(a[0] in ambiguous))
+                          for i, a in enumerate(named)])
+    step = batch or max(len(named), 1)
     done = 0
-    for i in range(0, len(named), WRITE_BATCH):
-        batch = named[i:i + WRITE_BATCH]
-        with conn:
-            conn.execute("CREATE TEMP TABLE merge_batch (uid TEXT PRIMARY KEY, pid INTEGER,"
-                         " process_start REAL, peer_uid TEXT, offset_s REAL, ambiguous"
-                         " INTEGER) WITHOUT ROWID")
-            conn.executemany("INSERT INTO temp.merge_batch VALUES (?, ?, ?, ?, ?, ?)",
-                             [(a[0], a[2], a[3], a[1], round(a[4], 6), int(a[0] in ambiguous))
-                              for a in batch])
-            conn.execute(
-                "INSERT OR IGNORE INTO merged_processes (host, pid, start_time, user, comm,"
-                " cmdline, container, pod_name) SELECT ?, p.pid, p.start_time, p.user,"
-                " p.comm, p.cmdline, p.container, p.pod_name FROM temp.merge_peer_processes p"
-                " WHERE (p.pid, p.start_time) IN (SELECT pid, process_start"
-                " FROM temp.merge_batch)", [host])
-            cur = conn.execute(
-                "INSERT INTO merged_clients (uid, host, pid, process_start, peer_uid, source,"
-                " offset_s, ambiguous, merged_at) SELECT b.uid, ?, b.pid, b.process_start,"
-                " b.peer_uid, ?, b.offset_s, b.ambiguous, ? FROM temp.merge_batch b"
-                f" JOIN connections c ON c.uid = b.uid WHERE {_remote('c')}"
-                " ON CONFLICT (uid) DO NOTHING", [host, source, now])
-            done += cur.rowcount
-            conn.execute(
-                "UPDATE connections SET pid = b.pid, process_start = b.process_start,"
-                " attribution = 'merged' FROM temp.merge_batch b"
-                f" WHERE connections.uid = b.uid AND {_remote('connections')}")
-            conn.execute("DROP TABLE temp.merge_batch")
+    for first in range(0, len(named), step):
+        done += _apply(server, first, first + step, host=host, source=source, now=now)
+    conn.execute("DROP TABLE temp.merge_matched")
+    return done
+
+
+def _apply(server: sqlite_utils.Database, first: int, end: int, *, host: str, source: str,
+           now: str) -> int:
+    """The staged matches ``first`` to ``end`` (exclusive), in one write transaction: the
+    connections still unattributed take the remote process (the per-client totals moved
+    with them once, set-wise: store.aggregates.rekeyed), merged_clients and
+    merged_processes say who it is. Any failure rolls all of it back."""
+    from store import aggregates
+
+    conn = server.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("DROP TABLE IF EXISTS temp.merge_apply")
+        conn.execute("CREATE TEMP TABLE merge_apply (uid TEXT PRIMARY KEY, pid INTEGER,"
+                     " process_start REAL, peer_uid TEXT, offset_s REAL, ambiguous INTEGER)"
+                     " WITHOUT ROWID")
+        conn.execute(
+            "INSERT INTO temp.merge_apply SELECT m.uid, m.pid, m.process_start, m.peer_uid,"
+            " m.offset_s, m.ambiguous FROM temp.merge_matched m"
+            " JOIN connections c ON c.uid = m.uid"
+            f" WHERE m.n >= ? AND m.n < ? AND {_remote('c')}"
+            " AND m.uid NOT IN (SELECT uid FROM merged_clients)", [first, end])
+        conn.execute(
+            "INSERT OR IGNORE INTO merged_processes (host, pid, start_time, user, comm,"
+            " cmdline, container, pod_name) SELECT ?, p.pid, p.start_time, p.user,"
+            " p.comm, p.cmdline, p.container, p.pod_name FROM temp.merge_peer_processes p"
+            " WHERE (p.pid, p.start_time) IN (SELECT pid, process_start"
+            " FROM temp.merge_apply)", [host])
+        done: int = conn.execute(
+            "INSERT INTO merged_clients (uid, host, pid, process_start, peer_uid, source,"
+            " offset_s, ambiguous, merged_at) SELECT uid, ?, pid, process_start, peer_uid,"
+            " ?, offset_s, ambiguous, ? FROM temp.merge_apply", [host, source, now]).rowcount
+        aggregates.rekeyed(server, "temp.merge_apply", also=", attribution = 'merged'")
+        conn.execute("DROP TABLE temp.merge_apply")
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
     return done
 
 
@@ -266,11 +312,12 @@ class MergeRun:
     report_stored: bool  # the stored report was computed again (readers find it current)
 
 
-def merge_databases(server_path: str, clients: Sequence[tuple[str, str]], *,
+def merge_databases(server_path: str, clients: Sequence[tuple[str, str | None]], *,
                     max_skew_s: float = DEFAULT_MAX_SKEW_S,
                     wait: Callable[[str], None] | None = None) -> MergeRun:
     """Merge each client database (path, host name) into the server's database, in order:
-    a database merged later names only what the earlier ones left unnamed.
+    a database merged later names only what the earlier ones left unnamed. A host name of
+    None is the one the database recorded, else its file's (``host_of``).
 
     Every database is checked before anything is written: the server's must be a tracer
     database (of this version or an older one, which is upgraded), each client's too
@@ -310,9 +357,15 @@ def merge_databases(server_path: str, clients: Sequence[tuple[str, str]], *,
             except StoreBusy:
                 live = describe(lock.holder())
             try:
-                results = [merge_client(server, reader, host=host,
-                                        source=os.path.basename(path), max_skew_s=max_skew_s)
-                           for reader, (path, host) in zip(readers, clients, strict=True)]
+                results = []
+                for reader, (path, given) in zip(readers, clients, strict=True):
+                    host, named_by = (given, "--name") if given is not None else \
+                        host_of(reader, path)
+                    result = merge_client(server, reader, host=host,
+                                          source=os.path.basename(path), max_skew_s=max_skew_s,
+                                          batch=WRITE_BATCH if live else None)
+                    result.named_by = named_by
+                    results.append(result)
                 running = server.execute(
                     "SELECT COUNT(*) FROM captures WHERE status = 'running'").fetchone()[0]
                 stored = any(r.changed for r in results) and not running
@@ -334,12 +387,24 @@ def merged_counts(db: sqlite_utils.Database) -> dict[str, int]:
                            " ORDER BY host").fetchall())
 
 
-def default_host(path: str) -> str:
-    """A client database's host name when none is given: its file name without .db (the
-    database does not record its host's name)."""
+def host_of(client: sqlite_utils.Database, path: str) -> tuple[str, str]:
+    """A client database's host name when none is given, and where it comes from: the
+    host its live captures recorded (migration m020_capture_host), else (an older
+    tracer's database, only file reads, or captures on several hosts) its file name
+    without .db."""
+    hosts: list[str] = []
+    if "host" in {row[1] for row in client.execute("PRAGMA table_info(captures)").fetchall()}:
+        hosts = [r[0] for r in client.execute(
+            "SELECT DISTINCT host FROM captures WHERE host IS NOT NULL AND host != ''"
+            " ORDER BY host").fetchall()]
+    if len(hosts) == 1:
+        return hosts[0], "recorded"
     name = os.path.basename(path)
     stem, ext = os.path.splitext(name)
-    return stem if ext in (".db", ".sqlite", ".sqlite3") and stem else name
+    named = stem if ext in (".db", ".sqlite", ".sqlite3") and stem else name
+    if hosts:
+        return named, f"file name: it records {len(hosts)} hosts ({', '.join(hosts)})"
+    return named, "file name: no host recorded in it"
 
 
 def _utc_now() -> str:

@@ -644,6 +644,15 @@ def m017_merged_clients(db: sqlite_utils.Database) -> None:
     )
 
 
+
+@migrations()
+def m020_capture_host(db: sqlite_utils.Database) -> None:
+    """The host a live capture ran on (socket.gethostname() in the agent), so that
+    `tracer merge` names a client host's processes by it without --name. NULL for a file
+    read (its packets may come from any host) and for the captures before it. A reader
+    copes without it (READER_OPTIONAL: merge then names a host by its file)."""
+    db.execute("ALTER TABLE captures ADD COLUMN host TEXT")
+
 # -- opening the database ----------------------------------------------------------------
 #
 # The agent runs as root, often in a directory other users can write to. Every name it
@@ -667,7 +676,7 @@ READER_OPTIONAL = frozenset({"m004_preface_index", "m005_report_cache", "m006_ca
                              "m007_rpc_counts", "m008_retention", "m009_folded_closes",
                              "m012_server_samples", "m013_attribution_detail",
                              "m015_client_aggregates", "m018_datasette_views",
-                             "m016_reaps", "m017_merged_clients"})
+                             "m016_reaps", "m017_merged_clients", "m020_capture_host"})
 # Migrations a reader may find missing when the database has what they add anyway: the
 # releases before m014_unmigrated_columns changed m001_initial in place, so a database
 # made by most of them has its columns (checked against tracer.record.COLUMNS) though

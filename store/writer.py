@@ -119,17 +119,20 @@ class CaptureWriter:
     @classmethod
     def start(cls, db: sqlite_utils.Database, *, kind: str, ports: Iterable[int],
               interface: str | None = None, tool_version: str = "",
-              writer: tuple[int, float] | None = None) -> CaptureWriter:
+              writer: tuple[int, float] | None = None,
+              host: str | None = None) -> CaptureWriter:
         """Create the capture row of a new run. ``writer``: the (pid, start time) of the
         process that runs it, so that a reader can tell a capture still running from one
-        whose process died (kill -9, a crash) before it could finish."""
+        whose process died (kill -9, a crash) before it could finish. ``host``: the host
+        whose packets it captures (a live capture's own), which `tracer merge` names
+        this database's processes by."""
         pid, pid_start = writer if writer is not None else (None, None)
         with db.conn:
             cur = db.conn.execute(
                 "INSERT INTO captures (kind, started_at, status, ports, interface, tool_version,"
-                " pid, pid_start) VALUES (?, ?, 'running', ?, ?, ?, ?, ?)",
+                " pid, pid_start, host) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
                 [kind, utc_now(), ",".join(str(p) for p in sorted(ports)), interface,
-                 tool_version, pid, pid_start],
+                 tool_version, pid, pid_start, host],
             )
         return cls(db, cur.lastrowid)  # type: ignore[arg-type]
 

@@ -11,7 +11,12 @@ and ``trt<pid>c<i>`` for the veth ends, all within the 15-character interface na
 limit), so concurrent runs never collide and leftovers of a run that was killed hard are
 recognised and removed by the next one (``reap_stale``).
 
-Needs root and iproute2. Every command is bounded in time.
+``behind_nat`` puts a host behind one of ``linked``'s, which forwards its packets with
+their source rewritten to its own address (nftables' masquerade, or iptables'), as a
+home router or a Kubernetes node does: the server host sees the router's address.
+
+Needs root and iproute2 (and nftables or iptables for NAT). Every command is bounded in
+time.
 """
 
 from __future__ import annotations
@@ -110,10 +115,11 @@ def _used_octets() -> set[int]:
     return used
 
 
-def _free_octets(count: int) -> list[int]:
+def _free_octets(count: int, taken: Sequence[int] = ()) -> list[int]:
     # Start the scan at a pid-derived offset so that two runs starting at once are
-    # unlikely to pick the same subnets before either has added its addresses.
-    used = _used_octets()
+    # unlikely to pick the same subnets before either has added its addresses. ``taken``:
+    # subnets already given to namespaces (their addresses are not in the root one).
+    used = _used_octets() | set(taken)
     start = os.getpid() % 250
     picked = []
     for k in range(250):
@@ -253,5 +259,89 @@ def linked(count: int) -> Iterator[tuple[str, list[Host]]]:
         proc = _ip("netns", "del", server, check=False)
         if proc.returncode != 0 and server in _namespaces():
             errors.append(f"{server}: {proc.stderr.strip()}")
+        if errors and not failed:
+            raise NetnsError("could not remove: " + "; ".join(errors))
+
+
+def nat_unavailable_reason() -> str | None:
+    """Why ``behind_nat`` cannot be used here, or None when it can."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    if shutil.which("nft") is None and shutil.which("iptables") is None:
+        return ("source NAT needs nftables (`nft`) or iptables, and neither is installed "
+                "(`make system-deps` installs nftables)")
+    return None
+
+
+def _run(argv: Sequence[str]) -> None:
+    proc = subprocess.run(list(argv), check=False, capture_output=True, text=True,
+                          timeout=COMMAND_TIMEOUT_S)
+    if proc.returncode != 0:
+        raise NetnsError(f"{' '.join(argv)}: {(proc.stderr or proc.stdout).strip()}")
+
+
+def _masquerade(router: str, out_if: str) -> None:
+    """In namespace ``router``: forward IPv4, and rewrite the source of what leaves by
+    ``out_if`` to that interface's address."""
+    inside = ["ip", "netns", "exec", router]
+    _run([*inside, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
+    if shutil.which("nft") is not None:
+        rules = ("table ip tracer_test_nat {\n"
+                 "  chain postrouting {\n"
+                 "    type nat hook postrouting priority srcnat; policy accept;\n"
+                 f'    oifname "{out_if}" masquerade\n'
+                 "  }\n}\n")
+        proc = subprocess.run([*inside, "nft", "-f", "-"], input=rules, check=False,
+                              capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        if proc.returncode != 0:
+            raise NetnsError(f"nft -f - in {router}: {(proc.stderr or proc.stdout).strip()}")
+    else:
+        _run([*inside, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", out_if, "-j",
+              "MASQUERADE"])
+
+
+@dataclass(frozen=True)
+class NattedHost:
+    """A client host behind a NAT router: its own namespace and link to the router."""
+
+    host: Host  # host.ip: its own address; host.gateway: the router's on their link
+    server: str  # where it dials the server host (the router's gateway)
+    seen_as: str  # the address the server host sees its connections come from: the router's
+
+
+@contextlib.contextmanager
+def behind_nat(router: Host, taken: Sequence[int] = ()) -> Iterator[NattedHost]:
+    """A client host whose only link goes to ``router`` (one of ``linked``'s client hosts),
+    which forwards its packets to the server host with their source rewritten to the
+    router's own address (masquerade). ``taken``: the subnets of the other hosts, never
+    reused for this link. Removed on exit whatever happens inside; end the processes
+    started in it first (the router's rules go with the router's namespace)."""
+    skip = nat_unavailable_reason()
+    if skip is not None:
+        raise NetnsError(skip)
+    pid = os.getpid()
+    i = router.index + MAX_HOSTS  # linked() uses MAX_HOSTS+1 up: never one of its names
+    (octet,) = _free_octets(1, [router.octet, *taken])
+    host = Host(f"{PREFIX}{pid}n{i}", i, octet, f"{PREFIX}{pid}h{i}", f"{PREFIX}{pid}c{i}")
+    failed = False
+    try:
+        _ip("netns", "add", host.netns)
+        _ip("link", "add", host.root_if, "type", "veth", "peer", "name", host.client_if)
+        _ip("link", "set", host.root_if, "netns", router.netns)
+        _ip("link", "set", host.client_if, "netns", host.netns)
+        for ns, dev, addr in ((router.netns, host.root_if, host.gateway),
+                              (host.netns, host.client_if, host.ip)):
+            _ip("netns", "exec", ns, "ip", "addr", "add", f"{addr}/24", "dev", dev)
+            _ip("netns", "exec", ns, "ip", "link", "set", dev, "up")
+        _ip("netns", "exec", host.netns, "ip", "link", "set", "lo", "up")
+        _ip("netns", "exec", host.netns, "ip", "route", "add", "default", "via", host.gateway)
+        _masquerade(router.netns, router.client_if)
+        yield NattedHost(host, server=router.gateway, seen_as=router.ip)
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        errors = _destroy(host)
         if errors and not failed:
             raise NetnsError("could not remove: " + "; ".join(errors))

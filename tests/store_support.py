@@ -41,11 +41,13 @@ def record(uid: str, ts: float, orig: tuple[str, int], *, close: float | None,
 
 
 def stored(path: Path, rows: list[dict[str, Any]], *, first_ts: float, last_ts: float,
-           packets: int, elapsed_s: float = 1.0, kind: str = "file") -> sqlite_utils.Database:
+           packets: int, elapsed_s: float = 1.0, kind: str = "file",
+           host: str | None = None) -> sqlite_utils.Database:
     """A new database at ``path`` holding one complete capture of ``rows`` on the server's
-    port, with these totals; left open for what a test adds to it."""
+    port, with these totals (and the host it ran on); left open for what a test adds to
+    it."""
     db = open_database(str(path))
-    writer = CaptureWriter.start(db, kind=kind, ports=[SERVER[1]])
+    writer = CaptureWriter.start(db, kind=kind, ports=[SERVER[1]], host=host)
     writer.write(rows, [], [])
     writer.finish(status="complete", error=None, first_ts=first_ts, last_ts=last_ts,
                   packets=packets, segments=packets, connections=len(rows),

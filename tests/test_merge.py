@@ -23,6 +23,8 @@ import realtraffic_support as rt
 from store_support import T0, record, stored
 from support import skip_if, tracer
 
+from store import aggregates
+from store.merge import merge_client
 from store.queries import report, report_fingerprint, stored_report
 from store.schema import open_database
 from store.stored_report import store_report
@@ -71,8 +73,9 @@ def _scenario(shift: float = 0.0) -> tuple[list[dict[str, Any]], list[dict[str, 
 
 
 def _write(path: Path, rows: list[dict[str, Any]], owners: dict[str, ProcessInfo] | None = None,
-           *, remote: bool = False) -> None:
-    db = stored(path, rows, first_ts=T0, last_ts=T0 + 60.0, packets=len(rows) * 10)
+           *, remote: bool = False, host: str | None = None) -> None:
+    db = stored(path, rows, first_ts=T0, last_ts=T0 + 60.0, packets=len(rows) * 10,
+                kind="file" if host is None else "live", host=host)
     writer = CaptureWriter(db, 1)
     if owners is not None:
         writer.attribute([(uid, "local", info, T0, None) for uid, info in owners.items()])
@@ -81,11 +84,11 @@ def _write(path: Path, rows: list[dict[str, Any]], owners: dict[str, ProcessInfo
     db.conn.close()
 
 
-def _make(tmp_path: Path, shift: float = 0.0) -> tuple[Path, Path]:
+def _make(tmp_path: Path, shift: float = 0.0, host: str | None = None) -> tuple[Path, Path]:
     server, client, owners = _scenario(shift)
     a, b = tmp_path / "server.db", tmp_path / "host-b.db"
     _write(a, server, remote=True)
-    _write(b, client, owners)
+    _write(b, client, owners, host=host)
     return a, b
 
 
@@ -110,7 +113,7 @@ def test_the_report_names_the_remote_processes_and_flags_only_the_leaker(
     assert set(before) == {HOST_B, HOST_C} and before[HOST_B]["verdict"] == "leak"
     out = _merge(a, b).stdout
     assert "11 matched now (2 processes; clock offset host-b - server +0.700s" in out, out
-    assert "3 no record for that address" in out and f"{HOST_C}: 3" in out, out
+    assert "3 no client connection from that address" in out and f"{HOST_C}: 3" in out, out
     clients = _clients(a)
     assert set(clients) == {4242, 4343, HOST_C}, clients
     leak, pool, other = clients[4242], clients[4343], clients[HOST_C]
@@ -164,7 +167,7 @@ def test_clock_skew_within_the_tolerance_matches(tmp_path: Path, shift: float, s
     r = _json_merge(a, b, "--max-skew", skew)["clients"][0]
     assert r["matched"] == matched, r
     unmatched = {k.split(" (")[0]: v for k, v in r["unmatched"].items()}
-    assert unmatched == {"no record for that address": 3,
+    assert unmatched == {"no client connection from that address": 3,
                          **({"address seen, no overlapping lifetime": 11 - matched}
                             if matched < 11 else {})}, r
     assert r["clock_offset_s"] == pytest.approx(shift, abs=1e-6)
@@ -226,6 +229,213 @@ def test_a_merged_row_goes_with_its_connection(tmp_path: Path) -> None:
     assert len(ls.query(a, "SELECT uid FROM merged_clients")) == 9
 
 
+def _totals(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every per-client total with rows, in key order (WITHOUT ROWID: a scan is in key
+    order), and the triggers that keep them."""
+    conn = sqlite3.connect(path)
+    try:
+        out = {t: conn.execute(f"SELECT * FROM {t} WHERE rows > 0").fetchall()
+               for t in aggregates.TABLES}
+        out["triggers"] = conn.execute("SELECT name, sql FROM sqlite_master"
+                                       " WHERE type = 'trigger' ORDER BY name").fetchall()
+        return out
+    finally:
+        conn.close()
+
+
+def _recomputed(path: Path, tmp_path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """The totals a full recomputation gives: a copy without them (as a tracer before
+    m015_client_aggregates left it), upgraded, which fills them from every row."""
+    copy = tmp_path / "recomputed.db"
+    source, target = sqlite3.connect(path), sqlite3.connect(copy)
+    source.backup(target)
+    source.close()
+    with target:
+        for name in aggregates.TRIGGERS:
+            target.execute(f"DROP TRIGGER {name}")
+        for name in aggregates.TABLES:
+            target.execute(f"DROP TABLE {name}")
+        for name in aggregates.INDEXES:
+            target.execute(f"DROP INDEX {name}")
+        target.execute("DELETE FROM _sqlite_migrations WHERE name = 'm015_client_aggregates'")
+    target.close()
+    open_database(str(copy)).close()
+    try:
+        return _totals(copy)
+    finally:
+        copy.unlink()
+
+
+def test_the_totals_after_a_merge_are_a_full_recomputation_and_so_after_another(
+        tmp_path: Path) -> None:
+    """Set-wise, without the per-row triggers: the totals of the connections that moved
+    to the remote processes (their methods too), and none left empty behind them."""
+    a, b = _make(tmp_path, shift=0.3)
+    before = _totals(a)
+    assert before == _recomputed(a, tmp_path)
+    _merge(a, b)
+    after = _totals(a)
+    assert after != before and after == _recomputed(a, tmp_path)
+    assert after["triggers"] == before["triggers"]
+    by_pid = {row[0]: row[3] for row in after[aggregates.TOTALS]}  # pid -> rows
+    assert by_pid == {4343: 4}, after[aggregates.TOTALS]  # the pooler's 4 closed ones
+    methods = {(row[0], row[3]): row[5] for row in after[aggregates.METHODS]}
+    assert methods == {(4343, "/pkg.Svc/Get"): 4}, methods  # pid, method -> RPCs
+    empty = ls.query(a, " UNION ALL ".join(f"SELECT rows FROM {t} WHERE rows = 0"
+                                           for t in aggregates.TABLES))
+    assert not empty, empty
+    _merge(a, b)  # nothing to do: the same totals
+    assert _totals(a) == after
+
+
+@pytest.mark.parametrize(("batch", "transactions"), [(None, 1), (5, 3)])
+def test_the_matches_are_written_a_statement_each_in_one_transaction(
+        tmp_path: Path, batch: int | None, transactions: int) -> None:
+    """Every match in one statement per table, in one write transaction; beside a live
+    capture (``batch``: 5 of the 11 at a time here) one per batch."""
+    a, b = _make(tmp_path)
+    server, client = open_database(str(a)), open_database(str(b), readonly=True)
+    statements: list[str] = []
+    server.conn.set_trace_callback(statements.append)
+    try:
+        assert merge_client(server, client, host="host-b", source=b.name,
+                            batch=batch).matched == 11
+    finally:
+        server.conn.set_trace_callback(None)
+        server.close()
+        client.close()
+
+    def count(prefix: str) -> int:
+        return sum(1 for sql in statements if sql.lstrip().startswith(prefix))
+
+    assert count("BEGIN IMMEDIATE") == transactions
+    assert count("UPDATE connections SET pid") == transactions
+    assert count("INSERT INTO merged_clients") == transactions
+    assert count("DROP TRIGGER client_closed_update_old") == transactions
+    assert _totals(a) == _recomputed(a, tmp_path)
+
+
+def _dump(path: Path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(("action", "table", "column"), [
+    (sqlite3.SQLITE_INSERT, "merged_clients", None),  # first write of the transaction
+    (sqlite3.SQLITE_UPDATE, "connections", "pid"),  # the triggers dropped, totals moved
+    (sqlite3.SQLITE_CREATE_TRIGGER, "client_closed_update_new", "connections"),  # one back
+    (sqlite3.SQLITE_DELETE, aggregates.METHOD_MINUTES, None),  # the last statement
+], ids=["merged-clients", "update", "second-trigger", "last-statement"])
+def test_a_merge_that_fails_halfway_leaves_the_database_as_it_was(
+        tmp_path: Path, action: int, table: str, column: str | None) -> None:
+    """SQLite refuses one of the merge's statements (its authorizer: as a full disk or an
+    I/O error would, at a chosen point); everything before it in the transaction is
+    undone, the triggers included. Then the same merge does it all."""
+    a, b = _make(tmp_path)
+    was = _dump(a)
+    server, client = open_database(str(a)), open_database(str(b), readonly=True)
+    refused = []
+
+    def authorize(code: int, arg1: str | None, arg2: str | None, _db: str | None,
+                  _trigger: str | None) -> int:
+        if code == action and arg1 == table and (column is None or arg2 == column):
+            refused.append(arg1)
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    server.conn.set_authorizer(authorize)
+    try:
+        with pytest.raises(sqlite3.DatabaseError, match="not authorized"):
+            merge_client(server, client, host="host-b", source=b.name)
+    finally:
+        server.conn.set_authorizer(None)
+    assert refused == [table]
+    assert not server.conn.in_transaction
+    server.close()
+    assert _dump(a) == was
+    server = open_database(str(a))
+    try:
+        assert merge_client(server, client, host="host-b", source=b.name).matched == 11
+    finally:
+        server.close()
+        client.close()
+    assert _totals(a) == _recomputed(a, tmp_path)
+
+
+def test_an_interrupted_merge_leaves_the_database_as_it_was(tmp_path: Path) -> None:
+    """Interrupted (sqlite3_interrupt, what Ctrl-C does) in the middle of the update of the
+    connections, the per-row triggers dropped: rolled back whole."""
+    a, b = _make(tmp_path)
+    was = _dump(a)
+    server, client = open_database(str(a)), open_database(str(b), readonly=True)
+    state = {"armed": False, "fired": 0}
+
+    def trace(sql: str) -> None:
+        state["armed"] = state["armed"] or sql.startswith("UPDATE connections SET pid")
+
+    def progress() -> int:
+        if state["armed"] and not state["fired"]:
+            state["fired"] += 1
+            return 1
+        return 0
+
+    server.conn.set_trace_callback(trace)
+    server.conn.set_progress_handler(progress, 1)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+            merge_client(server, client, host="host-b", source=b.name)
+    finally:
+        server.conn.set_progress_handler(None, 1)
+        server.conn.set_trace_callback(None)
+        server.close()
+        client.close()
+    assert state["fired"] == 1
+    assert _dump(a) == was
+
+
+def test_a_client_host_is_named_by_the_host_its_agent_recorded(tmp_path: Path) -> None:
+    a, b = _make(tmp_path, host="build-7")
+    out = _merge(a, b).stdout
+    assert f"{b} (build-7): 11 connections" in out, out
+    assert "4242 on build-7  python leaky.py" in tracer("report", "--db", a).stdout
+    got = ls.query(a, "SELECT DISTINCT host FROM merged_clients")
+    assert got == [{"host": "build-7"}], got
+
+
+def test_a_client_host_without_one_recorded_host_is_named_by_its_file(tmp_path: Path) -> None:
+    """Two hosts recorded (a database carried from one host to another), none (file
+    reads only), or a database of a tracer before m020_capture_host: the file's name,
+    and why; --name before all."""
+    a, b = _make(tmp_path, host="build-7")
+    db = open_database(str(b))
+    with db.conn:
+        db.execute("INSERT INTO captures (kind, started_at, status, ports, host) VALUES"
+                   " ('live', '2026-01-01T00:00:00+00:00', 'complete', '9090', 'build-8')")
+    db.close()
+    r = _json_merge(a, b)["clients"][0]
+    assert (r["host"], r["host_from"]) == \
+        ("host-b", "file name: it records 2 hosts (build-7, build-8)"), r
+    assert "(host-b, by its file name: it records 2 hosts (build-7, build-8))" in \
+        _merge(a, b).stdout
+    (tmp_path / "older").mkdir()
+    a, b = _make(tmp_path / "older")
+    conn = sqlite3.connect(b)
+    with conn:
+        conn.execute("ALTER TABLE captures DROP COLUMN host")
+        conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm020_capture_host'")
+    conn.close()
+    r = _json_merge(a, b)["clients"][0]
+    assert (r["host"], r["host_from"], r["matched"]) == \
+        ("host-b", "file name: no host recorded in it", 11), r
+    (tmp_path / "named").mkdir()
+    a, b = _make(tmp_path / "named", host="build-7")
+    r = _json_merge(a, b, "--name", "edge-1")["clients"][0]
+    assert (r["host"], r["host_from"]) == ("edge-1", "--name"), r
+
+
 def test_errors_are_clear(tmp_path: Path) -> None:
     a, b = _make(tmp_path)
     plain = tmp_path / "plain.db"
@@ -262,55 +472,97 @@ def test_errors_are_clear(tmp_path: Path) -> None:
 LIVE_DURATION_S = 90.0  # the agents' --duration: ended by SIGTERM once the traffic is in
 
 
+def _named(host: str) -> list[str]:
+    """Run the rest of a command line under the host name ``host`` (a UTS namespace of
+    its own: namespaces of the network kind share the machine's name)."""
+    return ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', host]
+
+
 def test_two_hosts_the_server_report_names_the_remote_leaker(tmp_path: Path) -> None:
     """Namespace A (the server host: a grpcio server, its agent writing A.db) joined by a
     veth pair to B (a leaking grpcio client, a channel per call never closed, and a pooled
-    one, with B's agent capturing on its end of the link) and by another to C (a client
-    whose host's database is not merged). A's agent runs --no-attribution: on one machine
-    it would find B's namespace and name B's processes itself, which two real hosts
-    cannot; without it, every client is an address to A, as a remote one is."""
+    one, with B's agent capturing on its end of the link), by another to C (a client
+    whose host's database is not merged) and by a third to R, a router: D, behind it, has
+    its own leaking client and agent (D.db), and R rewrites the source of D's packets to
+    its own address (masquerade), so A sees R's address where D sees its own. A's agent
+    runs --no-attribution: on one machine it would find B's namespace and name B's
+    processes itself, which two real hosts cannot; without it, every client is an
+    address to A, as a remote one is. B's and D's agents run under host names of their
+    own (host-b, host-d), which they record and the merge names the hosts by."""
     ls.need_root()
-    skip_if(netns.unavailable_reason())
+    skip_if(netns.nat_unavailable_reason())
     leak = rt.PeerSpec("grpcio-leak-b", "grpcio", "leak", 6)
     pool = rt.PeerSpec("grpcio-pool-b", "grpcio", "pool", 12)
     close = rt.PeerSpec("grpcio-close-c", "grpcio", "close", 3)
-    a_db, b_db = tmp_path / "A.db", tmp_path / "B.db"
-    with rt.nothing_left_behind(), netns.linked(2) as (server_ns, (b, c)), \
+    natted = rt.PeerSpec("grpcio-leak-d", "grpcio", "leak", 3)
+    a_db, b_db, d_db = tmp_path / "A.db", tmp_path / "B.db", tmp_path / "D.db"
+    with rt.nothing_left_behind(), netns.linked(3) as (server_ns, (b, c, router)), \
+            netns.behind_nat(router, [b.octet, c.octet]) as d, \
             rt.started_processes() as processes:
         on_a = ["ip", "netns", "exec", server_ns]
         port = rt.ready_port(processes.start("server", [
             *on_a, *rt.grpcio_peer("server"), "0", "--max-lifetime", "120"]))
-        agent_a = ls.Agent(processes, a_db, port, "--no-attribution", "--duration",
-                           f"{LIVE_DURATION_S:g}s", prefix=on_a, name="agent-a")
-        agent_b = ls.Agent(processes, b_db, port, "--iface", b.client_if, "--duration",
-                           f"{LIVE_DURATION_S:g}s", prefix=b.command([]), name="agent-b")
-        agent_a.wait_ready()
-        agent_b.wait_ready()
+        agents = {
+            "a": ls.Agent(processes, a_db, port, "--no-attribution", "--duration",
+                          f"{LIVE_DURATION_S:g}s", prefix=on_a, name="agent-a"),
+            "b": ls.Agent(processes, b_db, port, "--iface", b.client_if, "--duration",
+                          f"{LIVE_DURATION_S:g}s", prefix=b.command(_named("host-b")),
+                          name="agent-b"),
+            "d": ls.Agent(processes, d_db, port, "--iface", d.host.client_if, "--duration",
+                          f"{LIVE_DURATION_S:g}s", prefix=d.host.command(_named("host-d")),
+                          name="agent-d"),
+        }
+        for agent in agents.values():
+            agent.wait_ready()
         leaker = ls.start_peer(processes, leak, f"{b.gateway}:{port}", prefix=b.command([]))
         pooler = ls.start_peer(processes, pool, f"{b.gateway}:{port}", prefix=b.command([]))
         closer = ls.start_peer(processes, close, f"{c.gateway}:{port}", prefix=c.command([]))
-        rt.wait_done([leaker, pooler, closer])
+        behind = ls.start_peer(processes, natted, f"{d.server}:{port}",
+                               prefix=d.host.command([]))
+        rt.wait_done([leaker, pooler, closer, behind])
         ls.wait_client_ports(leaker.popen.pid, port, leak.count)
-        agent_b.wait_for_rows("SELECT pid FROM connections WHERE attribution = 'local'", [],
-                              lambda rows: len(rows) == leak.count + 1,
-                              "B's agent attributed the leaker's and the pooler's connections")
-        agent_a.wait_for_rows("SELECT uid FROM connections", [],
-                              lambda rows: len(rows) == leak.count + 1 + close.count,
-                              "A's agent recorded every connection")
-        agent_a.wait_for_rows("SELECT uid FROM connections WHERE is_open = 0", [],
-                              lambda rows: len(rows) == close.count,
-                              "A's agent saw C's connections closed")
-        for agent in (agent_a, agent_b):
+        d_ports = ls.wait_client_ports(behind.popen.pid, port, natted.count)
+        agents["b"].wait_for_rows(
+            "SELECT pid FROM connections WHERE attribution = 'local'", [],
+            lambda rows: len(rows) == leak.count + 1,
+            "B's agent attributed the leaker's and the pooler's connections")
+        agents["d"].wait_for_rows(
+            "SELECT pid FROM connections WHERE attribution = 'local'", [],
+            lambda rows: len(rows) == natted.count, "D's agent attributed its leaker's")
+        agents["a"].wait_for_rows(
+            "SELECT uid FROM connections", [],
+            lambda rows: len(rows) == leak.count + 1 + close.count + natted.count,
+            "A's agent recorded every connection")
+        agents["a"].wait_for_rows("SELECT uid FROM connections WHERE is_open = 0", [],
+                                  lambda rows: len(rows) == close.count,
+                                  "A's agent saw C's connections closed")
+        for agent in agents.values():
             agent.require_time_left(LIVE_DURATION_S)
             os.kill(agent.pid, signal.SIGTERM)
-        assert agent_a.wait_exit() == 0, agent_a.output()
-        assert agent_b.wait_exit() == 0, agent_b.output()
-        leaker_pid, pooler_pid = leaker.popen.pid, pooler.popen.pid
-    out = _merge(a_db, b_db, "--name", "host-b").stdout
-    assert "7 matched now (2 processes" in out, out
-    assert "3 no record for that address" in out and f"{c.ip}: 3" in out, out
+        for agent in agents.values():
+            assert agent.wait_exit() == 0, agent.output()
+        leaker_pid, pooler_pid, behind_pid = leaker.popen.pid, pooler.popen.pid, \
+            behind.popen.pid
+    hosts = {db.name: [r["host"] for r in ls.query(db, "SELECT host FROM captures")]
+             for db in (b_db, d_db)}
+    assert hosts == {"B.db": ["host-b"], "D.db": ["host-d"]}, hosts
+    # The NAT seen from both ends: D's records are from D's address, A's from R's, on the
+    # same ports (masquerade keeps them where it can), so only the address tells them apart.
+    seen_d = ls.query(d_db, "SELECT orig_h, orig_p, pid FROM connections")
+    assert {(r["orig_h"], r["pid"]) for r in seen_d} == {(d.host.ip, behind_pid)}, seen_d
+    seen_a = ls.query(a_db, "SELECT orig_p FROM connections WHERE orig_h = ?", [d.seen_as])
+    assert len(seen_a) == natted.count, seen_a
+    out = _merge(a_db, b_db, d_db).stdout
+    assert "B.db (host-b): 7 connections; of the server's 13 unattributed, 7 matched now " \
+           "(2 processes" in out, out
+    assert "D.db (host-d): 3 connections; of the server's 6 unattributed, 0 matched now" \
+        in out, out
+    assert "6 no client connection from that address (NAT, or a host whose database is " \
+           "not merged)" in out, out
+    assert f"{c.ip}: 3 (no client connection from that address)" in out, out
+    assert f"{d.seen_as}: 3 (no client connection from that address)" in out, out
     clients = _clients(a_db)
-    assert set(clients) == {leaker_pid, pooler_pid, c.ip}, clients
+    assert set(clients) == {leaker_pid, pooler_pid, c.ip, d.seen_as}, clients
     named_leak, named_pool, other = clients[leaker_pid], clients[pooler_pid], clients[c.ip]
     assert (named_leak["host"], named_leak["client"], named_leak["verdict"],
             named_leak["open"]) == ("host-b", b.ip, "leak", leak.count), named_leak
@@ -320,8 +572,16 @@ def test_two_hosts_the_server_report_names_the_remote_leaker(tmp_path: Path) -> 
     assert "grpcio_client.py pool" in named_pool["process"], named_pool
     assert (other["pid"], other["opened"], other["closed"], other["verdict"]) == \
         (None, close.count, close.count, "ok"), other
-    assert [c["pid"] for c in clients.values() if c["verdict"] == "leak"] == [leaker_pid]
+    router_seen = clients[d.seen_as]
+    assert (router_seen["pid"], router_seen["process"], router_seen["open"]) == \
+        (None, None, natted.count) and "host" not in router_seen, router_seen
+    # Never a wrong pid: only B's two processes were named, only on B's connections.
+    named = ls.query(a_db, "SELECT orig_h, pid, attribution FROM connections"
+                           " WHERE pid IS NOT NULL")
+    assert {(r["orig_h"], r["pid"], r["attribution"]) for r in named} == \
+        {(b.ip, leaker_pid, "merged"), (b.ip, pooler_pid, "merged")}, named
+    assert not ls.query(a_db, "SELECT 1 FROM merged_clients WHERE host = 'host-d'")
+    assert {r["orig_p"] for r in seen_a} == set(d_ports)  # masquerade kept D's ports
     table = tracer("report", "--db", a_db).stdout
     assert f"{leaker_pid} on host-b" in table, table
     print(out, table, sep="\n")  # shown with pytest -s: what a person sees
-

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import socket
 import sqlite3
 import sys
 import threading
@@ -392,7 +393,7 @@ def serve(inbox: Pipe, outbox: Pipe, inherited: list[Pipe], settings: StoreSetti
         db = open_database(settings.db_path)
         writer = CaptureWriter.start(db, kind="live", ports=settings.ports,
                                      interface=settings.interface, tool_version=__version__,
-                                     writer=own_identity())
+                                     writer=own_identity(), host=socket.gethostname())
     except (StoreError, sqlite3.Error, OSError) as exc:
         _tell(outbox, Failed(_why(exc, settings.db_path)))
         return
