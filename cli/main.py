@@ -127,9 +127,17 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
                    "live; repeat for several files read as one stream (rotated files: they "
                    "are read in the time order of their first packets); - reads standard "
                    "input (tcpdump -w - | tracer capture --read - --port 9090).")
-@click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535), required=True,
+@click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535),
               help="The gRPC server port. Repeat for several. The side on this port is the "
-                   "server; connections picked up mid-stream are oriented by it.")
+                   "server; connections picked up mid-stream are oriented by it. Needed "
+                   "unless --unix is given.")
+@click.option("--unix", "unix", multiple=True, metavar="PATH",
+              help="Live: follow the connections to a gRPC server listening on this Unix "
+                   "socket (a path, or @name for an abstract one): the kernel's socket "
+                   "table is polled every 0.5s (no packets exist there, so methods, RPCs "
+                   "and GOAWAYs are not visible; open and close times are known to within "
+                   "a poll). Repeat for several; alone (no packet capture at all) or beside "
+                   "--port.")
 @_db_option
 @click.option("-i", "--iface", "interfaces", multiple=True, metavar="NAME",
               help="Live: interface to capture on (repeat for several); default any (all "
@@ -189,7 +197,8 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, status line or summary.")
 @metrics_options
 @click.argument("expression", nargs=-1, metavar="[EXPRESSION]")
-def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
+def capture(reads: tuple[str, ...], ports: tuple[int, ...], unix: tuple[str, ...],
+            db_path: str,
             interfaces: tuple[str, ...], duration: str | None, count: int | None,
             write_path: str | None, snaplen: int, user_filter: str | None, buffer_size: int,
             no_ring: bool, no_attribution: bool, user: str | None, grpc_status: bool,
@@ -202,6 +211,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
       tracer capture --port 9090                 # until Ctrl-C, with a status line
       tracer capture --port 9090 --duration 10m --write dump.pcapng
       tracer capture --port 9090 --retain 14d --max-db-size 2G   # as a service
+      tracer capture --unix /run/containerd/containerd.sock  # a Unix-socket server
     From capture files:
       tracer capture --read dump.pcapng --port 9090
       tracer capture -r dump.pcapng --port 9090 host 10.0.0.5   # a tcpdump filter
@@ -225,6 +235,15 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
     what was committed before is kept); 130 (SIGINT) or 143 (SIGTERM) when a file read
     is interrupted (what was read is kept).
     """
+    if not ports and not unix:
+        raise click.UsageError("give the server's --port (or a Unix socket with --unix)")
+    if reads and unix:
+        raise click.UsageError("--unix follows a live server's Unix socket: a capture file "
+                               "holds no Unix-socket traffic; give --port with --read")
+    if unix and not ports and (interfaces or write_path or count or user_filter
+                               or expression):
+        raise click.UsageError("--iface, --write, --count and filters are for packets: "
+                               "give --port too, or leave them out with --unix alone")
     if expression:
         if user_filter:
             raise click.UsageError("give the filter either as --filter or as trailing words")
@@ -249,7 +268,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
         duration=parse_duration(duration), count=count, write_path=write_path,
         snaplen=snaplen, buffer_bytes=buffer_size, user_filter=user_filter, ring=not no_ring,
         attribution=not no_attribution, user=user, core=core, retention=retention,
-        wait=lambda line: click.echo(line, err=True), metrics=exporter,
+        wait=lambda line: click.echo(line, err=True), metrics=exporter, unix=unix,
     )
     _capture_live(settings, quiet)
 
@@ -297,8 +316,13 @@ def _capture_live(settings: Any, quiet: bool) -> None:
     settings.notice = notice
     ports = ",".join(map(str, sorted(settings.ports)))
     if not quiet:
-        click.echo(f"capturing TCP port {ports} on {','.join(settings.interfaces)} "
-                   f"into {settings.db_path} (Ctrl-C to stop)", err=True)
+        what = [f"capturing TCP port {ports} on {','.join(settings.interfaces)}"] \
+            if settings.ports else []
+        if settings.unix:
+            what.append(f"following Unix socket{'s' if len(settings.unix) > 1 else ''} "
+                        f"{', '.join(settings.unix)} (polled every 0.5s)")
+        click.echo(f"{' and '.join(what)} into {settings.db_path} (Ctrl-C to stop)",
+                   err=True)
     try:
         result = run_live(settings, status if not quiet else None)
     except (CaptureError, PcapWriteError) as exc:
@@ -312,11 +336,16 @@ def _capture_live(settings: Any, quiet: bool) -> None:
         click.echo(f"error: {result.error}", err=True)
     if not quiet:
         rate = result.packets / result.elapsed_s if result.elapsed_s > 0 else 0.0
-        click.echo(
-            f"captured {result.packets:,} packets in {result.elapsed_s:.1f}s ({rate:,.0f}/s); "
-            f"kernel: {result.received:,} passed the filter, {result.dropped:,} dropped",
-            err=True,
-        )
+        if settings.unix:
+            click.echo(f"Unix sockets: {result.unix_polls:,} polls, median "
+                       f"{result.unix_poll_ms:.2f} ms each; {result.unix_opened:,} connections "
+                       f"seen, attributed to a process: {result.unix_attributed:,}", err=True)
+        if settings.ports:
+            click.echo(
+                f"captured {result.packets:,} packets in {result.elapsed_s:.1f}s "
+                f"({rate:,.0f}/s); kernel: {result.received:,} passed the filter, "
+                f"{result.dropped:,} dropped", err=True,
+            )
         if result.status != "failed":
             click.echo(
                 f"{result.connections:,} connections ({result.seeded:,} already open at the "
