@@ -508,6 +508,8 @@ def print_report(db_path: str, fmt: str = "table",
         top = next(iter(c["methods"].items()), None)
         process = process_label(c["process"]) if fmt == "table" else c["process"]
         idle = c.get("idle_s")
+        # A Unix socket shows no frame: what it would take is said, never 0 or idle.
+        unseen = "n/a (unix)" if c.get("transport") == "unix" else None
         oldest = fmt_age(c["oldest_open_s"])
         if c.get("oldest_open_before_capture") and fmt == "table":
             oldest = f">={oldest}"  # opened before the capture: at least this old
@@ -515,9 +517,9 @@ def print_report(db_path: str, fmt: str = "table",
             c["client"], f"{c['pid']} on {c['host']}" if c.get("host") else c["pid"], process,
             c["opened"], c["closed"], c["open"],
             c["health_checks"], oldest,
-            f"{fmt_age(idle['min'])}+" if idle else None,
-            c["open_growth_per_min"], c["rpcs_per_connection"],
-            f"{top[0]} ({top[1]})" if top else None, c["verdict"], c["reason"],
+            f"{fmt_age(idle['min'])}+" if idle else unseen,
+            c["open_growth_per_min"], unseen if unseen else c["rpcs_per_connection"],
+            f"{top[0]} ({top[1]})" if top else unseen, c["verdict"], c["reason"],
         ])
     if fmt != "table":
         click.echo(render(fmt, rows, headers))
@@ -565,14 +567,23 @@ def print_report(db_path: str, fmt: str = "table",
     s = data["server"]
     lat = s["preface_latency_ms"]
     say("")
-    say(
-        f"server: preface latency p50 {lat['p50'] if lat['p50'] is not None else '-'} ms, "
-        f"p99 {lat['p99'] if lat['p99'] is not None else '-'} ms ({lat['samples']} connections); "
-        f"preface timeouts (> {s['preface_timeout_s']:g}s) {s['preface_timeouts']}; "
-        f"GOAWAY from server {s['goaways']['server']}, from clients {s['goaways']['client']}; "
-        f"RST from server {s['resets']['server']}, from clients {s['resets']['client']}; "
-        f"refused {s['refused']}"
-    )
+    unix = cap.get("unix_paths") or []
+    if unix:
+        say(f"server on Unix socket{'s' if len(unix) > 1 else ''} {', '.join(unix)} "
+            "(followed by polling the kernel's socket table every 0.5s): RPCs, methods, "
+            "idle times, preface, GOAWAY, PING and RST are not visible without packets; "
+            "open and close times are known to within 0.5s; a connection opened and closed "
+            "between two polls is not seen")
+    if not unix or cap["ports"]:
+        say(
+            f"server: preface latency p50 {lat['p50'] if lat['p50'] is not None else '-'} "
+            f"ms, p99 {lat['p99'] if lat['p99'] is not None else '-'} ms "
+            f"({lat['samples']} connections); "
+            f"preface timeouts (> {s['preface_timeout_s']:g}s) {s['preface_timeouts']}; "
+            f"GOAWAY from server {s['goaways']['server']}, from clients "
+            f"{s['goaways']['client']}; RST from server {s['resets']['server']}, from "
+            f"clients {s['resets']['client']}; refused {s['refused']}"
+        )
     for m in s["preface_timeout_moments"]:
         who = ", ".join(f"{k}: {v}" for k, v in m["top_clients"].items())
         say(
