@@ -1057,8 +1057,15 @@ def connections(db_path: str, fmt: str, open_only: bool, client: str | None, pid
     if fmt in ("zeek", "zeek-json"):
         from cli.zeek import zeek_json, zeek_tsv
 
+        # A conn.log row is an IP 4-tuple: a connection to a Unix socket has none.
+        unix = [r for r in rows if r.get("protocol") == "unix"]
+        rows = [r for r in rows if r.get("protocol") != "unix"]
         for line in (zeek_tsv(rows) if fmt == "zeek" else zeek_json(rows)):
             click.echo(line)
+        if unix:
+            click.echo(f"note: {len(unix):,} connection{'s' if len(unix) != 1 else ''} to a "
+                       "Unix socket left out: a Zeek conn.log holds IP connections only "
+                       "(--format json lists them)", err=True)
         return
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
@@ -1078,6 +1085,16 @@ def connections(db_path: str, fmt: str, open_only: bool, client: str | None, pid
         preface = None if r["preface_ts"] is None else round(r["preface_ts"] - r["ts"], 6)
         settings = None if r["server_settings_ts"] is None else round(
             r["server_settings_ts"] - r["ts"], 6)
+        if r.get("protocol") == "unix":
+            # No packet exists on a Unix socket: what they would show is said, never 0.
+            na = "n/a (unix)"
+            out.append([
+                r["uid"], fmt_ts(r["ts"]) if fmt == "table" else r["ts"],
+                f"client socket {r['orig_p']}", r["resp_h"], r["duration"], r["conn_state"],
+                na, na, na, na, na, na, na, na, na, na, na,
+                "closed" if r["close_kind"] else "open", None,
+            ])
+            continue
         out.append([
             r["uid"], fmt_ts(r["ts"]) if fmt == "table" else r["ts"],
             f"{_host(r['orig_h'])}:{r['orig_p']}", f"{_host(r['resp_h'])}:{r['resp_p']}",
