@@ -339,14 +339,16 @@ def _capture_live(settings: Any, quiet: bool) -> None:
         if settings.unix:
             click.echo(f"Unix sockets: {result.unix_polls:,} polls, median "
                        f"{result.unix_poll_ms:.2f} ms each; {result.unix_opened:,} connections "
-                       f"seen, attributed to a process: {result.unix_attributed:,}", err=True)
+                       f"seen, attributed to a process: {result.unix_attributed:,}"
+                       + ("" if settings.ports else
+                          f" -> {settings.db_path} (capture {result.capture_id})"), err=True)
         if settings.ports:
             click.echo(
                 f"captured {result.packets:,} packets in {result.elapsed_s:.1f}s "
                 f"({rate:,.0f}/s); kernel: {result.received:,} passed the filter, "
                 f"{result.dropped:,} dropped", err=True,
             )
-        if result.status != "failed":
+        if result.status != "failed" and settings.ports:
             click.echo(
                 f"{result.connections:,} connections ({result.seeded:,} already open at the "
                 f"start), {result.open_at_end:,} open at the end; attributed to a process: "
