@@ -135,6 +135,7 @@ bench: $(STAMP) system-deps
 	$(PY) benchmarks/logs.py
 	$(PY) benchmarks/longrun.py
 	$(PY) benchmarks/attribution.py --background 200 --repeat 3
+	$(PY) benchmarks/unix.py
 
 # The property and fuzz tests with 20 times the examples CI runs, and fresh random ones
 # each time (a failure prints the blob that replays it). FUZZ_SCALE=100 for longer.

@@ -129,9 +129,17 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
                    "live; repeat for several files read as one stream (rotated files: they "
                    "are read in the time order of their first packets); - reads standard "
                    "input (tcpdump -w - | tracer capture --read - --port 9090).")
-@click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535), required=True,
+@click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535),
               help="The gRPC server port. Repeat for several. The side on this port is the "
-                   "server; connections picked up mid-stream are oriented by it.")
+                   "server; connections picked up mid-stream are oriented by it. Needed "
+                   "unless --unix is given.")
+@click.option("--unix", "unix", multiple=True, metavar="PATH",
+              help="Live: follow the connections to a gRPC server listening on this Unix "
+                   "socket (a path, or @name for an abstract one): the kernel's socket "
+                   "table is polled every 0.5s (no packets exist there, so methods, RPCs "
+                   "and GOAWAYs are not visible; open and close times are known to within "
+                   "a poll). Repeat for several; alone (no packet capture at all) or beside "
+                   "--port.")
 @_db_option
 @click.option("-i", "--iface", "interfaces", multiple=True, metavar="NAME",
               help="Live: interface to capture on (repeat for several); default any (all "
@@ -191,7 +199,8 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, status line or summary.")
 @metrics_options
 @click.argument("expression", nargs=-1, metavar="[EXPRESSION]")
-def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
+def capture(reads: tuple[str, ...], ports: tuple[int, ...], unix: tuple[str, ...],
+            db_path: str,
             interfaces: tuple[str, ...], duration: str | None, count: int | None,
             write_path: str | None, snaplen: int, user_filter: str | None, buffer_size: int,
             no_ring: bool, no_attribution: bool, user: str | None, grpc_status: bool,
@@ -204,6 +213,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
       tracer capture --port 9090                 # until Ctrl-C, with a status line
       tracer capture --port 9090 --duration 10m --write dump.pcapng
       tracer capture --port 9090 --retain 14d --max-db-size 2G   # as a service
+      tracer capture --unix /run/containerd/containerd.sock  # a Unix-socket server
     From capture files:
       tracer capture --read dump.pcapng --port 9090
       tracer capture -r dump.pcapng --port 9090 host 10.0.0.5   # a tcpdump filter
@@ -227,6 +237,15 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
     what was committed before is kept); 130 (SIGINT) or 143 (SIGTERM) when a file read
     is interrupted (what was read is kept).
     """
+    if not ports and not unix:
+        raise click.UsageError("give the server's --port (or a Unix socket with --unix)")
+    if reads and unix:
+        raise click.UsageError("--unix follows a live server's Unix socket: a capture file "
+                               "holds no Unix-socket traffic; give --port with --read")
+    if unix and not ports and (interfaces or write_path or count or user_filter
+                               or expression):
+        raise click.UsageError("--iface, --write, --count and filters are for packets: "
+                               "give --port too, or leave them out with --unix alone")
     if expression:
         if user_filter:
             raise click.UsageError("give the filter either as --filter or as trailing words")
@@ -251,7 +270,7 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,
         duration=parse_duration(duration), count=count, write_path=write_path,
         snaplen=snaplen, buffer_bytes=buffer_size, user_filter=user_filter, ring=not no_ring,
         attribution=not no_attribution, user=user, core=core, retention=retention,
-        wait=lambda line: click.echo(line, err=True), metrics=exporter,
+        wait=lambda line: click.echo(line, err=True), metrics=exporter, unix=unix,
     )
     _capture_live(settings, quiet)
 
@@ -299,8 +318,13 @@ def _capture_live(settings: Any, quiet: bool) -> None:
     settings.notice = notice
     ports = ",".join(map(str, sorted(settings.ports)))
     if not quiet:
-        click.echo(f"capturing TCP port {ports} on {','.join(settings.interfaces)} "
-                   f"into {settings.db_path} (Ctrl-C to stop)", err=True)
+        what = [f"capturing TCP port {ports} on {','.join(settings.interfaces)}"] \
+            if settings.ports else []
+        if settings.unix:
+            what.append(f"following Unix socket{'s' if len(settings.unix) > 1 else ''} "
+                        f"{', '.join(settings.unix)} (polled every 0.5s)")
+        click.echo(f"{' and '.join(what)} into {settings.db_path} (Ctrl-C to stop)",
+                   err=True)
     try:
         result = run_live(settings, status if not quiet else None)
     except (CaptureError, PcapWriteError) as exc:
@@ -314,12 +338,19 @@ def _capture_live(settings: Any, quiet: bool) -> None:
         click.echo(f"error: {result.error}", err=True)
     if not quiet:
         rate = result.packets / result.elapsed_s if result.elapsed_s > 0 else 0.0
-        click.echo(
-            f"captured {result.packets:,} packets in {result.elapsed_s:.1f}s ({rate:,.0f}/s); "
-            f"kernel: {result.received:,} passed the filter, {result.dropped:,} dropped",
-            err=True,
-        )
-        if result.status != "failed":
+        if settings.unix:
+            click.echo(f"Unix sockets: {result.unix_polls:,} polls, median "
+                       f"{result.unix_poll_ms:.2f} ms each; {result.unix_opened:,} connections "
+                       f"seen, attributed to a process: {result.unix_attributed:,}"
+                       + ("" if settings.ports else
+                          f" -> {settings.db_path} (capture {result.capture_id})"), err=True)
+        if settings.ports:
+            click.echo(
+                f"captured {result.packets:,} packets in {result.elapsed_s:.1f}s "
+                f"({rate:,.0f}/s); kernel: {result.received:,} passed the filter, "
+                f"{result.dropped:,} dropped", err=True,
+            )
+        if result.status != "failed" and settings.ports:
             click.echo(
                 f"{result.connections:,} connections ({result.seeded:,} already open at the "
                 f"start), {result.open_at_end:,} open at the end; attributed to a process: "
@@ -481,6 +512,8 @@ def print_report(db_path: str, fmt: str = "table",
         top = next(iter(c["methods"].items()), None)
         process = process_label(c["process"]) if fmt == "table" else c["process"]
         idle = c.get("idle_s")
+        # A Unix socket shows no frame: what it would take is said, never 0 or idle.
+        unseen = "n/a (unix)" if c.get("transport") == "unix" else None
         oldest = fmt_age(c["oldest_open_s"])
         if c.get("oldest_open_before_capture") and fmt == "table":
             oldest = f">={oldest}"  # opened before the capture: at least this old
@@ -488,9 +521,9 @@ def print_report(db_path: str, fmt: str = "table",
             c["client"], f"{c['pid']} on {c['host']}" if c.get("host") else c["pid"], process,
             c["opened"], c["closed"], c["open"],
             c["health_checks"], oldest,
-            f"{fmt_age(idle['min'])}+" if idle else None,
-            c["open_growth_per_min"], c["rpcs_per_connection"],
-            f"{top[0]} ({top[1]})" if top else None, c["verdict"], c["reason"],
+            f"{fmt_age(idle['min'])}+" if idle else unseen,
+            c["open_growth_per_min"], unseen if unseen else c["rpcs_per_connection"],
+            f"{top[0]} ({top[1]})" if top else unseen, c["verdict"], c["reason"],
         ])
     if fmt != "table":
         click.echo(render(fmt, rows, headers))
@@ -538,14 +571,23 @@ def print_report(db_path: str, fmt: str = "table",
     s = data["server"]
     lat = s["preface_latency_ms"]
     say("")
-    say(
-        f"server: preface latency p50 {lat['p50'] if lat['p50'] is not None else '-'} ms, "
-        f"p99 {lat['p99'] if lat['p99'] is not None else '-'} ms ({lat['samples']} connections); "
-        f"preface timeouts (> {s['preface_timeout_s']:g}s) {s['preface_timeouts']}; "
-        f"GOAWAY from server {s['goaways']['server']}, from clients {s['goaways']['client']}; "
-        f"RST from server {s['resets']['server']}, from clients {s['resets']['client']}; "
-        f"refused {s['refused']}"
-    )
+    unix = cap.get("unix_paths") or []
+    if unix:
+        say(f"server on Unix socket{'s' if len(unix) > 1 else ''} {', '.join(unix)} "
+            "(followed by polling the kernel's socket table every 0.5s): RPCs, methods, "
+            "idle times, preface, GOAWAY, PING and RST are not visible without packets; "
+            "open and close times are known to within 0.5s; a connection opened and closed "
+            "between two polls is not seen")
+    if not unix or cap["ports"]:
+        say(
+            f"server: preface latency p50 {lat['p50'] if lat['p50'] is not None else '-'} "
+            f"ms, p99 {lat['p99'] if lat['p99'] is not None else '-'} ms "
+            f"({lat['samples']} connections); "
+            f"preface timeouts (> {s['preface_timeout_s']:g}s) {s['preface_timeouts']}; "
+            f"GOAWAY from server {s['goaways']['server']}, from clients "
+            f"{s['goaways']['client']}; RST from server {s['resets']['server']}, from "
+            f"clients {s['resets']['client']}; refused {s['refused']}"
+        )
     for m in s["preface_timeout_moments"]:
         who = ", ".join(f"{k}: {v}" for k, v in m["top_clients"].items())
         say(
@@ -1092,8 +1134,15 @@ def connections(db_path: str, fmt: str, open_only: bool, client: str | None, pid
     if fmt in ("zeek", "zeek-json"):
         from cli.zeek import zeek_json, zeek_tsv
 
+        # A conn.log row is an IP 4-tuple: a connection to a Unix socket has none.
+        unix = [r for r in rows if r.get("protocol") == "unix"]
+        rows = [r for r in rows if r.get("protocol") != "unix"]
         for line in (zeek_tsv(rows) if fmt == "zeek" else zeek_json(rows)):
             click.echo(line)
+        if unix:
+            click.echo(f"note: {len(unix):,} connection{'s' if len(unix) != 1 else ''} to a "
+                       "Unix socket left out: a Zeek conn.log holds IP connections only "
+                       "(--format json lists them)", err=True)
         return
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
@@ -1113,6 +1162,16 @@ def connections(db_path: str, fmt: str, open_only: bool, client: str | None, pid
         preface = None if r["preface_ts"] is None else round(r["preface_ts"] - r["ts"], 6)
         settings = None if r["server_settings_ts"] is None else round(
             r["server_settings_ts"] - r["ts"], 6)
+        if r.get("protocol") == "unix":
+            # No packet exists on a Unix socket: what they would show is said, never 0.
+            na = "n/a (unix)"
+            out.append([
+                r["uid"], fmt_ts(r["ts"]) if fmt == "table" else r["ts"],
+                f"client socket {r['orig_p']}", r["resp_h"], r["duration"], r["conn_state"],
+                na, na, na, na, na, na, na, na, na, na, na,
+                "closed" if r["close_kind"] else "open", None,
+            ])
+            continue
         out.append([
             r["uid"], fmt_ts(r["ts"]) if fmt == "table" else r["ts"],
             f"{_host(r['orig_h'])}:{r['orig_p']}", f"{_host(r['resp_h'])}:{r['resp_p']}",

@@ -56,7 +56,15 @@ _FOREVER = 1e300  # the end of a connection still open
 # a socket on this host, whose owner went too soon: no other host has it.
 def _remote(table: str = "") -> str:
     t = f"{table}." if table else ""
-    return f"{t}pid IS NULL AND ({t}attribution IS NULL OR {t}attribution = 'remote')"
+    # A connection to a Unix socket never left this host: no 4-tuple to join on.
+    return (f"{t}pid IS NULL AND ({t}attribution IS NULL OR {t}attribution = 'remote')"
+            f" AND COALESCE({t}protocol, '') <> 'unix'")
+
+
+# Unattributed connections to a Unix socket, skipped by the merge (and counted).
+UNIX_SKIPPED = "Unix socket: local to this host, nothing to join"
+_UNIX_UNNAMED = ("pid IS NULL AND (attribution IS NULL OR attribution = 'remote')"
+                 " AND protocol = 'unix'")
 
 
 REMOTE = _remote()
@@ -297,6 +305,10 @@ def _count_unmatched(server: sqlite_utils.Database, result: MergeResult) -> None
     for why, n in server.execute(
             f"SELECT {reason}, COUNT(*) FROM connections WHERE {REMOTE} GROUP BY 1"):
         result.unmatched[why] = n
+    unix = server.execute(f"SELECT COUNT(*) FROM connections WHERE {_UNIX_UNNAMED}"
+                          ).fetchone()[0]
+    if unix:
+        result.unmatched[UNIX_SKIPPED] = unix
     result.unmatched_addresses = [
         (ip, n, why) for ip, why, n in server.execute(
             f"SELECT orig_h, {reason}, COUNT(*) AS n FROM connections WHERE {REMOTE}"

@@ -45,8 +45,13 @@ def capture_summary(db: sqlite_utils.Database) -> dict[str, Any]:
             "SELECT MIN(COALESCE(syn_ts, ts)), MAX(end_ts) FROM connections").fetchone()
         firsts += [low] if low is not None else []
         lasts += [high] if high is not None else []
+    unix: list[str] = []
+    for c in caps:
+        for u in (c.get("unix_paths") or "").split(","):
+            if u and u not in unix:
+                unix.append(u)
     summary: dict[str, Any] = {
-        "sources": sources + [f"live:{i}" for i in live],
+        "sources": sources + [f"live:{i}" for i in live if i],
         "port": ports[0] if ports else None,
         "ports": ports,
         "first_ts": min(firsts) if firsts else None,
@@ -57,6 +62,9 @@ def capture_summary(db: sqlite_utils.Database) -> dict[str, Any]:
         "damaged": [c["error"] for c in caps if c["status"] == "damaged"],
         "partial": [p for p in (_partial(c) for c in caps) if p is not None],
         "anomalies": sum(c["anomalies"] for c in caps),
+        # --unix: the Unix-socket servers followed (no packets: their methods, RPCs,
+        # GOAWAYs and HTTP/2 frames are not visible).
+        "unix_paths": unix,
     }
     if _has_table(db, "prunes"):
         from store.retention import retained
@@ -174,6 +182,78 @@ def _verdict(c: dict[str, Any], span_s: float) -> tuple[str, str]:
         n = c["health_checks"]
         return "ok", f"{n} health check{'' if n == 1 else 's'} only (connect, no HTTP/2, close)"
     return "ok", f"all {opened} connections closed"
+
+
+# On a Unix socket no packet exists: the verdict rests on what the kernel's socket table
+# shows, connections opened (seen by a poll), closed and still open, and when. A client
+# leaks when it keeps opening connections it leaves open: UNIX_LEAK_OPEN or more opened
+# during the capture still open, at UNIX_LEAK_POLLS or more different polls (growing, not
+# a pool opened at once), fewer than half of what it opened closed. Open before the
+# capture: its age is unknown, never young, never part of the growth.
+UNIX_LEAK_OPEN = 3
+UNIX_LEAK_POLLS = 3
+UNIX_NOT_VISIBLE = "not visible on a Unix socket"
+
+
+def _unix_verdict(c: dict[str, Any], u: dict[str, Any], span_s: float) -> tuple[str, str]:
+    """leak / suspect / ok of a client whose connections are all to Unix sockets, from
+    counts and times only (its RPCs are not visible)."""
+    opened, closed, still_open = c["opened"], c["closed"], c["open"]
+    seen, polls, before = u["open_seen"], u["open_polls"], u["open_before"]
+    span = _duration(span_s)
+    new = opened - c["pre_existing"]
+    earlier = (f"; {c['pre_existing']} more were open before the capture began"
+               if c["pre_existing"] else "")
+    if seen >= UNIX_LEAK_OPEN and polls >= UNIX_LEAK_POLLS and closed * 2 < new:
+        rate = f" ({c['open_growth_per_min']:.1f}/min)" if span_s >= 60 else ""
+        return "leak", (
+            f"opened {new}, closed {closed} in {span}{rate}{earlier}; {seen} opened during "
+            f"the capture still open, opened at {polls} different polls (growing); "
+            f"{still_open} still open, oldest {_age(c)}; RPCs {UNIX_NOT_VISIBLE}")
+    if seen >= UNIX_LEAK_OPEN and closed * 2 < new:
+        return "suspect", (
+            f"{seen} opened during the capture still open, all within {polls} poll"
+            f"{'' if polls == 1 else 's'} (a pool opened at once, or a burst): watch whether "
+            f"they keep growing; {closed} closed; RPCs {UNIX_NOT_VISIBLE}")
+    if still_open:
+        kept = "1 long-lived connection" if still_open == 1 else \
+            f"{still_open} long-lived connections"
+        old = f", {before} open before the capture" if before else ""
+        return "ok", (f"{kept}{old} (RPCs {UNIX_NOT_VISIBLE}); {closed} closed")
+    return "ok", f"all {opened} connections closed (RPCs {UNIX_NOT_VISIBLE})"
+
+
+def _unix_clients(db: sqlite_utils.Database, where: str, params: list[Any], open_expr: str
+                  ) -> dict[tuple[Any, Any, Any], dict[str, Any]]:
+    """Per client key (pid, process_start, address if unattributed), its connections to
+    Unix sockets: how many, those opened during the capture still open and at how many
+    different polls, and those open from before it."""
+    if not _has_table(db, "unix_sockets"):
+        return {}
+    out = {}
+    for r in _rows(db, f"""
+            SELECT pid, process_start, CASE WHEN pid IS NULL THEN orig_h END AS ip,
+                   COUNT(*) AS connections,
+                   SUM({open_expr} AND NOT mid_stream) AS open_seen,
+                   COUNT(DISTINCT CASE WHEN {open_expr} AND NOT mid_stream THEN ts END)
+                       AS open_polls,
+                   SUM({open_expr} AND mid_stream) AS open_before
+            FROM connections WHERE protocol = 'unix'{where}
+            GROUP BY pid, process_start, ip""", params):
+        out[(r["pid"], r["process_start"], r["ip"])] = r
+    return out
+
+
+def _unix_terms(c: dict[str, Any], u: dict[str, Any]) -> None:
+    """What a client of Unix sockets cannot have: RPCs, methods, idle times (no frame is
+    seen, so none is missing); said, never 0."""
+    c["transport"] = "unix"
+    c["rpcs"] = None
+    c["rpcs_per_connection"] = None
+    c["idle_s"] = None
+    c["traffic"] = UNIX_NOT_VISIBLE
+    c["unix"] = {k: u[k] or 0 for k in ("connections", "open_seen", "open_polls",
+                                        "open_before")}
 
 
 def _reaped_verdict(c: dict[str, Any], gone: dict[str, Any], span_s: float) -> tuple[str, str]:
@@ -309,6 +389,9 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
     remote = merged_processes(db)
     details = _socket_details(db, where, params, indexed=fast)
     reaped = reaps.by_client(db, since=since, until=until, client=client)
+    unix_clients = _unix_clients(
+        db, where, params,
+        "is_open" if until is None else f"(close_ts IS NULL OR close_ts > {float(end)!r})")
     out = []
     for r in rows:
         opened = r["opened"] or 0
@@ -392,7 +475,12 @@ def client_report(db: sqlite_utils.Database, *, since: float | None = None,
         if r["addresses"] > 1:
             c["addresses"] = r["addresses"]
         gone = reaped.get((r["pid"], r["process_start"], r["ip"]))
-        if gone is None:
+        u = unix_clients.get((r["pid"], r["process_start"], r["ip"]))
+        if u is not None and str(c["client"]).startswith("unix:") and (
+                (r["addresses"] or 1) == 1 or u["connections"] >= opened):
+            _unix_terms(c, u)  # every connection of it is to a Unix socket
+            c["verdict"], c["reason"] = _unix_verdict(c, u, span)
+        elif gone is None:
             c["verdict"], c["reason"] = _verdict(c, span)
         else:
             c["verdict"], c["reason"] = _reaped_verdict(c, gone, span)

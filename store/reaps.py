@@ -51,7 +51,7 @@ def open_connections(db: sqlite_utils.Database, client: str) -> list[dict[str, A
     return _rows(
         db,
         "SELECT uid, orig_h, orig_p, resp_h, resp_p, pid, process_start, client_netns,"
-        " COALESCE(syn_ts, ts) AS opened_ts, mid_stream,"
+        " COALESCE(syn_ts, ts) AS opened_ts, mid_stream, protocol,"
         " COALESCE(protocol, '') = 'tls' AS tls,"
         f" NOT mid_stream AND {_RPC_IN_PROGRESS} AS rpc_in_progress,"
         " MAX(COALESCE(last_activity_ts, ts), COALESCE(last_rpc_ts, ts), ts) AS activity_ts,"

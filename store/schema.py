@@ -646,6 +646,38 @@ def m017_merged_clients(db: sqlite_utils.Database) -> None:
 
 
 @migrations()
+def m019_unix_sockets(db: sqlite_utils.Database) -> None:
+    """Servers on Unix sockets (`tracer capture --unix PATH`, tracer.unixconns): a
+    connection to one is a connections row with protocol 'unix' (orig_h 'unix:' and the
+    server's name, orig_p the client socket's inode, resp_h the name, resp_p 0, no packet
+    or HTTP/2 column known); this table keeps what the kernel showed of its two sockets
+    (their inodes, the client socket's owner, the largest queue seen and how many polls
+    found the queues changed) and goes with its connection (retention). The capture says
+    which sockets it followed. An index finds a client's Unix connections. A reader copes
+    without them (READER_OPTIONAL: no Unix socket was followed then)."""
+    db.execute("ALTER TABLE captures ADD COLUMN unix_paths TEXT")
+    db.execute(
+        """
+        CREATE TABLE unix_sockets (
+            uid TEXT PRIMARY KEY,          -- the connection
+            path TEXT NOT NULL,            -- the server's socket: its path, or @name
+            server_inode INTEGER NOT NULL, -- the socket the server accepted
+            client_inode INTEGER NOT NULL, -- its peer, the client's socket (0: not given)
+            client_uid INTEGER,            -- the client socket's owner (NULL: not listed)
+            queue_max INTEGER NOT NULL,    -- bytes not read yet at either end, the most seen
+            queue_changes INTEGER NOT NULL -- polls that found the queues changed
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute(
+        "CREATE TRIGGER unix_sockets_delete AFTER DELETE ON connections BEGIN"
+        " DELETE FROM unix_sockets WHERE uid = old.uid; END"
+    )
+    db.execute("CREATE INDEX connections_unix ON connections(pid, process_start, orig_h)"
+               " WHERE protocol = 'unix'")
+
+
+@migrations()
 def m020_capture_host(db: sqlite_utils.Database) -> None:
     """The host a live capture ran on (socket.gethostname() in the agent), so that
     `tracer merge` names a client host's processes by it without --name. NULL for a file
@@ -676,7 +708,8 @@ READER_OPTIONAL = frozenset({"m004_preface_index", "m005_report_cache", "m006_ca
                              "m007_rpc_counts", "m008_retention", "m009_folded_closes",
                              "m012_server_samples", "m013_attribution_detail",
                              "m015_client_aggregates", "m018_datasette_views",
-                             "m016_reaps", "m017_merged_clients", "m020_capture_host"})
+                             "m016_reaps", "m017_merged_clients", "m019_unix_sockets",
+                             "m020_capture_host"})
 # Migrations a reader may find missing when the database has what they add anyway: the
 # releases before m014_unmigrated_columns changed m001_initial in place, so a database
 # made by most of them has its columns (checked against tracer.record.COLUMNS) though

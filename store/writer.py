@@ -193,6 +193,28 @@ class CaptureWriter:
                     missing.append((uid, verdict, info, ts, detail))
         return missing
 
+    def followed_unix(self, labels: list[str]) -> None:
+        """The Unix sockets this capture follows (--unix), in the capture's row."""
+        with self.db.conn:
+            self.db.conn.execute("UPDATE captures SET unix_paths = ? WHERE id = ?",
+                                 [",".join(labels), self.capture_id])
+
+    def unix_sockets(self, records: list[dict[str, Any]]) -> None:
+        """What the kernel showed of each Unix-socket connection's sockets (records of
+        tracer.unixconns, written just before)."""
+        rows = [(r["uid"], u["path"], u["server_inode"], u["client_inode"], u["client_uid"],
+                 u["queue_max"], u["queue_changes"]) for r in records
+                if (u := r.get("unix")) is not None]
+        if not rows:
+            return
+        with self.db.conn:
+            self.db.conn.executemany(
+                "INSERT INTO unix_sockets (uid, path, server_inode, client_inode, client_uid,"
+                " queue_max, queue_changes) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (uid) DO"
+                " UPDATE SET client_uid = COALESCE(excluded.client_uid, client_uid),"
+                " queue_max = excluded.queue_max, queue_changes = excluded.queue_changes",
+                rows)
+
     def write(
         self,
         records: list[dict[str, Any]],

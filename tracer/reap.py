@@ -394,6 +394,17 @@ def reap(db: Any, client: str, *, older_than_s: float, idle_s: float, close_them
                 else "; no client has an open connection")
         what = "process id" if client.isdigit() else "client address"
         raise ReapError(f"no connection of {what} {client} in the database{hint}")
+    rows_now = store_reaps.open_connections(db, client)
+    unix = [r for r in rows_now if r.get("protocol") == "unix"]
+    if unix and len(unix) == len(rows_now):
+        paths = sorted({r["resp_h"] for r in unix})
+        raise ReapError(
+            f"the {len(unix)} open connection{'s' if len(unix) != 1 else ''} of {client} "
+            f"{'are' if len(unix) != 1 else 'is'} to the Unix socket {', '.join(paths)}: "
+            "SOCK_DESTROY closes TCP sockets only, so tracer cannot close them. The client "
+            "process closes them when it closes its channels or exits: restart it "
+            f"(`kill {client}`" + (")" if client.isdigit() else " for its pid)")
+            + ", or restart the server to drop every connection")
     ports = store_reaps.server_ports(db)
     if not ports:
         raise ReapError("the database names no server port (no capture recorded)")
@@ -401,7 +412,9 @@ def reap(db: Any, client: str, *, older_than_s: float, idle_s: float, close_them
     stale = staleness(view, now(), idle_s)
     kernel = Kernel()
     try:
-        rows = store_reaps.open_connections(db, client)
+        # Connections to a Unix socket cannot be destroyed from here (above): left out.
+        rows = [r for r in store_reaps.open_connections(db, client)
+                if r.get("protocol") != "unix"]
         t = now()
         result = Reap(client, ports, view, stale,
                       plan(rows, kernel, frozenset(ports), now=t, older_than_s=older_than_s,

@@ -4,7 +4,8 @@
 Usage: grpcio_client.py {leak,pool,close,dial,watch} --target HOST:PORT --count N [--interval S]
                          [--connect-timeout S] [--log FILE] [--channels K] [--tls-ca PEM]
 
-- leak:  N channels opened one after another, one RPC each, never closed; with
+- leak:  N channels opened one after another (--pace seconds apart), one RPC each,
+         never closed; with
          --keep-busy the first one then carries an RPC every --interval until the end.
 - pool:  --channels channels (default 1), N RPCs each, every --interval seconds (the
          channels in turn), never closed.
@@ -95,6 +96,8 @@ def main() -> int:
     parser.add_argument("--log", help="dial: append failed RPCs here as JSON lines")
     parser.add_argument("--channels", type=int, default=1, help="pool, watch: channels")
     parser.add_argument("--tls-ca", help="TLS channels, trusting this certificate (PEM)")
+    parser.add_argument("--pace", type=float, default=0.0,
+                        help="leak: seconds between two leaked channels (default: none)")
     parser.add_argument("--keep-busy", action="store_true",
                         help="leak: an RPC every --interval on the first channel afterwards")
     args = parser.parse_args()
@@ -111,6 +114,8 @@ def main() -> int:
             channel = new_channel(args.target)
             kept.append(channel)
             say_hello(channel, f"leak-{i}")
+            if args.pace and i < args.count - 1:
+                stop.wait(args.pace)
         if args.keep_busy:
             def busy(channel: grpc.Channel = kept[0]) -> None:
                 n = 0

@@ -2,8 +2,11 @@
 """Test peer: a grpcio helloworld.Greeter server with raw-bytes handlers (no protoc).
 
 Usage: grpcio_server.py PORT [--max-lifetime SECONDS] [--tls-cert PEM --tls-key PEM]
+                         [--bind ADDRESS]
 
-Listens on 0.0.0.0:PORT (0 picks a free port), prints ``READY <port>`` once serving, and
+Listens on 0.0.0.0:PORT (0 picks a free port), or on --bind (any address grpcio takes:
+``unix:/path/s.sock``, ``unix-abstract:name``, ``127.0.0.1:0``), prints ``READY <port>``
+once serving, and
 stops on SIGTERM or SIGINT. It also stops by itself after --max-lifetime seconds so that a
 test run killed hard never leaves a server behind.
 """
@@ -46,6 +49,7 @@ def main() -> int:
     parser.add_argument("--max-lifetime", type=float, default=300.0)
     parser.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)...")
     parser.add_argument("--tls-key", help="...and this private key (PEM)")
+    parser.add_argument("--bind", help="listen on this address instead of 0.0.0.0:PORT")
     args = parser.parse_args()
 
     stop = stop_on_signals()
@@ -61,9 +65,9 @@ def main() -> int:
     if args.tls_cert:
         with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
             credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-        port = server.add_secure_port(f"0.0.0.0:{args.port}", credentials)
+        port = server.add_secure_port(args.bind or f"0.0.0.0:{args.port}", credentials)
     else:
-        port = server.add_insecure_port(f"0.0.0.0:{args.port}")
+        port = server.add_insecure_port(args.bind or f"0.0.0.0:{args.port}")
     if port == 0:
         print(f"cannot listen on port {args.port}", file=sys.stderr, flush=True)
         return 1

@@ -44,6 +44,7 @@ from tracer.agent.messages import (
 )
 from tracer.agent.metrics import MetricsError, MetricsServer, MetricsSettings, check_textfile
 from tracer.agent.store_worker import StoreSettings, serve
+from tracer.agent.unixwatch import Target, UnixTargetError, resolve
 from tracer.attribution.join import open_connections
 from tracer.attribution.sockdiag import SockDiag
 from tracer.attribution.sockets import ESTABLISHED, socket_tables
@@ -90,6 +91,9 @@ class LiveSettings:
     notice: Callable[[str, bool], None] | None = None
     # --metrics, --metrics-file, --metrics-top (tracer.agent.metrics).
     metrics: MetricsSettings | None = None
+    # --unix: Unix-socket servers followed through unix_diag (tracer.agent.unixwatch);
+    # with no port, no packet socket is opened at all.
+    unix: tuple[str, ...] = ()
 
 
 @dataclass
@@ -112,6 +116,10 @@ class LiveResult:
     status: str = "complete"  # complete | failed
     error: str | None = None
     stopped_by: int | None = None  # the signal that stopped it
+    unix_polls: int = 0  # --unix: polls of the kernel's Unix socket table
+    unix_poll_ms: float = 0.0  # their median duration
+    unix_opened: int = 0  # Unix-socket connections seen
+    unix_attributed: int = 0
 
 
 class StoreFailed(Exception):
@@ -242,12 +250,37 @@ def _metrics_first(metrics: MetricsSettings | None) -> MetricsServer | None:
         raise CaptureError(str(exc)) from None
 
 
+class NoPackets:
+    """The packet source of an agent that follows Unix sockets only: nothing to read, and
+    the loop still turns every TURN seconds (stop, flush, status and --duration on time)."""
+
+    receive = "no packet capture (Unix sockets only)"
+    ring_refused = False
+    received = dropped = ring_bytes = ring_full = ring_malformed = 0
+
+    def packets(self, turn: float) -> Iterator[tuple[float, int, bytes] | None]:
+        while True:
+            time.sleep(turn)
+            yield None
+
+    def statistics(self) -> tuple[int, int]:
+        return 0, 0
+
+    def close(self) -> None:
+        pass
+
+
 def _run_live(settings: LiveSettings, status: Callable[[str], None] | None,
               exporter: MetricsServer | None) -> LiveResult:
-    capture = LiveCapture(settings.interfaces, settings.ports, snaplen=settings.snaplen,
-                          buffer_bytes=settings.buffer_bytes, user_filter=settings.user_filter,
-                          ring=settings.ring)
-    if settings.notice is not None:
+    try:
+        targets = tuple(resolve(settings.unix))
+    except UnixTargetError as exc:
+        raise CaptureError(str(exc)) from None
+    capture: Any = LiveCapture(settings.interfaces, settings.ports, snaplen=settings.snaplen,
+                               buffer_bytes=settings.buffer_bytes,
+                               user_filter=settings.user_filter, ring=settings.ring) \
+        if settings.ports else NoPackets()
+    if settings.notice is not None and settings.ports:
         settings.notice(capture.receive, capture.ring_refused)
     try:
         if settings.user:
@@ -255,14 +288,14 @@ def _run_live(settings: LiveSettings, status: Callable[[str], None] | None,
             drop_privileges(settings.user)
             _check_writable_as(settings.user, settings.db_path)
             try:
-                return _run(settings, capture, status, exporter)
+                return _run(settings, capture, status, exporter, targets)
             except ImportError as error:
                 raise CaptureError(
                     f"running as {settings.user}, Python could not load {error.name}: that "
                     f"user cannot read this Python installation. Install tracer where "
                     f"{settings.user} can read it, or run without --user."
                 ) from error
-        return _run(settings, capture, status, exporter)
+        return _run(settings, capture, status, exporter, targets)
     finally:
         capture.close()
 
@@ -348,9 +381,9 @@ def _unwritable_folder(user: str, folder: str) -> str:
             f"`install -d -o {user} /var/lib/tracer` and --db /var/lib/tracer/tracer.db)")
 
 
-def _run(settings: LiveSettings, capture: LiveCapture,
+def _run(settings: LiveSettings, capture: LiveCapture | NoPackets,
          status: Callable[[str], None] | None,
-         exporter: MetricsServer | None = None) -> LiveResult:
+         exporter: MetricsServer | None = None, unix: tuple[Target, ...] = ()) -> LiveResult:
     result = LiveResult()
     # Before anything is started: a --write path that cannot be used stops the run here.
     pcap = PcapngWriter(settings.write_path, snaplen=settings.snaplen,
@@ -362,7 +395,8 @@ def _run(settings: LiveSettings, capture: LiveCapture,
     link = StoreLink(StoreSettings(db_path=settings.db_path, ports=settings.ports,
                                    interface=",".join(settings.interfaces),
                                    attribution=settings.attribution,
-                                   retention=settings.retention, metrics=settings.metrics),
+                                   retention=settings.retention, metrics=settings.metrics,
+                                   unix=unix),
                      exporter)
     summary: Summary | None = None
     try:
@@ -373,7 +407,7 @@ def _run(settings: LiveSettings, capture: LiveCapture,
         quiet_cycle_collector()
         if settings.attribution:
             analyzer.outbox.opened = []
-        result.seeded = _seed(analyzer, settings.ports)
+        result.seeded = _seed(analyzer, settings.ports) if settings.ports else 0
         started = time.monotonic()
         loop = _Loop(settings, capture, analyzer, link, pcap, stop, status)
         try:
@@ -407,6 +441,10 @@ def _run(settings: LiveSettings, capture: LiveCapture,
         result.unattributed_closed = summary.stats.get("attribution.closed_before_attribution", 0)
         result.remote = summary.stats.get("attribution.remote", 0)
         result.pruned = summary.pruned
+        result.unix_polls = summary.stats.get("unix.polls", 0)
+        result.unix_poll_ms = summary.stats.get("unix.poll_us_median", 0) / 1000.0
+        result.unix_opened = summary.stats.get("unix.opened", 0)
+        result.unix_attributed = summary.stats.get("unix.attribution.local", 0)
     elif result.status != "failed":
         result.status = "failed"
         result.error = (f"the store worker exited (status {link.process.exitcode}) before "
@@ -484,7 +522,8 @@ def opened_record(conn: Any) -> dict[str, Any]:
 class _Loop:
     """The capture process's loop, by deadlines."""
 
-    def __init__(self, settings: LiveSettings, capture: LiveCapture, analyzer: Analyzer,
+    def __init__(self, settings: LiveSettings, capture: LiveCapture | NoPackets,
+                 analyzer: Analyzer,
                  link: StoreLink, pcap: PcapngWriter | None, stop: StopRequest,
                  status: Callable[[str], None] | None) -> None:
         self.settings = settings

@@ -60,6 +60,7 @@ from tracer.agent.metrics import (
     registry_for,
     write_textfile,
 )
+from tracer.agent.unixwatch import POLL_INTERVAL, Target, UnixWatch
 from tracer.attribution.server import ServerReader
 
 IDLE_WAKE = 1.0  # seconds: the longest the worker sleeps with nothing due
@@ -81,6 +82,7 @@ class StoreSettings:
     attribution: bool = True
     retention: Retention | None = None
     metrics: MetricsSettings | None = None  # --metrics, --metrics-file (tracer.agent.metrics)
+    unix: tuple[Target, ...] = ()  # --unix: the Unix-socket servers followed
 
 
 class StoreWorker:
@@ -111,6 +113,10 @@ class StoreWorker:
             self.server = ServerReader(settings.ports)
         self.server_samples = ServerSampleWriter(writer.db, writer.capture_id)
         self.next_server_sample = now
+        # --unix: the kernel's Unix socket table, polled on this process's deadlines.
+        self.unix = UnixWatch(list(settings.unix), settings.attribution) \
+            if settings.unix else None
+        self.next_unix_poll = now
         # Messages other than new connections read before a batch was unpickled or while
         # it was written: handled next, in order (the inbox is not read again until then:
         # one at most).
@@ -173,6 +179,9 @@ class StoreWorker:
         if self.attributor is not None:  # a last look for the ones still open
             self._scan(time.time(), everything=True)
             self._write_verdicts()
+        if self.unix is not None:  # a last poll; what is still open is open at the end
+            self._poll_unix(last=True)
+            self.unix.close()
 
     def unpickle(self, data: bytes, inbox: Pipe | None = None) -> Any:
         """A message from the bytes ``inbox`` gave. A busy capture's batch takes ten to a
@@ -252,6 +261,10 @@ class StoreWorker:
         if now >= self.next_textfile:
             self._write_textfile()
         waits.append(self.next_textfile - time.monotonic())
+        if self.unix is not None:
+            if now >= self.next_unix_poll:
+                self._poll_unix()
+            waits.append(self.next_unix_poll - time.monotonic())
         if self.server is not None:
             if now >= self.next_server_sample:
                 self._sample_server()
@@ -285,6 +298,37 @@ class StoreWorker:
         soonest = self.last_scan + QUICK_SCAN_INTERVAL - time.monotonic()
         return max(0.0, soonest, (due - time.time()) if due is not None
                    else ATTRIBUTION_INTERVAL)
+
+    def _poll_unix(self, last: bool = False) -> None:
+        """One poll of the Unix sockets followed: its records written with their owners
+        (and, with ``last``, the open ones as open at the end)."""
+        assert self.unix is not None
+        self.next_unix_poll = time.monotonic() + POLL_INTERVAL
+        now = time.time()
+        try:
+            polled = self.unix.poll(now)
+        except OSError as exc:  # netlink timed out: the next poll is half a second away
+            self.unix.counts["poll_failed"] = self.unix.counts.get("poll_failed", 0) + 1
+            if self.unix.counts["poll_failed"] == 1:
+                print(f"warning: a poll of the Unix sockets failed ({exc.strerror or exc})",
+                      file=sys.stderr, flush=True)
+            if not last:
+                return
+            polled = None
+        records = polled.records if polled is not None else []
+        if last:
+            records = records + self.unix.finish(now)
+        self.writer.write(records, [], polled.anomalies if polled is not None else [])
+        self.writer.unix_sockets(records)
+        if polled is not None and polled.verdicts:
+            self.writer.attribute(polled.verdicts)
+        self.rows_written += len(records)
+        if self.rows is not None:
+            self.rows.value = self.rows_written
+        if self.metrics is not None:
+            self.metrics.records(records)
+            if polled is not None:
+                self.metrics.settled((v[0], v[1], v[2]) for v in polled.verdicts)
 
     def _sample_server(self) -> None:
         assert self.server is not None
@@ -359,6 +403,8 @@ class StoreWorker:
             stats["kernel.ring_malformed"] = self.totals.ring_malformed
         if self.pruned:
             stats["retention.pruned_connections"] = self.pruned
+        if self.unix is not None:
+            stats.update(self.unix.stats())
         connections, open_at_end = writer.stored_counts()
         self.close_metrics()
         t = self.totals
@@ -397,6 +443,8 @@ def serve(inbox: Pipe, outbox: Pipe, inherited: list[Pipe], settings: StoreSetti
     except (StoreError, sqlite3.Error, OSError) as exc:
         _tell(outbox, Failed(_why(exc, settings.db_path)))
         return
+    if settings.unix:
+        writer.followed_unix([t.label for t in settings.unix])
     _tell(outbox, Ready(writer.capture_id))
     sys.setswitchinterval(SWITCH_INTERVAL)  # see StoreWorker._write_aside
     worker = StoreWorker(writer, settings, rows, exporter, capture_pid)

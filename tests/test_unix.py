@@ -1,0 +1,367 @@
+"""gRPC servers on Unix sockets (`tracer capture --unix PATH`): the unix_diag parser on
+crafted bytes (malformed ones counted, never a crash), the poll tracker, and the live agent
+against a real grpcio server on a Unix socket path and on an abstract name, with grpcio and
+grpc-js clients (leaking, pooled, closing, one connected before the agent started), alone
+and beside a TCP --port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import live_support as ls
+import pytest
+import realtraffic_support as rt
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support import tracer
+
+from tracer.attribution.unixdiag import (
+    UNIX_DIAG_ICONS,
+    UNIX_DIAG_NAME,
+    UNIX_DIAG_PEER,
+    UNIX_DIAG_RQLEN,
+    UNIX_DIAG_UID,
+    UNIX_DIAG_VFS,
+    UNIX_ESTABLISHED,
+    UNIX_LISTEN,
+    Malformed,
+    Targets,
+    UnixDiag,
+    connections_of,
+    display_name,
+    parse_dump,
+    parse_unix_message,
+)
+from tracer.unixconns import Seen, UnixConnections
+
+# -- crafted unix_diag messages ----------------------------------------------------------
+
+
+def attr(kind: int, body: bytes) -> bytes:
+    length = 4 + len(body)
+    return struct.pack("=HH", length, kind) + body + b"\0" * ((-length) % 4)
+
+
+def message(inode: int, state: int = UNIX_ESTABLISHED, *attrs: bytes,
+            family: int = socket.AF_UNIX) -> bytes:
+    return struct.pack("=BBBBIII", family, socket.SOCK_STREAM, state, 0, inode, 7, 0) + \
+        b"".join(attrs)
+
+
+def netlink(seq: int, *bodies: bytes) -> bytes:
+    out = b""
+    for body in bodies:
+        out += struct.pack("=IHHII", 16 + len(body), 20, 2, seq, 0) + body
+    return out + struct.pack("=IHHII", 20, 3, 2, seq, 0) + b"\0\0\0\0"
+
+
+def test_a_full_message_reads_every_attribute() -> None:
+    body = message(41, UNIX_LISTEN, attr(UNIX_DIAG_NAME, b"/run/x.sock"),
+                   attr(UNIX_DIAG_VFS, struct.pack("=II", 99, 5 << 20)),
+                   attr(UNIX_DIAG_PEER, struct.pack("=I", 0)),
+                   attr(UNIX_DIAG_ICONS, struct.pack("=3I", 50, 51, 52)),
+                   attr(UNIX_DIAG_RQLEN, struct.pack("=II", 3, 128)),
+                   attr(UNIX_DIAG_UID, struct.pack("=I", 1000)),
+                   attr(6, b"\x01"))  # UNIX_DIAG_SHUTDOWN: passed over
+    s = parse_unix_message(body, 0, len(body))
+    assert (s.inode, s.state, s.name, s.vfs, s.icons, s.rqueue, s.wqueue, s.uid, s.cookie) == \
+        (41, UNIX_LISTEN, "/run/x.sock", (5 << 20, 99), (50, 51, 52), 3, 128, 1000, 7)
+
+
+def test_an_abstract_name_is_written_with_an_at_sign() -> None:
+    body = message(3, UNIX_ESTABLISHED, attr(UNIX_DIAG_NAME, b"\0containerd-shim\xff"))
+    assert parse_unix_message(body, 0, len(body)).name == "@containerd-shim\\xff"
+    assert display_name("unix-abstract:foo") == "@foo" == display_name("@foo")
+    assert display_name("unix:/run/a.sock") == "/run/a.sock"
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (message(1)[:10], "unix_diag_short_message"),
+    (message(1, UNIX_ESTABLISHED, family=socket.AF_INET), "unix_diag_wrong_family"),
+    (message(1) + struct.pack("=HH", 2, UNIX_DIAG_PEER), "unix_diag_bad_attribute_length"),
+    (message(1) + struct.pack("=HH", 40, UNIX_DIAG_PEER) + b"\0" * 4,
+     "unix_diag_bad_attribute_length"),
+    (message(1) + attr(UNIX_DIAG_PEER, b"\1\2"), "unix_diag_short_attribute"),
+    (message(1) + attr(UNIX_DIAG_RQLEN, b"\1\2\3\4"), "unix_diag_short_attribute"),
+    (message(1) + attr(UNIX_DIAG_NAME, b""), "unix_diag_bad_name"),
+    (message(1) + attr(UNIX_DIAG_NAME, b"x" * 200), "unix_diag_bad_name"),
+    (message(1) + attr(UNIX_DIAG_ICONS, b"\1\2\3\4\5"), "unix_diag_bad_icons"),
+])
+def test_malformed_messages_say_why(body: bytes, reason: str) -> None:
+    with pytest.raises(Malformed) as caught:
+        parse_unix_message(body, 0, len(body))
+    assert caught.value.reason == reason
+
+
+def test_a_dump_keeps_ours_and_the_unnamed_and_counts_the_malformed() -> None:
+    keep = Targets(names=frozenset({"@srv"}))
+    data = netlink(9,
+                   message(10, UNIX_LISTEN, attr(UNIX_DIAG_NAME, b"\0srv")),
+                   message(11, UNIX_ESTABLISHED, attr(UNIX_DIAG_NAME, b"\0srv"),
+                           attr(UNIX_DIAG_PEER, struct.pack("=I", 12)),
+                           attr(UNIX_DIAG_RQLEN, struct.pack("=II", 5, 0))),
+                   message(12, UNIX_ESTABLISHED, attr(UNIX_DIAG_PEER, struct.pack("=I", 11)),
+                           attr(UNIX_DIAG_UID, struct.pack("=I", 33))),
+                   message(13, UNIX_ESTABLISHED, attr(UNIX_DIAG_NAME, b"/other")),
+                   message(14)[:12])
+    result, done = parse_dump([data], 9, keep)
+    assert done and result.listed == 5
+    assert sorted(s.inode for s in result.sockets) == [10, 11, 12]
+    assert result.malformed == {"unix_diag_short_message": 1}
+    conns = connections_of(result.sockets, keep)
+    assert list(conns) == [11]
+    server, client = conns[11]
+    assert client is not None and client.uid == 33 and server.rqueue == 5
+    # A netlink length pointing past the chunk: counted, the chunk given up, no crash.
+    broken = struct.pack("=IHHII", 4000, 20, 2, 9, 0) + message(15)
+    result, done = parse_dump([broken], 9, keep)
+    assert not done and result.malformed == {"unix_diag_bad_netlink_length": 1}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 300))
+def test_any_bytes_parse_or_say_why(data: bytes, cut: int) -> None:
+    """Whatever the bytes, a message is read or Malformed says why; a dump of them only
+    counts (never raises)."""
+    try:
+        parse_unix_message(data, 0, min(cut, len(data)))
+    except Malformed as exc:
+        assert exc.reason.startswith("unix_diag_")
+    framed = struct.pack("=IHHII", 16 + len(data), 20, 2, 1, 0) + data
+    result, _done = parse_dump([framed[:cut + 16]], 1, Targets(names=frozenset({"@a"})))
+    assert result.listed <= 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.binary(max_size=24)), max_size=6),
+       st.integers(0, 40))
+def test_mutated_attributes_parse_or_say_why(attrs: list[tuple[int, bytes]], cut: int) -> None:
+    body = message(5, UNIX_ESTABLISHED, *(attr(k, b) for k, b in attrs))
+    end = max(0, len(body) - cut)
+    try:
+        s = parse_unix_message(body, 0, end)
+    except Malformed as exc:
+        assert exc.reason.startswith("unix_diag_")
+    else:
+        assert s.inode == 5
+
+
+# -- the poll tracker --------------------------------------------------------------------
+
+
+def seen(server: int, client: int, queue: int = 0) -> Seen:
+    return Seen(server, client, "/run/s.sock", queue, 0, 1000)
+
+
+def test_polls_make_pre_existing_new_and_closed_connections() -> None:
+    table = UnixConnections()
+    first, new = table.poll(100.0, [seen(1, 2)])
+    assert len(new) == 1 and first[0]["mid_stream"] == 1 and first[0]["conn_state"] == "OTH"
+    records, new = table.poll(100.5, [seen(1, 2), seen(3, 4)])
+    assert [r["ts"] for r in records] == [100.5] and records[0]["mid_stream"] == 0
+    assert records[0]["orig_h"] == "unix:/run/s.sock" and records[0]["orig_p"] == 4
+    assert records[0]["protocol"] == "unix" and records[0]["streams"] == 0
+    assert records[0]["last_activity_ts"] is None  # never seen, never guessed
+    records, _ = table.poll(101.0, [seen(1, 2, queue=40)])
+    closed = [r for r in records if r["close_ts"] is not None]
+    assert [(r["orig_p"], r["close_ts"], r["is_open"]) for r in closed] == [(4, 101.0, 0)]
+    moved = [r for r in records if r["close_ts"] is None]
+    assert moved[0]["unix"]["queue_max"] == 40 and moved[0]["unix"]["queue_changes"] == 1
+    # The accepted socket's inode back for another client: the old connection closed.
+    records, new = table.poll(101.5, [seen(1, 9)])
+    assert len(new) == 1 and {r["orig_p"]: r["is_open"] for r in records} == {2: 0, 9: 1}
+    end = table.finish(102.0)
+    assert [(r["orig_p"], r["end_reason"], r["is_open"]) for r in end] == \
+        [(9, "open_at_end", 1)]
+
+
+def test_the_table_is_bounded() -> None:
+    table = UnixConnections(max_tracked=2)
+    table.poll(1.0, [seen(i, i + 100) for i in range(5)])
+    assert len(table.open) == 2 and table.not_followed == 3
+
+
+def test_a_real_dump_on_this_kernel_names_both_ends(tmp_path: Path) -> None:
+    """The kernel's facts the design rests on: the accepted socket carries the listener's
+    name (as bound, relative or not) and its peer is the client's socket, which has none;
+    the match by the socket file's device and inode holds for a relative bind."""
+    path = tmp_path / "s.sock"
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        server = socket.socket(socket.AF_UNIX)
+        server.bind("s.sock")
+    finally:
+        os.chdir(here)
+    server.listen(4)
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(str(path))
+    accepted, _ = server.accept()
+    from tracer.agent.unixwatch import resolve
+
+    diag = UnixDiag()
+    try:
+        target = resolve((str(path),))[0]
+        conns = connections_of(diag.dump(target.targets).sockets, target.targets)
+    finally:
+        diag.close()
+    ours = os.fstat(accepted.fileno()).st_ino
+    assert ours in conns
+    srv, cli = conns[ours]
+    assert srv.name == "s.sock" and srv.peer == os.fstat(client.fileno()).st_ino
+    assert cli is not None and cli.name is None and cli.peer == ours
+    for s in (client, accepted, server):
+        s.close()
+
+
+# -- live: a real grpcio server on a Unix socket ---------------------------------------------
+
+DURATION = 14.0
+
+
+def start_unix_server(processes: rt.Processes, bind: str, name: str = "server") -> None:
+    proc = processes.start(name, [*rt.grpcio_peer("server"), "0", "--bind", bind,
+                                  "--max-lifetime", "120"])
+    proc.wait_for("READY", time.monotonic() + rt.READY_TIMEOUT_S)
+
+
+def grpcio(processes: rt.Processes, mode: str, target: str, count: int,
+           interval: float = 0.4) -> rt.Process:
+    """A tests/peers grpcio client; a leaker dials one channel every ``interval`` (as a
+    client that dials per call does), never closing them."""
+    pace = ["--pace", str(interval)] if mode == "leak" else []
+    return processes.start(f"grpcio-{mode}", [*rt.grpcio_peer("client"), mode, "--target",
+                                              target, "--count", str(count), "--interval",
+                                              str(interval), *pace, "--max-lifetime", "90"])
+
+
+def agent(processes: rt.Processes, db: Path, *args: str) -> rt.Process:
+    return processes.start("agent", [*ls.tracer_command(), "capture", "--db", str(db),
+                                     "--duration", f"{DURATION}s", *args])
+
+
+def clients_by_pid(db: Path) -> dict[int, dict[str, Any]]:
+    data = json.loads(tracer("report", "--db", str(db), "--format", "json").stdout)
+    return {c["pid"]: c for c in data["clients"] if c["pid"] is not None}
+
+
+def wait_agent(proc: rt.Process) -> None:
+    code = proc.popen.wait(DURATION + ls.AGENT_EXIT_TIMEOUT_S)
+    proc._reader.join(5.0)
+    assert code == 0, proc.output()
+
+
+def wait_ready(db: Path, proc: rt.Process) -> None:
+    def ready() -> bool:
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"the agent exited early:\n{proc.output()}")
+        return bool(ls.try_query(db, "SELECT id FROM captures WHERE kind = 'live'"))
+
+    ls.wait_for(ready, "the agent was ready", timeout=ls.AGENT_READY_TIMEOUT_S)
+
+
+def accepted(path: str) -> int:
+    """Connections the kernel lists as accepted on the Unix socket ``path`` now."""
+    from tracer.agent.unixwatch import resolve
+
+    target = resolve((path,))[0]
+    diag = UnixDiag()
+    try:
+        return len(connections_of(diag.dump(target.targets).sockets, target.targets))
+    finally:
+        diag.close()
+
+
+@pytest.fixture
+def sock_dir() -> Any:
+    with tempfile.TemporaryDirectory(prefix="tracer-unix-") as folder:
+        yield Path(folder)
+
+
+def test_unix_socket_leaker_is_named_and_nobody_else(sock_dir: Path) -> None:
+    ls.need_root()
+    path = sock_dir / "s.sock"
+    target = f"unix:{path}"
+    db = sock_dir / "t.db"
+    js = rt.grpcjs_unavailable_reason()
+    with ls.processes() as procs:
+        start_unix_server(procs, target)
+        before = grpcio(procs, "pool", target, 200, interval=0.3)  # connected first
+        ls.wait_for(lambda: accepted(str(path)) >= 1, "the early pool connected",
+                    timeout=10)
+        capture = agent(procs, db, "--unix", str(path))
+        wait_ready(db, capture)
+        time.sleep(1.0)  # the first poll: the early pool is pre-existing
+        leak = grpcio(procs, "leak", target, 7, interval=0.6)
+        pool = grpcio(procs, "pool", target, 20, interval=0.3)
+        close = grpcio(procs, "close", target, 6, interval=0.6)
+        clients = [leak, pool, close]
+        if js is None:
+            clients.append(procs.start("grpcjs-pool", [
+                *rt.PeerSpec("grpcjs-pool", "grpc-js", "pool", 20).argv(target),
+                "--max-lifetime", "90"]))
+        rt.wait_done(clients, timeout=DURATION - 3)
+        wait_agent(capture)
+        by_pid = clients_by_pid(db)
+        out = capture.output()
+    assert "Unix sockets:" in out, out
+    leaker = by_pid[leak.popen.pid]
+    assert (leaker["verdict"], leaker["opened"], leaker["open"], leaker["closed"]) == \
+        ("leak", 7, 7, 0), leaker["reason"]
+    assert leaker["rpcs"] is None and leaker["rpcs_per_connection"] is None
+    assert "not visible on a Unix socket" in leaker["reason"]
+    for proc in [before, pool, close] + clients[3:]:
+        entry = by_pid.get(proc.popen.pid)
+        if proc is close and entry is None:
+            continue  # its calls opened and closed between two polls: never seen
+        assert entry is not None, (proc.name, by_pid)
+        assert entry["verdict"] == "ok", entry
+    early = by_pid[before.popen.pid]
+    assert early["pre_existing"] == 1 and early["open"] == 1 and early["oldest_open_before_capture"]
+    flagged = [c for c in by_pid.values() if c["verdict"] != "ok"]
+    assert [c["pid"] for c in flagged] == [leak.popen.pid]
+    table = tracer("report", "--db", str(db)).stdout
+    assert "n/a (unix)" in table and "not visible without packets" in table
+    conns = tracer("connections", "--db", str(db), "--format", "json").stdout
+    assert '"protocol": "unix"' in conns
+
+
+def test_abstract_name_and_beside_a_tcp_port(sock_dir: Path) -> None:
+    ls.need_root()
+    name = f"tracer-test-{os.getpid()}"
+    db = sock_dir / "t.db"
+    with ls.processes() as procs:
+        start_unix_server(procs, f"unix-abstract:{name}", name="unix-server")
+        port = ls.start_server(procs)
+        capture = agent(procs, db, "--unix", f"@{name}", "--port", str(port))
+        wait_ready(db, capture)
+        time.sleep(1.0)
+        unix_leak = grpcio(procs, "leak", f"unix-abstract:{name}", 5, interval=0.6)
+        tcp_leak = grpcio(procs, "leak", f"127.0.0.1:{port}", 5, interval=0.3)
+        pool = grpcio(procs, "pool", f"unix-abstract:{name}", 20, interval=0.3)
+        rt.wait_done([unix_leak, tcp_leak, pool], timeout=DURATION - 3)
+        wait_agent(capture)
+        by_pid = clients_by_pid(db)
+    u, t, p = by_pid[unix_leak.popen.pid], by_pid[tcp_leak.popen.pid], by_pid[pool.popen.pid]
+    assert (u["verdict"], u["opened"], u["open"], u["client"]) == \
+        ("leak", 5, 5, f"unix:@{name}"), u
+    assert (t["verdict"], t["opened"], t["open"]) == ("leak", 5, 5), t
+    assert t["rpcs"] == 5 and t.get("transport") is None
+    assert p["verdict"] == "ok", p
+
+
+def test_usage_errors_are_clear(tmp_path: Path) -> None:
+    missing = tracer("capture", "--unix", str(tmp_path / "none.sock"), "--db",
+                     str(tmp_path / "t.db"), "--duration", "1s", check=False)
+    assert missing.returncode == 4 and "cannot stat" in missing.stderr
+    neither = tracer("capture", "--db", str(tmp_path / "t.db"), check=False)
+    assert neither.returncode == 2 and "--unix" in neither.stderr
+    with_read = tracer("capture", "--read", "x.pcap", "--unix", "@a", check=False)
+    assert with_read.returncode == 2

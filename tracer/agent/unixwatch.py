@@ -1,0 +1,239 @@
+"""The live agent's watch of Unix-socket servers (``tracer capture --unix PATH``): unix_diag
+polled at most every POLL_INTERVAL, its snapshots turned into connection records
+(tracer.unixconns), each new connection's client attributed to its process.
+
+It runs in the store worker, on that process's deadlines, like the samples of the server:
+no packet exists, so nothing of it is on the capture process's packet path, and a poll
+never holds up a stop or a save (one poll of 10,000 connections takes milliseconds:
+benchmarks/unix.py). The client of a connection is the owner of its peer socket: that
+inode is looked for among the descriptors of the processes that owned connections before
+(their next descriptors first), then of every process (tracer.attribution.sockets,
+the one look-up of inodes TCP attribution uses). One not found is looked for again at
+the next polls, less and less often, until its connection closes.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat as stat_mod
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tracer.attribution.sockets import ProcessInfo, SocketDetail, find_owners, process_info
+from tracer.attribution.unixdiag import (
+    Targets,
+    UnixDiag,
+    UnixSocket,
+    connections_of,
+    display_name,
+    kernel_dev,
+)
+from tracer.events import AnomalyFound
+from tracer.unixconns import Seen, UnixConnections
+
+POLL_INTERVAL = 0.5  # seconds between two dumps at most often
+RECENT_OWNERS = 64
+FD_AHEAD = 8  # descriptors after an owner's last one tried first (a leaker's next socket)
+RETRY_MAX = 8.0  # seconds: an owner not found is looked for again at most this far apart
+MAX_PENDING = 10_000  # connections whose owner is looked for at most (the rest: counted)
+WALK_SHARE = 0.1  # walks of every process's descriptors take at most this share of time
+
+Verdict = tuple[str, str, ProcessInfo | None, float, SocketDetail | None]
+
+
+class UnixTargetError(ValueError):
+    """A --unix argument that names nothing to follow (the message says why)."""
+
+
+@dataclass
+class Target:
+    label: str  # as the report names it: the absolute path, or @name
+    targets: Targets
+
+
+def resolve(arguments: tuple[str, ...]) -> list[Target]:
+    """The sockets to follow. A path must be a socket file now (its device and inode
+    identify the listener whatever name it was bound by); an abstract name (``@name``,
+    ``unix-abstract:name``) is taken as it is."""
+    out = []
+    for arg in arguments:
+        label = display_name(arg)
+        if label.startswith("@"):
+            if len(label) < 2:
+                raise UnixTargetError(f"--unix {arg}: an abstract name needs a name after @")
+            out.append(Target(label, Targets(names=frozenset({label}))))
+            continue
+        try:
+            st = os.stat(label)  # follows a link: the server's socket is what it names
+        except OSError as exc:
+            raise UnixTargetError(f"--unix {arg}: cannot stat {label}: {exc.strerror}; "
+                                  "give the path of a listening Unix socket (or @name for "
+                                  "an abstract one)") from None
+        if not stat_mod.S_ISSOCK(st.st_mode):
+            raise UnixTargetError(f"--unix {arg}: {label} is not a socket")
+        out.append(Target(label, Targets(names=frozenset({label}),
+                                         files=frozenset({(kernel_dev(st.st_dev),
+                                                           st.st_ino)}))))
+    return out
+
+
+@dataclass
+class _Pending:
+    inode: int
+    next_try: float
+    wait: float = POLL_INTERVAL
+
+
+@dataclass
+class PollResult:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    anomalies: list[AnomalyFound] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class UnixWatch:
+    """unix_diag polls and attribution for the followed Unix sockets."""
+
+    def __init__(self, targets: list[Target], attribution: bool = True) -> None:
+        self.targets = targets
+        self.keep = Targets(names=frozenset().union(*(t.targets.names for t in targets)),
+                            files=frozenset().union(*(t.targets.files for t in targets)))
+        self.diag = UnixDiag()
+        self.conns = UnixConnections()
+        self.attribution = attribution
+        self.pending: dict[str, _Pending] = {}  # uid -> its client inode, to look for
+        self.recent: dict[int, int] = {}  # pid -> the descriptor of its last connection
+        self.processes: dict[int, ProcessInfo] = {}
+        self.users: dict[int, str | None] = {}
+        self.counts: dict[str, int] = {}
+        self.next_walk = 0.0  # monotonic: when every process may be walked again
+        self.poll_seconds: list[float] = []  # the last polls' durations (bounded)
+
+    def close(self) -> None:
+        self.diag.close()
+
+    def _label(self, sock: UnixSocket) -> str:
+        for t in self.targets:
+            if t.targets.holds(sock):
+                return t.label
+        return sock.name or "?"
+
+    def poll(self, ts: float) -> PollResult:
+        """One dump: what changed, as records; the new connections' owners where found."""
+        started = time.monotonic()
+        out = PollResult()
+        dump = self.diag.dump(self.keep)
+        for reason, n in (dump.malformed or {}).items():
+            self._count(f"malformed.{reason}", n)
+            out.anomalies.append(AnomalyFound(ts, None, reason,
+                                              f"{n} unix_diag message(s) in one dump"))
+        seen = [Seen(srv.inode, srv.peer, self._label(srv), srv.rqueue or 0,
+                     cli.rqueue if cli is not None else None,
+                     cli.uid if cli is not None else None)
+                for srv, cli in connections_of(dump.sockets, self.keep).values()]
+        records, new = self.conns.poll(ts, seen)
+        out.records = records
+        if self.attribution:
+            for t in new:
+                if not t.seen.client_inode:
+                    self._count("no_peer")
+                elif len(self.pending) < MAX_PENDING:
+                    self.pending[t.uid] = _Pending(t.seen.client_inode, 0.0)
+                else:
+                    self._count("pending_full")
+            for r in records:
+                if r["close_ts"] is not None and r["uid"] in self.pending:
+                    del self.pending[r["uid"]]
+                    self._count("closed_before_attribution")
+                    out.verdicts.append((r["uid"], "closed_before_attribution", None, ts,
+                                         self._detail(r["unix"]["client_uid"])))
+            out.verdicts.extend(self._attribute(ts, records))
+        out.seconds = time.monotonic() - started
+        self.poll_seconds.append(out.seconds)
+        del self.poll_seconds[:-64]
+        return out
+
+    def _attribute(self, ts: float, records: list[dict[str, Any]]) -> list[Verdict]:
+        now = time.monotonic()
+        due = {uid: p for uid, p in self.pending.items() if p.next_try <= now}
+        if not due:
+            return []
+        by_inode = {p.inode: uid for uid, p in due.items()}
+        likely = list(reversed(self.recent))
+        hints = {pid: [fd + d for d in range(1, FD_AHEAD + 1)] + [fd]
+                 for pid, fd in self.recent.items()}
+        everyone = now >= self.next_walk
+        walked: list[float] = []
+        found = find_owners(set(by_inode), likely, hints=hints, everyone=everyone,
+                            walked=walked)
+        if walked:
+            self.next_walk = time.monotonic() + walked[0] / WALK_SHARE
+        uids = {r["uid"]: r for r in records}
+        out: list[Verdict] = []
+        for inode, uid in by_inode.items():
+            p = due[uid]
+            owner = found.get(inode)
+            info = self._process(owner[0]) if owner is not None else None
+            if owner is None or info is None:
+                p.next_try = now + p.wait
+                p.wait = min(p.wait * 2, RETRY_MAX)
+                continue
+            del self.pending[uid]
+            self.recent.pop(owner[0], None)
+            self.recent[owner[0]] = owner[1]
+            while len(self.recent) > RECENT_OWNERS:
+                del self.recent[next(iter(self.recent))]
+            self._count("local")
+            rec = uids.get(uid)
+            client_uid = rec["unix"]["client_uid"] if rec is not None else None
+            out.append((uid, "local", info, time.time(), self._detail(client_uid)))
+        return out
+
+    def finish(self, ts: float) -> list[dict[str, Any]]:
+        for uid in self.pending:
+            del uid
+            self._count("not_found")
+        self.pending.clear()
+        return self.conns.finish(ts)
+
+    def stats(self) -> dict[str, int]:
+        out = {f"unix.attribution.{k}": v for k, v in self.counts.items()}
+        out["unix.polls"] = self.conns.polls
+        out["unix.opened"] = self.conns.opened
+        out["unix.closed"] = self.conns.closed
+        if self.poll_seconds:
+            out["unix.poll_us_median"] = round(
+                statistics.median(self.poll_seconds) * 1e6)
+        if self.conns.not_followed:
+            out["unix.not_followed"] = self.conns.not_followed
+        return out
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def _detail(self, uid: int | None) -> SocketDetail | None:
+        if uid is None:
+            return None
+        if uid not in self.users:
+            try:
+                self.users[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                self.users[uid] = None
+            if len(self.users) > 4096:
+                self.users.clear()
+        return SocketDetail(uid=uid, user=self.users.get(uid))
+
+    def _process(self, pid: int) -> ProcessInfo | None:
+        cached = self.processes.get(pid)
+        if cached is not None:
+            return cached
+        info = process_info(pid)
+        if info is not None:
+            if len(self.processes) > 10000:
+                self.processes.clear()
+            self.processes[pid] = info
+        return info
