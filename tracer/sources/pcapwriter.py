@@ -1,4 +1,21 @@
-"""Write packets as pcapng (what `tracer capture --write` keeps): one interface, raw IP packets.
+"""Write packets as pcapng (what `tracer capture --write` keeps): each packet on the interface
+that saw it, with the link-layer facts the kernel gave.
+
+The packet sockets are cooked: the kernel strips the link header and hands over the packet
+from its network header with a sockaddr_ll beside it (interface index, packet type, the
+protocol, hardware type and address). Each packet is written as LINKTYPE_LINUX_SLL2, the
+header libpcap itself writes for such sockets (`tcpdump -i any -w`): those facts, field
+for field, in front of the IP packet. So `tcpdump -r` prints each packet's direction and
+interface, and Wireshark its packet type; raw IP would keep only the bytes.
+
+Every interface gets its own Interface Description Block, written when its first packet
+comes (pcapng allows them anywhere in a section), named (if_name) as the interface is
+named then, or ``ifindex N`` when it is already gone; every Enhanced Packet Block names
+its interface, and its epb_flags say inbound or outbound and unicast, multicast,
+broadcast or promiscuous, from the packet type. An agent that runs for months on a host
+where containers come and go sees new interfaces without end: after MAX_INTERFACES in
+one section the writer starts a new section (a new Section Header Block, in which the
+interfaces are described again as they come), so what it holds in memory stays bounded.
 
 The file is created 0600: it holds payloads, which the database never does. It is always a
 new file: an existing name (a file, or a symbolic link planted where root's agent writes) is
@@ -9,15 +26,36 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 import struct
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from tracer.decode import LINKTYPE_RAW
+from tracer.decode import LINKTYPE_LINUX_SLL2
+from tracer.sources.ring import SOCKADDR_LL, Packet, TaggedPacket
 
 _SHB = 0x0A0D0D0A
 _IDB = 0x00000001
 _EPB = 0x00000006
+OPT_COMMENT = 1
+IF_NAME = 2
+IF_TSRESOL = 9
+EPB_FLAGS = 2
+SLL2_HEADER = 20
+MAX_INTERFACES = 1024  # interfaces described in one section; then a new section
+
+# epb_flags by sll_pkttype (linux/if_packet.h): bits 0-1 the direction (1 inbound,
+# 2 outbound), bits 2-4 the reception type (1 unicast, 2 multicast, 3 broadcast,
+# 4 promiscuous). PACKET_HOST: to this host; BROADCAST; MULTICAST; OTHERHOST: to another
+# host, seen in promiscuous mode; OUTGOING: sent by this host. Any other type (5,
+# multicast looped back; 6 and 7, never given to packet sockets) has no flags: unknown.
+_FLAGS_BY_PKTTYPE = (0x01 | 1 << 2, 0x01 | 3 << 2, 0x01 | 2 << 2, 0x01 | 4 << 2, 0x02)
+
+_EPB_HEAD = struct.Struct("<IIIIIII")  # type, length, interface, ts high, ts low, caplen, len
+_SLL2 = struct.Struct("!2s2xiHBB8s")  # protocol, reserved, ifindex, hatype, pkttype, halen, addr
+_EPB_TAIL = struct.Struct("<HHIII")  # epb_flags (code, length, value), opt_endofopt, length
+_EPB_FIXED = _EPB_HEAD.size + _EPB_TAIL.size
 
 
 def _block(btype: int, body: bytes) -> bytes:
@@ -29,6 +67,16 @@ def _block(btype: int, body: bytes) -> bytes:
 def _option(code: int, value: bytes) -> bytes:
     pad = (-len(value)) % 4
     return struct.pack("<HH", code, len(value)) + value + b"\0" * pad
+
+
+def interface_name(ifindex: int) -> str:
+    """The interface's name now, or ``ifindex N`` for one that is gone (0: unknown)."""
+    if ifindex <= 0:
+        return "unknown interface"
+    try:
+        return socket.if_indextoname(ifindex)
+    except OSError:
+        return f"ifindex {ifindex}"
 
 
 class PcapWriteError(Exception):
@@ -64,24 +112,76 @@ def _create_new(path: str) -> int:
 
 
 class PcapngWriter:
-    """Raises PcapWriteError when ``path`` exists (file or link) or cannot be created."""
+    """Raises PcapWriteError when ``path`` exists (file or link) or cannot be created.
 
-    def __init__(self, path: str, *, linktype: int = LINKTYPE_RAW, snaplen: int = 262144,
-                 comment: str = "") -> None:
+    ``snaplen``: the bytes kept of each packet after its link header (the capture's
+    --snaplen). ``name_of`` names an interface index (interface_name: the kernel's name)."""
+
+    def __init__(self, path: str, *, snaplen: int = 262144, comment: str = "",
+                 name_of: Callable[[int], str] = interface_name,
+                 max_interfaces: int = MAX_INTERFACES) -> None:
         fd = _create_new(path)
         self._f: BinaryIO = os.fdopen(fd, "wb", buffering=1 << 20)
         self.path = path
         self.packets = 0
-        shb_options = (_option(1, comment.encode()) if comment else b"") + _option(0, b"")
-        self._f.write(_block(_SHB, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1) + shb_options))
-        idb_options = _option(9, b"\x06") + _option(0, b"")  # if_tsresol: microseconds
-        self._f.write(_block(_IDB, struct.pack("<HHI", linktype, 0, snaplen) + idb_options))
+        self.sections = 0
+        self._snaplen = snaplen + SLL2_HEADER
+        self._comment = comment
+        self._name_of = name_of
+        self._max_interfaces = max_interfaces
+        self._ids: dict[int, int] = {}  # interface index -> interface id in this section
+        self.interfaces: list[str] = []  # every interface described, in order, all sections
+        self._section()
 
-    def write(self, ts: float, data: bytes) -> None:
+    def _section(self) -> None:
+        options = (_option(OPT_COMMENT, self._comment.encode()) if self._comment else b"")
+        self._f.write(_block(_SHB, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)
+                             + options + _option(0, b"")))
+        self._ids = {}
+        self.sections += 1
+
+    def _describe(self, ifindex: int) -> int:
+        """The id of a new interface, its Interface Description Block written."""
+        if len(self._ids) >= self._max_interfaces:
+            self._section()
+        name = self._name_of(ifindex)
+        options = (_option(IF_NAME, name.encode()) + _option(IF_TSRESOL, b"\x06")  # µs
+                   + _option(0, b""))
+        self._f.write(_block(_IDB, struct.pack("<HHI", LINKTYPE_LINUX_SLL2, 0, self._snaplen)
+                             + options))
+        self._ids[ifindex] = interface_id = len(self._ids)
+        self.interfaces.append(name)
+        return interface_id
+
+    def write(self, ts: float, data: bytes, link: bytes, wirelen: int) -> None:
+        """One packet: ``data`` from its IP header, ``link`` its sockaddr_ll as the kernel
+        gave it, ``wirelen`` its length before the snap length cut it."""
+        _family, protocol, ifindex, hatype, pkttype, halen, address = SOCKADDR_LL.unpack(link)
+        interface_id = self._ids.get(ifindex)
+        if interface_id is None:
+            interface_id = self._describe(ifindex)
         units = round(ts * 1_000_000)
-        body = struct.pack("<IIIII", 0, units >> 32, units & 0xFFFFFFFF, len(data), len(data))
-        self._f.write(_block(_EPB, body + data))
+        caplen = SLL2_HEADER + len(data)
+        pad = -caplen % 4
+        length = _EPB_FIXED + caplen + pad
+        flags = _FLAGS_BY_PKTTYPE[pkttype] if pkttype < 5 else 0
+        self._f.write(
+            _EPB_HEAD.pack(_EPB, length, interface_id, units >> 32, units & 0xFFFFFFFF, caplen,
+                           SLL2_HEADER + max(wirelen, len(data)))
+            + _SLL2.pack(protocol, ifindex, hatype, pkttype, halen, address)
+            + data + b"\0" * pad + _EPB_TAIL.pack(EPB_FLAGS, 4, flags, 0, length))
         self.packets += 1
+
+    def tee(self, packets: Iterator[TaggedPacket | None]) -> Iterator[Packet | None]:
+        """``packets`` passed on as the analyzer takes them, each written here first."""
+        write = self.write
+        for item in packets:
+            if item is None:
+                yield None
+                continue
+            ts, linktype, data, link, wirelen = item
+            write(ts, data, link, wirelen)
+            yield ts, linktype, data
 
     def flush(self) -> None:
         self._f.flush()
