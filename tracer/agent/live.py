@@ -109,6 +109,7 @@ class LiveResult:
     pruned: int = 0
     elapsed_s: float = 0.0
     written_packets: int = 0
+    written_interfaces: list[str] = field(default_factory=list)  # --write's, in order seen
     status: str = "complete"  # complete | failed
     error: str | None = None
     stopped_by: int | None = None  # the signal that stopped it
@@ -389,6 +390,7 @@ def _run(settings: LiveSettings, capture: LiveCapture,
         if pcap is not None:
             pcap.close()
             result.written_packets = pcap.packets
+            result.written_interfaces = pcap.interfaces
         try:
             summary = link.close()
         except StoreFailed as exc:

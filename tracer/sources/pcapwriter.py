@@ -13,9 +13,11 @@ comes (pcapng allows them anywhere in a section), named (if_name) as the interfa
 named then, or ``ifindex N`` when it is already gone; every Enhanced Packet Block names
 its interface, and its epb_flags say inbound or outbound and unicast, multicast,
 broadcast or promiscuous, from the packet type. An agent that runs for months on a host
-where containers come and go sees new interfaces without end: after MAX_INTERFACES in
-one section the writer starts a new section (a new Section Header Block, in which the
-interfaces are described again as they come), so what it holds in memory stays bounded.
+where containers come and go may see new interfaces without end: after MAX_INTERFACES
+the packets of any further interface share one last block, named OTHER_INTERFACES, and
+keep their interface index in their SLL2 header (counted in ``other_packets``), so what
+the writer holds stays bounded. (A new section would describe them anew, but tshark 4.0
+then shows the first section's names for the next one's interfaces.)
 
 The file is created 0600: it holds payloads, which the database never does. It is always a
 new file: an existing name (a file, or a symbolic link planted where root's agent writes) is
@@ -43,7 +45,8 @@ IF_NAME = 2
 IF_TSRESOL = 9
 EPB_FLAGS = 2
 SLL2_HEADER = 20
-MAX_INTERFACES = 1024  # interfaces described in one section; then a new section
+MAX_INTERFACES = 1024  # interfaces described each in its own block; then OTHER_INTERFACES
+OTHER_INTERFACES = "other interfaces (the packet's SLL2 header has its ifindex)"
 
 # epb_flags by sll_pkttype (linux/if_packet.h): bits 0-1 the direction (1 inbound,
 # 2 outbound), bits 2-4 the reception type (1 unicast, 2 multicast, 3 broadcast,
@@ -124,34 +127,34 @@ class PcapngWriter:
         self._f: BinaryIO = os.fdopen(fd, "wb", buffering=1 << 20)
         self.path = path
         self.packets = 0
-        self.sections = 0
+        self.other_packets = 0  # packets of interfaces beyond MAX_INTERFACES
         self._snaplen = snaplen + SLL2_HEADER
-        self._comment = comment
         self._name_of = name_of
         self._max_interfaces = max_interfaces
-        self._ids: dict[int, int] = {}  # interface index -> interface id in this section
-        self.interfaces: list[str] = []  # every interface described, in order, all sections
-        self._section()
-
-    def _section(self) -> None:
-        options = (_option(OPT_COMMENT, self._comment.encode()) if self._comment else b"")
+        self._ids: dict[int, int] = {}  # interface index -> interface id
+        self._other: int | None = None  # the id of the block OTHER_INTERFACES share
+        self.interfaces: list[str] = []  # the names of the blocks written, by id
+        options = _option(OPT_COMMENT, comment.encode()) if comment else b""
         self._f.write(_block(_SHB, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)
                              + options + _option(0, b"")))
-        self._ids = {}
-        self.sections += 1
 
     def _describe(self, ifindex: int) -> int:
         """The id of a new interface, its Interface Description Block written."""
-        if len(self._ids) >= self._max_interfaces:
-            self._section()
-        name = self._name_of(ifindex)
+        if len(self._ids) < self._max_interfaces:
+            self._ids[ifindex] = interface_id = self._block(self._name_of(ifindex))
+            return interface_id
+        self.other_packets += 1
+        if self._other is None:
+            self._other = self._block(OTHER_INTERFACES)
+        return self._other
+
+    def _block(self, name: str) -> int:
         options = (_option(IF_NAME, name.encode()) + _option(IF_TSRESOL, b"\x06")  # µs
                    + _option(0, b""))
         self._f.write(_block(_IDB, struct.pack("<HHI", LINKTYPE_LINUX_SLL2, 0, self._snaplen)
                              + options))
-        self._ids[ifindex] = interface_id = len(self._ids)
         self.interfaces.append(name)
-        return interface_id
+        return len(self.interfaces) - 1
 
     def write(self, ts: float, data: bytes, link: bytes, wirelen: int) -> None:
         """One packet: ``data`` from its IP header, ``link`` its sockaddr_ll as the kernel
@@ -165,6 +168,8 @@ class PcapngWriter:
         pad = -caplen % 4
         length = _EPB_FIXED + caplen + pad
         flags = _FLAGS_BY_PKTTYPE[pkttype] if pkttype < 5 else 0
+        if halen < 8:  # the ring's bytes past the address may be an earlier packet's
+            address = address[:halen].ljust(8, b"\0")
         self._f.write(
             _EPB_HEAD.pack(_EPB, length, interface_id, units >> 32, units & 0xFFFFFFFF, caplen,
                            SLL2_HEADER + max(wirelen, len(data)))
