@@ -46,6 +46,7 @@ IF_TSRESOL = 9
 EPB_FLAGS = 2
 SLL2_HEADER = 20
 MAX_INTERFACES = 1024  # interfaces described each in its own block; then OTHER_INTERFACES
+MAX_LINKS = 4096  # sockaddr_ll kept with what they make of a packet block
 OTHER_INTERFACES = "other interfaces (the packet's SLL2 header has its ifindex)"
 
 # epb_flags by sll_pkttype (linux/if_packet.h): bits 0-1 the direction (1 inbound,
@@ -133,6 +134,7 @@ class PcapngWriter:
         self._max_interfaces = max_interfaces
         self._ids: dict[int, int] = {}  # interface index -> interface id
         self._other: int | None = None  # the id of the block OTHER_INTERFACES share
+        self._links: dict[bytes, tuple[int, bytes, int]] = {}  # sockaddr_ll -> see _link
         self.interfaces: list[str] = []  # the names of the blocks written, by id
         options = _option(OPT_COMMENT, comment.encode()) if comment else b""
         self._f.write(_block(_SHB, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)
@@ -159,23 +161,38 @@ class PcapngWriter:
     def write(self, ts: float, data: bytes, link: bytes, wirelen: int) -> None:
         """One packet: ``data`` from its IP header, ``link`` its sockaddr_ll as the kernel
         gave it, ``wirelen`` its length before the snap length cut it."""
-        _family, protocol, ifindex, hatype, pkttype, halen, address = SOCKADDR_LL.unpack(link)
-        interface_id = self._ids.get(ifindex)
-        if interface_id is None:
-            interface_id = self._describe(ifindex)
+        known = self._links.get(link)
+        if known is None:
+            known = self._link(link)
+        interface_id, header, flags = known
         units = round(ts * 1_000_000)
         caplen = SLL2_HEADER + len(data)
         pad = -caplen % 4
         length = _EPB_FIXED + caplen + pad
-        flags = _FLAGS_BY_PKTTYPE[pkttype] if pkttype < 5 else 0
-        if halen < 8:  # the ring's bytes past the address may be an earlier packet's
-            address = address[:halen].ljust(8, b"\0")
         self._f.write(
             _EPB_HEAD.pack(_EPB, length, interface_id, units >> 32, units & 0xFFFFFFFF, caplen,
                            SLL2_HEADER + max(wirelen, len(data)))
-            + _SLL2.pack(protocol, ifindex, hatype, pkttype, halen, address)
-            + data + b"\0" * pad + _EPB_TAIL.pack(EPB_FLAGS, 4, flags, 0, length))
+            + header + data + b"\0" * pad + _EPB_TAIL.pack(EPB_FLAGS, 4, flags, 0, length))
         self.packets += 1
+
+    def _link(self, link: bytes) -> tuple[int, bytes, int]:
+        """What a sockaddr_ll makes of a packet block: its interface id (the interface
+        described if new), its SLL2 header, its epb_flags. Kept for the next packets with
+        the same one (a few per interface: one per packet type and peer address)."""
+        _family, protocol, ifindex, hatype, pkttype, halen, address = SOCKADDR_LL.unpack(link)
+        interface_id = self._ids.get(ifindex)
+        if interface_id is None:
+            interface_id = self._describe(ifindex)
+        if halen < 8:  # the ring's bytes past the address may be an earlier packet's
+            address = address[:halen].ljust(8, b"\0")
+        known = (interface_id,
+                 _SLL2.pack(protocol, ifindex, hatype, pkttype, halen, address),
+                 _FLAGS_BY_PKTTYPE[pkttype] if pkttype < 5 else 0)
+        if interface_id != self._other:  # those of OTHER_INTERFACES are counted each time
+            if len(self._links) >= MAX_LINKS:
+                self._links.clear()
+            self._links[link] = known
+        return known
 
     def tee(self, packets: Iterator[TaggedPacket | None]) -> Iterator[Packet | None]:
         """``packets`` passed on as the analyzer takes them, each written here first."""
