@@ -148,8 +148,10 @@ def _retention(retain: str | None, max_db_size: str | None) -> Any:
 @click.option("-c", "--count", type=click.IntRange(1), metavar="N",
               help="Live: stop after N packets.")
 @click.option("-w", "--write", "write_path", metavar="FILE",
-              help="Live: also keep the raw packets as pcapng (a new file, created 0600; "
-                   "an existing file or a symbolic link is refused). Wireshark and "
+              help="Live: also keep the packets as pcapng, each on the interface that saw "
+                   "it (one interface block per interface, Linux cooked v2 headers with "
+                   "the interface index and direction). A new file, created 0600; an "
+                   "existing file or a symbolic link is refused. Wireshark, tcpdump and "
                    "`tracer capture --read` open it.")
 @click.option("--snaplen", type=click.IntRange(64, 262144), default=262144, show_default=True,
               help="Live: bytes kept of each packet. HTTP/2 frames cut short count as missed "
@@ -254,9 +256,14 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], unix: tuple[str, ...
     core = CoreOptions(decode_server_headers=grpc_status, rpc_events=events == "all")
     exporter = metrics_settings(reads, **metrics)
     if reads:
+        if write_path:
+            raise click.UsageError(
+                "--write keeps the packets a live capture reads, not those of --read files "
+                "(they are captures already). To keep part of one with its interfaces and "
+                "link types as they are: tshark -r IN -Y 'tcp.port == N' -w OUT")
         _check_readable(reads)
         live_only = {"--iface": interfaces, "--duration": duration, "--count": count,
-                     "--write": write_path, "--user": user, "--no-ring": no_ring}
+                     "--user": user, "--no-ring": no_ring}
         given = [name for name, value in live_only.items() if value]
         if given:
             raise click.UsageError(f"{', '.join(given)} only apply to live capture, "
@@ -360,11 +367,20 @@ def _capture_live(settings: Any, quiet: bool) -> None:
                 + (f"; retention let go of {result.pruned:,} old connections"
                    if result.pruned else "")
                 + (f"; {result.written_packets:,} packets written to {settings.write_path}"
+                   + _on_interfaces(result.written_interfaces)
                    if settings.write_path else ""),
                 err=True,
             )
     if result.status == "failed":
         sys.exit(EXIT_STORE)
+
+
+def _on_interfaces(names: list[str]) -> str:
+    """" (on lo, eth0)": the interfaces --write described, the first few by name."""
+    if not names:
+        return ""
+    shown = ", ".join(names[:4])
+    return f" (on {shown}" + (f" and {len(names) - 4:,} more)" if len(names) > 4 else ")")
 
 
 def _capture_files(reads: tuple[str, ...], ports: tuple[int, ...], db_path: str,

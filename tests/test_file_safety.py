@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -28,8 +29,10 @@ from store import aggregates
 from store.queries import report
 from store.schema import StoreError, migrations, open_database
 from store.stored_report import store_report
+from tracer.decode import LINKTYPE_LINUX_SLL2
 from tracer.sources.pcapfile import CaptureReader
 from tracer.sources.pcapwriter import PcapngWriter, PcapWriteError
+from tracer.sources.ring import SOCKADDR_LL
 
 SIDE_FILES = ("-wal", "-shm", "-journal")
 NOBODY = 65534  # an unprivileged uid that owns no file here
@@ -273,13 +276,14 @@ def test_pcapng_writer_never_clobbers(tmp_path: Path, case: str) -> None:
 def test_pcapng_writer_creates_a_new_private_file(tmp_path: Path) -> None:
     path = tmp_path / "dump.pcapng"
     writer = PcapngWriter(str(path), comment="test")
-    writer.write(1_790_000_000.25, b"\x45" + b"\x00" * 39)
+    link = SOCKADDR_LL.pack(socket.AF_PACKET, b"\x08\x00", 1, 772, 0, 0, b"")
+    writer.write(1_790_000_000.25, b"\x45" + b"\x00" * 39, link, 40)
     writer.close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     with CaptureReader.open(str(path)) as reader:
         packets = list(reader)
-    assert [(round(ts, 6), len(frame)) for ts, _link, frame in packets] == [
-        (1_790_000_000.25, 40)]
+    assert [(round(ts, 6), link, len(frame)) for ts, link, frame in packets] == [
+        (1_790_000_000.25, LINKTYPE_LINUX_SLL2, 20 + 40)]
 
 
 @requires_root("a live capture (packet sockets)")

@@ -16,6 +16,7 @@ import contextlib
 import os
 import pwd
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -214,6 +215,21 @@ def test_written_pcapng_reads_back_to_the_same_connections(
     live, replayed = shape(loopback.connections), shape(ls.connections(replay))
     assert len(live) == len(loopback.connections)
     assert replayed == live
+
+
+def test_written_pcapng_has_every_packet_on_lo(loopback: LoopbackRun) -> None:
+    """--iface lo: one interface, named lo, and every packet on it as received (the
+    outgoing copy of each loopback packet is not kept)."""
+    tshark = shutil.which("tshark")
+    if tshark is None:
+        pytest.skip("tshark is not installed (make system-deps installs it)")
+    proc = subprocess.run([tshark, "-r", str(loopback.pcap), "-T", "fields",
+                           "-e", "frame.interface_id", "-e", "frame.interface_name",
+                           "-e", "frame.packet_flags_direction"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
+    rows = [tuple(line.split("\t")) for line in proc.stdout.splitlines()]
+    assert rows and set(rows) == {("0", "lo", "0x00000001")}, set(rows)
 
 
 # -- 2: connections open before the agent starts ---------------------------------------

@@ -113,6 +113,7 @@ class LiveResult:
     pruned: int = 0
     elapsed_s: float = 0.0
     written_packets: int = 0
+    written_interfaces: list[str] = field(default_factory=list)  # --write's, in order seen
     status: str = "complete"  # complete | failed
     error: str | None = None
     stopped_by: int | None = None  # the signal that stopped it
@@ -423,6 +424,7 @@ def _run(settings: LiveSettings, capture: LiveCapture | NoPackets,
         if pcap is not None:
             pcap.close()
             result.written_packets = pcap.packets
+            result.written_interfaces = pcap.interfaces
         try:
             summary = link.close()
         except StoreFailed as exc:
@@ -490,18 +492,15 @@ def _seed(analyzer: Analyzer, ports: frozenset[int]) -> int:
 
 
 def _this_turn(packets: Iterator[tuple[float, int, bytes] | None],
-               pcap: PcapngWriter | None,
                opened: list[Any] | None) -> Iterator[tuple[float, int, bytes]]:
     """Packets until the source ends the turn (None: the turn is over, or the source has
     nothing more for now) or OPENED_BATCH_S after a new connection appeared (the new
-    ones go to attribution together), teed to --write."""
+    ones go to attribution together)."""
     clock = time.monotonic
     due = 0.0
     for item in packets:
         if item is None:
             return
-        if pcap is not None:
-            pcap.write(item[0], item[2])
         yield item
         if opened:
             now = clock()
@@ -539,7 +538,9 @@ class _Loop:
     def run(self) -> None:
         settings, analyzer, link = self.settings, self.analyzer, self.link
         outbox = analyzer.outbox
-        packets = self.capture.packets(TURN)
+        # With --write, each packet with its interface, written before the analyzer has it.
+        packets = (self.capture.packets(TURN) if self.pcap is None
+                   else self.pcap.tee(self.capture.tagged_packets(TURN)))
         clock = time.monotonic
         now = clock()
         end = now + settings.duration if settings.duration is not None else float("inf")
@@ -552,7 +553,7 @@ class _Loop:
                 limit = min(limit, settings.count - analyzer.stats.packets)
                 if limit <= 0:
                     return
-            analyzer.feed(_this_turn(packets, self.pcap, outbox.opened), limit)
+            analyzer.feed(_this_turn(packets, outbox.opened), limit)
             opened = outbox.opened
             if opened:
                 link.send(Opened([opened_record(c) for c in opened if not c.done]))

@@ -7,6 +7,12 @@ from the watched ports and drops the second copy of each loopback packet (the ou
 one: on `lo` every packet passes twice). A user filter (``--filter``, any BPF text) is
 compiled by libpcap through scapy when libpcap is installed and runs after ours.
 
+With ``tagged_packets`` (what `--write` reads) each packet also carries its sockaddr_ll:
+the interface it was seen on, its packet type (incoming, outgoing, ...), protocol and
+hardware address, as libpcap keeps them in a LINUX_SLL2 header. From the ring that costs
+a 20-byte copy per packet; without it, recvfrom() where recv() would do, and with it one
+more system call per packet (Python asks the kernel for the interface's name).
+
 Packets are read through a memory-mapped receive ring (tracer.sources.ring, TPACKET_V3)
 where the kernel allows one: no system call per packet, and each packet carries its
 arrival time from the kernel (nanoseconds). Where the ring cannot be set up (an old
@@ -28,9 +34,17 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
+from typing import Literal, overload
 
 from tracer.decode import LINKTYPE_RAW
-from tracer.sources.ring import Ring, RingUnavailable, ring_packets
+from tracer.sources.ring import (
+    SOCKADDR_LL,
+    Packet,
+    Ring,
+    RingUnavailable,
+    TaggedPacket,
+    ring_packets,
+)
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -357,14 +371,20 @@ class LiveCapture:
         """Bytes of receive ring in use (0: one recv per packet)."""
         return sum(ring.size for ring in self.rings)
 
-    def packets(self, turn: float) -> Iterator[tuple[float, int, bytes] | None]:
+    def packets(self, turn: float) -> Iterator[Packet | None]:
         """Packets as they come, and None at least every ``turn`` seconds whatever the
         traffic (none, a trickle or a flood): the caller gets control back on time to
         flush, tick, show its status and check for signals. Also None before each wait for
         the kernel: the caller acts at once on what it has (new connections to attribute)."""
         if self.rings:
             return ring_packets(self.rings, turn, self._socket_error)
-        return self._received(turn)
+        return self._received(turn, False)
+
+    def tagged_packets(self, turn: float) -> Iterator[TaggedPacket | None]:
+        """As ``packets``, each with its sockaddr_ll (tracer.sources.ring.TaggedPacket)."""
+        if self.rings:
+            return ring_packets(self.rings, turn, self._socket_error, True)
+        return self._received(turn, True)
 
     def _socket_error(self, ring: Ring, error: int) -> None:
         if error == errno.ENETDOWN:
@@ -372,24 +392,39 @@ class LiveCapture:
         raise CaptureError(f"capture on {self.interfaces} failed: "
                            f"{os.strerror(error) if error else 'the socket closed'}")
 
-    def _received(self, turn: float) -> Iterator[tuple[float, int, bytes] | None]:
-        """One recv per packet. The clock is read for each packet's timestamp anyway, so
-        the deadline costs one comparison."""
+    @overload
+    def _received(self, turn: float, tagged: Literal[False]) -> Iterator[Packet | None]: ...
+
+    @overload
+    def _received(self, turn: float, tagged: Literal[True]
+                  ) -> Iterator[TaggedPacket | None]: ...
+
+    def _received(self, turn: float, tagged: bool
+                  ) -> Iterator[Packet | TaggedPacket | None]:
+        """One recv per packet (recvfrom when ``tagged``). The clock is read for each
+        packet's timestamp anyway, so the deadline costs one comparison."""
         clock = time.time
         poll = self._poll.poll
         by_fd = self._by_fd
         raw = LINKTYPE_RAW
         sockets = self.sockets
+        link = _SockaddrLL()
         next_turn = clock() + turn
         while True:
             # One socket is drained straight away; several, those that have packets.
             for sock in sockets if len(sockets) == 1 else [by_fd[fd] for fd, _ in poll(0)]:
                 recv = sock.recv
+                recvfrom = sock.recvfrom
                 try:
                     while True:
-                        data = recv(READ_SIZE)
-                        now = clock()
-                        yield now, raw, data
+                        if tagged:
+                            data, address = recvfrom(READ_SIZE)
+                            now = clock()
+                            yield now, raw, data, link.pack(address), len(data)
+                        else:
+                            data = recv(READ_SIZE)
+                            now = clock()
+                            yield now, raw, data
                         if now >= next_turn:
                             next_turn = now + turn
                             yield None
@@ -406,6 +441,30 @@ class LiveCapture:
             if now >= next_turn or not poll(max(1, int((next_turn - now) * 1000) + 1)):
                 next_turn = clock() + turn
                 yield None
+
+
+class _SockaddrLL:
+    """recvfrom's address of a packet socket (interface name, protocol, packet type,
+    hardware type, address) back into the sockaddr_ll the kernel gave, as the ring
+    carries it. Python turned the interface index into its name (empty when the interface
+    was gone by then: index 0, unknown); names are looked up once."""
+
+    def __init__(self) -> None:
+        self._index: dict[str, int] = {"": 0}
+
+    def pack(self, address: tuple[str, int, int, int, bytes]) -> bytes:
+        name, protocol, pkttype, hatype, hwaddr = address
+        index = self._index.get(name)
+        if index is None:
+            if len(self._index) >= 4096:  # names of interfaces long gone: start again
+                self._index = {"": 0}
+            try:
+                index = socket.if_nametoindex(name)
+            except OSError:
+                index = 0  # renamed or gone since the kernel named it
+            self._index[name] = index
+        return SOCKADDR_LL.pack(socket.AF_PACKET, protocol.to_bytes(2, "big"), index, hatype,
+                                pkttype, len(hwaddr), hwaddr)
 
 
 def drop_privileges(user: str) -> None:

@@ -29,6 +29,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
+from typing import Literal, overload
 
 from tracer.decode import LINKTYPE_RAW
 
@@ -56,6 +57,16 @@ BLOCK_STATUS_AT = 8
 # tpacket3_hdr: tp_next_offset, tp_sec, tp_nsec, tp_snaplen, (tp_len, tp_status,
 # tp_mac skipped), tp_net
 PACKET_HEADER = struct.Struct("=IIII10xH")
+# The same with tp_len (the packet's length before the snap length cut it), for --write.
+TAGGED_HEADER = struct.Struct("=IIIII6xH")
+# After the packet header (TPACKET_ALIGN(sizeof(struct tpacket3_hdr))) the kernel writes
+# the packet's sockaddr_ll (20 bytes): interface index, packet type, protocol, hardware
+# type and address. Every packet it writes starts after it.
+SOCKADDR_AT = 48
+SOCKADDR_END = SOCKADDR_AT + 20
+# struct sockaddr_ll: family, protocol (network byte order: kept as 2 bytes), interface
+# index, hardware type, packet type, address length, address (its first 8 bytes)
+SOCKADDR_LL = struct.Struct("=H2siHBB8s")
 _KERNEL = struct.pack("=I", TP_STATUS_KERNEL)
 
 
@@ -114,10 +125,28 @@ class Ring:
         self.map.close()
 
 
-def ring_packets(rings: list[Ring], turn: float, on_error: Callable[[Ring, int], None]
-                 ) -> Iterator[tuple[float, int, bytes] | None]:
-    """Packets of every ring as (arrival time, LINKTYPE_RAW, IP packet), and None at least
-    every ``turn`` seconds whatever the traffic, and before every wait for the kernel.
+Packet = tuple[float, int, bytes]
+# A packet with where it was seen: its sockaddr_ll as the kernel wrote it (host byte order
+# but for the protocol), and its length on the wire (more than the bytes when cut short).
+TaggedPacket = tuple[float, int, bytes, bytes, int]
+
+
+@overload
+def ring_packets(rings: list[Ring], turn: float, on_error: Callable[[Ring, int], None],
+                 tagged: Literal[False] = False) -> Iterator[Packet | None]: ...
+
+
+@overload
+def ring_packets(rings: list[Ring], turn: float, on_error: Callable[[Ring, int], None],
+                 tagged: Literal[True]) -> Iterator[TaggedPacket | None]: ...
+
+
+def ring_packets(rings: list[Ring], turn: float, on_error: Callable[[Ring, int], None],
+                 tagged: bool = False) -> Iterator[Packet | TaggedPacket | None]:
+    """Packets of every ring as (arrival time, LINKTYPE_RAW, IP packet), or ``tagged``
+    with their sockaddr_ll and length on the wire as well (TaggedPacket, what --write
+    keeps), and None at least every ``turn`` seconds whatever the traffic, and before
+    every wait for the kernel.
 
     The clock is read once per block and at every wait; a block holds at most
     block_size / 64 packets, so a turn is late by one block's work at most. A packet
@@ -134,10 +163,12 @@ def ring_packets(rings: list[Ring], turn: float, on_error: Callable[[Ring, int],
         by_fd[ring.sock.fileno()] = ring
     poll = poller.poll
     unpack_packet = PACKET_HEADER.unpack_from
+    unpack_tagged = TAGGED_HEADER.unpack_from
     unpack_block = BLOCK_HEADER.unpack_from
     raw = LINKTYPE_RAW
     status_at = BLOCK_STATUS_AT
-    header = PACKET_HEADER.size
+    header = SOCKADDR_END  # a packet header and its sockaddr_ll
+    sockaddr_at = SOCKADDR_AT
     kernel = _KERNEL
     next_turn = clock() + turn
     while True:
@@ -152,20 +183,38 @@ def ring_packets(rings: list[Ring], turn: float, on_error: Callable[[Ring, int],
                     break
                 end = base + size
                 at = base + first
-                for _ in range(npkts):
-                    step, sec, nsec, snaplen, net = unpack_packet(mm, at)
-                    start = at + net
-                    stop = start + snaplen
-                    if stop > end or start < at:
-                        ring.malformed += 1
-                        break
-                    yield sec + nsec * 1e-9, raw, mm[start:stop]
-                    if not step:
-                        break
-                    at += step
-                    if at + header > end:
-                        ring.malformed += 1
-                        break
+                # Two copies of the walk, so the analyzer's path pays no test per packet.
+                if not tagged:
+                    for _ in range(npkts):
+                        step, sec, nsec, snaplen, net = unpack_packet(mm, at)
+                        start = at + net
+                        stop = start + snaplen
+                        if stop > end or net < header:
+                            ring.malformed += 1
+                            break
+                        yield sec + nsec * 1e-9, raw, mm[start:stop]
+                        if not step:
+                            break
+                        at += step
+                        if at + header > end:
+                            ring.malformed += 1
+                            break
+                else:
+                    for _ in range(npkts):
+                        step, sec, nsec, snaplen, wirelen, net = unpack_tagged(mm, at)
+                        start = at + net
+                        stop = start + snaplen
+                        if stop > end or net < header:
+                            ring.malformed += 1
+                            break
+                        yield (sec + nsec * 1e-9, raw, mm[start:stop],
+                               mm[at + sockaddr_at:at + header], wirelen)
+                        if not step:
+                            break
+                        at += step
+                        if at + header > end:
+                            ring.malformed += 1
+                            break
                 mm[base + status_at:base + status_at + 4] = kernel
                 ring.current = (ring.current + 1) % count
                 now = clock()
