@@ -277,6 +277,9 @@ def _run_live(settings: LiveSettings, status: Callable[[str], None] | None,
         targets = tuple(resolve(settings.unix))
     except UnixTargetError as exc:
         raise CaptureError(str(exc)) from None
+    if settings.write_path and not settings.ports:
+        raise CaptureError("--write keeps packets, and following Unix sockets alone captures "
+                           "none: give --port too")
     capture: Any = LiveCapture(settings.interfaces, settings.ports, snaplen=settings.snaplen,
                                buffer_bytes=settings.buffer_bytes,
                                user_filter=settings.user_filter, ring=settings.ring) \
@@ -539,8 +542,11 @@ class _Loop:
         settings, analyzer, link = self.settings, self.analyzer, self.link
         outbox = analyzer.outbox
         # With --write, each packet with its interface, written before the analyzer has it.
-        packets = (self.capture.packets(TURN) if self.pcap is None
-                   else self.pcap.tee(self.capture.tagged_packets(TURN)))
+        if self.pcap is None:
+            packets = self.capture.packets(TURN)
+        else:  # a writer only beside a packet capture (_run_live)
+            assert isinstance(self.capture, LiveCapture)
+            packets = self.pcap.tee(self.capture.tagged_packets(TURN))
         clock = time.monotonic
         now = clock()
         end = now + settings.duration if settings.duration is not None else float("inf")
