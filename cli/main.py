@@ -346,7 +346,8 @@ def _capture_live(settings: Any, quiet: bool) -> None:
     if not quiet:
         rate = result.packets / result.elapsed_s if result.elapsed_s > 0 else 0.0
         if settings.unix:
-            click.echo(f"Unix sockets: {result.unix_polls:,} polls, median "
+            click.echo(f"Unix sockets: {result.unix_polls:,} polls (every "
+                       f"{result.unix_interval_s:g}s at most), median "
                        f"{result.unix_poll_ms:.2f} ms each; {result.unix_opened:,} connections "
                        f"seen, attributed to a process: {result.unix_attributed:,}"
                        + ("" if settings.ports else
@@ -589,11 +590,12 @@ def print_report(db_path: str, fmt: str = "table",
     say("")
     unix = cap.get("unix_paths") or []
     if unix:
+        every = cap.get("unix_poll_interval_s") or 0.5
         say(f"server on Unix socket{'s' if len(unix) > 1 else ''} {', '.join(unix)} "
-            "(followed by polling the kernel's socket table every 0.5s): RPCs, methods, "
-            "idle times, preface, GOAWAY, PING and RST are not visible without packets; "
-            "open and close times are known to within 0.5s; a connection opened and closed "
-            "between two polls is not seen")
+            f"(followed by polling the kernel's socket table every {every:g}s): RPCs, "
+            "methods, idle times, preface, GOAWAY, PING and RST are not visible without "
+            f"packets; open and close times are known to within {every:g}s; a connection "
+            "opened and closed between two polls is not seen")
     if not unix or cap["ports"]:
         say(
             f"server: preface latency p50 {lat['p50'] if lat['p50'] is not None else '-'} "

@@ -66,6 +66,11 @@ def capture_summary(db: sqlite_utils.Database) -> dict[str, Any]:
         # GOAWAYs and HTTP/2 frames are not visible).
         "unix_paths": unix,
     }
+    if unix:  # how well its open and close times are known: the longest poll interval
+        longest = db.execute(
+            "SELECT MAX(value) FROM capture_stats WHERE name = 'unix.poll_interval_ms'"
+        ).fetchone()[0]
+        summary["unix_poll_interval_s"] = longest / 1000 if longest else 0.5
     if _has_table(db, "prunes"):
         from store.retention import retained
 

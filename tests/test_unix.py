@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import tempfile
@@ -22,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import tracer
 
+from tracer.agent.unixwatch import poll_interval
 from tracer.attribution.unixdiag import (
     UNIX_DIAG_ICONS,
     UNIX_DIAG_NAME,
@@ -36,10 +38,13 @@ from tracer.attribution.unixdiag import (
     UnixDiag,
     connections_of,
     display_name,
+    file_key,
     parse_dump,
     parse_unix_message,
+    raw_name,
+    scan_dump,
 )
-from tracer.unixconns import Seen, UnixConnections
+from tracer.unixconns import Listed, UnixConnections
 
 # -- crafted unix_diag messages ----------------------------------------------------------
 
@@ -125,6 +130,48 @@ def test_a_dump_keeps_ours_and_the_unnamed_and_counts_the_malformed() -> None:
     assert not done and result.malformed == {"unix_diag_bad_netlink_length": 1}
 
 
+def test_the_poll_scan_keeps_only_ours_and_their_peers_and_counts_the_malformed() -> None:
+    """scan_dump (the poll's path) finds what parse_dump and connections_of find, from
+    the same bytes: the connection of ours with its client's queue and uid, the listener
+    whole, an unrelated named socket and an unnamed non-peer left out, the malformed
+    counted with the same reasons."""
+    data = netlink(9,
+                   message(10, UNIX_LISTEN, attr(UNIX_DIAG_NAME, b"\0srv"),
+                           attr(UNIX_DIAG_RQLEN, struct.pack("=II", 2, 64))),
+                   message(12, UNIX_ESTABLISHED, attr(UNIX_DIAG_PEER, struct.pack("=I", 11)),
+                           attr(UNIX_DIAG_RQLEN, struct.pack("=II", 7, 0)),
+                           attr(UNIX_DIAG_UID, struct.pack("=I", 33))),
+                   message(11, UNIX_ESTABLISHED, attr(UNIX_DIAG_NAME, b"\0srv"),
+                           attr(UNIX_DIAG_PEER, struct.pack("=I", 12)),
+                           attr(UNIX_DIAG_RQLEN, struct.pack("=II", 5, 0))),
+                   message(13, UNIX_ESTABLISHED, attr(UNIX_DIAG_NAME, b"/other"),
+                           attr(UNIX_DIAG_PEER, struct.pack("=I", 14))),
+                   message(14, UNIX_ESTABLISHED, attr(UNIX_DIAG_PEER, struct.pack("=I", 13))),
+                   message(15, UNIX_ESTABLISHED, attr(UNIX_DIAG_NAME, b"\0srv"),
+                           attr(UNIX_DIAG_PEER, b"\1\2")),
+                   message(16) + struct.pack("=HH", 2, UNIX_DIAG_PEER),
+                   message(17)[:12])
+    snap = scan_dump([data], 9, {raw_name("@srv"): 0}, {})
+    assert snap.done and snap.listed == 8
+    assert snap.conns == [(11, 12, 5, 7, 33, 0)]
+    assert [(s.inode, s.rqueue, s.wqueue, t) for s, t in snap.listeners] == [(10, 2, 64, 0)]
+    assert snap.malformed == {"unix_diag_short_attribute": 1,
+                              "unix_diag_bad_attribute_length": 1,
+                              "unix_diag_short_message": 1}
+    # By the socket file (a relative bind's name matches nothing), and another seq ignored.
+    by_file = netlink(3, message(20, UNIX_ESTABLISHED, attr(UNIX_DIAG_NAME, b"s.sock"),
+                                 attr(UNIX_DIAG_VFS, struct.pack("=II", 99, 5 << 20))))
+    assert scan_dump([by_file], 3, {}, {file_key(5 << 20, 99): 0}).conns == \
+        [(20, 0, 0, -1, -1, 0)]
+    assert scan_dump([by_file], 4, {}, {file_key(5 << 20, 99): 0}).listed == 0
+
+
+def test_the_interval_is_stretched_to_keep_polls_under_five_percent_of_a_core() -> None:
+    assert poll_interval(0.002) == 0.5 == poll_interval(0.025)
+    assert poll_interval(0.052) == 1.1  # 52 ms each: 4.7% of a core
+    assert poll_interval(3.0) == 10.0  # never more than MAX_INTERVAL apart
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300), st.integers(0, 300))
 def test_any_bytes_parse_or_say_why(data: bytes, cut: int) -> None:
@@ -137,6 +184,7 @@ def test_any_bytes_parse_or_say_why(data: bytes, cut: int) -> None:
     framed = struct.pack("=IHHII", 16 + len(data), 20, 2, 1, 0) + data
     result, _done = parse_dump([framed[:cut + 16]], 1, Targets(names=frozenset({"@a"})))
     assert result.listed <= 1
+    assert scan_dump([framed[:cut + 16]], 1, {b"\0a": 0}, {}).listed <= 1
 
 
 @settings(max_examples=200, deadline=None)
@@ -156,26 +204,29 @@ def test_mutated_attributes_parse_or_say_why(attrs: list[tuple[int, bytes]], cut
 # -- the poll tracker --------------------------------------------------------------------
 
 
-def seen(server: int, client: int, queue: int = 0) -> Seen:
-    return Seen(server, client, "/run/s.sock", queue, 0, 1000)
+LABELS = ["/run/s.sock"]
+
+
+def seen(server: int, client: int, queue: int = 0) -> Listed:
+    return (server, client, queue, 0, 1000, 0)
 
 
 def test_polls_make_pre_existing_new_and_closed_connections() -> None:
     table = UnixConnections()
-    first, new = table.poll(100.0, [seen(1, 2)])
+    first, new = table.poll(100.0, [seen(1, 2)], LABELS)
     assert len(new) == 1 and first[0]["mid_stream"] == 1 and first[0]["conn_state"] == "OTH"
-    records, new = table.poll(100.5, [seen(1, 2), seen(3, 4)])
+    records, new = table.poll(100.5, [seen(1, 2), seen(3, 4)], LABELS)
     assert [r["ts"] for r in records] == [100.5] and records[0]["mid_stream"] == 0
     assert records[0]["orig_h"] == "unix:/run/s.sock" and records[0]["orig_p"] == 4
     assert records[0]["protocol"] == "unix" and records[0]["streams"] == 0
     assert records[0]["last_activity_ts"] is None  # never seen, never guessed
-    records, _ = table.poll(101.0, [seen(1, 2, queue=40)])
+    records, _ = table.poll(101.0, [seen(1, 2, queue=40)], LABELS)
     closed = [r for r in records if r["close_ts"] is not None]
     assert [(r["orig_p"], r["close_ts"], r["is_open"]) for r in closed] == [(4, 101.0, 0)]
     moved = [r for r in records if r["close_ts"] is None]
     assert moved[0]["unix"]["queue_max"] == 40 and moved[0]["unix"]["queue_changes"] == 1
     # The accepted socket's inode back for another client: the old connection closed.
-    records, new = table.poll(101.5, [seen(1, 9)])
+    records, new = table.poll(101.5, [seen(1, 9)], LABELS)
     assert len(new) == 1 and {r["orig_p"]: r["is_open"] for r in records} == {2: 0, 9: 1}
     end = table.finish(102.0)
     assert [(r["orig_p"], r["end_reason"], r["is_open"]) for r in end] == \
@@ -184,7 +235,7 @@ def test_polls_make_pre_existing_new_and_closed_connections() -> None:
 
 def test_the_table_is_bounded() -> None:
     table = UnixConnections(max_tracked=2)
-    table.poll(1.0, [seen(i, i + 100) for i in range(5)])
+    table.poll(1.0, [seen(i, i + 100) for i in range(5)], LABELS)
     assert len(table.open) == 2 and table.not_followed == 3
 
 
@@ -217,6 +268,13 @@ def test_a_real_dump_on_this_kernel_names_both_ends(tmp_path: Path) -> None:
     srv, cli = conns[ours]
     assert srv.name == "s.sock" and srv.peer == os.fstat(client.fileno()).st_ino
     assert cli is not None and cli.name is None and cli.peer == ours
+    diag = UnixDiag()
+    try:
+        snap = diag.snapshot({}, {file_key(*next(iter(target.targets.files))): 0})
+    finally:
+        diag.close()
+    assert [c[:2] for c in snap.conns] == [(ours, srv.peer)] and snap.conns[0][4] == cli.uid
+    assert [s.inode for s, _ in snap.listeners] == [os.fstat(server.fileno()).st_ino]
     for s in (client, accepted, server):
         s.close()
 
@@ -312,6 +370,13 @@ def test_unix_socket_leaker_is_named_and_nobody_else(sock_dir: Path) -> None:
         by_pid = clients_by_pid(db)
         out = capture.output()
     assert "Unix sockets:" in out, out
+    # The status line of a Unix-only run: its connections and clients, no packet counts.
+    statuses = re.findall(r"^(\d+) open Unix-socket connections? from (\d+) client "
+                          r"process(?:es)?[^\n]*, rows written \d+$", out, re.M)
+    assert statuses, out
+    assert "packets (" not in out
+    assert max(int(n) for n, _ in statuses) >= 8  # the leaker's 7 and the early pool
+    assert max(int(p) for _, p in statuses) >= 3, statuses
     leaker = by_pid[leak.popen.pid]
     assert (leaker["verdict"], leaker["opened"], leaker["open"], leaker["closed"]) == \
         ("leak", 7, 7, 0), leaker["reason"]
@@ -331,6 +396,31 @@ def test_unix_socket_leaker_is_named_and_nobody_else(sock_dir: Path) -> None:
     assert "n/a (unix)" in table and "not visible without packets" in table
     conns = tracer("connections", "--db", str(db), "--format", "json").stdout
     assert '"protocol": "unix"' in conns
+    # The timeline: the leaker's open series climbs to its 7, under its pid.
+    timeline = json.loads(tracer("timeline", "--db", str(db), "--bucket", "2s",
+                                 "--format", "json").stdout)
+    mine = [c for c in timeline["clients"] if c.get("pid") == leak.popen.pid]
+    assert len(mine) == 1, timeline
+    series = mine[0]["open"]
+    assert series == sorted(series) and series[-1] == 7 and series[0] < 7, series
+    # correlate: a log line of the leaker's pid finds its Unix connections.
+    log = db.parent / "client.log"
+    when = time.strftime("%b %d %H:%M:%S", time.localtime(time.time() - 3))
+    log.write_text(f"{when} host leaker[{leak.popen.pid}]: failed to receive server "
+                   "preface within timeout\n")
+    tracer("logs", "add", str(log), "--db", str(db))
+    corr = json.loads(tracer("correlate", "--db", str(db), "--format", "json").stdout)
+    assert corr["matched"] == 1, corr
+    found = [c for m in corr["lines"] for c in m["connections"]]
+    assert found and all(c["orig_h"] == f"unix:{path}" for c in found), corr
+    # prune: closed Unix rows go with their unix_sockets rows, open ones stay.
+    tracer("prune", "--db", str(db), "--older-than", "0s")
+    orphans = ls.try_query(db, "SELECT COUNT(*) AS n FROM unix_sockets WHERE uid NOT IN "
+                               "(SELECT uid FROM connections)")
+    assert orphans == [{"n": 0}], orphans
+    assert ls.try_query(db, "SELECT COUNT(*) AS n FROM connections WHERE protocol = 'unix' "
+                            "AND close_ts IS NOT NULL") == [{"n": 0}]
+    assert clients_by_pid(db)[leak.popen.pid]["open"] == 7
 
 
 def test_abstract_name_and_beside_a_tcp_port(sock_dir: Path) -> None:

@@ -34,9 +34,16 @@ MAX_TRACKED = 200_000  # connections followed at most (the flow table's bound)
 UNIX_PROTOCOL = "unix"
 
 
+# One accepted connection as one poll listed it (tracer.attribution.unixdiag.Snapshot):
+# (server inode, client inode or 0, server's unread bytes, client's unread bytes or -1,
+# client socket's owner uid or -1, the index of the target's label). Plain ints: a poll of
+# 10,000 unchanged connections compares tuples and builds nothing.
+Listed = tuple[int, int, int, int, int, int]
+
+
 @dataclass(frozen=True)
 class Seen:
-    """One accepted connection as one poll listed it."""
+    """One accepted connection as one poll listed it, in words."""
 
     server_inode: int
     client_inode: int  # the accepted socket's peer (0: the kernel gave none)
@@ -46,10 +53,16 @@ class Seen:
     client_uid: int | None  # the client socket's owner (None: its socket unseen)
 
 
+def seen_of(raw: Listed, labels: list[str]) -> Seen:
+    return Seen(raw[0], raw[1], labels[raw[5]], raw[2], raw[3] if raw[3] >= 0 else None,
+                raw[4] if raw[4] >= 0 else None)
+
+
 @dataclass
 class Tracked:
     uid: str
     seen: Seen
+    raw: Listed
     opened_ts: float
     pre_existing: bool
     last_ts: float
@@ -69,29 +82,38 @@ class UnixConnections:
         self.opened = 0
         self.closed = 0
 
-    def poll(self, ts: float, listed: list[Seen]) -> tuple[list[dict[str, Any]], list[Tracked]]:
-        """One poll's snapshot: the records to write (new connections, closed ones, open
-        ones whose queues changed) and the connections new since the last poll."""
+    def poll(self, ts: float, listed: list[Listed], labels: list[str]
+             ) -> tuple[list[dict[str, Any]], list[Tracked]]:
+        """One poll's snapshot (``labels``: the targets' names by index): the records to
+        write (new connections, closed ones, open ones whose queues changed) and the
+        connections new since the last poll."""
         first = self.polls == 0
         self.polls += 1
         out: list[dict[str, Any]] = []
         new: list[Tracked] = []
         now_open: set[int] = set()
-        for s in listed:
-            now_open.add(s.server_inode)
-            t = self.open.get(s.server_inode)
-            if t is not None and t.seen.client_inode != s.client_inode and s.client_inode:
-                # Its inode came back for another connection between two polls: the old
-                # one closed.
-                out.append(self._closed(t, ts))
-                t = None
+        tracked = self.open
+        for raw in listed:
+            inode = raw[0]
+            now_open.add(inode)
+            t = tracked.get(inode)
+            if t is not None:
+                if t.raw == raw:  # nothing changed: the common case, nothing to build
+                    t.last_ts = ts
+                    continue
+                if t.raw[1] != raw[1] and raw[1]:
+                    # Its inode came back for another connection between two polls: the
+                    # old one closed.
+                    out.append(self._closed(t, ts))
+                    t = None
+            s = seen_of(raw, labels)
             if t is None:
-                if len(self.open) >= self.max_tracked:
+                if len(tracked) >= self.max_tracked:
                     self.not_followed += 1
                     continue
-                t = Tracked(connection_uid(s, ts), s, ts, first, ts,
+                t = Tracked(connection_uid(s, ts), s, raw, ts, first, ts,
                             queue_max=max(s.server_queue, s.client_queue or 0))
-                self.open[s.server_inode] = t
+                tracked[inode] = t
                 self.opened += 1
                 new.append(t)
                 out.append(record(t, ts))
@@ -108,11 +130,13 @@ class UnixConnections:
             if s.client_uid is not None and t.seen.client_uid is None:
                 t.sent = False
             t.seen = s
+            t.raw = raw
             if not t.sent:
                 out.append(record(t, ts))
                 t.sent = True
-        for inode in [i for i in self.open if i not in now_open]:
-            out.append(self._closed(self.open[inode], ts))
+        if len(now_open) != len(tracked):
+            for inode in [i for i in tracked if i not in now_open]:
+                out.append(self._closed(tracked[inode], ts))
         return out, new
 
     def _closed(self, t: Tracked, ts: float) -> dict[str, Any]:

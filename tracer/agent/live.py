@@ -43,7 +43,7 @@ from tracer.agent.messages import (
     ToWorker,
 )
 from tracer.agent.metrics import MetricsError, MetricsServer, MetricsSettings, check_textfile
-from tracer.agent.store_worker import StoreSettings, serve
+from tracer.agent.store_worker import STATUS_FIELDS, StoreSettings, serve
 from tracer.agent.unixwatch import Target, UnixTargetError, resolve
 from tracer.attribution.join import open_connections
 from tracer.attribution.sockdiag import SockDiag
@@ -120,6 +120,7 @@ class LiveResult:
     unix_polls: int = 0  # --unix: polls of the kernel's Unix socket table
     unix_poll_ms: float = 0.0  # their median duration
     unix_opened: int = 0  # Unix-socket connections seen
+    unix_interval_s: float = 0.5  # the longest interval between two polls (stretched)
     unix_attributed: int = 0
 
 
@@ -136,7 +137,7 @@ class StoreLink:
         inbox, self._sender = ctx.Pipe(duplex=False)
         _widen(self._sender.fileno())
         self._replies, outbox = ctx.Pipe(duplex=False)
-        self.rows = ctx.Value("q", 0)
+        self.rows = ctx.Array("q", STATUS_FIELDS)  # store_worker.StoreWorker.rows
         self.process = ctx.Process(
             target=serve, args=(inbox, outbox, [self._sender, self._replies], settings,
                                 self.rows, exporter),
@@ -449,6 +450,7 @@ def _run(settings: LiveSettings, capture: LiveCapture | NoPackets,
         result.unix_polls = summary.stats.get("unix.polls", 0)
         result.unix_poll_ms = summary.stats.get("unix.poll_us_median", 0) / 1000.0
         result.unix_opened = summary.stats.get("unix.opened", 0)
+        result.unix_interval_s = summary.stats.get("unix.poll_interval_ms", 500) / 1000.0
         result.unix_attributed = summary.stats.get("unix.attribution.local", 0)
     elif result.status != "failed":
         result.status = "failed"
@@ -572,7 +574,10 @@ class _Loop:
                 rate = (analyzer.stats.packets - last_packets) / max(now - last_status, 1e-9)
                 last_status, last_packets = now, analyzer.stats.packets
                 next_status = now + STATUS_INTERVAL
-                self.status(status_line(analyzer, rate, self.capture.dropped, link.rows.value))
+                shared = link.rows[:]
+                unix = (shared[1], shared[2], shared[3]) if settings.unix else None
+                self.status(status_line(analyzer, rate, self.capture.dropped, shared[0],
+                                        unix=unix, packets=bool(settings.ports)))
             if now >= end:
                 return
 
@@ -618,15 +623,28 @@ def _changed_open(analyzer: Analyzer) -> list[dict[str, Any]]:
     return out
 
 
-def status_line(analyzer: Analyzer, rate: float, drops: int, rows: int) -> str:
-    """One line on how the capture goes: every open connection counted, asleep or not."""
-    by_client = analyzer.table.open_by_client()
-    clients = len(by_client)
-    open_now = sum(by_client.values())
-    return (f"{analyzer.stats.packets:,} packets ({rate:,.0f}/s), "
-            f"{open_now:,} open connection{'s' if open_now != 1 else ''} from {clients:,} "
-            f"client address{'es' if clients != 1 else ''}, kernel drops {drops:,}, "
-            f"rows written {rows:,}")
+def status_line(analyzer: Analyzer, rate: float, drops: int, rows: int,
+                unix: tuple[int, int, int] | None = None, packets: bool = True) -> str:
+    """One line on how the capture goes: every open connection counted, asleep or not;
+    with ``unix`` (open, client processes, not attributed yet) the Unix-socket ones too,
+    and without ``packets`` (--unix alone) those only."""
+    parts = []
+    if packets:
+        by_client = analyzer.table.open_by_client()
+        clients = len(by_client)
+        open_now = sum(by_client.values())
+        parts.append(f"{analyzer.stats.packets:,} packets ({rate:,.0f}/s), "
+                     f"{open_now:,} open connection{'s' if open_now != 1 else ''} from "
+                     f"{clients:,} client address{'es' if clients != 1 else ''}, kernel "
+                     f"drops {drops:,}")
+    if unix is not None:
+        open_unix, processes, unknown = unix
+        pending = f" ({unknown:,} not attributed yet)" if unknown else ""
+        parts.append(f"{open_unix:,} open Unix-socket connection"
+                     f"{'s' if open_unix != 1 else ''} from {processes:,} client process"
+                     f"{'es' if processes != 1 else ''}{pending}")
+    parts.append(f"rows written {rows:,}")
+    return ", ".join(parts)
 
 
 __all__ = ["CaptureError", "LiveResult", "LiveSettings", "StoreFailed", "run_live",

@@ -60,7 +60,7 @@ from tracer.agent.metrics import (
     registry_for,
     write_textfile,
 )
-from tracer.agent.unixwatch import POLL_INTERVAL, Target, UnixWatch
+from tracer.agent.unixwatch import Target, UnixWatch
 from tracer.attribution.server import ServerReader
 
 IDLE_WAKE = 1.0  # seconds: the longest the worker sleeps with nothing due
@@ -85,6 +85,9 @@ class StoreSettings:
     unix: tuple[Target, ...] = ()  # --unix: the Unix-socket servers followed
 
 
+STATUS_FIELDS = 4  # rows written; Unix connections open, their clients, not attributed
+
+
 class StoreWorker:
     """One live capture's writer, attribution and retention, a message at a time."""
 
@@ -93,7 +96,10 @@ class StoreWorker:
                  capture_pid: int | None = None) -> None:
         self.writer = writer
         self.settings = settings
-        self.rows = rows  # a shared counter the status line shows (multiprocessing.Value)
+        # Shared counters the status line shows (a multiprocessing.Array of STATUS_FIELDS):
+        # rows written, and with --unix the connections open, their client processes and
+        # those not attributed yet.
+        self.rows = rows
         self.attributor = Attributor(settings.ports) if settings.attribution else None
         self.unwritten: list[Attribution] = []  # verdicts for the next batch to write
         self.retention = settings.retention
@@ -159,7 +165,7 @@ class StoreWorker:
             lambda: writer.write(message.records, message.events, message.anomalies), inbox)
         self.rows_written += len(message.records) + len(message.events)
         if self.rows is not None:
-            self.rows.value = self.rows_written
+            self.rows[0] = self.rows_written
         attributor = self.attributor
         if attributor is not None:
             now = time.time()
@@ -303,10 +309,12 @@ class StoreWorker:
         """One poll of the Unix sockets followed: its records written with their owners
         (and, with ``last``, the open ones as open at the end)."""
         assert self.unix is not None
-        self.next_unix_poll = time.monotonic() + POLL_INTERVAL
+        started = time.monotonic()
+        self.next_unix_poll = started + self.unix.interval
         now = time.time()
         try:
             polled = self.unix.poll(now)
+            self.next_unix_poll = started + self.unix.interval  # stretched if costly
         except OSError as exc:  # netlink timed out: the next poll is half a second away
             self.unix.counts["poll_failed"] = self.unix.counts.get("poll_failed", 0) + 1
             if self.unix.counts["poll_failed"] == 1:
@@ -324,7 +332,9 @@ class StoreWorker:
             self.writer.attribute(polled.verdicts)
         self.rows_written += len(records)
         if self.rows is not None:
-            self.rows.value = self.rows_written
+            self.rows[0] = self.rows_written
+            open_now, clients, unknown = self.unix.open_clients()
+            self.rows[1], self.rows[2], self.rows[3] = open_now, clients, unknown
         if self.metrics is not None:
             self.metrics.records(records)
             if polled is not None:

@@ -4,8 +4,11 @@ polled at most every POLL_INTERVAL, its snapshots turned into connection records
 
 It runs in the store worker, on that process's deadlines, like the samples of the server:
 no packet exists, so nothing of it is on the capture process's packet path, and a poll
-never holds up a stop or a save (one poll of 10,000 connections takes milliseconds:
-benchmarks/unix.py). The client of a connection is the owner of its peer socket: that
+never holds up a stop or a save. A poll of 10,000 connections costs tens of milliseconds of
+CPU (benchmarks/unix.py): the interval is stretched past POLL_INTERVAL so that the polls'
+CPU stays under CPU_SHARE of a core, and the interval used is in the capture's stats
+(``unix.poll_interval_ms``, the longest) so that the report says how well open and close
+times are known. The client of a connection is the owner of its peer socket: that
 inode is looked for among the descriptors of the processes that owned connections before
 (their next descriptors first), then of every process (tracer.attribution.sockets,
 the one look-up of inodes TCP attribution uses). One not found is looked for again at
@@ -14,6 +17,7 @@ the next polls, less and less often, until its connection closes.
 
 from __future__ import annotations
 
+import math
 import os
 import pwd
 import stat as stat_mod
@@ -27,14 +31,17 @@ from tracer.attribution.unixdiag import (
     Targets,
     UnixDiag,
     UnixSocket,
-    connections_of,
     display_name,
+    file_key,
     kernel_dev,
+    raw_name,
 )
 from tracer.events import AnomalyFound
-from tracer.unixconns import Seen, UnixConnections
+from tracer.unixconns import UnixConnections
 
 POLL_INTERVAL = 0.5  # seconds between two dumps at most often
+CPU_SHARE = 0.05  # a poll's CPU time at most this share of the interval: it is stretched
+MAX_INTERVAL = 10.0  # seconds between two dumps at most (a bound on what a poll misses)
 RECENT_OWNERS = 64
 FD_AHEAD = 8  # descriptors after an owner's last one tried first (a leaker's next socket)
 RETRY_MAX = 8.0  # seconds: an owner not found is looked for again at most this far apart
@@ -42,6 +49,16 @@ MAX_PENDING = 10_000  # connections whose owner is looked for at most (the rest:
 WALK_SHARE = 0.1  # walks of every process's descriptors take at most this share of time
 
 Verdict = tuple[str, str, ProcessInfo | None, float, SocketDetail | None]
+
+
+def poll_interval(cpu_s: float) -> float:
+    """Seconds between two polls that cost ``cpu_s`` of CPU each (the median of the last
+    ones): POLL_INTERVAL, or longer so that polling takes at most CPU_SHARE of a core (up
+    to MAX_INTERVAL), in tenths of a second."""
+    wanted = cpu_s / CPU_SHARE
+    if wanted <= POLL_INTERVAL:
+        return POLL_INTERVAL
+    return min(MAX_INTERVAL, math.ceil(wanted * 10) / 10)
 
 
 class UnixTargetError(ValueError):
@@ -92,6 +109,7 @@ class PollResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     anomalies: list[AnomalyFound] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
+    listeners: list[tuple[UnixSocket, int]] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -102,40 +120,45 @@ class UnixWatch:
         self.targets = targets
         self.keep = Targets(names=frozenset().union(*(t.targets.names for t in targets)),
                             files=frozenset().union(*(t.targets.files for t in targets)))
+        self.labels = [t.label for t in targets]
+        # The scan's keys: the raw names and the socket files, to the target's index.
+        self.names: dict[bytes, int] = {}
+        self.files: dict[int, int] = {}
+        for i, t in enumerate(targets):
+            for name in t.targets.names:
+                self.names.setdefault(raw_name(name), i)
+            for dev, ino in t.targets.files:
+                self.files.setdefault(file_key(dev, ino), i)
         self.diag = UnixDiag()
         self.conns = UnixConnections()
         self.attribution = attribution
         self.pending: dict[str, _Pending] = {}  # uid -> its client inode, to look for
         self.recent: dict[int, int] = {}  # pid -> the descriptor of its last connection
+        self.owners: dict[str, int] = {}  # an open connection's uid -> its client's pid
         self.processes: dict[int, ProcessInfo] = {}
         self.users: dict[int, str | None] = {}
         self.counts: dict[str, int] = {}
         self.next_walk = 0.0  # monotonic: when every process may be walked again
         self.poll_seconds: list[float] = []  # the last polls' durations (bounded)
+        self.poll_cpu: list[float] = []  # and their CPU times (this thread's)
+        self.interval = POLL_INTERVAL  # seconds until the next poll, as of the last one
+        self.longest_interval = POLL_INTERVAL
 
     def close(self) -> None:
         self.diag.close()
 
-    def _label(self, sock: UnixSocket) -> str:
-        for t in self.targets:
-            if t.targets.holds(sock):
-                return t.label
-        return sock.name or "?"
-
     def poll(self, ts: float) -> PollResult:
         """One dump: what changed, as records; the new connections' owners where found."""
         started = time.monotonic()
+        cpu = time.thread_time()
         out = PollResult()
-        dump = self.diag.dump(self.keep)
+        dump = self.diag.snapshot(self.names, self.files)
         for reason, n in (dump.malformed or {}).items():
             self._count(f"malformed.{reason}", n)
             out.anomalies.append(AnomalyFound(ts, None, reason,
                                               f"{n} unix_diag message(s) in one dump"))
-        seen = [Seen(srv.inode, srv.peer, self._label(srv), srv.rqueue or 0,
-                     cli.rqueue if cli is not None else None,
-                     cli.uid if cli is not None else None)
-                for srv, cli in connections_of(dump.sockets, self.keep).values()]
-        records, new = self.conns.poll(ts, seen)
+        out.listeners = dump.listeners
+        records, new = self.conns.poll(ts, dump.conns, self.labels)
         out.records = records
         if self.attribution:
             for t in new:
@@ -146,6 +169,8 @@ class UnixWatch:
                 else:
                     self._count("pending_full")
             for r in records:
+                if r["close_ts"] is not None:
+                    self.owners.pop(r["uid"], None)
                 if r["close_ts"] is not None and r["uid"] in self.pending:
                     del self.pending[r["uid"]]
                     self._count("closed_before_attribution")
@@ -155,6 +180,10 @@ class UnixWatch:
         out.seconds = time.monotonic() - started
         self.poll_seconds.append(out.seconds)
         del self.poll_seconds[:-64]
+        self.poll_cpu.append(time.thread_time() - cpu)
+        del self.poll_cpu[:-9]
+        self.interval = poll_interval(statistics.median(self.poll_cpu))
+        self.longest_interval = max(self.longest_interval, self.interval)
         return out
 
     def _attribute(self, ts: float, records: list[dict[str, Any]]) -> list[Verdict]:
@@ -183,6 +212,7 @@ class UnixWatch:
                 p.wait = min(p.wait * 2, RETRY_MAX)
                 continue
             del self.pending[uid]
+            self.owners[uid] = owner[0]
             self.recent.pop(owner[0], None)
             self.recent[owner[0]] = owner[1]
             while len(self.recent) > RECENT_OWNERS:
@@ -192,6 +222,14 @@ class UnixWatch:
             client_uid = rec["unix"]["client_uid"] if rec is not None else None
             out.append((uid, "local", info, time.time(), self._detail(client_uid)))
         return out
+
+    def open_clients(self) -> tuple[int, int, int]:
+        """The connections open now, their client processes, and those whose client is
+        not known (yet, or never: another namespace, attribution off)."""
+        owners = self.owners
+        pids = {owners[t.uid] for t in self.conns.open.values() if t.uid in owners}
+        known = sum(1 for t in self.conns.open.values() if t.uid in owners)
+        return len(self.conns.open), len(pids), len(self.conns.open) - known
 
     def finish(self, ts: float) -> list[dict[str, Any]]:
         for uid in self.pending:
@@ -204,6 +242,8 @@ class UnixWatch:
         out = {f"unix.attribution.{k}": v for k, v in self.counts.items()}
         out["unix.polls"] = self.conns.polls
         out["unix.opened"] = self.conns.opened
+        out["unix.open"] = len(self.conns.open)
+        out["unix.poll_interval_ms"] = round(self.longest_interval * 1000)
         out["unix.closed"] = self.conns.closed
         if self.poll_seconds:
             out["unix.poll_us_median"] = round(
