@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tracer.agent.unixwatch import UnixWatch, resolve
+from tracer.agent.unixwatch import UnixWatch, poll_interval, resolve
 
 
 def hold(path: str, n: int) -> tuple[list[socket.socket], int]:
@@ -99,13 +99,15 @@ def main() -> int:
         held, child = hold(ours, args.connections)
         wall, cpu, found = measure(ours, args.polls)
         print(f"{found:,} connections open on our socket: one poll {wall:.1f} ms "
-              f"(CPU {cpu:.1f} ms), median of {args.polls}")
+              f"(CPU {cpu:.1f} ms), median of {args.polls}; the agent polls every "
+              f"{poll_interval(cpu / 1000):g}s")
         release(held, child)
         other, other_child = hold(os.path.join(folder, "other.sock"), args.connections)
         few, few_child = hold(ours + ".2", 10)
         wall, cpu, found = measure(ours + ".2", args.polls)
         print(f"{found:,} connections on our socket among {args.connections:,} unrelated "
-              f"ones: one poll {wall:.1f} ms (CPU {cpu:.1f} ms), median of {args.polls}")
+              f"ones: one poll {wall:.1f} ms (CPU {cpu:.1f} ms), median of {args.polls}; the "
+              f"agent polls every {poll_interval(cpu / 1000):g}s")
         release(other, other_child)
         release(few, few_child)
     return 0
