@@ -19,7 +19,7 @@ import os
 MODULES = (
     "decode", "outbox", "pipeline", "record", "tcp/flow", "tcp/sleepers", "tcp/state",
     "http2/frames", "http2/hpack_memo", "http2/http1", "http2/modes", "http2/observer",
-    "http2/text", "http2/tls", "sources/pcapfile",
+    "http2/text", "http2/tls", "sources/pcapfile", "attribution/unixdiag",
 )
 
 # One "<sha256>  <module path>.py" line per compiled module (the format of sha256sum, so
