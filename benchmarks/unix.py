@@ -36,8 +36,11 @@ def hold(path: str, n: int) -> tuple[list[socket.socket], int]:
     parent_end, child_end = socket.socketpair()
     pid = os.fork()
     if pid == 0:  # the child: connect, hold, and wait for the parent to let go
-        parent_end.close()
-        server.close()
+        # Only its end of the pair: a copy of another holder's parent end kept here would
+        # keep that holder's child waiting after the parent let go.
+        keep = child_end.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         clients = []
         for _ in range(n):
             client = socket.socket(socket.AF_UNIX)
@@ -100,7 +103,7 @@ def main() -> int:
         wall, cpu, found = measure(ours, args.polls)
         print(f"{found:,} connections open on our socket: one poll {wall:.1f} ms "
               f"(CPU {cpu:.1f} ms), median of {args.polls}; the agent polls every "
-              f"{poll_interval(cpu / 1000):g}s")
+              f"{poll_interval(cpu / 1000):g}s", flush=True)
         release(held, child)
         other, other_child = hold(os.path.join(folder, "other.sock"), args.connections)
         few, few_child = hold(ours + ".2", 10)
