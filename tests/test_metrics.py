@@ -337,3 +337,22 @@ def test_who_closed_a_connection() -> None:
     assert closed_by({"close_kind": "client_fin", "goaway_ts": 5.0, "close_ts": 6.0,
                       "goaway_sender": "resp"}) == "server"
     assert closed_by({"close_kind": None}) == "unknown"  # expired, evicted
+
+
+def test_a_unix_socket_connection_is_never_counted_idle() -> None:
+    """A Unix-socket row carries no activity (no packets: last_activity_ts is null): it
+    is open, and old, but never idle, however long it has been open; a TCP connection as
+    old with no activity since its dial is idle."""
+    state = MetricsState(MetricsSettings(idle_s=60.0), frozenset({9090}))
+    old = time.time() - 600
+    unix = {**_record("u1", ts=old, orig_h="unix:/run/api.sock"), "protocol": "unix",
+            "syn_ts": None, "last_activity_ts": None, "streams": 0, "preface_ts": None,
+            "server_settings_ts": None}
+    state.settled([("u1", "local", _Process(1)), ("t1", "local", _Process(2))])
+    state.records([unix, _record("t1", ts=old)])
+    samples = {(s.name, s.labels["pid"]): s.value for f in state.collect() for s in f.samples
+               if s.name.startswith("tracer_client_") and "closed_by" not in s.labels}
+    assert samples[("tracer_client_open_connections", "1")] == 1
+    assert samples[("tracer_client_idle_open_connections", "1")] == 0
+    assert samples[("tracer_client_oldest_open_connection_age_seconds", "1")] >= 600
+    assert samples[("tracer_client_idle_open_connections", "2")] == 1

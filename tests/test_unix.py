@@ -13,15 +13,18 @@ import socket
 import struct
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import live_support as ls
+import metrics_support as ms
 import pytest
 import realtraffic_support as rt
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import tracer
+from support import free_port, poll, tracer
 
 from tracer.agent.unixwatch import poll_interval
 from tracer.attribution.unixdiag import (
@@ -343,55 +346,119 @@ def sock_dir() -> Any:
         yield Path(folder)
 
 
-def test_unix_socket_leaker_is_named_and_nobody_else(sock_dir: Path) -> None:
+LEAKS, JS_LEAKS = 7, 6  # the grpcio and the grpc-js leakers' channels
+
+
+@dataclass
+class UnixRun:
+    """The live scenario on a Unix socket, run once for the tests below."""
+
+    path: Path
+    db: Path
+    output: str  # the agent's
+    by_pid: dict[int, dict[str, Any]]  # the report's clients, right after the agent ended
+    samples: ms.Samples | None  # the agent's /metrics once the leakers were done
+    early: rt.Process  # a pool connected before the agent started
+    leak: rt.Process
+    pool: rt.Process
+    close: rt.Process
+    js_leak: rt.Process | None  # None when grpc-js cannot run (js_missing says why)
+    js_pool: rt.Process | None
+    js_missing: str | None
+
+
+def _metrics_settled(s: ms.Samples | None, want: dict[int, int]) -> bool:
+    return s is not None and all(
+        ms.of_pid(s, "tracer_client_open_connections", pid) == n for pid, n in want.items())
+
+
+@pytest.fixture(scope="module")
+def unix_run() -> Iterator[UnixRun]:
+    """A real grpcio server on a Unix socket path; grpcio clients (a pool connected before
+    the agent, a leaker, a pool, a closer) and grpc-js ones (a leaker, a pool) when node
+    and @grpc/grpc-js are there; the agent run with --metrics, scraped once the clients
+    are done (while it runs), then the report."""
     ls.need_root()
-    path = sock_dir / "s.sock"
-    target = f"unix:{path}"
-    db = sock_dir / "t.db"
-    js = rt.grpcjs_unavailable_reason()
-    with ls.processes() as procs:
-        start_unix_server(procs, target)
-        before = grpcio(procs, "pool", target, 200, interval=0.3)  # connected first
-        ls.wait_for(lambda: accepted(str(path)) >= 1, "the early pool connected",
-                    timeout=10)
-        capture = agent(procs, db, "--unix", str(path))
-        wait_ready(db, capture)
-        time.sleep(1.0)  # the first poll: the early pool is pre-existing
-        leak = grpcio(procs, "leak", target, 7, interval=0.6)
-        pool = grpcio(procs, "pool", target, 20, interval=0.3)
-        close = grpcio(procs, "close", target, 6, interval=0.6)
-        clients = [leak, pool, close]
-        if js is None:
-            clients.append(procs.start("grpcjs-pool", [
-                *rt.PeerSpec("grpcjs-pool", "grpc-js", "pool", 20).argv(target),
-                "--max-lifetime", "90"]))
-        rt.wait_done(clients, timeout=DURATION - 3)
-        wait_agent(capture)
-        by_pid = clients_by_pid(db)
-        out = capture.output()
+    with tempfile.TemporaryDirectory(prefix="tracer-unix-") as folder:
+        sock_dir = Path(folder)
+        path = sock_dir / "s.sock"
+        target = f"unix:{path}"
+        db = sock_dir / "t.db"
+        js = rt.grpcjs_unavailable_reason()
+        metrics_port = free_port()
+        js_leak = js_pool = None
+        with ls.processes() as procs:
+            start_unix_server(procs, target)
+            before = grpcio(procs, "pool", target, 200, interval=0.3)  # connected first
+            ls.wait_for(lambda: accepted(str(path)) >= 1, "the early pool connected",
+                        timeout=10)
+            capture = agent(procs, db, "--unix", str(path),
+                            "--metrics", f"127.0.0.1:{metrics_port}")
+            wait_ready(db, capture)
+            time.sleep(1.0)  # the first poll: the early pool is pre-existing
+            leak = grpcio(procs, "leak", target, LEAKS, interval=0.6)
+            pool = grpcio(procs, "pool", target, 20, interval=0.3)
+            close = grpcio(procs, "close", target, 6, interval=0.6)
+            clients = [leak, pool, close]
+            if js is None:
+                # Each leaked client its own connection (grpcjs_client.js: a local
+                # subchannel pool), one every 0.7 s: growing across polls.
+                js_leak = procs.start("grpcjs-leak", [
+                    *rt.PeerSpec("grpcjs-leak", "grpc-js", "leak", JS_LEAKS).argv(target),
+                    "--pace", "0.7", "--max-lifetime", "90"])
+                js_pool = procs.start("grpcjs-pool", [
+                    *rt.PeerSpec("grpcjs-pool", "grpc-js", "pool", 20).argv(target),
+                    "--max-lifetime", "90"])
+                clients += [js_leak, js_pool]
+            rt.wait_done(clients, timeout=DURATION - 3)
+            want = {leak.popen.pid: LEAKS}
+            if js_leak is not None:
+                want[js_leak.popen.pid] = JS_LEAKS
+            # Bounded by the agent's run: it ends DURATION after it started.
+            samples = poll(lambda: ms.scrape(metrics_port),
+                           until=lambda s: _metrics_settled(s, want), timeout=4.0,
+                           interval=0.25)
+            wait_agent(capture)
+            by_pid = clients_by_pid(db)
+            out = capture.output()
+        # The processes are ended (no test may leave one behind); their pids, the
+        # database and what was scraped stay for the tests.
+        yield UnixRun(path, db, out, by_pid, samples, before, leak, pool, close,
+                      js_leak, js_pool, js)
+
+
+def test_unix_socket_leaker_is_named_and_nobody_else(unix_run: UnixRun) -> None:
+    run, db, path, by_pid, out = unix_run, unix_run.db, unix_run.path, unix_run.by_pid, \
+        unix_run.output
+    leak = run.leak
     assert "Unix sockets:" in out, out
     # The status line of a Unix-only run: its connections and clients, no packet counts.
     statuses = re.findall(r"^(\d+) open Unix-socket connections? from (\d+) client "
                           r"process(?:es)?[^\n]*, rows written \d+$", out, re.M)
     assert statuses, out
     assert "packets (" not in out
-    assert max(int(n) for n, _ in statuses) >= 8  # the leaker's 7 and the early pool
-    assert max(int(p) for _, p in statuses) >= 3, statuses
+    # At least the leakers' and the early pool's, and as many processes.
+    least = LEAKS + 1 + (JS_LEAKS if run.js_leak else 0)
+    assert max(int(n) for n, _ in statuses) >= least, statuses
+    assert max(int(p) for _, p in statuses) >= (4 if run.js_leak else 3), statuses
     leaker = by_pid[leak.popen.pid]
     assert (leaker["verdict"], leaker["opened"], leaker["open"], leaker["closed"]) == \
-        ("leak", 7, 7, 0), leaker["reason"]
+        ("leak", LEAKS, LEAKS, 0), leaker["reason"]
     assert leaker["rpcs"] is None and leaker["rpcs_per_connection"] is None
     assert "not visible on a Unix socket" in leaker["reason"]
-    for proc in [before, pool, close] + clients[3:]:
+    leakers = [p.popen.pid for p in (leak, run.js_leak) if p is not None]
+    for proc in (run.early, run.pool, run.close, run.js_pool):
+        if proc is None:
+            continue
         entry = by_pid.get(proc.popen.pid)
-        if proc is close and entry is None:
+        if proc is run.close and entry is None:
             continue  # its calls opened and closed between two polls: never seen
         assert entry is not None, (proc.name, by_pid)
         assert entry["verdict"] == "ok", entry
-    early = by_pid[before.popen.pid]
+    early = by_pid[run.early.popen.pid]
     assert early["pre_existing"] == 1 and early["open"] == 1 and early["oldest_open_before_capture"]
     flagged = [c for c in by_pid.values() if c["verdict"] != "ok"]
-    assert [c["pid"] for c in flagged] == [leak.popen.pid]
+    assert sorted(c["pid"] for c in flagged) == sorted(leakers), flagged
     table = tracer("report", "--db", str(db)).stdout
     assert "n/a (unix)" in table and "not visible without packets" in table
     conns = tracer("connections", "--db", str(db), "--format", "json").stdout
@@ -402,7 +469,7 @@ def test_unix_socket_leaker_is_named_and_nobody_else(sock_dir: Path) -> None:
     mine = [c for c in timeline["clients"] if c.get("pid") == leak.popen.pid]
     assert len(mine) == 1, timeline
     series = mine[0]["open"]
-    assert series == sorted(series) and series[-1] == 7 and series[0] < 7, series
+    assert series == sorted(series) and series[-1] == LEAKS and series[0] < LEAKS, series
     # correlate: a log line of the leaker's pid finds its Unix connections.
     log = db.parent / "client.log"
     when = time.strftime("%b %d %H:%M:%S", time.localtime(time.time() - 3))
@@ -420,7 +487,48 @@ def test_unix_socket_leaker_is_named_and_nobody_else(sock_dir: Path) -> None:
     assert orphans == [{"n": 0}], orphans
     assert ls.try_query(db, "SELECT COUNT(*) AS n FROM connections WHERE protocol = 'unix' "
                             "AND close_ts IS NOT NULL") == [{"n": 0}]
-    assert clients_by_pid(db)[leak.popen.pid]["open"] == 7
+    assert clients_by_pid(db)[leak.popen.pid]["open"] == LEAKS
+
+
+def test_a_grpcjs_leaker_on_a_unix_socket_is_named_with_its_exact_counts(
+        unix_run: UnixRun) -> None:
+    """grpc-js's leaked clients, each with its own connection, paced: a leak under its
+    pid beside grpcio's, with exactly its count open (the flagged list is checked above)."""
+    if unix_run.js_leak is None:
+        pytest.skip(f"no grpc-js leaker: {unix_run.js_missing}")
+    entry = unix_run.by_pid[unix_run.js_leak.popen.pid]
+    assert (entry["verdict"], entry["opened"], entry["open"], entry["closed"]) == \
+        ("leak", JS_LEAKS, JS_LEAKS, 0), entry["reason"]
+    assert entry["client"] == f"unix:{unix_run.path}" and entry["rpcs"] is None
+    assert "grpcjs_client.js leak" in entry["process"], entry
+    assert unix_run.js_pool is not None
+    assert unix_run.by_pid[unix_run.js_pool.popen.pid]["open"] == 1
+
+
+def test_metrics_serve_unix_connections_under_the_client_pid(unix_run: UnixRun) -> None:
+    """--metrics beside --unix: each leaker's open and opened counts, exact, under its
+    pid and the socket's client address; the early pool's one; the closer holds none."""
+    s = unix_run.samples
+    assert s is not None, "the agent's /metrics never answered"
+    client = f"unix:{unix_run.path}"
+    leakers = [(unix_run.leak, LEAKS)]
+    if unix_run.js_leak is not None:
+        leakers.append((unix_run.js_leak, JS_LEAKS))
+    for proc, n in leakers:
+        pid = proc.popen.pid
+        assert ms.of_pid(s, "tracer_client_open_connections", pid, client=client) == n, \
+            (proc.name, ms.names(s, "tracer_client_open_connections"))
+        assert ms.of_pid(s, "tracer_client_connections_opened_total", pid) == n
+        assert sum(ms.of_pid(s, "tracer_client_connections_closed_total", pid,
+                             closed_by=who) or 0
+                   for who in ("client", "server", "reset", "unknown")) == 0
+        assert ms.of_pid(s, "tracer_client_idle_open_connections", pid) == 0
+        age = ms.of_pid(s, "tracer_client_oldest_open_connection_age_seconds", pid)
+        assert age is not None and 0 < age < DURATION, age
+    assert ms.of_pid(s, "tracer_client_open_connections", unix_run.early.popen.pid) == 1
+    assert ms.of_pid(s, "tracer_client_open_connections", unix_run.close.popen.pid) in (None, 0)
+    # RPCs are not visible on a Unix socket: none counted for the leaker, never guessed.
+    assert not ms.of_pid(s, "tracer_client_rpcs_total", unix_run.leak.popen.pid)
 
 
 def test_abstract_name_and_beside_a_tcp_port(sock_dir: Path) -> None:

@@ -3,9 +3,12 @@
 //
 // Usage: node grpcjs_client.js {leak,pool,close,dial} --target HOST:PORT --count N
 //                              [--interval S] [--max-lifetime S] [--deadline S] [--log FILE]
-//                              [--tls-ca CERT.pem]
+//                              [--tls-ca CERT.pem] [--pace S]
 //
-// - leak:  N clients created one after another, one RPC each, never closed.
+// --target may be unix:PATH or unix-abstract:NAME (a Unix socket) as well.
+//
+// - leak:  N clients created one after another (--pace seconds apart), one RPC each,
+//          never closed; each its own connection (a local subchannel pool).
 // - pool:  one client, N RPCs every --interval seconds, never closed.
 // - close: N times: create a client, one RPC, client.close().
 // - dial:  N times: create a client, one RPC with a --deadline, client.close(); a failed
@@ -31,7 +34,7 @@ const CHANNEL_OPTIONS = {
 };
 
 function parseArgs(argv) {
-  const args = { mode: argv[0], interval: 0.2, maxLifetime: 120, deadline: 5 };
+  const args = { mode: argv[0], interval: 0.2, maxLifetime: 120, deadline: 5, pace: 0 };
   for (let i = 1; i < argv.length; i += 2) {
     const value = argv[i + 1];
     switch (argv[i]) {
@@ -42,11 +45,12 @@ function parseArgs(argv) {
       case '--deadline': args.deadline = Number(value); break;
       case '--log': args.log = value; break;
       case '--tls-ca': args.tlsCa = value; break;
+      case '--pace': args.pace = Number(value); break;
       default: throw new Error(`unknown argument ${argv[i]}`);
     }
   }
   if (!['leak', 'pool', 'close', 'dial'].includes(args.mode) || !args.target
-      || !Number.isInteger(args.count)) {
+      || !Number.isInteger(args.count) || !(args.pace >= 0)) {
     throw new Error('usage: grpcjs_client.js {leak,pool,close,dial} --target HOST:PORT --count N');
   }
   return args;
@@ -86,6 +90,7 @@ async function main() {
       const client = newClient(args.target);
       kept.push(client);
       await sayHello(client, `leak-${i}`);
+      if (args.pace && i < args.count - 1) await sleep(args.pace * 1000);
     }
   } else if (args.mode === 'pool') {
     const client = newClient(args.target);

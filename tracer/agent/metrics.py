@@ -112,7 +112,9 @@ class _Conn:
 
     def __init__(self, dial_ts: float, orig_h: str, first_seen: float) -> None:
         self.dial_ts = dial_ts  # its SYN (or first packet): its age runs from there
-        self.activity_ts = dial_ts  # its last frame other than PING
+        # Its last frame other than PING; None where activity is not visible (a Unix
+        # socket's connection, followed without packets): never counted idle.
+        self.activity_ts: float | None = dial_ts
         self.orig_h = orig_h
         self.first_seen = first_seen  # monotonic
         self.streams = 0  # RPCs counted so far
@@ -206,6 +208,8 @@ class MetricsState:
                 conn = self.conns.get(uid)
                 if conn is None:
                     conn = _Conn(r.get("syn_ts") or r["ts"], r["orig_h"], now)
+                    if r.get("protocol") == "unix":
+                        conn.activity_ts = None
                     if not closed:
                         if len(self.conns) >= MAX_OPEN:
                             self.overflow += 1
@@ -470,7 +474,7 @@ def _ages(conns: Iterable[_Conn], idle_before: float) -> tuple[int, float | None
     idle = 0
     oldest: float | None = None
     for conn in conns:
-        if conn.activity_ts <= idle_before:
+        if conn.activity_ts is not None and conn.activity_ts <= idle_before:
             idle += 1
         if oldest is None or conn.dial_ts < oldest:
             oldest = conn.dial_ts
