@@ -103,16 +103,18 @@ demo: $(STAMP)
 	@echo "tracer is $(VENV)/bin/tracer; '. $(VENV)/bin/activate' puts it on your PATH"
 
 # The whole suite against the installed (compiled) core, then the core's own tests once
-# more against the plain sources, interpreted: both builds must behave the same.
+# more against the plain sources, interpreted: both builds must behave the same (the live
+# tests among them once, compiled).
 PURE_TESTS := tests/test_build.py tests/test_decode.py tests/test_sleep.py tests/test_crafted.py tests/test_hpack.py \
-	tests/test_pcapfile.py tests/test_properties.py tests/test_shared_captures.py tests/test_core_structure.py
+	tests/test_pcapfile.py tests/test_properties.py tests/test_shared_captures.py tests/test_core_structure.py \
+	tests/test_unix.py
 
 test: $(STAMP) system-deps node-deps go-peers
 	$(PY) -m pytest -q
 	rm -rf build/pure && mkdir -p build/pure && \
 	tar cf - --exclude='*.so' tracer store cli | tar xf - -C build/pure && \
 	cd build/pure && TRACER_EXPECT_BUILD=interpreted $(abspath $(PY)) -m pytest -q \
-		-p no:cacheprovider --rootdir=$(CURDIR) $(addprefix $(CURDIR)/,$(PURE_TESTS))
+		-p no:cacheprovider -m "not live" --rootdir=$(CURDIR) $(addprefix $(CURDIR)/,$(PURE_TESTS))
 
 # tcpreplay drives the live agent's benchmark (benchmarks/live.py, which needs root);
 # tcptrace is the C floor the file benchmark compares with (benchmarks/run.py).

@@ -427,6 +427,7 @@ def unix_run() -> Iterator[UnixRun]:
                       js_leak, js_pool, js)
 
 
+@pytest.mark.live
 def test_unix_socket_leaker_is_named_and_nobody_else(unix_run: UnixRun) -> None:
     run, db, path, by_pid, out = unix_run, unix_run.db, unix_run.path, unix_run.by_pid, \
         unix_run.output
@@ -490,6 +491,7 @@ def test_unix_socket_leaker_is_named_and_nobody_else(unix_run: UnixRun) -> None:
     assert clients_by_pid(db)[leak.popen.pid]["open"] == LEAKS
 
 
+@pytest.mark.live
 def test_a_grpcjs_leaker_on_a_unix_socket_is_named_with_its_exact_counts(
         unix_run: UnixRun) -> None:
     """grpc-js's leaked clients, each with its own connection, paced: a leak under its
@@ -505,6 +507,7 @@ def test_a_grpcjs_leaker_on_a_unix_socket_is_named_with_its_exact_counts(
     assert unix_run.by_pid[unix_run.js_pool.popen.pid]["open"] == 1
 
 
+@pytest.mark.live
 def test_metrics_serve_unix_connections_under_the_client_pid(unix_run: UnixRun) -> None:
     """--metrics beside --unix: each leaker's open and opened counts, exact, under its
     pid and the socket's client address; the early pool's one; the closer holds none."""
@@ -531,6 +534,7 @@ def test_metrics_serve_unix_connections_under_the_client_pid(unix_run: UnixRun) 
     assert not ms.of_pid(s, "tracer_client_rpcs_total", unix_run.leak.popen.pid)
 
 
+@pytest.mark.live
 def test_abstract_name_and_beside_a_tcp_port(sock_dir: Path) -> None:
     ls.need_root()
     name = f"tracer-test-{os.getpid()}"
@@ -555,6 +559,7 @@ def test_abstract_name_and_beside_a_tcp_port(sock_dir: Path) -> None:
     assert p["verdict"] == "ok", p
 
 
+@pytest.mark.live
 def test_usage_errors_are_clear(tmp_path: Path) -> None:
     missing = tracer("capture", "--unix", str(tmp_path / "none.sock"), "--db",
                      str(tmp_path / "t.db"), "--duration", "1s", check=False)
