@@ -248,6 +248,14 @@ def capture(reads: tuple[str, ...], ports: tuple[int, ...], unix: tuple[str, ...
                                or expression):
         raise click.UsageError("--iface, --write, --count and filters are for packets: "
                                "give --port too, or leave them out with --unix alone")
+    if unix:  # before anything is printed or opened: a wrong path is a usage error
+        from tracer.agent.unixwatch import UnixTargetError, resolve
+
+        try:
+            resolve(unix)
+        except UnixTargetError as exc:
+            raise click.BadParameter(str(exc).removeprefix("--unix "),
+                                     param_hint="--unix") from None
     if expression:
         if user_filter:
             raise click.UsageError("give the filter either as --filter or as trailing words")
@@ -556,13 +564,18 @@ def print_report(db_path: str, fmt: str = "table",
 
     cap = data["capture"]
     span = (cap["last_ts"] - cap["first_ts"]) if cap["first_ts"] is not None else None
-    ports = ",".join(map(str, cap["ports"])) or "-"
+    ports = ",".join(map(str, cap["ports"]))
+    sockets = cap.get("unix_paths") or []
+    followed = ([f"port {ports or '-'}"] if ports or not sockets else []) + (
+        [f"Unix socket{'s' if len(sockets) > 1 else ''} {', '.join(sockets)}"]
+        if sockets else [])
     drops = cap["drops"] if cap["drops"] is not None else "unknown"
+    packets = (f"{cap['packets']:,} packets, drops {drops}, anomalies {cap['anomalies']:,}"
+               if ports or not sockets else "no packets (Unix sockets only)")
     say(
-        f"capture: {len(cap['sources'])} source(s), port {ports}, "
+        f"capture: {len(cap['sources'])} source(s), {', '.join(followed)}, "
         f"{fmt_ts(cap['first_ts'])} .. {fmt_ts(cap['last_ts'])} ({fmt_age(span)}), "
-        f"{cap['packets']:,} packets, drops {drops}"
-        f", anomalies {cap['anomalies']:,}"
+        f"{packets}"
     )
     if since is not None or until is not None:
         say(f"window: {fmt_ts(since)} .. {fmt_ts(until)}")

@@ -563,7 +563,13 @@ def test_abstract_name_and_beside_a_tcp_port(sock_dir: Path) -> None:
 def test_usage_errors_are_clear(tmp_path: Path) -> None:
     missing = tracer("capture", "--unix", str(tmp_path / "none.sock"), "--db",
                      str(tmp_path / "t.db"), "--duration", "1s", check=False)
-    assert missing.returncode == 4 and "cannot stat" in missing.stderr
+    # a usage error, said before anything is printed or opened (as a missing --read file)
+    assert missing.returncode == 2 and "Invalid value for --unix" in missing.stderr
+    assert "cannot stat" in missing.stderr and "following" not in missing.stderr
+    assert not (tmp_path / "t.db").exists()
+    not_a_socket = tracer("capture", "--unix", __file__, "--db", str(tmp_path / "t.db"),
+                          check=False)
+    assert not_a_socket.returncode == 2 and "is not a socket" in not_a_socket.stderr
     neither = tracer("capture", "--db", str(tmp_path / "t.db"), check=False)
     assert neither.returncode == 2 and "--unix" in neither.stderr
     with_read = tracer("capture", "--read", "x.pcap", "--unix", "@a", check=False)
