@@ -691,12 +691,13 @@ def _print_local_server(s: dict[str, Any], say: Callable[[str], None],
         say(f"    file descriptors: {held}{at}")
     if queue is not None:
         address = f"[{queue['address']}]" if ":" in queue["address"] else queue["address"]
+        where = f"{address}:{queue['port']}" if queue["port"] else queue["address"]  # 0: Unix
         backlog = f"{queue['limit']:,}" if queue["limit"] is not None else "unknown"
         waited = (f"; not empty {fmt_age(queue['waiting_s'])}, from "
                   f"{fmt_ts(queue['waiting_since'])}" if queue["waiting_since"] is not None
                   else "")
         full = f"; full {fmt_age(queue['full_s'])}" if queue["full_since"] is not None else ""
-        say(f"    accept queue {address}:{queue['port']}: up to {queue['max']:,} "
+        say(f"    accept queue {where}: up to {queue['max']:,} "
                    f"waiting of {backlog}{waited}{full}")
     if s.get("explanation") and (s.get("stall") or s["preface_timeouts"]):
         say(textwrap.fill(s["explanation"], width=min(width, 101) - 1 if width else 100,

@@ -367,8 +367,8 @@ def explain(state: dict[str, Any], timeouts: int, in_stall: int,
         parts.append(who)
     else:
         address = f"[{queue['address']}]" if ":" in queue["address"] else queue["address"]
-        parts.append(f"server listener {address}:{queue['port']} (no process found holding "
-                     "it)")
+        where = f"{address}:{queue['port']}" if queue["port"] else queue["address"]  # 0: Unix
+        parts.append(f"server listener {where} (no process found holding it)")
     backlog = f" (backlog {queue['limit']:,})" if queue["limit"] is not None else ""
     if queue["full_since"] is not None:
         when = _when(queue["full_since"], queue["full_until"], queue["full_at_first_sample"])

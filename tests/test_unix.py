@@ -574,3 +574,59 @@ def test_usage_errors_are_clear(tmp_path: Path) -> None:
     assert neither.returncode == 2 and "--unix" in neither.stderr
     with_read = tracer("capture", "--read", "x.pcap", "--unix", "@a", check=False)
     assert with_read.returncode == 2
+
+
+@pytest.mark.live
+def test_a_frozen_unix_socket_server_is_explained(sock_dir: Path) -> None:
+    """A grpcio server on a Unix socket at its RLIMIT_NOFILE (prlimit --nofile=64:64), a
+    leaker that takes every descriptor it has left, then a client whose dials wait in the
+    listen queue: the report names the leaker and says the server holds 64 of 64
+    descriptors while connections wait to be accepted, from the listener's samples (the
+    queue and backlog unix_diag gives for it)."""
+    import shutil
+
+    ls.need_root()
+    if shutil.which("prlimit") is None:
+        pytest.skip("util-linux prlimit is not installed")
+    limit = 64
+    path = sock_dir / "s.sock"
+    target = f"unix:{path}"
+    db = sock_dir / "t.db"
+    with ls.processes() as procs:
+        server = procs.start("server", ["prlimit", f"--nofile={limit}:{limit}",
+                                        *rt.grpcio_peer("server"), "0", "--bind", target,
+                                        "--max-lifetime", "120"])
+        server.wait_for("READY", time.monotonic() + rt.READY_TIMEOUT_S)
+        server_pid = server.popen.pid  # prlimit execs the server: one pid
+        capture = agent(procs, db, "--unix", str(path))
+        wait_ready(db, capture)
+        # Exactly the descriptors the server has left: one more would wait in the queue
+        # and the leaker's RPC on it would fail.
+        leaked = limit - len(os.listdir(f"/proc/{server_pid}/fd"))
+        leak = grpcio(procs, "leak", target, leaked, interval=0.1)
+        rt.wait_done([leak], timeout=DURATION - 6)
+        ls.wait_for(lambda: len(os.listdir(f"/proc/{server_pid}/fd")) == limit,
+                    "the server holds all its descriptors", timeout=5.0)
+        dialer = procs.start("dialer", [*rt.grpcio_peer("client"), "dial", "--target",
+                                        target, "--count", "3", "--interval", "0.3",
+                                        "--connect-timeout", "1", "--max-lifetime", "30"])
+        ls.wait_for(lambda: ls.try_query(db, "SELECT 1 FROM server_samples WHERE queue > 0"
+                                             " AND fds >= fd_limit"),
+                    "the agent sampled connections waiting", timeout=DURATION - 2)
+        wait_agent(capture)
+        leaker_pid, dialer_pid = leak.popen.pid, dialer.popen.pid
+    data = json.loads(tracer("report", "--db", str(db), "--format", "json").stdout)
+    flagged = {c["pid"]: c for c in data["clients"] if c["verdict"] != "ok"}
+    assert list(flagged) == [leaker_pid], data["clients"]
+    assert (flagged[leaker_pid]["verdict"], flagged[leaker_pid]["open"]) == ("leak", leaked)
+    assert dialer_pid not in flagged
+    s = data["server"]
+    assert s["process"]["pid"] == server_pid, s["process"]
+    assert (s["process"]["fd_limit"], s["process"]["fds_max"]) == (limit, limit), s["process"]
+    queue = s["accept_queue"]
+    assert queue["address"] == str(path) and queue["port"] == 0, queue
+    assert queue["max"] >= 1 and queue["limit"] and queue["waiting_since"], queue
+    assert s["stall"]["why"] == "fd_limit", s["stall"]
+    text = tracer("report", "--db", str(db)).stdout
+    assert f"    accept queue {path}: up to " in text, text
+    assert f"holds {limit} of {limit} file descriptors" in text, text

@@ -61,7 +61,7 @@ from tracer.agent.metrics import (
     write_textfile,
 )
 from tracer.agent.unixwatch import Target, UnixWatch
-from tracer.attribution.server import ServerReader
+from tracer.attribution.server import Listener, ServerReader
 
 IDLE_WAKE = 1.0  # seconds: the longest the worker sleeps with nothing due
 WRITE_POLL = 0.002  # seconds: while a batch is written, what is due is looked at this often
@@ -123,6 +123,7 @@ class StoreWorker:
         self.unix = UnixWatch(list(settings.unix), settings.attribution) \
             if settings.unix else None
         self.next_unix_poll = now
+        self.unix_listeners: list[Listener] = []  # the followed sockets', as last polled
         # Messages other than new connections read before a batch was unpickled or while
         # it was written: handled next, in order (the inbox is not read again until then:
         # one at most).
@@ -324,6 +325,8 @@ class StoreWorker:
                 return
             polled = None
         records = polled.records if polled is not None else []
+        if polled is not None:
+            self.unix_listeners = self.unix.server_listeners(polled)
         if last:
             records = records + self.unix.finish(now)
         self.writer.write(records, [], polled.anomalies if polled is not None else [])
@@ -344,7 +347,7 @@ class StoreWorker:
         assert self.server is not None
         self.next_server_sample = time.monotonic() + SERVER_SAMPLE_INTERVAL
         try:
-            samples = self.server.read()
+            samples = self.server.read(self.unix_listeners)
         except OSError:
             return  # this look failed (netlink timed out): the next one is a second away
         self.server_samples.add(time.time(), samples)

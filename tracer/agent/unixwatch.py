@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tracer.attribution.server import Listener
 from tracer.attribution.sockets import ProcessInfo, SocketDetail, find_owners, process_info
 from tracer.attribution.unixdiag import (
     Targets,
@@ -130,6 +131,10 @@ class UnixWatch:
             for dev, ino in t.targets.files:
                 self.files.setdefault(file_key(dev, ino), i)
         self.diag = UnixDiag()
+        try:
+            self.netns = os.stat("/proc/self/ns/net").st_ino
+        except OSError:
+            self.netns = 0
         self.conns = UnixConnections()
         self.attribution = attribution
         self.pending: dict[str, _Pending] = {}  # uid -> its client inode, to look for
@@ -146,6 +151,15 @@ class UnixWatch:
 
     def close(self) -> None:
         self.diag.close()
+
+    def server_listeners(self, polled: PollResult) -> list[Listener]:
+        """The followed sockets' listeners of a poll, as the server sampler takes them
+        (tracer.attribution.server): its queue is the connections the kernel holds for
+        the server that it has not accepted yet, its maximum the listen backlog; the
+        address is the socket's name (port 0)."""
+        return [Listener(self.labels[target], 0, sock.inode, self.netns,
+                         sock.rqueue if sock.rqueue is not None else 0, sock.wqueue)
+                for sock, target in polled.listeners]
 
     def poll(self, ts: float) -> PollResult:
         """One dump: what changed, as records; the new connections' owners where found."""

@@ -28,6 +28,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tracer.attribution.sockdiag import (
@@ -204,10 +205,12 @@ class ServerReader:
     def close(self) -> None:
         self.diag.close()
 
-    def read(self) -> list[ServerSample]:
+    def read(self, extra: Sequence[Listener] = ()) -> list[ServerSample]:
+        """The listeners on the ports, and ``extra`` ones found otherwise (the Unix sockets
+        followed, tracer.agent.unixwatch), each with the process holding it."""
         now = time.monotonic()
-        found = self.diag.listeners(self.ports)
-        found += self._foreign(now)
+        found = self.diag.listeners(self.ports) + self._foreign(now) if self.ports else []
+        found += extra
         live = {entry.inode for entry in found}
         for gone in set(self.owners) - live:
             del self.owners[gone]
