@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import pwd
 import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -23,6 +22,7 @@ from tracer.attribution.sockdiag import DestroyWatch, SockDiag
 from tracer.attribution.sockets import (
     TCP_STATES,
     CgroupPaths,
+    ProcessCache,
     ProcessInfo,
     SocketDetail,
     SocketEntry,
@@ -31,7 +31,6 @@ from tracer.attribution.sockets import (
     cgroup_names,
     find_owners,
     namespace_processes,
-    process_info,
     socket_tables,
 )
 
@@ -182,7 +181,7 @@ class Attributor:
         self.queue: list[tuple[float, int, str]] = []  # (next_try, n, uid): a heap
         self.queued = 0
         self.settled: set[str] = set()  # attributed or judged remote, still open
-        self.processes: dict[int, ProcessInfo] = {}
+        self.known = ProcessCache()  # processes and user names, looked up once
         self.counts: dict[str, int] = {}
         self.diag = SockDiag()
         self.kernel = _Kernel(self.diag, ports)
@@ -194,7 +193,6 @@ class Attributor:
         self.fd_counts: dict[int, int] = {}  # pid -> its descriptors, when last listed
         self.traits: dict[int, tuple[int, int | None]] = {}  # pid -> its sockets' uid, cgroup
         self.destroyed: dict[tuple[Endpoint, Endpoint], tuple[int, float]] = {}
-        self.users: dict[int, str | None] = {}
         # Verdicts reached before the connection's row was written: applied with it.
         self.deferred: dict[str, tuple[str, ProcessInfo | None, float, SocketDetail | None]] = {}
 
@@ -285,7 +283,7 @@ class Attributor:
             p = self.pending[uid]
             p.entry = entry if entry.state != _TIME_WAIT else p.entry
             held = holders.get(entry.inode) if entry.inode else None
-            info = self._process(held[0]) if held is not None else None
+            info = self.known.process(held[0]) if held is not None else None
             if info is not None:
                 self._owned(info.pid, held[1] if held is not None else None, entry)
                 out.append(self._settle(uid, "local", info, self._detail(p, None)))
@@ -465,31 +463,11 @@ class Attributor:
             return SocketDetail(netns=netns) if netns is not None else None
         path = self.cgroups.path(entry.cgroup)
         names = cgroup_names(path) if path else None
-        return SocketDetail(uid=entry.uid, user=self._user(entry.uid), netns=netns,
+        return SocketDetail(uid=entry.uid, user=self.known.user(entry.uid), netns=netns,
                             cgroup=names.path if names else None,
                             container=names.container if names else None,
                             pod=names.pod if names else None)
 
-    def _user(self, uid: int) -> str | None:
-        if uid not in self.users:
-            try:
-                self.users[uid] = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                self.users[uid] = None
-            if len(self.users) > 4096:
-                self.users.clear()
-        return self.users.get(uid)
-
-    def _process(self, pid: int) -> ProcessInfo | None:
-        cached = self.processes.get(pid)
-        if cached is not None:
-            return cached
-        info = process_info(pid)
-        if info is not None:
-            if len(self.processes) > 10000:
-                self.processes.clear()
-            self.processes[pid] = info
-        return info
 
 
 def _loopback(address: str) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import pwd
 import stat as stat_mod
 import statistics
 import time
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tracer.attribution.server import Listener
-from tracer.attribution.sockets import ProcessInfo, SocketDetail, find_owners, process_info
+from tracer.attribution.sockets import ProcessCache, ProcessInfo, SocketDetail, find_owners
 from tracer.attribution.unixdiag import (
     Targets,
     UnixDiag,
@@ -140,8 +139,7 @@ class UnixWatch:
         self.pending: dict[str, _Pending] = {}  # uid -> its client inode, to look for
         self.recent: dict[int, int] = {}  # pid -> the descriptor of its last connection
         self.owners: dict[str, int] = {}  # an open connection's uid -> its client's pid
-        self.processes: dict[int, ProcessInfo] = {}
-        self.users: dict[int, str | None] = {}
+        self.known = ProcessCache()  # processes and user names, looked up once
         self.counts: dict[str, int] = {}
         self.next_walk = 0.0  # monotonic: when every process may be walked again
         self.poll_seconds: list[float] = []  # the last polls' durations (bounded)
@@ -220,7 +218,7 @@ class UnixWatch:
         for inode, uid in by_inode.items():
             p = due[uid]
             owner = found.get(inode)
-            info = self._process(owner[0]) if owner is not None else None
+            info = self.known.process(owner[0]) if owner is not None else None
             if owner is None or info is None:
                 p.next_try = now + p.wait
                 p.wait = min(p.wait * 2, RETRY_MAX)
@@ -272,22 +270,5 @@ class UnixWatch:
     def _detail(self, uid: int | None) -> SocketDetail | None:
         if uid is None:
             return None
-        if uid not in self.users:
-            try:
-                self.users[uid] = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                self.users[uid] = None
-            if len(self.users) > 4096:
-                self.users.clear()
-        return SocketDetail(uid=uid, user=self.users.get(uid))
+        return SocketDetail(uid=uid, user=self.known.user(uid))
 
-    def _process(self, pid: int) -> ProcessInfo | None:
-        cached = self.processes.get(pid)
-        if cached is not None:
-            return cached
-        info = process_info(pid)
-        if info is not None:
-            if len(self.processes) > 10000:
-                self.processes.clear()
-            self.processes[pid] = info
-        return info

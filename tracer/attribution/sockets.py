@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import pwd
 import re
 import socket
 import stat
@@ -762,3 +763,38 @@ def process_info(pid: int) -> ProcessInfo | None:
     pod = pod_name(pid) if names.pod is not None else None
     return ProcessInfo(pid, start, ppid, user, name, cmdline, exe, names.container, names.pod,
                        netns, pod, names.path)
+
+
+
+class ProcessCache:
+    """Processes (process_info) and user names looked up once each, for the attribution
+    loops: both tables bounded (emptied when full, then filled again as needed)."""
+
+    MAX_PROCESSES = 10000
+    MAX_USERS = 4096
+
+    def __init__(self) -> None:
+        self.processes: dict[int, ProcessInfo] = {}
+        self.users: dict[int, str | None] = {}
+
+    def process(self, pid: int) -> ProcessInfo | None:
+        cached = self.processes.get(pid)
+        if cached is not None:
+            return cached
+        info = process_info(pid)
+        if info is not None:
+            if len(self.processes) > self.MAX_PROCESSES:
+                self.processes.clear()
+            self.processes[pid] = info
+        return info
+
+    def user(self, uid: int) -> str | None:
+        """The name of user ``uid``; None when it has none."""
+        if uid not in self.users:
+            try:
+                self.users[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                self.users[uid] = None
+            if len(self.users) > self.MAX_USERS:
+                self.users.clear()
+        return self.users.get(uid)
