@@ -23,9 +23,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from store.queries import report as build_report
 from store.schema import open_database
+
+if TYPE_CHECKING:
+    from tracer.agent.live import LiveResult
 
 SHIPPED = Path(__file__).resolve().parent / "demo-capture.pcapng"
 SHIPPED_PORT = 50151
@@ -101,8 +105,6 @@ def run(duration: float, db_path: str | None, echo: Callable[[str], None],
 
 def _live(duration: float, db: str, echo: Callable[[str], None],
           show_report: Callable[[str], None]) -> int:
-    from tracer.agent.live import LiveSettings, run_live
-
     port = _free_port()
     echo(f"demo: a grpcio server on 127.0.0.1:{port} and three clients: one closes its "
          "channels, one pools one channel, one leaks a channel per call")
@@ -115,20 +117,35 @@ def _live(duration: float, db: str, echo: Callable[[str], None],
                 clients[mode] = _peer(mode, f"127.0.0.1:{port}", "--interval", "0.5",
                                       "--lifetime", str(duration + 30))
 
-        starter = threading.Thread(target=start_clients, daemon=True)
-        starter.start()
-        settings = LiveSettings(ports=frozenset([port]), db_path=db, interfaces=["lo"],
-                                duration=duration)
-        try:
-            result = run_live(settings, None)
-        finally:
-            starter.join()
-            for proc in clients.values():
-                _stop(proc)
-    echo(f"demo: {result.packets:,} packets, {result.connections} connections, "
-         f"{result.attributed} attributed to their process, kernel drops {result.dropped}")
+        result = _capture(port, db, duration, start_clients, clients, threading.Event())
+    echo(f"demo: {_captured(result)}")
     show_report(db)
     return _judge(db, {mode: proc.pid for mode, proc in clients.items()}, echo)
+
+
+def _capture(port: int, db: str, duration: float, start_clients: Callable[[], None],
+             clients: dict[str, subprocess.Popen[str]], stop: threading.Event) -> LiveResult:
+    """``port`` captured live on lo into ``db`` for ``duration`` seconds, while
+    ``start_clients`` (in a thread, the agent listening by then) starts the scenario's
+    clients into ``clients``; then ``stop`` is set and every client stopped. The capture's
+    result (tracer.agent.live.LiveResult)."""
+    from tracer.agent.live import LiveSettings, run_live
+
+    starter = threading.Thread(target=start_clients, daemon=True)
+    starter.start()
+    try:
+        return run_live(LiveSettings(ports=frozenset([port]), db_path=db, interfaces=["lo"],
+                                     duration=duration), None)
+    finally:
+        stop.set()
+        starter.join()
+        for proc in clients.values():
+            _stop(proc)
+
+
+def _captured(result: LiveResult) -> str:
+    return (f"{result.packets:,} packets, {result.connections} connections, "
+            f"{result.attributed} attributed to their process, kernel drops {result.dropped}")
 
 
 def _judge(db_path: str, pids: dict[str, int], echo: Callable[[str], None]) -> int:
@@ -188,8 +205,6 @@ def freeze(duration: float, db_path: str | None, echo: Callable[[str], None],
         echo(f"demo --freeze: the freeze scenario is captured live, which cannot be done "
              f"here: {reason}")
         return 1
-    from tracer.agent.live import LiveSettings, run_live
-
     # With --db the session is kept: its logs beside the database, for `tracer logs` later.
     logs = [str(Path(db_path).with_name(f"{Path(db_path).stem}-{name}.log")) if db_path
             else "" for name, _ in FREEZE_DIALERS]
@@ -234,19 +249,8 @@ def freeze(duration: float, db_path: str | None, echo: Callable[[str], None],
                                           "--log-format", fmt)
                     stop.wait(0.7)  # not in step
 
-            starter = threading.Thread(target=start_clients, daemon=True)
-            starter.start()
-            settings = LiveSettings(ports=frozenset([port]), db_path=db, interfaces=["lo"],
-                                    duration=duration)
-            try:
-                result = run_live(settings, None)
-            finally:
-                stop.set()
-                starter.join()
-                for proc in clients.values():
-                    _stop(proc)
-        echo(f"demo --freeze: {result.packets:,} packets, {result.connections} connections, "
-             f"{result.attributed} attributed to their process, kernel drops {result.dropped}")
+            result = _capture(port, db, duration, start_clients, clients, stop)
+        echo(f"demo --freeze: {_captured(result)}")
         present = [log for log in logs if Path(log).exists()]
         if present:
             run_cli("logs", "add", *present, "--db", db, "-q")
